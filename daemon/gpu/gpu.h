@@ -115,8 +115,8 @@ int gpu_instance_pick(struct gpu_instance *inst, const char *select, uint32_t *r
 /* ---- device ---- */
 struct gpu_device_opts {
   const char *select;    /* see gpu_instance_pick(); NULL = default order */
-  const char *cache_dir; /* pipeline cache folder; NULL = $XDG_CACHE_HOME/kvd or ~/.cache/kvd;
-                            "" = no persistent cache */
+  const char *cache_dir; /* pipeline cache folder (the daemon passes $XDG_CACHE_HOME/kvd);
+                            NULL or "" = no persistent cache */
   uint64_t mem_limit;    /* cap on device memory this device allocates (0 = none) */
   uint64_t block_size;   /* allocator block size (0 = default 64 MiB, capped by limits) */
 };
