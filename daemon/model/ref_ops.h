@@ -1,0 +1,54 @@
+/* The CPU reference operators, one function per op of the forward pass.
+ *
+ * They are the oracle the GPU kernels are tested against, so they favour being obviously right
+ * over being fast: float32 in and out, float64 wherever error accumulates (dot products, norms,
+ * softmax sums), no threads, no allocation. Vectors are dense float arrays; shapes are given in the
+ * comments outermost-first, C order. */
+#ifndef KVD_MODEL_REF_OPS_H
+#define KVD_MODEL_REF_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "arch.h"
+#include "dtype.h"
+
+/* out (n) = x / sqrt(mean(x^2) + eps) * w. out may alias x. */
+void ref_rmsnorm(float *out, const float *x, const float *w, size_t n, float eps);
+
+/* out (n_out) = w x, with w (n_out, n_in) f32 row-major [out][in] and x (n_in). out must not
+ * alias x. */
+void ref_matvec_f32(float *out, const float *w, const float *x, size_t n_out, size_t n_in);
+
+/* The same for a weight matrix in any dequantizable dtype: w is n_out rows of
+ * dtype_row_bytes(type, n_in) bytes, each dequantized into row (n_in floats of scratch) before
+ * its dot product, so the result equals dequantizing the whole matrix first and calling
+ * ref_matvec_f32. 0, or the negative code of dtype_row_bytes / dtype_dequant_row. */
+int ref_matvec(float *out, enum dtype type, const void *w, const float *x, size_t n_out,
+               size_t n_in, float *row);
+
+/* Rotates x (n_tokens, n_heads, head_dim) in place: in every head the first n_rot dimensions are
+ * paired (adjacent for MODEL_ROPE_NORMAL, halves for MODEL_ROPE_NEOX) and pair i of token t turns
+ * by pos[t] * freq_scale * freq_base^(-2i / n_rot). Dimensions past n_rot are left alone. n_rot
+ * is even and at most head_dim. */
+void ref_rope(float *x, size_t n_tokens, size_t n_heads, size_t head_dim, size_t n_rot,
+              const uint32_t *pos, enum model_rope_mode mode, float freq_base, float freq_scale);
+
+/* x (n) = exp(x - max) / sum(exp(x - max)), in place; n >= 1. */
+void ref_softmax(float *x, size_t n);
+
+/* out (n) = silu(gate) * up, silu(g) = g / (1 + exp(-g)). out may alias gate or up. */
+void ref_swiglu(float *out, const float *gate, const float *up, size_t n);
+
+/* x (n) += y (n): the residual connection. */
+void ref_add(float *x, const float *y, size_t n);
+
+/* Causal attention of one query token over the n_kv positions of a contiguous KV cache.
+ * q (n_head, head_dim); k and v (n_kv, n_head_kv, head_dim), position-major as written one token
+ * at a time; out (n_head, head_dim). Query head h reads kv head h / (n_head / n_head_kv) (grouped
+ * query attention), with scores scaled by 1/sqrt(head_dim). scores is n_kv floats of scratch.
+ * n_head is a multiple of n_head_kv and n_kv >= 1. */
+void ref_attention_one(float *out, const float *q, const float *k, const float *v, size_t n_kv,
+                       size_t n_head, size_t n_head_kv, size_t head_dim, float *scores);
+
+#endif
