@@ -57,6 +57,8 @@ int dtype_dequant_row(enum dtype t, const void *src, float *dst, uint64_t n);
 /* Quantize n float32 values into dst, for making test models. Supported: F32, F16, BF16, Q8_0,
  * Q4_0 (round-to-nearest, the reference quantizers' rules). */
 int dtype_quant_row(enum dtype t, const float *src, void *dst, uint64_t n);
+/* Whether dtype_quant_row() supports t. */
+bool dtype_can_quant(enum dtype t);
 
 /* IEEE half and bfloat16 conversions (round-to-nearest-even, NaN and Inf preserved). */
 float dtype_f16_to_f32(uint16_t h);
