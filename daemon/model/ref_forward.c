@@ -136,12 +136,18 @@ struct ref_mat {
 };
 
 struct ref_layer {
-  float *attn_norm; /* (n_embd) f32 */
-  float *ffn_norm;  /* (n_embd) f32 */
-  float *bq;        /* (n_head * head_dim) f32, or NULL without biases */
-  float *bk;        /* (n_head_kv * head_dim) f32, or NULL */
-  float *bv;        /* (n_head_kv * head_dim) f32, or NULL */
-  struct ref_mat wq, wk, wv, wo, w_gate, w_up, w_down;
+  float *attn_norm;      /* (n_embd) f32 */
+  float *ffn_norm;       /* (n_embd) f32 */
+  float *bq;             /* (n_head * head_dim) f32, or NULL without biases */
+  float *bk;             /* (n_head_kv * head_dim) f32, or NULL */
+  float *bv;             /* (n_head_kv * head_dim) f32, or NULL */
+  struct ref_mat wq;     /* (n_head * head_dim, n_embd) */
+  struct ref_mat wk;     /* (n_head_kv * head_dim, n_embd) */
+  struct ref_mat wv;     /* (n_head_kv * head_dim, n_embd) */
+  struct ref_mat wo;     /* (n_embd, n_head * head_dim) */
+  struct ref_mat w_gate; /* (n_ff, n_embd) */
+  struct ref_mat w_up;   /* (n_ff, n_embd) */
+  struct ref_mat w_down; /* (n_embd, n_ff) */
 };
 
 struct model_ref {
