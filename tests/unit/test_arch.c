@@ -460,6 +460,11 @@ KT_TEST(tensor_problems_are_named) {
   spec_init(&s, "llama");
   spec_tensor(&s, "output.weight", 8, 5); /* one row short of the vocabulary */
   EXPECT_REFUSED(&s, KVD_E_FORMAT, "output.weight");
+
+  /* Integer tensors have a size but no dequantizer. */
+  spec_init(&s, "llama");
+  spec_find(&s, "blk.1.ffn_norm.weight")->type = DTYPE_I32;
+  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "blk.1.ffn_norm.weight");
 }
 
 KT_TEST(untied_classifier_is_bound) {
