@@ -1,0 +1,109 @@
+#include "attn.h"
+
+#include "kvd_error.h"
+#include "pc_attn.h"
+
+#include <math.h>
+#include <string.h>
+
+int attn_init(struct attn_kernels *a, struct gpu_device *dev) {
+  const struct gpu_caps *c = gpu_device_caps(dev);
+  memset(a, 0, sizeof *a);
+  /* 64 invocations: two wavefronts on NVIDIA, one on AMD, eight lavapipe subgroups. */
+  a->wg = 64;
+  while (a->wg > c->max_wg_invocations) a->wg /= 2;
+  a->chunk = 256;
+  a->max_hd = 256;
+  int rc = gpu_pipeline_new(dev,
+                            &(struct gpu_pipeline_desc){.shader = "kv_write", .n_buffers = 5,
+                                                        .push_size = sizeof(struct pc_kv_write),
+                                                        .n_spec = 1, .spec = {a->wg},
+                                                        .local_size = {a->wg, 1, 1}},
+                            &a->write);
+  if (rc == 0)
+    rc = gpu_pipeline_new(dev,
+                          &(struct gpu_pipeline_desc){.shader = "attn_paged", .n_buffers = 7,
+                                                      .push_size = sizeof(struct pc_attn),
+                                                      .n_spec = 3,
+                                                      .spec = {a->wg, a->chunk, a->max_hd},
+                                                      .local_size = {a->wg, 1, 1}},
+                          &a->paged);
+  if (rc == 0)
+    rc = gpu_pipeline_new(dev,
+                          &(struct gpu_pipeline_desc){.shader = "attn_merge", .n_buffers = 2,
+                                                      .push_size = sizeof(struct pc_attn),
+                                                      .n_spec = 1, .spec = {a->wg},
+                                                      .local_size = {a->wg, 1, 1}},
+                          &a->merge);
+  if (rc < 0) attn_destroy(a);
+  return rc;
+}
+
+void attn_destroy(struct attn_kernels *a) {
+  gpu_pipeline_free(a->write);
+  gpu_pipeline_free(a->paged);
+  gpu_pipeline_free(a->merge);
+  memset(a, 0, sizeof *a);
+}
+
+uint32_t attn_pick_splits(const struct attn_kernels *a, uint32_t max_kv, uint32_t n_pairs) {
+  uint32_t need = max_kv ? (max_kv + a->chunk - 1) / a->chunk : 1;
+  /* Few (token, head) pairs and a long context: cut the KV axis finer so at least ~64 workgroups
+   * run, but never below 32 positions per split, where the merge would cost more than it saves. */
+  uint32_t want = need;
+  while (n_pairs * want < 64 && max_kv / (want * 2) >= 32) want *= 2;
+  return want;
+}
+
+uint64_t attn_partial_bytes(uint32_t n_tokens, uint32_t n_head, uint32_t head_dim,
+                            uint32_t n_splits) {
+  if (n_splits <= 1) return 0;
+  return (uint64_t)n_tokens * n_head * n_splits * (head_dim + 2) * sizeof(float);
+}
+
+int attn_record_write(const struct attn_kernels *a, struct gpu_cmd *cmd, struct gpu_binding k_new,
+                      struct gpu_binding v_new, struct gpu_binding k_cache,
+                      struct gpu_binding v_cache, struct gpu_binding slots, uint32_t n_tokens,
+                      uint32_t n_head_kv, uint32_t head_dim, uint32_t block_size,
+                      uint32_t src_stride) {
+  struct pc_kv_write pc = {.n_tokens = n_tokens, .n_head_kv = n_head_kv, .head_dim = head_dim,
+                           .block_size = block_size, .src_stride = src_stride};
+  uint64_t total = (uint64_t)n_tokens * n_head_kv * head_dim;
+  uint64_t groups = (total + a->wg - 1) / a->wg;
+  if (groups > 65535) groups = 65535; /* grid-stride covers the rest */
+  struct gpu_binding b[5] = {k_new, v_new, k_cache, v_cache, slots};
+  return gpu_cmd_dispatch(cmd, a->write, b, 5, &pc, sizeof pc, (uint32_t)(groups ? groups : 1), 1,
+                          1, "kv_write");
+}
+
+int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct attn_shape *s,
+                struct gpu_binding q, struct gpu_binding k_cache, struct gpu_binding v_cache,
+                struct gpu_binding tok_info, struct gpu_binding tables, struct gpu_binding out,
+                struct gpu_binding partial) {
+  if (s->head_dim > a->max_hd || s->n_head_kv == 0 || s->n_head % s->n_head_kv ||
+      s->n_splits == 0)
+    return KVD_EINVAL;
+  uint32_t chunk = s->n_splits > 1 ? (s->max_kv + s->n_splits - 1) / s->n_splits : a->chunk;
+  if (chunk > a->chunk || (uint64_t)chunk * s->n_splits < s->max_kv) return KVD_EINVAL;
+  struct pc_attn pc = {
+      .n_tokens = s->n_tokens,
+      .n_head = s->n_head,
+      .n_head_kv = s->n_head_kv,
+      .head_dim = s->head_dim,
+      .block_size = s->block_size,
+      .q_stride = s->q_stride,
+      .chunk = chunk ? chunk : 1,
+      .n_splits = s->n_splits,
+      .scale = 1.0f / sqrtf((float)s->head_dim),
+  };
+  /* Without splits the partials binding is unused but must still be a valid buffer. */
+  struct gpu_binding b[7] = {q, k_cache, v_cache, tok_info, tables, out,
+                             s->n_splits > 1 ? partial : out};
+  int rc = gpu_cmd_dispatch(cmd, a->paged, b, 7, &pc, sizeof pc, s->n_head, s->n_tokens,
+                            s->n_splits, "attn_paged");
+  if (rc < 0 || s->n_splits == 1) return rc;
+  gpu_cmd_barrier(cmd);
+  struct gpu_binding m[2] = {partial, out};
+  return gpu_cmd_dispatch(cmd, a->merge, m, 2, &pc, sizeof pc, s->n_head, s->n_tokens, 1,
+                          "attn_merge");
+}

@@ -1,0 +1,56 @@
+/* Recorders for the paged-attention kernels and the KV write (shaders/attn_paged.comp,
+ * attn_merge.comp, kv_write.comp; cache layout and tok_info in shaders/common/pc_attn.h). */
+#ifndef KVD_MODEL_ATTN_H
+#define KVD_MODEL_ATTN_H
+
+#include "gpu.h"
+
+#include <stdint.h>
+
+struct attn_kernels {
+  struct gpu_pipeline *write;
+  struct gpu_pipeline *paged;
+  struct gpu_pipeline *merge;
+  uint32_t wg;     /* invocations per workgroup (a power of two) */
+  uint32_t chunk;  /* KV positions one split covers at most */
+  uint32_t max_hd; /* largest head_dim the kernels accept */
+};
+
+int attn_init(struct attn_kernels *a, struct gpu_device *dev);
+void attn_destroy(struct attn_kernels *a);
+
+/* Splits attention needs for a longest KV length of max_kv, given how many (token, head) pairs
+ * already keep the device busy: at least ceil(max_kv / chunk), more when there are few pairs and
+ * long contexts, so one long sequence still spreads over the device. */
+uint32_t attn_pick_splits(const struct attn_kernels *a, uint32_t max_kv, uint32_t n_pairs);
+/* Bytes of the partials scratch buffer for a dispatch (0 when n_splits == 1). */
+uint64_t attn_partial_bytes(uint32_t n_tokens, uint32_t n_head, uint32_t head_dim,
+                            uint32_t n_splits);
+
+/* K and V rows (n_tokens, n_head_kv * head_dim, rows src_stride floats apart) into the slots
+ * slots[t] = block * block_size + offset. */
+int attn_record_write(const struct attn_kernels *a, struct gpu_cmd *cmd, struct gpu_binding k_new,
+                      struct gpu_binding v_new, struct gpu_binding k_cache,
+                      struct gpu_binding v_cache, struct gpu_binding slots, uint32_t n_tokens,
+                      uint32_t n_head_kv, uint32_t head_dim, uint32_t block_size,
+                      uint32_t src_stride);
+
+struct attn_shape {
+  uint32_t n_tokens;
+  uint32_t n_head;
+  uint32_t n_head_kv;
+  uint32_t head_dim;
+  uint32_t block_size;
+  uint32_t q_stride; /* floats between tokens in q and out */
+  uint32_t n_splits; /* from attn_pick_splits() */
+  uint32_t max_kv;   /* the longest tok_info n_kv in this dispatch */
+};
+
+/* out = attention(q) over each token's paged KV; with n_splits > 1 also the merge (after a
+ * barrier). `partial` must hold attn_partial_bytes() bytes (ignored when n_splits == 1). */
+int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct attn_shape *s,
+                struct gpu_binding q, struct gpu_binding k_cache, struct gpu_binding v_cache,
+                struct gpu_binding tok_info, struct gpu_binding tables, struct gpu_binding out,
+                struct gpu_binding partial);
+
+#endif

@@ -1,0 +1,40 @@
+/* Push constants of the paged-attention kernels and the KV write.
+ *
+ * KV cache layout, per layer, one buffer for K and one for V:
+ *   (n_blocks, n_head_kv, block_size, head_dim) f32
+ * so the head_dim values of one position are contiguous and the positions of one block and head
+ * follow each other: a block is read as one dense (block_size x head_dim) tile per head.
+ * A token's view of the cache is described by tok_info[t] = (n_kv, table_offset): it attends to
+ * positions 0 .. n_kv-1 (causal: n_kv = its position + 1), whose logical block b lives in
+ * physical block tables[table_offset + b]. */
+#ifndef KVD_PC_ATTN_H
+#define KVD_PC_ATTN_H
+#include "pc_common.h"
+
+/* Scatter new K and V rows into their cache slots: slot[t] = block * block_size + offset. */
+struct pc_kv_write {
+  uint n_tokens;
+  uint n_head_kv;
+  uint head_dim;
+  uint block_size;
+  uint src_stride; /* floats between consecutive tokens in k_new / v_new */
+};
+PC_ASSERT_SIZE(pc_kv_write, 20)
+
+/* Attention of n_tokens query tokens, each over its own paged KV range, split along the KV axis
+ * into n_splits chunks of `chunk` positions (flash-decoding); with n_splits == 1 the kernel
+ * writes the normalised output itself, else (m, l, o) partials that attn_merge combines. */
+struct pc_attn {
+  uint n_tokens;
+  uint n_head;
+  uint n_head_kv;
+  uint head_dim;
+  uint block_size;
+  uint q_stride; /* floats between tokens in q and out */
+  uint chunk;    /* KV positions per split (<= the CHUNK spec constant) */
+  uint n_splits;
+  float scale;   /* 1 / sqrt(head_dim) */
+};
+PC_ASSERT_SIZE(pc_attn, 36)
+
+#endif

@@ -1,0 +1,182 @@
+/* Paged attention and the KV write against the CPU reference (ref_attention_one over a
+ * contiguous copy of each token's K/V), on fresh random caches scattered over randomly chosen
+ * physical blocks: GQA ratios 1, 2, 4 and MQA, head dims 8..128, KV lengths across many block
+ * boundaries, with and without KV splits. f32 throughout: 1e-5 relative error. */
+#include "attn.h"
+#include "gpu_fixture.h"
+#include "kvd_error.h"
+#include "ref_ops.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct case_ {
+  uint32_t n_head, n_head_kv, head_dim, block_size, n_tokens, max_kv;
+  uint32_t force_splits; /* 0 = attn_pick_splits */
+};
+
+static void run_case(const struct case_ *c) {
+  struct gpu_device *dev = fixture_device();
+  struct attn_kernels ak;
+  KT_ASSERT_OK(attn_init(&ak, dev));
+  uint32_t hd = c->head_dim, kvd = c->n_head_kv * hd, qd = c->n_head * hd;
+  /* Each token gets its own sequence with its own random length and block table. */
+  uint32_t *n_kv = malloc(c->n_tokens * 4);
+  uint32_t blocks_per_seq = (c->max_kv + c->block_size - 1) / c->block_size;
+  uint32_t n_blocks = c->n_tokens * blocks_per_seq + 3; /* a few never used */
+  uint32_t *perm = malloc(n_blocks * 4);
+  uint32_t *tables = malloc((size_t)c->n_tokens * blocks_per_seq * 4);
+  uint32_t *tok_info = malloc((size_t)c->n_tokens * 2 * 4);
+  size_t cache_n = (size_t)n_blocks * c->block_size * kvd;
+  float *kc = malloc(cache_n * 4), *vc = malloc(cache_n * 4);
+  float *q = malloc((size_t)c->n_tokens * qd * 4), *want = malloc((size_t)c->n_tokens * qd * 4);
+  float *kcont = malloc((size_t)c->max_kv * kvd * 4), *vcont = malloc((size_t)c->max_kv * kvd * 4);
+  float *scores = malloc(c->max_kv * 4);
+  KT_ASSERT(n_kv && perm && tables && tok_info && kc && vc && q && want && kcont && vcont && scores);
+  for (uint32_t i = 0; i < n_blocks; i++) perm[i] = i;
+  for (uint32_t i = n_blocks - 1; i > 0; i--) { /* shuffle: physical order != logical order */
+    uint32_t j = kt_rand_range(0, i), t = perm[i];
+    perm[i] = perm[j];
+    perm[j] = t;
+  }
+  kt_rand_fill(kc, cache_n, -1, 1);
+  kt_rand_fill(vc, cache_n, -1, 1);
+  kt_rand_fill(q, (size_t)c->n_tokens * qd, -1, 1);
+  uint32_t max_kv = 0;
+  for (uint32_t t = 0; t < c->n_tokens; t++) {
+    n_kv[t] = t == 0 ? c->max_kv : kt_rand_range(1, c->max_kv);
+    if (n_kv[t] > max_kv) max_kv = n_kv[t];
+    tok_info[2 * t] = n_kv[t];
+    tok_info[2 * t + 1] = t * blocks_per_seq;
+    for (uint32_t b = 0; b < blocks_per_seq; b++)
+      tables[t * blocks_per_seq + b] = perm[t * blocks_per_seq + b];
+    /* The reference reads a contiguous, position-major copy gathered through the table. */
+    for (uint32_t pos = 0; pos < n_kv[t]; pos++) {
+      uint32_t blk = tables[t * blocks_per_seq + pos / c->block_size], off = pos % c->block_size;
+      for (uint32_t h = 0; h < c->n_head_kv; h++) {
+        size_t src = (((size_t)blk * c->n_head_kv + h) * c->block_size + off) * hd;
+        memcpy(kcont + ((size_t)pos * c->n_head_kv + h) * hd, kc + src, hd * 4);
+        memcpy(vcont + ((size_t)pos * c->n_head_kv + h) * hd, vc + src, hd * 4);
+      }
+    }
+    ref_attention_one(want + (size_t)t * qd, q + (size_t)t * qd, kcont, vcont, n_kv[t], c->n_head,
+                      c->n_head_kv, hd, scores);
+  }
+  uint32_t splits = c->force_splits ? c->force_splits
+                                    : attn_pick_splits(&ak, max_kv, c->n_tokens * c->n_head);
+  struct attn_shape s = {.n_tokens = c->n_tokens, .n_head = c->n_head, .n_head_kv = c->n_head_kv,
+                         .head_dim = hd, .block_size = c->block_size, .q_stride = qd,
+                         .n_splits = splits, .max_kv = max_kv};
+  uint64_t pbytes = attn_partial_bytes(c->n_tokens, c->n_head, hd, splits);
+  struct gpu_buffer *bq = fixture_upload(q, (size_t)c->n_tokens * qd * 4);
+  struct gpu_buffer *bk = fixture_upload(kc, cache_n * 4);
+  struct gpu_buffer *bv = fixture_upload(vc, cache_n * 4);
+  struct gpu_buffer *bi = fixture_upload(tok_info, (size_t)c->n_tokens * 8);
+  struct gpu_buffer *bt = fixture_upload(tables, (size_t)c->n_tokens * blocks_per_seq * 4);
+  struct gpu_buffer *bo = fixture_upload(NULL, (size_t)c->n_tokens * qd * 4);
+  struct gpu_buffer *bp = fixture_upload(NULL, pbytes ? pbytes : 4);
+  struct gpu_cmd *cmd = NULL;
+  int rc = (bq && bk && bv && bi && bt && bo && bp) ? gpu_cmd_new(dev, &cmd) : KVD_ENOMEM;
+  if (rc == 0) rc = gpu_cmd_begin(cmd);
+  if (rc == 0) {
+    rc = attn_record(&ak, cmd, &s, (struct gpu_binding){bq, 0, 0}, (struct gpu_binding){bk, 0, 0},
+                     (struct gpu_binding){bv, 0, 0}, (struct gpu_binding){bi, 0, 0},
+                     (struct gpu_binding){bt, 0, 0}, (struct gpu_binding){bo, 0, 0},
+                     (struct gpu_binding){bp, 0, 0});
+    int rc2 = gpu_cmd_submit(cmd);
+    if (rc == 0) rc = rc2;
+    if (rc == 0) rc = gpu_cmd_wait(cmd);
+  }
+  float *got = rc == 0 ? fixture_download(bo, (size_t)c->n_tokens * qd * 4) : NULL;
+  double err = got ? kt_max_rel_err(got, want, (size_t)c->n_tokens * qd, 1e-2) : INFINITY;
+  free(got);
+  gpu_cmd_free(cmd);
+  struct gpu_buffer *all[] = {bq, bk, bv, bi, bt, bo, bp};
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) gpu_buffer_free(all[i]);
+  attn_destroy(&ak);
+  free(n_kv), free(perm), free(tables), free(tok_info), free(kc), free(vc), free(q), free(want);
+  free(kcont), free(vcont), free(scores);
+  KT_ASSERT_OK(rc);
+  KT_ASSERT_MSG(err < 1e-5, "heads %u/%u hd %u bs %u tokens %u kv %u splits %u: rel err %.3g",
+                c->n_head, c->n_head_kv, hd, c->block_size, c->n_tokens, c->max_kv, splits, err);
+}
+
+KT_TEST(decode_one_token_small_model_shape) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  run_case(&(struct case_){8, 4, 8, 16, 1, 37, 0}); /* stories260K: GQA 2:1, head_dim 8 */
+  FIXTURE_CHECK_VALIDATION();
+}
+
+KT_TEST(batched_tokens_with_different_lengths_and_gqa_ratios) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  run_case(&(struct case_){4, 4, 64, 16, 5, 100, 0}); /* MHA */
+  run_case(&(struct case_){8, 2, 32, 16, 7, 250, 0}); /* GQA 4:1 */
+  run_case(&(struct case_){6, 1, 48, 8, 3, 77, 0});   /* MQA */
+  run_case(&(struct case_){2, 1, 128, 32, 9, 129, 0});
+  FIXTURE_CHECK_VALIDATION();
+}
+
+KT_TEST(long_context_splits_and_merges) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  run_case(&(struct case_){8, 4, 8, 16, 1, 1000, 0}); /* > chunk: splits required */
+  run_case(&(struct case_){4, 2, 64, 16, 2, 700, 7}); /* forced odd split count */
+  run_case(&(struct case_){4, 2, 16, 16, 3, 40, 8});  /* some splits empty for short tokens */
+  FIXTURE_CHECK_VALIDATION();
+}
+
+KT_TEST(kv_write_scatters_into_block_slots) {
+  FIXTURE_DEVICE(dev);
+  struct attn_kernels ak;
+  KT_ASSERT_OK(attn_init(&ak, dev));
+  enum { T = 37, HKV = 3, HD = 20, BS = 8, NB = 12, STRIDE = HKV * HD + 5 };
+  float k[T * STRIDE], v[T * STRIDE];
+  kt_rand_fill(k, T * STRIDE, -1, 1);
+  kt_rand_fill(v, T * STRIDE, -1, 1);
+  uint32_t slots[T];
+  /* Distinct random slots. */
+  uint32_t all[NB * BS];
+  for (uint32_t i = 0; i < NB * BS; i++) all[i] = i;
+  for (uint32_t i = 0; i < T; i++) {
+    uint32_t j = kt_rand_range(i, NB * BS - 1), t = all[i];
+    all[i] = all[j];
+    all[j] = t;
+    slots[i] = all[i];
+  }
+  size_t cache_n = (size_t)NB * BS * HKV * HD;
+  float *zero = calloc(cache_n, 4);
+  struct gpu_buffer *bk = fixture_upload(k, sizeof k), *bv = fixture_upload(v, sizeof v);
+  struct gpu_buffer *ck = fixture_upload(zero, cache_n * 4), *cv = fixture_upload(zero, cache_n * 4);
+  struct gpu_buffer *bs = fixture_upload(slots, sizeof slots);
+  struct gpu_cmd *cmd;
+  KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
+  KT_ASSERT_OK(attn_record_write(&ak, cmd, (struct gpu_binding){bk, 0, 0},
+                                 (struct gpu_binding){bv, 0, 0}, (struct gpu_binding){ck, 0, 0},
+                                 (struct gpu_binding){cv, 0, 0}, (struct gpu_binding){bs, 0, 0}, T,
+                                 HKV, HD, BS, STRIDE));
+  KT_ASSERT_OK(gpu_cmd_submit(cmd));
+  KT_ASSERT_OK(gpu_cmd_wait(cmd));
+  float *gk = fixture_download(ck, cache_n * 4), *gv = fixture_download(cv, cache_n * 4);
+  KT_ASSERT(gk && gv);
+  size_t written = 0, mismatches = 0, nonzero = 0;
+  for (uint32_t t = 0; t < T; t++)
+    for (uint32_t h = 0; h < HKV; h++)
+      for (uint32_t d = 0; d < HD; d++) {
+        size_t dst = (((size_t)(slots[t] / BS) * HKV + h) * BS + slots[t] % BS) * HD + d;
+        mismatches += gk[dst] != k[t * STRIDE + h * HD + d] || gv[dst] != v[t * STRIDE + h * HD + d];
+        written++;
+      }
+  for (size_t i = 0; i < cache_n; i++) nonzero += gk[i] != 0;
+  KT_CHECK_EQ(mismatches, 0);
+  KT_CHECK_EQ(nonzero, written); /* nothing outside the slots was touched */
+  free(gk), free(gv), free(zero);
+  gpu_cmd_free(cmd);
+  struct gpu_buffer *bufs[] = {bk, bv, ck, cv, bs};
+  for (int i = 0; i < 5; i++) gpu_buffer_free(bufs[i]);
+  attn_destroy(&ak);
+  FIXTURE_CHECK_VALIDATION();
+}
