@@ -10,8 +10,18 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "dtype.h"
+
+/* Limits the reader enforces and the writer respects. Arrays may nest (an array of arrays ...)
+ * at most GGUF_MAX_ARRAY_DEPTH levels; tensor names are at most GGUF_MAX_TENSOR_NAME bytes
+ * (ggml's limit); tensors have 1..GGUF_MAX_DIMS dims. */
+#define GGUF_MAX_ARRAY_DEPTH 8
+#define GGUF_MAX_TENSOR_NAME 63
+#define GGUF_MAX_DIMS 4
+#define GGUF_MAX_KEY 65535
+#define GGUF_DEFAULT_ALIGNMENT 32
 
 enum gguf_vtype {
   GGUF_VT_UINT8 = 0,
@@ -113,5 +123,28 @@ int gguf_get_arr(const struct gguf_file *f, const char *key, enum gguf_vtype ele
 /* Compare a gguf_str with a C string. */
 bool gguf_str_eq(struct gguf_str s, const char *cstr);
 const char *gguf_vtype_name(enum gguf_vtype t);
+
+/* Bytes one element of a fixed-size type takes in the file; 0 for STRING, ARRAY and unknown
+ * types (their elements are reached through arr.elems instead). */
+size_t gguf_vtype_size(enum gguf_vtype t);
+
+/* Element i of an array value, decoded into *ret as a scalar (or a copy of arr.elems[i] for
+ * STRING and ARRAY elements, still pointing into the mapping). KVD_EINVAL when arr is not an
+ * array, KVD_ERANGE when i >= count. */
+int gguf_arr_get(const struct gguf_value *arr, uint64_t i, struct gguf_value *ret);
+
+/* The same conversions the typed getters apply, on a value already in hand (an array element,
+ * say): 0, or KVD_E_FORMAT when the type does not convert or the value does not fit. */
+int gguf_value_to_u64(const struct gguf_value *v, uint64_t *ret);
+int gguf_value_to_i64(const struct gguf_value *v, int64_t *ret);
+int gguf_value_to_f64(const struct gguf_value *v, double *ret);
+
+/* Values in a tensor: the product of its dims. */
+uint64_t gguf_tensor_nelements(const struct gguf_tensor *t);
+
+/* A gguf-dump-like listing for `kvd --model-info`: version, alignment, every key with its type and
+ * value (long arrays and strings abbreviated), every tensor (name, dims, type, bytes, offset) and
+ * a per-type summary. Never fails: write errors are the stream's to report. */
+void gguf_print_info(const struct gguf_file *f, FILE *out);
 
 #endif
