@@ -1,0 +1,729 @@
+/* The paged KV cache's bookkeeping: the block pool (free list, refcounts, counters), block tables
+ * (lazy reserve, atomic exhaustion, commit, truncate, free), fork + copy-on-write, slot addressing,
+ * the packed table mirror, pool sizing, and a randomized stress test that writes token ids into a
+ * fake device memory through the tables and checks every sequence still reads its own tokens. */
+#include "kv.h"
+#include "kt.h"
+#include "kvd_error.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void check_stats(const struct kv_pool *pool, uint32_t free_blocks, uint32_t hw) {
+  struct kv_pool_stats st;
+  kv_pool_stats(pool, &st);
+  KT_CHECK_EQ(st.total, pool->n_blocks);
+  KT_CHECK_EQ(st.free, free_blocks);
+  KT_CHECK_EQ(st.used, pool->n_blocks - free_blocks);
+  KT_CHECK_EQ(st.high_water, hw);
+}
+
+/* A sequence of n committed tokens. */
+static struct kv_seq *seq_with(struct kv_pool *pool, uint32_t n) {
+  struct kv_seq *seq;
+  if (kv_seq_new(pool, &seq) < 0) return NULL;
+  if (kv_seq_reserve(pool, seq, n) < 0 || kv_seq_commit(seq, n) < 0) {
+    kv_seq_free(pool, seq);
+    return NULL;
+  }
+  return seq;
+}
+
+KT_TEST(pool_init_and_counters) {
+  struct kv_pool pool;
+  KT_CHECK_EQ(kv_pool_init(&pool, 0, 16), KVD_EINVAL);
+  KT_CHECK_EQ(kv_pool_init(&pool, KV_BLOCK_NONE, 1), KVD_EINVAL);
+  KT_CHECK_EQ(kv_pool_init(&pool, 1u << 29, 16), KVD_EINVAL); /* 2^33 slots: not uint32 */
+  kv_pool_destroy(&pool);                                     /* zeroed by the failed init */
+
+  KT_ASSERT_OK(kv_pool_init(&pool, 8, 0));
+  KT_CHECK_EQ(pool.block_size, KV_BLOCK_SIZE_DEFAULT);
+  check_stats(&pool, 8, 0);
+
+  uint32_t b[8];
+  for (uint32_t i = 0; i < 8; i++) {
+    KT_ASSERT_OK(kv_pool_alloc(&pool, &b[i]));
+    KT_CHECK_EQ(b[i], i); /* a fresh pool hands out 0, 1, 2 ... */
+    KT_CHECK_EQ(kv_pool_refcount(&pool, b[i]), 1);
+  }
+  check_stats(&pool, 0, 8);
+  uint32_t x = 1234;
+  KT_CHECK_EQ(kv_pool_alloc(&pool, &x), KVD_E_KV_EXHAUSTED);
+  KT_CHECK_EQ(x, 1234); /* ret_ written only on success */
+
+  /* LIFO: the block freed last is the next one handed out. */
+  kv_pool_unref(&pool, b[5]);
+  kv_pool_unref(&pool, b[2]);
+  check_stats(&pool, 2, 8);
+  KT_ASSERT_OK(kv_pool_alloc(&pool, &x));
+  KT_CHECK_EQ(x, b[2]);
+  KT_ASSERT_OK(kv_pool_alloc(&pool, &x));
+  KT_CHECK_EQ(x, b[5]);
+
+  for (uint32_t i = 0; i < 8; i++)
+    kv_pool_unref(&pool, b[i]);
+  check_stats(&pool, 8, 8); /* high-water mark remembers the peak */
+  struct kv_pool_stats st;
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.alloc_failures, 1);
+  KT_CHECK_EQ(st.block_size, 16);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, 8), 0); /* out of range reads as free */
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(pool_refcounts_hold_blocks) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 4, 4));
+  uint32_t b;
+  KT_ASSERT_OK(kv_pool_alloc(&pool, &b));
+  kv_pool_ref(&pool, b);
+  kv_pool_ref(&pool, b);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, b), 3);
+  kv_pool_unref(&pool, b);
+  kv_pool_unref(&pool, b);
+  check_stats(&pool, 3, 1); /* still held by its last owner */
+  kv_pool_unref(&pool, b);
+  check_stats(&pool, 4, 1);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, b), 0);
+  kv_pool_destroy(&pool);
+}
+
+/* O(1) by construction (a stack pop or push per block): a million blocks go out and back in any
+ * order with no search, every id handed out exactly once, and nothing lost. */
+KT_TEST(pool_alloc_free_at_scale) {
+  const uint32_t n = 1u << 20;
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, n, 16));
+  uint32_t *ids = malloc((size_t)n * sizeof *ids);
+  uint8_t *seen = calloc(n, 1);
+  KT_ASSERT(ids && seen);
+  for (int round = 0; round < 3; round++) {
+    memset(seen, 0, n);
+    for (uint32_t i = 0; i < n; i++) {
+      KT_ASSERT_OK(kv_pool_alloc(&pool, &ids[i]));
+      KT_ASSERT(ids[i] < n && !seen[ids[i]]);
+      seen[ids[i]] = 1;
+    }
+    uint32_t x;
+    KT_ASSERT_EQ(kv_pool_alloc(&pool, &x), KVD_E_KV_EXHAUSTED);
+    for (uint32_t i = n - 1; i > 0; i--) { /* free in a random order */
+      uint32_t j = kt_rand_range(0, i), t = ids[i];
+      ids[i] = ids[j];
+      ids[j] = t;
+    }
+    for (uint32_t i = 0; i < n; i++)
+      kv_pool_unref(&pool, ids[i]);
+    check_stats(&pool, n, n);
+  }
+  free(ids);
+  free(seen);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(pool_alloc_n_is_all_or_nothing) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 4, 16));
+  uint32_t b[5] = {99, 99, 99, 99, 99};
+  KT_CHECK_EQ(kv_pool_alloc_n(&pool, 5, b), KVD_E_KV_EXHAUSTED);
+  check_stats(&pool, 4, 0);
+  KT_CHECK_EQ(b[0], 99);
+  KT_ASSERT_OK(kv_pool_alloc_n(&pool, 4, b));
+  check_stats(&pool, 0, 4);
+  KT_ASSERT_OK(kv_pool_alloc_n(&pool, 0, b)); /* nothing asked, nothing refused */
+  for (int i = 0; i < 4; i++)
+    kv_pool_unref(&pool, b[i]);
+  struct kv_pool_stats st;
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.alloc_failures, 1);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(reserve_appends_blocks_only_as_tokens_need_them) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 16, 16));
+  struct kv_seq *s;
+  KT_ASSERT_OK(kv_seq_new(&pool, &s));
+  KT_CHECK_EQ(s->n_blocks, 0);
+  KT_CHECK_EQ(kv_seq_commit(s, 1), KVD_ERANGE); /* nothing reserved */
+  KT_ASSERT_OK(kv_seq_reserve(&pool, s, 0));
+  KT_CHECK_EQ(s->n_blocks, 0);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, s, 1));
+  KT_CHECK_EQ(s->n_blocks, 1);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, s, 16)); /* still fits the first block */
+  KT_CHECK_EQ(s->n_blocks, 1);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, s, 17));
+  KT_CHECK_EQ(s->n_blocks, 2);
+  check_stats(&pool, 14, 2);
+  KT_ASSERT_OK(kv_seq_commit(s, 17));
+  KT_CHECK_EQ(s->len, 17);
+  KT_CHECK_EQ(kv_seq_commit(s, 16), KVD_ERANGE); /* capacity is 32 */
+  KT_ASSERT_OK(kv_seq_commit(s, 15));
+  KT_CHECK_EQ(s->len, 32);
+  /* One token at a time: a new block exactly at every block boundary. */
+  for (uint32_t i = 0; i < 40; i++) {
+    KT_ASSERT_OK(kv_seq_reserve(&pool, s, 1));
+    KT_ASSERT_OK(kv_seq_commit(s, 1));
+    KT_CHECK_EQ(s->n_blocks, (s->len + 15) / 16);
+  }
+  KT_CHECK_EQ(kv_seq_reserve(&pool, s, UINT32_MAX), KVD_EOVERFLOW);
+  kv_seq_free(&pool, s);
+  kv_seq_free(&pool, NULL);
+  check_stats(&pool, 16, 5);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(exhaustion_is_typed_and_changes_nothing) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 10, 4));
+  struct kv_seq *a = seq_with(&pool, 23); /* 6 blocks */
+  struct kv_seq *b = seq_with(&pool, 10); /* 3 blocks */
+  KT_ASSERT(a && b);
+  check_stats(&pool, 1, 9);
+  uint32_t ta[6], tb[3];
+  memcpy(ta, a->table, sizeof ta);
+  memcpy(tb, b->table, sizeof tb);
+
+  /* b needs 2 more blocks for 6 more tokens (10 + 6 = 16 = 4 blocks... 12 + 4): only 1 is free. */
+  KT_CHECK_EQ(kv_seq_step_blocks(&pool, b, 7), 2);
+  KT_CHECK_EQ(kv_seq_reserve(&pool, b, 7), KVD_E_KV_EXHAUSTED);
+  KT_CHECK_EQ(b->len, 10);
+  KT_CHECK_EQ(b->n_blocks, 3);
+  KT_CHECK(memcmp(b->table, tb, sizeof tb) == 0);
+  KT_CHECK_EQ(a->len, 23);
+  KT_CHECK_EQ(a->n_blocks, 6);
+  KT_CHECK(memcmp(a->table, ta, sizeof ta) == 0);
+  check_stats(&pool, 1, 9);
+  struct kv_pool_stats st;
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.alloc_failures, 1);
+
+  /* What does fit still works, and then the pool is exactly full. */
+  KT_ASSERT_OK(kv_seq_reserve(&pool, b, 6));
+  KT_ASSERT_OK(kv_seq_commit(b, 6));
+  check_stats(&pool, 0, 10);
+  KT_CHECK_EQ(kv_seq_reserve(&pool, a, 1), 0); /* a's last block has room: no block needed */
+  KT_CHECK_EQ(kv_seq_reserve(&pool, a, 2), KVD_E_KV_EXHAUSTED);
+  KT_CHECK(memcmp(a->table, ta, sizeof ta) == 0);
+
+  /* A client going away frees its blocks; the other can then grow. */
+  kv_seq_free(&pool, a);
+  check_stats(&pool, 6, 10);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, b, 24));
+  KT_CHECK_EQ(b->n_blocks, 10);
+  KT_CHECK(memcmp(b->table, tb, sizeof tb) == 0); /* old blocks keep their places */
+  kv_seq_free(&pool, b);
+  check_stats(&pool, 10, 10);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(freeing_sequences_returns_every_block) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 64, 8));
+  struct kv_seq *s[8];
+  for (int i = 0; i < 8; i++) {
+    s[i] = seq_with(&pool, (uint32_t)(i * 7 + 1));
+    KT_ASSERT(s[i]);
+  }
+  struct kv_seq *f;
+  KT_ASSERT_OK(kv_seq_fork(&pool, s[7], &f));
+  KT_ASSERT_OK(kv_seq_reserve(&pool, s[3], 30)); /* reserved, never committed */
+  for (int i = 7; i >= 0; i -= 2)
+    kv_seq_free(&pool, s[i]);
+  kv_seq_free(&pool, f);
+  for (int i = 6; i >= 0; i -= 2)
+    kv_seq_free(&pool, s[i]);
+  struct kv_pool_stats st;
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.free, 64);
+  KT_CHECK_EQ(st.used, 0);
+  for (uint32_t b = 0; b < 64; b++)
+    KT_CHECK_EQ(kv_pool_refcount(&pool, b), 0);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(fork_shares_and_copy_on_write_splits) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 8, 4));
+  struct kv_seq *a = seq_with(&pool, 10); /* blocks 0 1 2, the last half full */
+  KT_ASSERT(a);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, a, 6)); /* a 4th block, reserved only */
+  KT_CHECK_EQ(a->n_blocks, 4);
+  struct kv_seq *b;
+  KT_ASSERT_OK(kv_seq_fork(&pool, a, &b));
+  KT_CHECK_EQ(b->len, 10);
+  KT_CHECK_EQ(b->n_blocks, 3); /* the reserved block holds nothing to share */
+  for (uint32_t i = 0; i < 3; i++) {
+    KT_CHECK_EQ(b->table[i], a->table[i]);
+    KT_CHECK_EQ(kv_pool_refcount(&pool, a->table[i]), 2);
+  }
+  KT_CHECK_EQ(kv_pool_refcount(&pool, a->table[3]), 1);
+  check_stats(&pool, 4, 4); /* sharing costs no blocks */
+
+  /* a appends at 10: the block holding it is shared, so it is copied first. */
+  KT_CHECK_EQ(kv_seq_step_blocks(&pool, a, 1), 1);
+  uint32_t old = a->table[2];
+  struct kv_copy cp = {0, 0, 0};
+  KT_ASSERT_EQ(kv_seq_prepare_write(&pool, a, 10, &cp), 1);
+  KT_CHECK_EQ(cp.src_block, old);
+  KT_CHECK_EQ(cp.dst_block, a->table[2]);
+  KT_CHECK(cp.dst_block != old);
+  KT_CHECK_EQ(cp.n_tokens, 2);   /* positions 8 and 9 */
+  KT_CHECK_EQ(b->table[2], old); /* b keeps reading the original */
+  KT_CHECK_EQ(kv_pool_refcount(&pool, old), 1);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, cp.dst_block), 1);
+  check_stats(&pool, 3, 5);
+  /* Now a's own: no second copy, and b's block is b's alone too. */
+  KT_CHECK_EQ(kv_seq_step_blocks(&pool, a, 1), 0);
+  KT_CHECK_EQ(kv_seq_prepare_write(&pool, a, 11, &cp), 0);
+  KT_CHECK_EQ(kv_seq_prepare_write(&pool, b, 10, &cp), 0);
+  KT_ASSERT_OK(kv_seq_commit(a, 2));
+
+  /* Rewriting an old position of a shared full block copies all its rows. */
+  KT_ASSERT_EQ(kv_seq_prepare_write(&pool, b, 1, &cp), 1);
+  KT_CHECK_EQ(cp.src_block, a->table[0]);
+  KT_CHECK_EQ(cp.n_tokens, 4);
+  KT_CHECK_EQ(kv_seq_prepare_write(&pool, b, 12, &cp), KVD_ERANGE); /* past b's capacity */
+  struct kv_pool_stats st;
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.cow_copies, 2);
+
+  /* A copy the pool cannot supply is refused with nothing changed. */
+  struct kv_seq *fill = seq_with(&pool, 8); /* takes the last 2 free blocks */
+  KT_ASSERT(fill);
+  check_stats(&pool, 0, 8);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, a->table[1]), 2);
+  uint32_t a1 = a->table[1];
+  cp.src_block = 77;
+  KT_CHECK_EQ(kv_seq_prepare_write(&pool, a, 5, &cp), KVD_E_KV_EXHAUSTED);
+  KT_CHECK_EQ(cp.src_block, 77);
+  KT_CHECK_EQ(a->table[1], a1);
+  KT_CHECK_EQ(b->table[1], a1);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, a1), 2);
+
+  kv_seq_free(&pool, a);
+  kv_seq_free(&pool, fill);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, a1), 1); /* b still holds it */
+  kv_seq_free(&pool, b);
+  check_stats(&pool, 8, 8);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(truncate_frees_whole_blocks_past_n) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 8, 4));
+  struct kv_seq *a = seq_with(&pool, 10);
+  KT_ASSERT(a);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, a, 6)); /* 4 blocks, 10 tokens */
+  KT_CHECK_EQ(kv_seq_truncate(&pool, a, 11), KVD_ERANGE);
+  KT_ASSERT_OK(kv_seq_truncate(&pool, a, 10)); /* drops the reserved block only */
+  KT_CHECK_EQ(a->n_blocks, 3);
+  check_stats(&pool, 5, 4);
+  KT_ASSERT_OK(kv_seq_truncate(&pool, a, 5));
+  KT_CHECK_EQ(a->len, 5);
+  KT_CHECK_EQ(a->n_blocks, 2);
+  KT_ASSERT_OK(kv_seq_truncate(&pool, a, 4)); /* exactly one full block */
+  KT_CHECK_EQ(a->n_blocks, 1);
+  check_stats(&pool, 7, 4);
+
+  /* Truncating a forked sequence drops only its own references. */
+  KT_ASSERT_OK(kv_seq_reserve(&pool, a, 8));
+  KT_ASSERT_OK(kv_seq_commit(a, 8)); /* 12 tokens, 3 full blocks */
+  struct kv_seq *b;
+  KT_ASSERT_OK(kv_seq_fork(&pool, a, &b));
+  KT_ASSERT_OK(kv_seq_truncate(&pool, a, 6));
+  KT_CHECK_EQ(kv_pool_refcount(&pool, b->table[2]), 1);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, b->table[1]), 2);
+  /* a writes at 6, inside the still shared block 1: that needs a copy of its 2 valid rows. */
+  KT_CHECK_EQ(kv_seq_step_blocks(&pool, a, 1), 1);
+  struct kv_copy cp;
+  KT_ASSERT_EQ(kv_seq_prepare_write(&pool, a, 6, &cp), 1);
+  KT_CHECK_EQ(cp.src_block, b->table[1]);
+  KT_CHECK_EQ(cp.n_tokens, 2);
+  KT_ASSERT_OK(kv_seq_truncate(&pool, a, 0));
+  KT_CHECK_EQ(a->n_blocks, 0);
+  kv_seq_free(&pool, a);
+  kv_seq_free(&pool, b);
+  check_stats(&pool, 8, 4);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(slot_addressing_across_block_boundaries) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 16, 4));
+  struct kv_seq *a, *b;
+  KT_ASSERT_OK(kv_seq_new(&pool, &a));
+  KT_ASSERT_OK(kv_seq_new(&pool, &b));
+  /* Interleaved growth so neither table is contiguous: a gets 0 2 4, b gets 1 3 5. */
+  for (int i = 0; i < 3; i++) {
+    KT_ASSERT_OK(kv_seq_reserve(&pool, a, 4));
+    KT_ASSERT_OK(kv_seq_commit(a, 4));
+    KT_ASSERT_OK(kv_seq_reserve(&pool, b, 4));
+    KT_ASSERT_OK(kv_seq_commit(b, 4));
+  }
+  KT_CHECK_EQ(a->table[1], 2);
+  KT_CHECK_EQ(b->table[2], 5);
+  for (uint32_t pos = 0; pos < 12; pos++) {
+    struct kv_slot sa, sb;
+    KT_ASSERT_OK(kv_seq_slot(a, pos, &sa));
+    KT_ASSERT_OK(kv_seq_slot(b, pos, &sb));
+    KT_CHECK_EQ(sa.block, 2 * (pos / 4));
+    KT_CHECK_EQ(sb.block, 2 * (pos / 4) + 1);
+    KT_CHECK_EQ(sa.offset, pos % 4);
+    KT_CHECK_EQ(kv_slot_index(sa, 4), 8 * (pos / 4) + pos % 4);
+    KT_CHECK_EQ(kv_slot_index(sb, 4), 8 * (pos / 4) + 4 + pos % 4);
+  }
+  struct kv_slot s = {42, 42};
+  KT_CHECK_EQ(kv_seq_slot(a, 12, &s), KVD_ERANGE);
+  KT_CHECK_EQ(s.block, 42);
+  /* Reserved but not yet committed positions are addressable: the forward pass writes them. */
+  KT_ASSERT_OK(kv_seq_reserve(&pool, a, 1));
+  KT_ASSERT_OK(kv_seq_slot(a, 15, &s));
+  KT_CHECK_EQ(s.block, 6);
+  KT_CHECK_EQ(s.offset, 3);
+  kv_seq_free(&pool, a);
+  kv_seq_free(&pool, b);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(mirror_is_packed_with_offsets) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 16, 4));
+  struct kv_seq *a = seq_with(&pool, 9); /* 3 blocks */
+  struct kv_seq *e = seq_with(&pool, 0); /* none */
+  struct kv_seq *b = seq_with(&pool, 5); /* 2 blocks */
+  KT_ASSERT(a && e && b);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, b, 4)); /* + 1 reserved: in the mirror too */
+  const struct kv_seq *batch[3] = {a, e, b};
+  KT_CHECK_EQ(kv_mirror_entries(batch, 3), 6);
+
+  uint32_t dst[8], off[3];
+  for (int i = 0; i < 8; i++)
+    dst[i] = 0xdeadbeef;
+  KT_CHECK_EQ(kv_mirror_write(batch, 3, dst, 5, off), KVD_ENOSPC);
+  KT_CHECK_EQ(dst[0], 0xdeadbeef);
+  KT_ASSERT_EQ(kv_mirror_write(batch, 3, dst, 8, off), 6);
+  KT_CHECK_EQ(off[0], 0);
+  KT_CHECK_EQ(off[1], 3);
+  KT_CHECK_EQ(off[2], 3);
+  uint32_t want[6] = {0, 1, 2, 3, 4, 5};
+  KT_CHECK(memcmp(dst, want, sizeof want) == 0);
+  KT_CHECK_EQ(dst[6], 0xdeadbeef); /* nothing past the entries */
+  /* Read it the way attn_paged.comp does: tables[table_offset + pos / block_size]. */
+  for (uint32_t s = 0; s < 3; s += 2) {
+    for (uint32_t pos = 0; pos < batch[s]->n_blocks * 4; pos++) {
+      struct kv_slot sl;
+      KT_ASSERT_OK(kv_seq_slot(batch[s], pos, &sl));
+      KT_CHECK_EQ(dst[off[s] + pos / pool.block_size], sl.block);
+    }
+  }
+  KT_CHECK_EQ(kv_mirror_write(batch, 0, dst, 0, off), 0);
+  kv_seq_free(&pool, a);
+  kv_seq_free(&pool, e);
+  kv_seq_free(&pool, b);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(sizing_fits_budget_and_binding_cap) {
+  /* 2 layers, 4 KV heads x 64 dims of f16: 512 bytes per token per buffer, 8 KiB per block, 4
+   * buffers, so each block id costs 32 KiB. */
+  struct kv_geometry g = {.n_layer = 2, .block_size = 16, .token_bytes = 4 * 64 * 2};
+  struct kv_plan p;
+  KT_ASSERT_OK(kv_plan_pool(&g, 1u << 20, 0, 0, &p));
+  KT_CHECK_EQ(p.n_blocks, 32);
+  KT_CHECK_EQ(p.n_buffers, 4);
+  KT_CHECK_EQ(p.block_bytes, 8192);
+  KT_CHECK_EQ(p.buffer_bytes, 32 * 8192);
+  KT_CHECK_EQ(p.total_bytes, 1u << 20);
+  KT_CHECK(!p.binding_limited);
+  KT_ASSERT_OK(kv_plan_pool(&g, (1u << 20) + 32767, 0, 0, &p)); /* rounds down */
+  KT_CHECK_EQ(p.n_blocks, 32);
+
+  /* A 64 KiB binding cap holds 8 blocks per buffer, whatever the budget. */
+  KT_ASSERT_OK(kv_plan_pool(&g, 1u << 20, 65536, 0, &p));
+  KT_CHECK_EQ(p.n_blocks, 8);
+  KT_CHECK(p.binding_limited);
+  KT_CHECK(p.buffer_bytes <= 65536);
+  KT_ASSERT_OK(kv_plan_pool(&g, 1u << 20, 65535, 0, &p));
+  KT_CHECK_EQ(p.n_blocks, 7);
+  /* Alignment padding (4 x 255 bytes worst case) comes off the budget first. */
+  KT_ASSERT_OK(kv_plan_pool(&g, 1u << 20, 0, 256, &p));
+  KT_CHECK_EQ(p.n_blocks, 31);
+  KT_CHECK(p.total_bytes + 4 * 255 <= (1u << 20));
+
+  KT_CHECK_EQ(kv_plan_pool(&g, 1u << 20, 8191, 0, &p), KVD_E_LIMIT);
+  KT_CHECK_EQ(kv_plan_pool(&g, 32767, 0, 0, &p), KVD_E_KV_EXHAUSTED);
+  KT_CHECK_EQ(kv_plan_pool(&g, 32768, 0, 0, &p), 0);
+  KT_CHECK_EQ(kv_plan_pool(&g, 1u << 20, 0, 3, &p), KVD_EINVAL);
+  struct kv_geometry bad = g;
+  bad.n_layer = 0;
+  KT_CHECK_EQ(kv_plan_pool(&bad, 1u << 20, 0, 0, &p), KVD_EINVAL);
+  bad = g;
+  bad.token_bytes = 0;
+  KT_CHECK_EQ(kv_plan_pool(&bad, 1u << 20, 0, 0, &p), KVD_EINVAL);
+  bad = g;
+  bad.token_bytes = UINT64_MAX / 8;
+  KT_CHECK_EQ(kv_plan_pool(&bad, UINT64_MAX, 0, 0, &p), KVD_EOVERFLOW);
+
+  /* Default block size, and the uint32 slot-index ceiling on a huge budget. */
+  struct kv_geometry tiny = {.n_layer = 1, .block_size = 0, .token_bytes = 1};
+  KT_ASSERT_OK(kv_plan_pool(&tiny, UINT64_MAX, 0, 0, &p));
+  KT_CHECK_EQ(p.block_bytes, 16);
+  KT_CHECK_EQ(p.n_blocks, 1u << 28); /* 2^28 blocks x 16 = 2^32 slots */
+  struct kv_pool pool;
+  KT_CHECK_EQ(kv_pool_init(&pool, p.n_blocks + 1, 16), KVD_EINVAL);
+
+  /* A 7B-class model (32 layers, 32 KV heads x 128, f16) with 8 GiB: 8 MiB per block id. */
+  struct kv_geometry big = {.n_layer = 32, .block_size = 16, .token_bytes = 32 * 128 * 2};
+  KT_ASSERT_OK(kv_plan_pool(&big, 8ull << 30, 4ull << 30, 0, &p));
+  KT_CHECK_EQ(p.n_blocks, 1024);
+  KT_CHECK_EQ(p.n_buffers, 64);
+  KT_CHECK(!p.binding_limited);
+  KT_ASSERT_OK(kv_plan_pool(&big, 8ull << 30, 64ull << 20, 0, &p)); /* a 64 MiB binding cap */
+  KT_CHECK_EQ(p.n_blocks, 512);
+  KT_CHECK(p.binding_limited);
+
+  KT_CHECK_EQ(kv_budget_fraction(1000, 0.9), 900);
+  KT_CHECK_EQ(kv_budget_fraction(1000, 1.5), 1000);
+  KT_CHECK_EQ(kv_budget_fraction(1000, -1.0), 0);
+  KT_CHECK_EQ(kv_budget_fraction(1000, NAN), 0);
+  KT_CHECK_EQ(kv_budget_fraction(UINT64_MAX, 0.5), UINT64_MAX / 2);
+  KT_CHECK_EQ(kv_budget_fraction(24ull << 30, 0.75), 18ull << 30);
+}
+
+/* ---- randomized stress ------------------------------------------------------------------------
+ */
+
+#define ST_SEQS 24
+
+struct st_seq {
+  struct kv_seq *seq; /* NULL = slot empty */
+  uint32_t *tokens;   /* what positions [0, len) must read back */
+  uint32_t cap;
+};
+
+struct st {
+  struct kv_pool pool;
+  uint32_t *mem; /* fake device memory: one uint32 "K/V row" per slot */
+  struct st_seq s[ST_SEQS];
+  uint32_t *refs; /* recomputed from the tables */
+  uint64_t ops[6];
+};
+
+static bool st_fit(struct st_seq *ss, uint32_t n) {
+  if (n <= ss->cap) return true;
+  uint32_t cap = ss->cap ? ss->cap : 16;
+  while (cap < n)
+    cap *= 2;
+  uint32_t *t = realloc(ss->tokens, cap * sizeof *t);
+  if (!t) return false;
+  ss->tokens = t;
+  ss->cap = cap;
+  return true;
+}
+
+/* Writes value v at pos the way the engine would: copy-on-write first, then the slot. Returns a
+ * kvd code; on KV_EXHAUSTED nothing was written. */
+static int st_write(struct st *st, struct kv_seq *seq, uint32_t pos, uint32_t v) {
+  struct kv_copy cp;
+  int rc = kv_seq_prepare_write(&st->pool, seq, pos, &cp);
+  if (rc < 0) return rc;
+  uint32_t bs = st->pool.block_size;
+  if (rc == 1) {
+    KT_CHECK(cp.n_tokens <= bs);
+    memcpy(&st->mem[(size_t)cp.dst_block * bs], &st->mem[(size_t)cp.src_block * bs],
+           cp.n_tokens * sizeof *st->mem);
+  }
+  struct kv_slot sl;
+  rc = kv_seq_slot(seq, pos, &sl);
+  if (rc < 0) return rc;
+  /* The heart of copy-on-write: nobody ever writes into a block someone else can see. */
+  if (kv_pool_refcount(&st->pool, sl.block) != 1) {
+    kt__fail(__FILE__, __LINE__, "write into block %u with refcount %u", sl.block,
+             kv_pool_refcount(&st->pool, sl.block));
+    return KVD_EINVAL;
+  }
+  st->mem[kv_slot_index(sl, bs)] = v;
+  return 0;
+}
+
+static bool st_check(struct st *st) {
+  struct kv_pool *pool = &st->pool;
+  uint32_t nb = pool->n_blocks, bs = pool->block_size;
+  memset(st->refs, 0, nb * sizeof *st->refs);
+  for (int i = 0; i < ST_SEQS; i++) {
+    struct kv_seq *q = st->s[i].seq;
+    if (!q) continue;
+    if ((uint64_t)q->n_blocks * bs < q->len) {
+      kt__fail(__FILE__, __LINE__, "seq %d: %u tokens in %u blocks", i, q->len, q->n_blocks);
+      return false;
+    }
+    for (uint32_t b = 0; b < q->n_blocks; b++) {
+      uint32_t id = q->table[b];
+      if (id >= nb) {
+        kt__fail(__FILE__, __LINE__, "seq %d: block id %u out of range", i, id);
+        return false;
+      }
+      st->refs[id]++;
+    }
+    /* Every position still reads what this sequence wrote there. */
+    for (uint32_t pos = 0; pos < q->len; pos++) {
+      uint32_t got = st->mem[(size_t)q->table[pos / bs] * bs + pos % bs];
+      if (got != st->s[i].tokens[pos]) {
+        kt__fail(__FILE__, __LINE__, "seq %d pos %u: read %u, wrote %u", i, pos, got,
+                 st->s[i].tokens[pos]);
+        return false;
+      }
+    }
+  }
+  uint32_t zero = 0;
+  for (uint32_t b = 0; b < nb; b++) {
+    if (st->refs[b] != pool->refs[b]) {
+      kt__fail(__FILE__, __LINE__, "block %u: refcount %u, %u tables hold it", b, pool->refs[b],
+               st->refs[b]);
+      return false;
+    }
+    zero += pool->refs[b] == 0;
+  }
+  if (zero != pool->n_free) {
+    kt__fail(__FILE__, __LINE__, "%u blocks unreferenced but %u on the free list", zero,
+             pool->n_free);
+    return false;
+  }
+  /* The free list holds exactly the unreferenced blocks, each once (refs doubles as a marker). */
+  for (uint32_t i = 0; i < pool->n_free; i++) {
+    uint32_t b = pool->free_ids[i];
+    if (b >= nb || pool->refs[b] != 0 || st->refs[b] == UINT32_MAX) {
+      kt__fail(__FILE__, __LINE__, "free list entry %u (block %u) is wrong", i, b);
+      return false;
+    }
+    st->refs[b] = UINT32_MAX;
+  }
+  struct kv_pool_stats stats;
+  kv_pool_stats(pool, &stats);
+  if (stats.used > stats.high_water) {
+    kt__fail(__FILE__, __LINE__, "used %u above high water %u", stats.used, stats.high_water);
+    return false;
+  }
+  return true;
+}
+
+KT_TEST(stress_against_shadow_model) {
+  for (int round = 0; round < 8; round++) {
+    static const uint32_t sizes[] = {1, 2, 4, 16};
+    struct st st;
+    memset(&st, 0, sizeof st);
+    uint32_t nb = kt_rand_range(8, 160), bs = sizes[kt_rand_range(0, 3)];
+    KT_ASSERT_OK(kv_pool_init(&st.pool, nb, bs));
+    st.mem = calloc((size_t)nb * bs, sizeof *st.mem);
+    st.refs = calloc(nb, sizeof *st.refs);
+    KT_ASSERT(st.mem && st.refs);
+    uint32_t next_token = 1;
+    bool ok = true;
+
+    for (int it = 0; it < 20000 && ok; it++) {
+      int i = (int)kt_rand_range(0, ST_SEQS - 1);
+      struct st_seq *ss = &st.s[i];
+      uint32_t op = kt_rand_range(0, 99);
+      if (!ss->seq) {
+        if (op < 60) {
+          KT_ASSERT_OK(kv_seq_new(&st.pool, &ss->seq));
+        } else {
+          /* fork from a random live sequence into the empty slot */
+          struct st_seq *src = &st.s[kt_rand_range(0, ST_SEQS - 1)];
+          if (!src->seq) continue;
+          uint32_t used = st.pool.n_blocks - st.pool.n_free;
+          KT_ASSERT_OK(kv_seq_fork(&st.pool, src->seq, &ss->seq));
+          KT_CHECK_EQ(st.pool.n_blocks - st.pool.n_free, used); /* sharing is free */
+          KT_ASSERT(st_fit(ss, src->seq->len));
+          if (src->seq->len) memcpy(ss->tokens, src->tokens, src->seq->len * sizeof *ss->tokens);
+          st.ops[1]++;
+        }
+      } else if (op < 50) {
+        /* append: reserve, copy-on-write, write, commit */
+        struct kv_seq *q = ss->seq;
+        uint32_t n = kt_rand_range(1, 3 * bs), len = q->len, blocks = q->n_blocks;
+        uint32_t step = kv_seq_step_blocks(&st.pool, q, n), before = st.pool.n_free;
+        int rc = kv_seq_reserve(&st.pool, q, n);
+        if (rc == KVD_E_KV_EXHAUSTED) {
+          KT_CHECK_EQ(q->n_blocks, blocks);
+          KT_CHECK_EQ(st.pool.n_free, before);
+          KT_CHECK(step > before);
+        } else {
+          KT_ASSERT_OK(rc);
+          KT_ASSERT(st_fit(ss, len + n));
+          uint32_t v = next_token;
+          rc = st_write(&st, q, len, v);
+          if (rc == KVD_E_KV_EXHAUSTED) {
+            KT_CHECK(step > before); /* only the copy was missing */
+          } else {
+            KT_ASSERT_OK(rc);
+            for (uint32_t k = 1; k < n && rc == 0; k++)
+              rc = st_write(&st, q, len + k, v + k);
+            KT_ASSERT_OK(rc); /* the rest are in blocks that are already private */
+            for (uint32_t k = 0; k < n; k++)
+              ss->tokens[len + k] = v + k;
+            next_token += n;
+            KT_ASSERT_OK(kv_seq_commit(q, n));
+            KT_CHECK_EQ(before - st.pool.n_free, step);
+            st.ops[0]++;
+          }
+        }
+      } else if (op < 65) {
+        /* rewrite an old position (copy-on-write in the middle of a shared prefix) */
+        struct kv_seq *q = ss->seq;
+        if (!q->len) continue;
+        uint32_t pos = kt_rand_range(0, q->len - 1), before = st.pool.n_free;
+        int rc = st_write(&st, q, pos, next_token);
+        if (rc == KVD_E_KV_EXHAUSTED) {
+          KT_CHECK_EQ(st.pool.n_free, before);
+          KT_CHECK_EQ(before, 0);
+        } else {
+          KT_ASSERT_OK(rc);
+          ss->tokens[pos] = next_token++;
+          st.ops[2]++;
+        }
+      } else if (op < 80) {
+        /* fork this one into another empty slot */
+        int j = (int)kt_rand_range(0, ST_SEQS - 1);
+        if (st.s[j].seq) continue;
+        KT_ASSERT_OK(kv_seq_fork(&st.pool, ss->seq, &st.s[j].seq));
+        KT_ASSERT(st_fit(&st.s[j], ss->seq->len));
+        if (ss->seq->len) memcpy(st.s[j].tokens, ss->tokens, ss->seq->len * sizeof *ss->tokens);
+        st.ops[1]++;
+      } else if (op < 90) {
+        struct kv_seq *q = ss->seq;
+        uint32_t n = kt_rand_range(0, q->len);
+        KT_ASSERT_OK(kv_seq_truncate(&st.pool, q, n));
+        KT_CHECK_EQ(q->n_blocks, (n + bs - 1) / bs);
+        st.ops[3]++;
+      } else {
+        kv_seq_free(&st.pool, ss->seq);
+        ss->seq = NULL;
+        st.ops[4]++;
+      }
+      ok = st_check(&st);
+    }
+
+    for (int i = 0; i < ST_SEQS; i++) {
+      kv_seq_free(&st.pool, st.s[i].seq);
+      free(st.s[i].tokens);
+    }
+    struct kv_pool_stats stats;
+    kv_pool_stats(&st.pool, &stats);
+    KT_CHECK_EQ(stats.free, nb);
+    KT_CHECK_EQ(stats.used, 0);
+    for (uint32_t b = 0; b < nb; b++)
+      KT_CHECK_EQ(st.pool.refs[b], 0);
+    kt_log("round %d: %u blocks of %u, %llu appends, %llu forks, %llu rewrites, %llu truncates, "
+           "%llu frees, %llu copies, %llu refusals, high water %u",
+           round, nb, bs, (unsigned long long)st.ops[0], (unsigned long long)st.ops[1],
+           (unsigned long long)st.ops[2], (unsigned long long)st.ops[3],
+           (unsigned long long)st.ops[4], (unsigned long long)stats.cow_copies,
+           (unsigned long long)stats.alloc_failures, stats.high_water);
+    free(st.mem);
+    free(st.refs);
+    kv_pool_destroy(&st.pool);
+    if (!ok) return;
+  }
+}
