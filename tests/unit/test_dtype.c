@@ -7,11 +7,13 @@
  * the expected floats come from an exact double computation rounded once to float, which the
  * published reference says is bit-identical to ggml's to_float. */
 #include "dtype.h"
+#include "gguf.h"
 #include "kt.h"
 #include "kvd_error.h"
 
 #include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -615,6 +617,19 @@ KT_TEST(q4_0_quant_by_hand) {
   KT_CHECK_EQ(get16(b), 0xb800);
   KT_ASSERT_OK(dtype_dequant_row(DTYPE_Q4_0, b, y, 32));
   KT_CHECK(y[0] == 4.0f && y[15] == -3.5f && y[8] == 0.0f);
+  /* Equal magnitudes of both signs: the first one sets the sign of d. */
+  memset(x, 0, sizeof x);
+  x[3] = -1.0f;
+  x[9] = 1.0f;
+  KT_ASSERT_OK(dtype_quant_row(DTYPE_Q4_0, x, b, 32));
+  KT_CHECK_EQ(get16(b), 0x3000); /* d = -1 / -8 */
+  /* The reference multiplies by the float reciprocal of d rather than dividing by d; here the
+   * two disagree (x/d + 8.5 truncates to 1, x * (1/d) + 8.5 to 2). */
+  memset(x, 0, sizeof x);
+  x[0] = u2f(0x3f800347);
+  x[1] = u2f(0x3f500554);
+  KT_ASSERT_OK(dtype_quant_row(DTYPE_Q4_0, x, b, 32));
+  KT_CHECK_EQ(b[3] & 15, 2);
   /* All zeros: every nibble 8, and d = 0 / -8 is -0 (0x8000), as the reference rule gives. */
   memset(x, 0, sizeof x);
   KT_ASSERT_OK(dtype_quant_row(DTYPE_Q4_0, x, b, 32));
@@ -636,6 +651,12 @@ KT_TEST(q8_0_quant_by_hand) {
   KT_ASSERT_OK(dtype_dequant_row(DTYPE_Q8_0, b, y, 32));
   for (int j = 0; j < 32; j++)
     KT_CHECK(fabsf(y[j] - x[j]) <= 0.5f * 4.0f / 127.0f * 1.13f);
+  /* As for Q4_0, q = roundf(x * (1/d)), which here is 14 where roundf(x / d) is 13. */
+  memset(x, 0, sizeof x);
+  x[0] = u2f(0x3f8020c5);
+  x[1] = u2f(0x3dd9eb22);
+  KT_ASSERT_OK(dtype_quant_row(DTYPE_Q8_0, x, b, 32));
+  KT_CHECK_EQ(b[2 + 1], 14);
   /* Non-finite inputs are refused, not turned into undefined conversions. */
   x[5] = NAN;
   KT_CHECK_EQ(dtype_quant_row(DTYPE_Q8_0, x, b, 32), KVD_EINVAL);
@@ -700,4 +721,436 @@ KT_TEST(q8_0_round_trip_random) {
 KT_TEST(q4_0_round_trip_random) {
   check_round_trip(DTYPE_Q4_0, -1.0f, 1.0f, 2048);
   check_round_trip(DTYPE_Q4_0, -3.0f, 0.0f, 512);
+}
+
+/* --- the real model files ------------------------------------------------------------------ */
+
+/* Failing inside a helper: report and return -1 so the caller can close its files. */
+#define FAILF(...)                                                                                 \
+  do {                                                                                             \
+    kt__fail(__FILE__, __LINE__, __VA_ARGS__);                                                     \
+    return -1;                                                                                     \
+  } while (0)
+
+/* Opens models/<rel> under the shared directory: 1 and *ret on success, 0 when the file is absent
+ * (the caller skips), -1 on a reader error (already reported). */
+static int open_model(const char *rel, struct gguf_file **ret) {
+  char p[256];
+  snprintf(p, sizeof p, "models/%s", rel);
+  const char *path = kt_shared_path(p);
+  if (!path) return 0;
+  struct gguf_error err;
+  int rc = gguf_open(path, ret, &err);
+  if (rc < 0)
+    FAILF("%s: %s (%s at offset %llu)", rel, kt__strerror(rc), err.msg,
+          (unsigned long long)err.offset);
+  return 1;
+}
+
+static uint64_t tensor_elems(const struct gguf_tensor *t) {
+  uint64_t n = 1;
+  for (uint32_t i = 0; i < t->n_dims; i++)
+    n *= t->ne[i];
+  return n;
+}
+
+static void tensor_name(const struct gguf_tensor *t, char *buf, size_t cap) {
+  snprintf(buf, cap, "%.*s", (int)t->name.len, t->name.ptr);
+}
+
+/* The whole tensor as float32 (malloc'd), after checking that its byte size is rows × row bytes. */
+static float *dequant_tensor(const struct gguf_tensor *t) {
+  char name[96];
+  tensor_name(t, name, sizeof name);
+  uint64_t n = tensor_elems(t), row = 0;
+  int rc = dtype_row_bytes(t->type, t->ne[0], &row);
+  if (rc < 0 || row * (n / t->ne[0]) != t->nbytes) {
+    kt__fail(__FILE__, __LINE__, "%s: %s rows of %llu do not make %llu bytes", name,
+             dtype_name(t->type), (unsigned long long)t->ne[0], (unsigned long long)t->nbytes);
+    return NULL;
+  }
+  float *y = malloc(sizeof(float) * (size_t)n);
+  if (!y) return NULL;
+  rc = dtype_dequant_row(t->type, t->data, y, n);
+  if (rc < 0) {
+    kt__fail(__FILE__, __LINE__, "%s: dequant %s: %s", name, dtype_name(t->type), kt__strerror(rc));
+    free(y);
+    return NULL;
+  }
+  return y;
+}
+
+static const char *const all_files[] = {
+    "stories260K.gguf",
+    "stories260K-f16.gguf",
+    "quant/stories260K-q8_0.gguf",
+    "quant/stories260K-q4_0.gguf",
+    "quant/stories260K-q4_1.gguf",
+    "quant/stories260K-q5_0.gguf",
+    "quant/stories260K-q5_1.gguf",
+    "quant/wide-synth-q4_k_m.gguf",
+    "quant/wide-synth-q5_k_m.gguf",
+    "quant/wide-synth-q6_k.gguf",
+    "quant/wide-synth-q8_0.gguf",
+    "quant/wide-synth-bf16.gguf",
+    "quant/wide-synth-f16.gguf",
+};
+
+/* The tensor types SOURCES.md lists per file, as "type:count" pairs. */
+static const char *const all_types[] = {
+    "f32:48",
+    "f16:36 f32:11",
+    "q8_0:32 f16:5 f32:11",
+    "q4_0:31 q8_0:1 f16:5 f32:11",
+    "q4_1:31 q8_0:1 f16:5 f32:11",
+    "q5_0:31 q8_0:1 f16:5 f32:11",
+    "q5_1:31 q8_0:1 f16:5 f32:11",
+    "q4_K:25 q6_K:5 f32:9",
+    "q5_K:25 q6_K:5 f32:9",
+    "q6_K:30 f32:9",
+    "q8_0:30 f32:9",
+    "bf16:30 f32:9",
+    "f16:30 f32:9",
+};
+
+static int check_file_dequantizes(const struct gguf_file *f, const char *rel, const char *types) {
+  int count[DTYPE_MAX] = {0};
+  for (uint64_t i = 0; i < f->n_tensors; i++) {
+    const struct gguf_tensor *t = &f->tensors[i];
+    char name[96];
+    tensor_name(t, name, sizeof name);
+    const struct dtype_info *di = dtype_get(t->type);
+    if (!di || !di->can_dequant) FAILF("%s: %s has type %u", rel, name, t->type);
+    count[t->type]++;
+    float *y = dequant_tensor(t);
+    if (!y) return -1;
+    uint64_t n = tensor_elems(t);
+    for (uint64_t j = 0; j < n; j++) {
+      if (!isfinite(y[j])) {
+        free(y);
+        FAILF("%s: %s[%llu] is not finite", rel, name, (unsigned long long)j);
+      }
+    }
+    free(y);
+  }
+  /* The type census matches the documented one. */
+  char got[128] = "";
+  static const uint32_t order[] = {DTYPE_Q4_0, DTYPE_Q4_1, DTYPE_Q5_0, DTYPE_Q5_1,
+                                   DTYPE_Q4_K, DTYPE_Q5_K, DTYPE_Q6_K, DTYPE_Q8_0,
+                                   DTYPE_BF16, DTYPE_F16,  DTYPE_F32};
+  for (size_t k = 0; k < sizeof order / sizeof order[0]; k++) {
+    if (!count[order[k]]) continue;
+    size_t len = strlen(got);
+    snprintf(got + len, sizeof got - len, "%s%s:%d", len ? " " : "", dtype_name(order[k]),
+             count[order[k]]);
+  }
+  if (strcmp(got, types) != 0) FAILF("%s: types \"%s\", want \"%s\"", rel, got, types);
+  return 0;
+}
+
+KT_TEST(real_files_every_tensor_dequantizes) {
+  for (size_t i = 0; i < sizeof all_files / sizeof all_files[0]; i++) {
+    struct gguf_file *f = NULL;
+    int rc = open_model(all_files[i], &f);
+    if (rc == 0) KT_SKIP("models/%s not found", all_files[i]);
+    KT_ASSERT(rc > 0);
+    rc = check_file_dequantizes(f, all_files[i], all_types[i]);
+    gguf_close(f);
+    KT_ASSERT(rc == 0);
+  }
+}
+
+/* The largest error / bound ratio seen in the current file, logged to show how tight bounds are
+ * (0 when every check was exact). The legacy bounds are exact worst cases and the real files
+ * reach them (the clamped or largest value of a block), so they log as 0.9998..1.0000. */
+static double g_worst;
+
+/* Error bound for one element of a legacy block quantized from x by the reference rules (see
+ * check_round_trip for Q8_0/Q4_0): dh and mh are the block's stored half scale and min, xb the
+ * block's 32 float32 inputs.
+ *   Q4_1/Q5_1: d = (max - min) / L (L = 15, 31), q*d within d/2 of x - min, stored as dh and mh:
+ *              |y - x| <= d/2 + L*|dh - d| + |mh - min|.
+ *   Q4_0/Q5_0: d = m / -H (m the signed largest-magnitude value, H = 8, 16); q clamps at 2H - 1:
+ *              |y - x| <= |d| * max(1/2, x/d - (H - 1)) + H*|dh - d|.
+ *   Q8_0:      d = amax / 127: |y - x| <= d/2 + 127*|dh - d|. */
+static double legacy_bound(enum dtype t, const float *xb, int j, double dh, double mh) {
+  double lo = xb[0], hi = xb[0], amax = 0, max = 0;
+  for (int k = 0; k < 32; k++) {
+    lo = fmin(lo, xb[k]);
+    hi = fmax(hi, xb[k]);
+    if (fabs(xb[k]) > amax) amax = fabs(xb[k]), max = xb[k];
+  }
+  double b;
+  if (t == DTYPE_Q4_1 || t == DTYPE_Q5_1) {
+    double levels = t == DTYPE_Q4_1 ? 15 : 31, d = (hi - lo) / levels;
+    b = 0.5 * d + levels * fabs(dh - d) + fabs(mh - lo);
+  } else if (t == DTYPE_Q4_0 || t == DTYPE_Q5_0) {
+    double h = t == DTYPE_Q4_0 ? 8 : 16, d = max / -h;
+    double r = d != 0 ? xb[j] / d : 0;
+    b = fabs(d) * fmax(0.5, r - (h - 1)) + h * fabs(dh - d);
+  } else {
+    double d = amax / 127;
+    b = 0.5 * d + 127 * fabs(dh - d);
+  }
+  return b * (1 + 1e-5) + 1e-12; /* float evaluation in the quantizer */
+}
+
+/* One tensor of a stories260K quantized file against the F32 original of the same name:
+ * F32 copies are identical, F16 is the round-to-nearest-even of each value, Q8_0 and Q4_0 are
+ * exactly what dtype_quant_row makes (the reference rules, so llama-quantize's bytes), and every
+ * legacy type dequantizes to within the bound of its quantizer's rule. */
+static int check_vs_f32(const struct gguf_tensor *q, const struct gguf_tensor *r,
+                        const char *name) {
+  uint64_t n = tensor_elems(q);
+  if (r->type != DTYPE_F32 || tensor_elems(r) != n || r->ne[0] != q->ne[0])
+    FAILF("%s: the F32 file's tensor does not match in shape", name);
+  const float *x = r->data; /* GGUF aligns tensor data to 32 bytes: a float view is fine */
+  const uint8_t *qb = q->data;
+  int rc = 0;
+  switch (q->type) {
+  case DTYPE_F32:
+    if (memcmp(q->data, r->data, n * 4) != 0) FAILF("%s: F32 copy differs", name);
+    return 0;
+  case DTYPE_F16:
+    for (uint64_t i = 0; i < n; i++)
+      if (get16(qb + 2 * i) != dtype_f32_to_f16(x[i]))
+        FAILF("%s[%llu]: f16 0x%04x, want 0x%04x for %.9g", name, (unsigned long long)i,
+              get16(qb + 2 * i), dtype_f32_to_f16(x[i]), (double)x[i]);
+    return 0;
+  case DTYPE_Q8_0:
+  case DTYPE_Q4_0: {
+    uint8_t *mine = malloc(q->nbytes);
+    if (!mine) FAILF("out of memory");
+    rc = dtype_quant_row(q->type, x, mine, n);
+    size_t at = 0;
+    while (rc == 0 && at < q->nbytes && mine[at] == qb[at])
+      at++;
+    free(mine);
+    if (rc < 0) FAILF("%s: quant %s", name, kt__strerror(rc));
+    if (at != q->nbytes)
+      FAILF("%s: %s bytes differ from the reference quantizer's at byte %zu (block %zu)", name,
+            dtype_name(q->type), at, at / dtype_get(q->type)->block_bytes);
+    break;
+  }
+  default:
+    break;
+  }
+  float *y = dequant_tensor(q);
+  if (!y) return -1;
+  const uint32_t bb = dtype_get(q->type)->block_bytes;
+  double worst = 0;
+  for (uint64_t blk = 0; blk < n / 32 && rc == 0; blk++) {
+    const uint8_t *p = qb + blk * bb;
+    double dh = f16_value(get16(p));
+    double mh = (q->type == DTYPE_Q4_1 || q->type == DTYPE_Q5_1) ? f16_value(get16(p + 2)) : 0;
+    for (int j = 0; j < 32; j++) {
+      double err = fabs((double)y[32 * blk + j] - x[32 * blk + j]);
+      double bound = legacy_bound(q->type, x + 32 * blk, j, dh, mh);
+      worst = fmax(worst, err / bound);
+      if (err > bound) {
+        kt__fail(__FILE__, __LINE__, "%s[%llu]: %s %.9g vs %.9g, error %.3g > bound %.3g", name,
+                 (unsigned long long)(32 * blk + (uint64_t)j), dtype_name(q->type),
+                 (double)y[32 * blk + j], (double)x[32 * blk + j], err, bound);
+        rc = -1;
+        break;
+      }
+    }
+  }
+  free(y);
+  g_worst = fmax(g_worst, worst);
+  return rc;
+}
+
+static int compare_files(const struct gguf_file *qf, const struct gguf_file *rf,
+                         int (*check)(const struct gguf_tensor *, const struct gguf_tensor *,
+                                      const char *)) {
+  for (uint64_t i = 0; i < qf->n_tensors; i++) {
+    char name[96];
+    tensor_name(&qf->tensors[i], name, sizeof name);
+    const struct gguf_tensor *r = gguf_find_tensor(rf, name);
+    if (!r) FAILF("%s: not in the reference file", name);
+    if (check(&qf->tensors[i], r, name) < 0) return -1;
+  }
+  return 0;
+}
+
+KT_TEST(real_stories260K_quants_vs_f32) {
+  static const char *const files[] = {
+      "quant/stories260K-q8_0.gguf", "quant/stories260K-q4_0.gguf", "quant/stories260K-q4_1.gguf",
+      "quant/stories260K-q5_0.gguf", "quant/stories260K-q5_1.gguf", "stories260K-f16.gguf",
+  };
+  struct gguf_file *rf = NULL;
+  int rc = open_model("stories260K.gguf", &rf);
+  if (rc == 0) KT_SKIP("models/stories260K.gguf not found");
+  KT_ASSERT(rc > 0);
+  for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+    struct gguf_file *qf = NULL;
+    rc = open_model(files[i], &qf);
+    if (rc == 0) {
+      gguf_close(rf);
+      KT_SKIP("models/%s not found", files[i]);
+    }
+    if (rc > 0) {
+      g_worst = 0;
+      rc = compare_files(qf, rf, check_vs_f32);
+      if (rc < 0)
+        kt_log("in %s", files[i]);
+      else if (g_worst > 0)
+        kt_log("%s: largest error is %.4f of its bound", files[i], g_worst);
+      else
+        kt_log("%s: matches exactly", files[i]);
+    }
+    gguf_close(qf);
+    if (rc < 0) break;
+  }
+  gguf_close(rf);
+}
+
+/* The two halves around h, as the interval of reals that round to h: [lo, hi] (end points may
+ * belong to a neighbour on a tie, which only widens the check). */
+static void f16_interval(uint16_t h, double *lo, double *hi) {
+  double v = f16_value(h);
+  uint16_t mag = h & 0x7fff;
+  double up = mag < 0x7c00 ? fabs(f16_value((uint16_t)(mag + 1))) : INFINITY;
+  if (mag == 0x7bff) up = 65536; /* the first value past the top rounds to Inf at 65520 */
+  double down = mag > 0 ? fabs(f16_value((uint16_t)(mag - 1))) : -ldexp(1, -24);
+  double a = (fabs(v) + down) / 2, b = (fabs(v) + up) / 2;
+  if (h & 0x8000) {
+    *lo = -b;
+    *hi = -a;
+  } else {
+    *lo = a;
+    *hi = b;
+  }
+}
+
+/* One wide-synth tensor against the F16 file's (both made from the same F32 weights, which are
+ * not stored). For each format the bound says how far its value may be from the original x, and
+ * the F16 value is itself within half a half-ulp of x:
+ *   BF16: both are round-to-nearest of the same x, so the bfloat16 must be the rounding of some
+ *         value in the interval that rounds to the half: between bf16(lo) and bf16(hi). Exact.
+ *   Q8_0: |y - x| <= d/2 + 127*|dh - d| with d = amax/127 (the reference rule); x's amax is
+ *         within a half-ulp of the halves'.
+ *   Q4_K/Q5_K/Q6_K: the quantizers search each sub-block's scale and min (a candidate may clip a
+ *         range end by about a step) and then round them to 6 bits (8 for Q6_K's scales), so a
+ *         value may land up to about a step and a half from its input, a step being the
+ *         sub-block's range / (2^bits - 1). Allow 2 steps; a misplaced nibble, high bit or scale
+ *         lands a good part of the range away. The RMS error is also held to its expected size
+ *         (uniform rounding gives step/sqrt(12)). */
+static int check_vs_f16(const struct gguf_tensor *q, const struct gguf_tensor *r,
+                        const char *name) {
+  uint64_t n = tensor_elems(q);
+  if (tensor_elems(r) != n || r->ne[0] != q->ne[0])
+    FAILF("%s: the F16 file's tensor does not match in shape", name);
+  if (q->type == DTYPE_F32 || r->type == DTYPE_F32) {
+    if (q->type != r->type || memcmp(q->data, r->data, n * 4) != 0)
+      FAILF("%s: F32 tensors differ", name);
+    return 0;
+  }
+  if (r->type != DTYPE_F16) FAILF("%s: reference is %s", name, dtype_name(r->type));
+  const uint8_t *hb = r->data;
+  if (q->type == DTYPE_F16) {
+    if (memcmp(q->data, r->data, n * 2) != 0) FAILF("%s: F16 tensors differ", name);
+    return 0;
+  }
+  float *y = dequant_tensor(q);
+  if (!y) return -1;
+  float *x = malloc(sizeof(float) * (size_t)n);
+  if (!x || dtype_dequant_row(DTYPE_F16, hb, x, n) < 0) {
+    free(x);
+    free(y);
+    FAILF("%s: reference dequant failed", name);
+  }
+  int rc = 0;
+  if (q->type == DTYPE_BF16) {
+    for (uint64_t i = 0; i < n && rc == 0; i++) {
+      double lo, hi;
+      f16_interval(get16(hb + 2 * i), &lo, &hi);
+      float blo = dtype_bf16_to_f32(dtype_f32_to_bf16((float)lo));
+      float bhi = dtype_bf16_to_f32(dtype_f32_to_bf16((float)hi));
+      if (!(y[i] >= blo && y[i] <= bhi)) {
+        kt__fail(__FILE__, __LINE__, "%s[%llu]: bf16 %.9g outside [%.9g, %.9g] (f16 %.9g)", name,
+                 (unsigned long long)i, (double)y[i], (double)blo, (double)bhi, (double)x[i]);
+        rc = -1;
+      }
+    }
+  } else {
+    const int sub = q->type == DTYPE_Q8_0 ? 32 : q->type == DTYPE_Q6_K ? 16 : 32;
+    const double levels = q->type == DTYPE_Q4_K ? 15 : q->type == DTYPE_Q5_K ? 31 : 63;
+    const double rms_max = q->type == DTYPE_Q4_K   ? 0.10
+                           : q->type == DTYPE_Q5_K ? 0.05
+                           : q->type == DTYPE_Q6_K ? 0.025
+                                                   : 0.008;
+    double se = 0, sx = 0, worst = 0;
+    for (uint64_t s = 0; s < n && rc == 0; s += (uint64_t)sub) {
+      double lo = x[s], hi = x[s], amax = 0;
+      for (int j = 0; j < sub; j++) {
+        lo = fmin(lo, x[s + j]);
+        hi = fmax(hi, x[s + j]);
+        amax = fmax(amax, fabs(x[s + j]));
+      }
+      double bound_q8 = 0;
+      if (q->type == DTYPE_Q8_0) {
+        double dh = f16_value(get16((const uint8_t *)q->data + s / 32 * 34));
+        double d = amax * (1 + ldexp(1, -11)) / 127 + ldexp(1, -25);
+        bound_q8 = 0.5 * d + 127 * (fabs(dh - amax / 127) + ldexp(1, -11) * d);
+      }
+      for (int j = 0; j < sub; j++) {
+        double e = fabs((double)y[s + j] - x[s + j]);
+        double halfulp = ldexp(1, -11) * fabs(x[s + j]) + ldexp(1, -25); /* x vs its half */
+        double bound =
+            (q->type == DTYPE_Q8_0 ? bound_q8 : 2 * (hi - lo) / levels) + 2 * halfulp + 1e-12;
+        worst = fmax(worst, e / bound);
+        se += e * e;
+        sx += (double)x[s + j] * x[s + j];
+        if (e > bound) {
+          kt__fail(__FILE__, __LINE__, "%s[%llu]: %s %.9g vs f16 %.9g, error %.3g > %.3g", name,
+                   (unsigned long long)(s + (uint64_t)j), dtype_name(q->type), (double)y[s + j],
+                   (double)x[s + j], e, bound);
+          rc = -1;
+          break;
+        }
+      }
+    }
+    g_worst = fmax(g_worst, worst);
+    if (rc == 0 && sqrt(se / sx) > rms_max)
+      kt__fail(__FILE__, __LINE__, "%s: %s relative RMS error %.4f > %.3f", name,
+               dtype_name(q->type), sqrt(se / sx), rms_max),
+          rc = -1;
+  }
+  free(x);
+  free(y);
+  return rc;
+}
+
+KT_TEST(real_wide_synth_vs_f16) {
+  static const char *const files[] = {
+      "quant/wide-synth-bf16.gguf",   "quant/wide-synth-q8_0.gguf",   "quant/wide-synth-q6_k.gguf",
+      "quant/wide-synth-q5_k_m.gguf", "quant/wide-synth-q4_k_m.gguf",
+  };
+  struct gguf_file *rf = NULL;
+  int rc = open_model("quant/wide-synth-f16.gguf", &rf);
+  if (rc == 0) KT_SKIP("models/quant/wide-synth-f16.gguf not found");
+  KT_ASSERT(rc > 0);
+  for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+    struct gguf_file *qf = NULL;
+    rc = open_model(files[i], &qf);
+    if (rc == 0) {
+      gguf_close(rf);
+      KT_SKIP("models/%s not found", files[i]);
+    }
+    if (rc > 0) {
+      g_worst = 0;
+      rc = compare_files(qf, rf, check_vs_f16);
+      if (rc < 0)
+        kt_log("in %s", files[i]);
+      else if (g_worst > 0)
+        kt_log("%s: largest error is %.4f of its bound", files[i], g_worst);
+      else
+        kt_log("%s: matches exactly", files[i]);
+    }
+    gguf_close(qf);
+    if (rc < 0) break;
+  }
+  gguf_close(rf);
 }
