@@ -563,6 +563,20 @@ KT_TEST(q5_k_block) {
   check_k_block(5);
 }
 
+/* Packs a Q6_K block (layout below, at q6_k_block) from 256 6-bit quants, 16 scales and d. */
+static void pack_q6_k(uint8_t *b, uint16_t d, const int *sc, const int *q) {
+  memset(b, 0, 210);
+  for (int i = 0; i < 256; i++) {
+    int n = i / 128, v = i % 128, l = v % 32, g = v / 32;
+    uint8_t *ql = b + 64 * n + l + 32 * (g & 1);
+    *ql |= (uint8_t)(g < 2 ? (q[i] & 15) : (q[i] & 15) << 4);
+    b[128 + 32 * n + l] |= (uint8_t)((q[i] >> 4) << (2 * g));
+  }
+  for (int j = 0; j < 16; j++)
+    b[192 + j] = (uint8_t)(int8_t)sc[j];
+  put16(b + 208, d);
+}
+
 /* Q6_K: value i of half n = i/128 (v = i % 128, l = v % 32, g = v / 32) has its low 4 bits in
  * ql[64n + l + 32*(g&1)] (low nibble for g < 2, high for g >= 2) and its top 2 bits at bits 2g of
  * qh[32n + l]; scale 8n + v/16 (signed); d is the last field. y = d * scale * (q - 32). */
@@ -576,15 +590,7 @@ KT_TEST(q6_k_block) {
   q[0] = 0;
   q[1] = 63;
   q[200] = 32;
-  for (int i = 0; i < 256; i++) {
-    int n = i / 128, v = i % 128, l = v % 32, g = v / 32;
-    uint8_t *ql = b + 64 * n + l + 32 * (g & 1);
-    *ql |= (uint8_t)(g < 2 ? (q[i] & 15) : (q[i] & 15) << 4);
-    b[128 + 32 * n + l] |= (uint8_t)((q[i] >> 4) << (2 * g));
-  }
-  for (int j = 0; j < 16; j++)
-    b[192 + j] = (uint8_t)(int8_t)sc[j];
-  put16(b + 208, 0x1401); /* d = 2^-10 * (1 + 2^-10) */
+  pack_q6_k(b, 0x1401, sc, q); /* d = 2^-10 * (1 + 2^-10) */
   double d = f16_value(0x1401);
   for (int i = 0; i < 256; i++)
     want[i] = (float)(d * sc[(i / 128) * 8 + (i % 128) / 16] * (q[i] - 32));
@@ -593,6 +599,127 @@ KT_TEST(q6_k_block) {
   KT_CHECK(out[0] == (float)(d * -128 * -32)); /* largest magnitude: 2^12 * d */
   KT_CHECK(out[1] == (float)(d * -128 * 31));
   KT_CHECK(out[200] == 0.0f);
+}
+
+/* Random blocks of every dequantizable block type: quants, sub-block scales and mins drawn at
+ * random and the half fields (d, dmin, m) from every finite half, subnormals and negatives
+ * included. Each expected value is one double expression rounded once to float, and that double
+ * is exact: its terms are below 2^16 (largest half) × 2^7 × 2^5 = 2^28 and multiples of 2^-24
+ * (the smallest half step), so 52 bits suffice. ggml's float expression is single-rounded too
+ * (its products fit float's 24 bits), so equal bits here mean the same bits as ggml's to_float. */
+static uint16_t random_finite_half(void) {
+  for (;;) {
+    uint16_t h = (uint16_t)kt_rand_u64();
+    if ((h & 0x7c00) != 0x7c00) return h;
+  }
+}
+
+/* One random block of type t at p, its expected values in w. */
+static void random_block(enum dtype t, uint8_t *p, float *w) {
+  int q[256], sc[16], mn[8];
+  uint16_t h0 = random_finite_half(), h1 = random_finite_half();
+  double d = f16_value(h0), m = f16_value(h1);
+  switch (t) {
+  case DTYPE_Q4_0:
+  case DTYPE_Q4_1: {
+    int off = t == DTYPE_Q4_0 ? 2 : 4;
+    put16(p, h0);
+    if (t == DTYPE_Q4_1) put16(p + 2, h1);
+    for (int j = 0; j < 32; j++)
+      q[j] = (int)kt_rand_range(0, 15);
+    for (int j = 0; j < 16; j++)
+      p[off + j] = (uint8_t)(q[j] | (q[j + 16] << 4));
+    for (int j = 0; j < 32; j++)
+      w[j] = (float)(t == DTYPE_Q4_0 ? (q[j] - 8) * d : q[j] * d + m);
+    break;
+  }
+  case DTYPE_Q5_0:
+  case DTYPE_Q5_1: {
+    int off = t == DTYPE_Q5_0 ? 2 : 4;
+    put16(p, h0);
+    if (t == DTYPE_Q5_1) put16(p + 2, h1);
+    for (int j = 0; j < 32; j++)
+      q[j] = (int)kt_rand_range(0, 31);
+    pack_q5(p + off, p + off + 4, q);
+    for (int j = 0; j < 32; j++)
+      w[j] = (float)(t == DTYPE_Q5_0 ? (q[j] - 16) * d : q[j] * d + m);
+    break;
+  }
+  case DTYPE_Q8_0:
+  case DTYPE_Q8_1: {
+    int off = t == DTYPE_Q8_0 ? 2 : 4;
+    put16(p, h0);
+    if (t == DTYPE_Q8_1) put16(p + 2, h1);
+    for (int j = 0; j < 32; j++) {
+      q[j] = (int)kt_rand_range(0, 255) - 128;
+      p[off + j] = (uint8_t)(int8_t)q[j];
+      w[j] = (float)(q[j] * d);
+    }
+    break;
+  }
+  case DTYPE_Q4_K:
+  case DTYPE_Q5_K: {
+    int bits = t == DTYPE_Q4_K ? 4 : 5;
+    put16(p, h0);
+    put16(p + 2, h1);
+    for (int j = 0; j < 8; j++) {
+      sc[j] = (int)kt_rand_range(0, 63);
+      mn[j] = (int)kt_rand_range(0, 63);
+    }
+    for (int i = 0; i < 256; i++)
+      q[i] = (int)kt_rand_range(0, (1u << bits) - 1);
+    pack_k_scales(p + 4, sc, mn);
+    if (bits == 4)
+      pack_k_quants(p + 16, NULL, q, 4);
+    else
+      pack_k_quants(p + 48, p + 16, q, 5);
+    for (int i = 0; i < 256; i++)
+      w[i] = (float)(d * sc[i / 32] * q[i] - m * mn[i / 32]);
+    break;
+  }
+  case DTYPE_Q6_K:
+    for (int i = 0; i < 256; i++)
+      q[i] = (int)kt_rand_range(0, 63);
+    for (int j = 0; j < 16; j++)
+      sc[j] = (int)kt_rand_range(0, 255) - 128;
+    pack_q6_k(p, h0, sc, q);
+    for (int i = 0; i < 256; i++)
+      w[i] = (float)(d * sc[(i / 128) * 8 + (i % 128) / 16] * (q[i] - 32));
+    break;
+  default:
+    break;
+  }
+}
+
+static int random_blocks_mismatch(enum dtype t, int nblocks) {
+  const struct dtype_info *di = dtype_get(t);
+  const size_t bb = di->block_bytes, be = di->block_elems;
+  uint8_t *b = calloc((size_t)nblocks, bb);
+  float *want = malloc(sizeof(float) * be * (size_t)nblocks);
+  float *got = malloc(sizeof(float) * be * (size_t)nblocks);
+  int bad = -1;
+  if (b && want && got) {
+    for (int k = 0; k < nblocks; k++)
+      random_block(t, b + bb * (size_t)k, want + be * (size_t)k);
+    if (dtype_dequant_row(t, b, got, be * (uint64_t)nblocks) == 0)
+      bad = bits_mismatch(got, want, be * (size_t)nblocks);
+  }
+  free(b);
+  free(want);
+  free(got);
+  return bad;
+}
+
+KT_TEST(random_blocks_are_exact) {
+  static const enum dtype types[] = {DTYPE_Q4_0, DTYPE_Q4_1, DTYPE_Q5_0, DTYPE_Q5_1, DTYPE_Q8_0,
+                                     DTYPE_Q8_1, DTYPE_Q4_K, DTYPE_Q5_K, DTYPE_Q6_K};
+  for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+    int n = dtype_get(types[i])->block_elems == 32 ? 8192 : 1024;
+    int bad = random_blocks_mismatch(types[i], n);
+    if (bad != 0)
+      kt__fail(__FILE__, __LINE__, "%s: %d values of %d blocks differ", dtype_name(types[i]), bad,
+               n);
+  }
 }
 
 /* --- quantizers ---------------------------------------------------------------------------- */
