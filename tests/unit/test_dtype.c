@@ -885,7 +885,7 @@ static void tensor_name(const struct gguf_tensor *t, char *buf, size_t cap) {
   snprintf(buf, cap, "%.*s", (int)t->name.len, t->name.ptr);
 }
 
-/* The whole tensor as float32 (malloc'd), after checking that its byte size is rows × row bytes. */
+/* The whole tensor as float32 (malloc'd), after checking that its byte size is rows * row bytes. */
 static float *dequant_tensor(const struct gguf_tensor *t) {
   char name[96];
   tensor_name(t, name, sizeof name);
