@@ -6,7 +6,7 @@
 
 #include "arch.h"
 #include "gguf.h"
-#include "gguf_build.h"
+#include "gguf_write.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -214,12 +214,27 @@ KT_TEST(printers_describe_the_model) {
 /* ---- synthetic models ---------------------------------------------------------------------- */
 
 /* A tiny model spec to break one piece at a time: dim 8, 2 heads of 4, 1 kv head, 2 layers,
- * ffn 12, vocab 6, context 16; all-zero f32 tensors. */
+ * ffn 12, vocab 6, context 16; all-zero tensors, f32 unless a test changes the type. */
+struct spec_kv {
+  char key[64];
+  enum gguf_vtype type; /* UINT32, FLOAT32, STRING, or ARRAY: n_strings strings "t" */
+  uint32_t u32;
+  float f32;
+  const char *str;
+  uint64_t n_strings;
+};
+
+struct spec_tensor {
+  char name[64];
+  uint32_t n_dims;
+  uint64_t ne[2];
+  enum dtype type;
+};
+
 struct spec {
-  struct gb_kv kv[32];
-  char keys[32][64];
+  struct spec_kv kv[32];
   size_t n_kv;
-  struct gb_tensor t[40];
+  struct spec_tensor t[40];
   size_t n_t;
 };
 
@@ -228,11 +243,9 @@ static void spec_set(struct spec *s, const char *key, enum gguf_vtype type, uint
   size_t i = 0;
   while (i < s->n_kv && strcmp(s->kv[i].key, key) != 0)
     i++;
-  if (i == s->n_kv) {
-    snprintf(s->keys[i], sizeof s->keys[i], "%s", key);
-    s->n_kv++;
-  }
-  s->kv[i] = (struct gb_kv){.key = s->keys[i], .type = type, .u32 = u32, .f32 = f32, .str = str};
+  if (i == s->n_kv) s->n_kv++;
+  s->kv[i] = (struct spec_kv){.type = type, .u32 = u32, .f32 = f32, .str = str};
+  snprintf(s->kv[i].key, sizeof s->kv[i].key, "%s", key);
 }
 
 static void spec_u32(struct spec *s, const char *key, uint32_t v) {
@@ -242,31 +255,26 @@ static void spec_u32(struct spec *s, const char *key, uint32_t v) {
 static void spec_del(struct spec *s, const char *key) {
   for (size_t i = 0; i < s->n_kv; i++) {
     if (strcmp(s->kv[i].key, key) != 0) continue;
-    for (size_t j = i; j + 1 < s->n_kv; j++) {
-      memcpy(s->keys[j], s->keys[j + 1], sizeof s->keys[j]);
-      s->kv[j] = s->kv[j + 1];
-      s->kv[j].key = s->keys[j];
-    }
+    memmove(&s->kv[i], &s->kv[i + 1], (s->n_kv - i - 1) * sizeof s->kv[0]);
     s->n_kv--;
     return;
   }
 }
 
 static void spec_tensor(struct spec *s, const char *name, uint64_t ne0, uint64_t ne1) {
-  struct gb_tensor *t = &s->t[s->n_t++];
-  *t = (struct gb_tensor){.n_dims = ne1 ? 2 : 1, .ne = {ne0, ne1}, .type = DTYPE_F32};
+  struct spec_tensor *t = &s->t[s->n_t++];
+  *t = (struct spec_tensor){.n_dims = ne1 ? 2 : 1, .ne = {ne0, ne1}, .type = DTYPE_F32};
   snprintf(t->name, sizeof t->name, "%s", name);
-  t->nbytes = ne0 * (ne1 ? ne1 : 1) * sizeof(float);
 }
 
-static struct gb_tensor *spec_find(struct spec *s, const char *name) {
+static struct spec_tensor *spec_find(struct spec *s, const char *name) {
   for (size_t i = 0; i < s->n_t; i++)
     if (strcmp(s->t[i].name, name) == 0) return &s->t[i];
   return NULL;
 }
 
 static void spec_drop_tensor(struct spec *s, const char *name) {
-  struct gb_tensor *t = spec_find(s, name);
+  struct spec_tensor *t = spec_find(s, name);
   if (!t) return;
   *t = s->t[--s->n_t];
 }
@@ -318,6 +326,39 @@ static void spec_init(struct spec *s, const char *arch) {
   }
 }
 
+static int zero_fill(void *ctx, void *dst, uint64_t nbytes) {
+  (void)ctx;
+  memset(dst, 0, nbytes);
+  return 0;
+}
+
+/* The spec as GGUF bytes, through the project's writer. */
+static int spec_write(const struct spec *s, void **ret_data, size_t *ret_size) {
+  const char *t_strings[64]; /* the token list: n_strings <= 64 copies of "t" */
+  for (size_t i = 0; i < 64; i++)
+    t_strings[i] = "t";
+  struct gguf_writer *gw = NULL;
+  int rc = gguf_writer_new(&gw);
+  for (size_t i = 0; rc == 0 && i < s->n_kv; i++) {
+    const struct spec_kv *kv = &s->kv[i];
+    if (kv->type == GGUF_VT_UINT32)
+      rc = gguf_writer_add_u32(gw, kv->key, kv->u32);
+    else if (kv->type == GGUF_VT_FLOAT32)
+      rc = gguf_writer_add_f32(gw, kv->key, kv->f32);
+    else if (kv->type == GGUF_VT_STRING)
+      rc = gguf_writer_add_str(gw, kv->key, kv->str);
+    else
+      rc = gguf_writer_add_str_arr(gw, kv->key, t_strings, kv->n_strings > 64 ? 64 : kv->n_strings);
+  }
+  for (size_t i = 0; rc == 0 && i < s->n_t; i++) {
+    const struct spec_tensor *t = &s->t[i];
+    rc = gguf_writer_add_tensor_fill(gw, t->name, t->n_dims, t->ne, t->type, zero_fill, NULL);
+  }
+  if (rc == 0) rc = gguf_writer_write_mem(gw, ret_data, ret_size);
+  gguf_writer_free(gw);
+  return rc;
+}
+
 /* What a test keeps of a bound synthetic model: the weights themselves point into the file. */
 struct bound {
   struct model_hparams hp;
@@ -327,12 +368,16 @@ struct bound {
 /* Builds the spec, opens it and binds it: the kvd code of model_weights_new (err filled), or
  * INT32_MIN when the harness itself failed. */
 static int spec_bind(struct spec *s, struct bound *ret, struct model_error *err) {
+  void *bytes = NULL;
   size_t size;
-  uint8_t *bytes = gb_build(s->kv, s->n_kv, s->t, s->n_t, &size);
-  if (!bytes) return INT32_MIN;
+  int rc = spec_write(s, &bytes, &size);
+  if (rc < 0) {
+    kt_log("spec_write: %s", kvd_strerror(rc));
+    return INT32_MIN;
+  }
   struct gguf_file *f = NULL;
   struct gguf_error gerr = {0};
-  int rc = gguf_open_memory(bytes, size, &f, &gerr);
+  rc = gguf_open_memory(bytes, size, &f, &gerr);
   if (rc < 0) {
     kt_log("gguf_open_memory: %s at %llu", gerr.msg, (unsigned long long)gerr.offset);
     free(bytes);
@@ -444,12 +489,10 @@ KT_TEST(tensor_problems_are_named) {
 
   spec_init(&s, "llama");
   spec_find(&s, "blk.0.attn_k.weight")->ne[1] = 8; /* as if there were 2 kv heads */
-  spec_find(&s, "blk.0.attn_k.weight")->nbytes = 8 * 8 * sizeof(float);
   EXPECT_REFUSED(&s, KVD_E_FORMAT, "blk.0.attn_k.weight");
 
   spec_init(&s, "llama");
   spec_find(&s, "output_norm.weight")->ne[0] = 4;
-  spec_find(&s, "output_norm.weight")->nbytes = 4 * sizeof(float);
   EXPECT_REFUSED(&s, KVD_E_FORMAT, "output_norm.weight");
 
   /* A tensor the forward pass would not read (llama 3's frequency table) must not be ignored. */
@@ -514,7 +557,6 @@ KT_TEST(qwen2_needs_biases_and_rotates_halves) {
   EXPECT_REFUSED(&s, KVD_E_FORMAT, "blk.1.attn_k.bias");
   spec_init(&s, "qwen2");
   spec_find(&s, "blk.0.attn_v.bias")->ne[0] = 8;
-  spec_find(&s, "blk.0.attn_v.bias")->nbytes = 8 * sizeof(float);
   EXPECT_REFUSED(&s, KVD_E_FORMAT, "blk.0.attn_v.bias");
 }
 

@@ -6,7 +6,7 @@
 
 #include "arch.h"
 #include "gguf.h"
-#include "gguf_build.h"
+#include "gguf_write.h"
 #include "ref.h"
 #include "ref_ops.h"
 
@@ -519,67 +519,49 @@ static void permute_heads(float *dst, const float *src, size_t n_heads, size_t h
     }
 }
 
-/* stories260K rebuilt as arch with random q/k/v biases; for qwen2 q and k are permuted. */
-struct rebuilt {
-  uint8_t *bytes;
-  size_t size;
-  float *scratch; /* permuted matrices and biases */
-};
+/* An F32 tensor of the same shape as t (1-D when ne[1] is 1), data from ptr. */
+static int add_f32(struct gguf_writer *gw, const char *name, const uint64_t *ne, const void *ptr) {
+  uint32_t n_dims = ne[1] > 1 ? 2 : 1;
+  return gguf_writer_add_tensor(gw, name, n_dims, ne, DTYPE_F32, ptr,
+                                ne[0] * ne[1] * sizeof(float));
+}
 
+/* stories260K (w, all F32) rewritten as arch with the given q/k/v biases (per layer: q_dim, then
+ * kv_dim for k, then for v); for qwen2 the q and k rows and biases are permuted for NeoX. */
 static int rebuild(const struct model_weights *w, const char *arch, const float *biases,
-                   struct rebuilt *out) {
+                   void **ret_data, size_t *ret_size) {
   const struct model_hparams *hp = &w->hp;
   bool neox = strcmp(arch, "qwen2") == 0;
   size_t d = hp->n_embd, hd = hp->head_dim, nh = hp->n_head, nkv = hp->n_head_kv;
   size_t q_dim = nh * hd, kv_dim = nkv * hd;
-  size_t per_layer = q_dim * d + kv_dim * d + q_dim + kv_dim;
-  out->scratch = malloc(hp->n_layer * per_layer * sizeof(float));
-  struct gb_tensor *ts = calloc(3 + 12 * hp->n_layer, sizeof *ts);
-  char keys[10][64];
-  struct gb_kv kv[12];
-  size_t n_kv = 0, n_t = 0;
-  if (!out->scratch || !ts) {
-    free(ts);
-    return KVD_ENOMEM;
-  }
-#define KV_U32(suffix, v)                                                                          \
+  /* This layer's q and k matrices and biases, rewritten. */
+  float *wq = malloc((q_dim * d + kv_dim * d + q_dim + kv_dim) * sizeof(float));
+  if (!wq) return KVD_ENOMEM;
+  float *wk = wq + q_dim * d, *bq = wk + kv_dim * d, *bk = bq + q_dim;
+  struct gguf_writer *gw = NULL;
+  char key[96], name[64];
+  int rc = gguf_writer_new(&gw);
+  if (rc < 0) goto out;
+#define TRY(call)                                                                                  \
   do {                                                                                             \
-    snprintf(keys[n_kv], sizeof keys[n_kv], "%s." suffix, arch);                                   \
-    kv[n_kv] = (struct gb_kv){.key = keys[n_kv], .type = GGUF_VT_UINT32, .u32 = (v)};              \
-    n_kv++;                                                                                        \
+    if ((rc = (call)) < 0) goto out;                                                               \
   } while (0)
-  kv[n_kv++] = (struct gb_kv){.key = "general.architecture", .type = GGUF_VT_STRING, .str = arch};
-  KV_U32("embedding_length", hp->n_embd);
-  KV_U32("block_count", hp->n_layer);
-  KV_U32("attention.head_count", hp->n_head);
-  KV_U32("attention.head_count_kv", hp->n_head_kv);
-  KV_U32("feed_forward_length", hp->n_ff);
-  KV_U32("context_length", 64);
-  KV_U32("vocab_size", hp->n_vocab);
-#undef KV_U32
-  snprintf(keys[n_kv], sizeof keys[n_kv], "%s.attention.layer_norm_rms_epsilon", arch);
-  kv[n_kv] = (struct gb_kv){.key = keys[n_kv], .type = GGUF_VT_FLOAT32, .f32 = hp->rms_eps};
-  n_kv++;
-
-  /* F32 tensors straight from the source file, or from scratch when changed. */
-#define ADD(tname, t, ptr)                                                                         \
-  do {                                                                                             \
-    struct gb_tensor *g_ = &ts[n_t++];                                                             \
-    snprintf(g_->name, sizeof g_->name, "%s", tname);                                              \
-    g_->n_dims = (t)->ne[1] > 1 ? 2 : 1;                                                           \
-    g_->ne[0] = (t)->ne[0];                                                                        \
-    g_->ne[1] = (t)->ne[1];                                                                        \
-    g_->type = DTYPE_F32;                                                                          \
-    g_->data = (ptr);                                                                              \
-    g_->nbytes = (t)->ne[0] * (t)->ne[1] * sizeof(float);                                          \
-  } while (0)
-  ADD("token_embd.weight", w->token_embd, w->token_embd->data);
-  ADD("output_norm.weight", w->output_norm, w->output_norm->data);
-  ADD("output.weight", w->output, w->output->data);
+#define KEY(suffix) (snprintf(key, sizeof key, "%s." suffix, arch), key)
+  TRY(gguf_writer_add_str(gw, "general.architecture", arch));
+  TRY(gguf_writer_add_u32(gw, KEY("embedding_length"), hp->n_embd));
+  TRY(gguf_writer_add_u32(gw, KEY("block_count"), hp->n_layer));
+  TRY(gguf_writer_add_u32(gw, KEY("attention.head_count"), hp->n_head));
+  TRY(gguf_writer_add_u32(gw, KEY("attention.head_count_kv"), hp->n_head_kv));
+  TRY(gguf_writer_add_u32(gw, KEY("feed_forward_length"), hp->n_ff));
+  TRY(gguf_writer_add_u32(gw, KEY("context_length"), 64));
+  TRY(gguf_writer_add_u32(gw, KEY("vocab_size"), hp->n_vocab));
+  TRY(gguf_writer_add_f32(gw, KEY("attention.layer_norm_rms_epsilon"), hp->rms_eps));
+#undef KEY
+  TRY(add_f32(gw, "token_embd.weight", w->token_embd->ne, w->token_embd->data));
+  TRY(add_f32(gw, "output_norm.weight", w->output_norm->ne, w->output_norm->data));
+  TRY(add_f32(gw, "output.weight", w->output->ne, w->output->data));
   for (uint32_t il = 0; il < hp->n_layer; il++) {
     const struct model_layer *l = &w->layers[il];
-    float *wq = out->scratch + il * per_layer, *wk = wq + q_dim * d, *bq = wk + kv_dim * d;
-    float *bk = bq + q_dim;
     const float *b = biases + il * (q_dim + 2 * kv_dim);
     if (neox) {
       permute_heads(wq, l->attn_q->data, nh, hd, d);
@@ -592,38 +574,36 @@ static int rebuild(const struct model_weights *w, const char *arch, const float 
       memcpy(bq, b, q_dim * sizeof(float));
       memcpy(bk, b + q_dim, kv_dim * sizeof(float));
     }
-    struct gguf_tensor vq = {.ne = {q_dim, 1, 1, 1}}, vk = {.ne = {kv_dim, 1, 1, 1}};
-    char name[64];
-#define ADD_L(suffix, t, ptr)                                                                      \
-  do {                                                                                             \
-    snprintf(name, sizeof name, "blk.%u." suffix, il);                                             \
-    ADD(name, t, ptr);                                                                             \
-  } while (0)
-    ADD_L("attn_norm.weight", l->attn_norm, l->attn_norm->data);
-    ADD_L("attn_q.weight", l->attn_q, wq);
-    ADD_L("attn_k.weight", l->attn_k, wk);
-    ADD_L("attn_v.weight", l->attn_v, l->attn_v->data);
-    ADD_L("attn_q.bias", &vq, bq);
-    ADD_L("attn_k.bias", &vk, bk);
-    ADD_L("attn_v.bias", &vk, b + q_dim + kv_dim);
-    ADD_L("attn_output.weight", l->attn_output, l->attn_output->data);
-    ADD_L("ffn_norm.weight", l->ffn_norm, l->ffn_norm->data);
-    ADD_L("ffn_gate.weight", l->ffn_gate, l->ffn_gate->data);
-    ADD_L("ffn_up.weight", l->ffn_up, l->ffn_up->data);
-    ADD_L("ffn_down.weight", l->ffn_down, l->ffn_down->data);
-#undef ADD_L
+    const uint64_t ne_q[2] = {q_dim, 1}, ne_kv[2] = {kv_dim, 1};
+#define NAME(suffix) (snprintf(name, sizeof name, "blk.%u." suffix, il), name)
+    TRY(add_f32(gw, NAME("attn_norm.weight"), l->attn_norm->ne, l->attn_norm->data));
+    TRY(add_f32(gw, NAME("attn_q.weight"), l->attn_q->ne, wq));
+    TRY(add_f32(gw, NAME("attn_k.weight"), l->attn_k->ne, wk));
+    TRY(add_f32(gw, NAME("attn_v.weight"), l->attn_v->ne, l->attn_v->data));
+    TRY(add_f32(gw, NAME("attn_q.bias"), ne_q, bq));
+    TRY(add_f32(gw, NAME("attn_k.bias"), ne_kv, bk));
+    TRY(add_f32(gw, NAME("attn_v.bias"), ne_kv, b + q_dim + kv_dim));
+    TRY(add_f32(gw, NAME("attn_output.weight"), l->attn_output->ne, l->attn_output->data));
+    TRY(add_f32(gw, NAME("ffn_norm.weight"), l->ffn_norm->ne, l->ffn_norm->data));
+    TRY(add_f32(gw, NAME("ffn_gate.weight"), l->ffn_gate->ne, l->ffn_gate->data));
+    TRY(add_f32(gw, NAME("ffn_up.weight"), l->ffn_up->ne, l->ffn_up->data));
+    TRY(add_f32(gw, NAME("ffn_down.weight"), l->ffn_down->ne, l->ffn_down->data));
+#undef NAME
   }
-#undef ADD
-  out->bytes = gb_build(kv, n_kv, ts, n_t, &out->size);
-  free(ts);
-  return out->bytes ? 0 : KVD_ENOMEM;
+#undef TRY
+  rc = gguf_writer_write_mem(gw, ret_data, ret_size);
+out:
+  gguf_writer_free(gw);
+  free(wq);
+  return rc;
 }
 
 KT_TEST(qwen2_neox_with_biases_equals_llama_with_biases) {
   OPEN_OR_SKIP(f, "models/stories260K.gguf");
   struct model_error err = {{0}};
   struct model_weights *w = NULL;
-  struct rebuilt lb = {0}, qb = {0};
+  void *lb = NULL, *qb = NULL;
+  size_t lb_size, qb_size;
   struct gguf_file *lf = NULL, *qf = NULL;
   struct model_ref *plain = NULL, *lr = NULL, *qr = NULL;
   struct gguf_error gerr;
@@ -636,9 +616,10 @@ KT_TEST(qwen2_neox_with_biases_equals_llama_with_biases) {
   biases = malloc(n_bias * sizeof(float));
   KT_ASSERT(biases != NULL);
   kt_rand_fill(biases, n_bias, -0.5f, 0.5f);
-  if (rebuild(w, "llama", biases, &lb) < 0 || rebuild(w, "qwen2", biases, &qb) < 0 ||
-      gguf_open_memory(lb.bytes, lb.size, &lf, &gerr) < 0 ||
-      gguf_open_memory(qb.bytes, qb.size, &qf, &gerr) < 0) {
+  if (rebuild(w, "llama", biases, &lb, &lb_size) < 0 ||
+      rebuild(w, "qwen2", biases, &qb, &qb_size) < 0 ||
+      gguf_open_memory(lb, lb_size, &lf, &gerr) < 0 ||
+      gguf_open_memory(qb, qb_size, &qf, &gerr) < 0) {
     kt__fail(__FILE__, __LINE__, "could not build the rebuilt models");
     goto out;
   }
@@ -667,10 +648,8 @@ out:
   model_ref_free(qr);
   gguf_close(lf);
   gguf_close(qf);
-  free(lb.bytes);
-  free(lb.scratch);
-  free(qb.bytes);
-  free(qb.scratch);
+  free(lb);
+  free(qb);
   free(biases);
   model_weights_free(w);
   gguf_close(f);
