@@ -13,8 +13,8 @@
  * Per step, for a sequence about to write n tokens at positions [len, len + n):
  *
  *   kv_seq_reserve(pool, seq, n)                    blocks for the new tokens, all or nothing
- *   kv_seq_prepare_write(pool, seq, seq->len, &cp)  the one block that may be shared: the one
- *                                                   holding `len` (if partly filled); 1 = copy cp
+ *   kv_seq_prepare_write(pool, seq, seq->len, &cp)  the one block that may be shared is the one
+ *                                                   holding `len`; 1 = record the copy cp first
  *   ... the forward pass writes K/V at kv_seq_slot(seq, pos) for each new pos ...
  *   kv_seq_commit(seq, n)
  *
@@ -31,6 +31,7 @@
 #define KV_BLOCK_NONE UINT32_MAX
 /* Most token slots a pool may have: slot indices are uint32 on the device. */
 #define KV_SLOTS_MAX ((uint64_t)UINT32_MAX + 1)
+
 /* ---- block pool ---------------------------------------------------------------------------- */
 
 struct kv_pool {
