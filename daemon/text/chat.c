@@ -125,7 +125,8 @@ static void sb_add(struct sbuf *b, const char *s, size_t n) {
   }
   if (b->len + n + 1 > b->cap) {
     size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + n + 1) cap = cap > SIZE_MAX / 2 ? b->len + n + 1 : cap * 2;
+    while (cap < b->len + n + 1)
+      cap = cap > SIZE_MAX / 2 ? b->len + n + 1 : cap * 2;
     char *q = realloc(b->p, cap);
     if (!q) {
       b->err = KVD_ENOMEM;
@@ -157,8 +158,10 @@ struct span {
 
 static struct span content(const struct chat_msg *m, bool trim_start, bool trim_end) {
   struct span s = {m->content ? m->content : "", m->content ? m->len : 0};
-  while (trim_start && s.n > 0 && is_space(s.p[0])) s.p++, s.n--;
-  while (trim_end && s.n > 0 && is_space(s.p[s.n - 1])) s.n--;
+  while (trim_start && s.n > 0 && is_space(s.p[0]))
+    s.p++, s.n--;
+  while (trim_end && s.n > 0 && is_space(s.p[s.n - 1]))
+    s.n--;
   return s;
 }
 

@@ -20,15 +20,15 @@
 struct gguf_file;
 
 enum chat_family {
-  CHAT_PLAIN = 0,    /* no chat format: contents joined by "\n" */
-  CHAT_LLAMA2,       /* [INST] <<SYS>>\n…\n<</SYS>>\n\n… [/INST] … </s><s>[INST] … [/INST] */
-  CHAT_LLAMA3,       /* <|start_header_id|>role<|end_header_id|>\n\n…<|eot_id|> */
-  CHAT_CHATML,       /* <|im_start|>role\n…<|im_end|>\n (Qwen, many fine-tunes) */
-  CHAT_MISTRAL_V1,   /* [INST] … [/INST] …</s> (Mistral 7B v0.1/v0.2, Mixtral 8x7B) */
-  CHAT_MISTRAL_V3,   /* [INST]…[/INST]…</s> (v2/v3 and Tekken: 7B v0.3, 8x22B, Nemo) */
-  CHAT_MISTRAL_V7,   /* [SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]…[/INST]…</s> (Small 2501) */
-  CHAT_ZEPHYR,       /* <|user|>\n…</s>\n<|assistant|>\n */
-  CHAT_GEMMA,        /* <start_of_turn>user\n…<end_of_turn>\n<start_of_turn>model\n */
+  CHAT_PLAIN = 0,  /* no chat format: contents joined by "\n" */
+  CHAT_LLAMA2,     /* [INST] <<SYS>>\n…\n<</SYS>>\n\n… [/INST] … </s><s>[INST] … [/INST] */
+  CHAT_LLAMA3,     /* <|start_header_id|>role<|end_header_id|>\n\n…<|eot_id|> */
+  CHAT_CHATML,     /* <|im_start|>role\n…<|im_end|>\n (Qwen, many fine-tunes) */
+  CHAT_MISTRAL_V1, /* [INST] … [/INST] …</s> (Mistral 7B v0.1/v0.2, Mixtral 8x7B) */
+  CHAT_MISTRAL_V3, /* [INST]…[/INST]…</s> (v2/v3 and Tekken: 7B v0.3, 8x22B, Nemo) */
+  CHAT_MISTRAL_V7, /* [SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]…[/INST]…</s> (Small 2501) */
+  CHAT_ZEPHYR,     /* <|user|>\n…</s>\n<|assistant|>\n */
+  CHAT_GEMMA,      /* <start_of_turn>user\n…<end_of_turn>\n<start_of_turn>model\n */
   CHAT_FAMILY_COUNT,
 };
 

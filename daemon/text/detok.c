@@ -4,11 +4,11 @@
  * mapped code points -> bytes), so decoding is a copy per token. The stream adds a UTF-8 state
  * machine so that a client never receives half a character:
  *
- *   idle    --ASCII-->                 emit, idle
- *   idle    --lead byte (C2..F4)-->    hold, pending(need = length - 1)
- *   idle    --anything else-->         emit U+FFFD, idle
- *   pending --valid continuation-->    hold; when need reaches 0 emit the character, idle
- *   pending --anything else-->         emit U+FFFD for the held bytes, then the byte again from idle
+ *   idle    --ASCII-->              emit, idle
+ *   idle    --lead byte (C2..F4)--> hold, pending(need = length - 1)
+ *   idle    --anything else-->      emit U+FFFD, idle
+ *   pending --valid continuation--> hold; when need reaches 0 emit the character, idle
+ *   pending --anything else-->      emit U+FFFD for the held bytes, retry the byte from idle
  *
  * "Valid continuation" is the Unicode table of well-formed sequences (no overlongs, surrogates or
  * code points past U+10FFFF), which is what makes one U+FFFD per maximal invalid subpart. */
@@ -124,11 +124,20 @@ static size_t push_byte(struct tok_stream *s, uint8_t b, char *out) {
     /* The second byte's range depends on the lead: this excludes overlongs, surrogates and
      * code points past U+10FFFF. */
     switch (s->pend[0]) {
-    case 0xE0: lo = 0xA0; break;
-    case 0xED: hi = 0x9F; break;
-    case 0xF0: lo = 0x90; break;
-    case 0xF4: hi = 0x8F; break;
-    default: break;
+    case 0xE0:
+      lo = 0xA0;
+      break;
+    case 0xED:
+      hi = 0x9F;
+      break;
+    case 0xF0:
+      lo = 0x90;
+      break;
+    case 0xF4:
+      hi = 0x8F;
+      break;
+    default:
+      break;
     }
   }
   if (b >= lo && b <= hi) {
@@ -152,7 +161,8 @@ int tok_stream_feed(struct tok_stream *s, int32_t id, char *out, size_t cap) {
   size_t len;
   const char *p = piece_bytes(t, id, s->flags, &s->strip_pending, &len);
   size_t n = 0;
-  for (size_t i = 0; i < len; i++) n += push_byte(s, (uint8_t)p[i], out + n);
+  for (size_t i = 0; i < len; i++)
+    n += push_byte(s, (uint8_t)p[i], out + n);
   return (int)n;
 }
 

@@ -154,17 +154,16 @@ static int64_t arr_int(const struct gguf_value *v, uint64_t i) {
 }
 
 static bool is_int_type(enum gguf_vtype ty) {
-  return ty == GGUF_VT_UINT8 || ty == GGUF_VT_INT8 || ty == GGUF_VT_UINT16 ||
-         ty == GGUF_VT_INT16 || ty == GGUF_VT_UINT32 || ty == GGUF_VT_INT32 ||
-         ty == GGUF_VT_UINT64 || ty == GGUF_VT_INT64;
+  return ty == GGUF_VT_UINT8 || ty == GGUF_VT_INT8 || ty == GGUF_VT_UINT16 || ty == GGUF_VT_INT16 ||
+         ty == GGUF_VT_UINT32 || ty == GGUF_VT_INT32 || ty == GGUF_VT_UINT64 || ty == GGUF_VT_INT64;
 }
 
-/* A special id from key, def when the key is absent; ids outside the vocabulary (converters write
- * 0xFFFFFFFF for "none") become -1. */
+/* A special id from key, def when the key is absent; a value outside the vocabulary (converters
+ * write 0xFFFFFFFF or -1 for "none") becomes -1. */
 static int32_t special_id(const struct gguf_file *f, const char *key, int64_t def, uint32_t n) {
-  uint64_t v;
-  int rc = gguf_get_u64(f, key, &v);
-  int64_t id = rc == 0 ? (int64_t)(v > INT32_MAX ? -1 : (int64_t)v) : def;
+  int64_t v;
+  int rc = gguf_get_i64(f, key, &v);
+  int64_t id = rc == 0 ? v : rc == KVD_ENOENT ? def : -1;
   return id >= 0 && id < (int64_t)n ? (int32_t)id : -1;
 }
 
@@ -199,7 +198,8 @@ static int build_text(struct tok *t, const struct gguf_value *tokens, char *err,
 
 static int build_hash(struct tok *t) {
   uint32_t cap = 16;
-  while (cap < 2 * (uint64_t)t->n_vocab) cap *= 2;
+  while (cap < 2 * (uint64_t)t->n_vocab)
+    cap *= 2;
   t->hash = malloc((size_t)cap * sizeof(*t->hash));
   if (!t->hash) return KVD_ENOMEM;
   memset(t->hash, 0xff, (size_t)cap * sizeof(*t->hash));
@@ -210,7 +210,8 @@ static int build_hash(struct tok *t) {
     /* A duplicated text keeps its first id, so lookups are deterministic. */
     if (tok__lookup(t, tok__text(t, (int32_t)id), len) >= 0) continue;
     uint32_t i = hash_bytes(tok__text(t, (int32_t)id), len) & t->hash_mask;
-    while (t->hash[i] >= 0) i = (i + 1) & t->hash_mask;
+    while (t->hash[i] >= 0)
+      i = (i + 1) & t->hash_mask;
     t->hash[i] = (int32_t)id;
   }
   return 0;
@@ -316,7 +317,8 @@ static int build_pieces(struct tok *t) {
   t->piece_off[n] = (uint32_t)total;
   t->piece = malloc(total ? total : 1);
   if (!t->piece) return KVD_ENOMEM;
-  for (uint32_t id = 0; id < n; id++) plain_piece(t, (int32_t)id, t->piece + t->piece_off[id]);
+  for (uint32_t id = 0; id < n; id++)
+    plain_piece(t, (int32_t)id, t->piece + t->piece_off[id]);
   return 0;
 }
 
@@ -339,7 +341,8 @@ static int sort_specials(struct tok *t) {
     keys[i] = first << 56 | inv_len << 32 | (uint32_t)id;
   }
   qsort(keys, t->n_special, sizeof(*keys), cmp_u64);
-  for (uint32_t i = 0; i < t->n_special; i++) t->special[i] = (int32_t)(uint32_t)keys[i];
+  for (uint32_t i = 0; i < t->n_special; i++)
+    t->special[i] = (int32_t)(uint32_t)keys[i];
   free(keys);
   return 0;
 }
@@ -363,15 +366,18 @@ static int build_specials(struct tok *t) {
   uint32_t k = 0;
   for (uint32_t b = 0; b < 256; b++) {
     t->special_first[b] = k;
-    while (k < t->n_special && (uint8_t)tok__text(t, t->special[k])[0] == b) k++;
+    while (k < t->n_special && (uint8_t)tok__text(t, t->special[k])[0] == b)
+      k++;
   }
   t->special_first[256] = k;
   return 0;
 }
 
 static void mark_eog(struct tok *t) {
-  static const char *const names[] = {"<|eot_id|>",    "<|eom_id|>", "<|im_end|>", "<|end|>",
-                                      "<end_of_turn>", "<|endoftext|>"};
+  /* End-of-turn markers first: without an eot key, the first one present stands in for it. */
+  static const char *const names[] = {"<|eot_id|>",    "<|im_end|>", "<|end|>",
+                                      "<end_of_turn>", "<|eom_id|>", "<|endoftext|>"};
+  static const size_t n_eot_names = 4;
   if (t->eos >= 0) t->flags[t->eos] |= TOK__F_EOG;
   if (t->eot >= 0) t->flags[t->eot] |= TOK__F_EOG;
   for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
@@ -379,8 +385,7 @@ static void mark_eog(struct tok *t) {
     if (id < 0) continue;
     if (t->type[id] != TOK_TYPE_CONTROL && t->type[id] != TOK_TYPE_USER_DEFINED) continue;
     t->flags[id] |= TOK__F_EOG;
-    /* Without an eot key, the first end-of-turn marker found stands in for it. */
-    if (t->eot < 0 && i < 5) t->eot = id;
+    if (t->eot < 0 && i < n_eot_names) t->eot = id;
   }
 }
 
@@ -419,7 +424,8 @@ int tok_new(const struct gguf_file *f, struct tok **ret, char *err, size_t errle
   if (!t) return KVD_ENOMEM;
   t->kind = kind;
   t->n_vocab = (uint32_t)n;
-  for (int b = 0; b < 256; b++) t->byte_tok[b] = -1;
+  for (int b = 0; b < 256; b++)
+    t->byte_tok[b] = -1;
   int rc = build_text(t, tokens, err, errlen);
   if (rc < 0) goto fail;
   t->score = calloc(n, sizeof(*t->score));
@@ -553,6 +559,10 @@ static int encode_raw(const struct tok *t, struct tok__work *w, const char *text
 
 int tok_encode(const struct tok *t, const char *text, size_t len, unsigned flags, int32_t *out,
                size_t cap) {
+  if (!text) {
+    if (len > 0) return KVD_EINVAL;
+    text = "";
+  }
   struct tok__out o = {.ids = out, .cap = out ? cap : 0, .n = 0};
   struct tok__work w = {0};
   int rc = 0;

@@ -36,7 +36,8 @@ static const struct pre_family {
 
 void tok__bpe_byte_map(struct tok *t) {
   uint32_t extra = 0;
-  for (int i = 0; i < 324; i++) t->cp_byte[i] = -1;
+  for (int i = 0; i < 324; i++)
+    t->cp_byte[i] = -1;
   for (uint32_t b = 0; b < 256; b++) {
     bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
     uint32_t cp = printable ? b : 256 + extra++;
@@ -71,10 +72,12 @@ static int build_merges(struct tok *t, const struct gguf_file *f, char *err, siz
   if (n > UINT32_MAX / 4)
     return tok__fail(err, errlen, KVD_E_FORMAT, "tokenizer.ggml.merges: too many merges");
   uint32_t cap = 16;
-  while (cap < 2 * n) cap *= 2;
+  while (cap < 2 * n)
+    cap *= 2;
   t->merges = malloc((size_t)cap * sizeof(*t->merges));
   if (!t->merges) return KVD_ENOMEM;
-  for (uint32_t i = 0; i < cap; i++) t->merges[i].key = UINT64_MAX;
+  for (uint32_t i = 0; i < cap; i++)
+    t->merges[i].key = UINT64_MAX;
   t->merge_mask = cap - 1;
   for (uint64_t r = 0; r < n; r++) {
     struct gguf_str s = arr->v.arr.elems[r].v.str;
@@ -99,7 +102,8 @@ static int build_merges(struct tok *t, const struct gguf_file *f, char *err, siz
     if (merged < 0) continue;
     uint64_t key = merge_key(left, right);
     uint32_t i = merge_slot(key, t->merge_mask);
-    while (t->merges[i].key != UINT64_MAX && t->merges[i].key != key) i = (i + 1) & t->merge_mask;
+    while (t->merges[i].key != UINT64_MAX && t->merges[i].key != key)
+      i = (i + 1) & t->merge_mask;
     if (t->merges[i].key == key) continue; /* a repeated merge keeps its first (best) rank */
     t->merges[i] = (struct tok__merge){.key = key, .rank = (uint32_t)r, .merged = merged};
   }
@@ -133,9 +137,9 @@ int tok__bpe_init(struct tok *t, const struct gguf_file *f, char *err, size_t er
   PCRE2_SIZE eoff;
   /* MATCH_INVALID_UTF: invalid input never matches and simply ends up between matches, where
    * the encoder takes it as a word of its own. */
-  pcre2_code *re = pcre2_compile((PCRE2_SPTR)fam->regex, PCRE2_ZERO_TERMINATED,
-                                 PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &ecode, &eoff,
-                                 NULL);
+  pcre2_code *re =
+      pcre2_compile((PCRE2_SPTR)fam->regex, PCRE2_ZERO_TERMINATED,
+                    PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &ecode, &eoff, NULL);
   if (!re) {
     PCRE2_UCHAR msg[120];
     pcre2_get_error_message(ecode, msg, sizeof(msg));
@@ -172,9 +176,11 @@ static int bpe_word(const struct tok *t, struct tok__work *w, const char *word, 
   if (rc < 0) return rc;
   if (t->ignore_merges) {
     size_t k = 0;
-    for (size_t i = 0; i < len; i++) k += tok__utf8_put(t->byte_cp[(uint8_t)word[i]], w->buf + k);
+    for (size_t i = 0; i < len; i++)
+      k += tok__utf8_put(t->byte_cp[(uint8_t)word[i]], w->buf + k);
     int32_t id = tok__lookup(t, w->buf, k);
-    if (id >= 0) {
+    /* Plain text must never turn into a control token. */
+    if (id >= 0 && t->type[id] != TOK_TYPE_CONTROL) {
       tok__emit(o, id);
       return 0;
     }

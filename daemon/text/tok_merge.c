@@ -91,7 +91,8 @@ int tok__merge_run(const struct tok *t, struct tok__work *w, const char *text, s
                    tok__pair_fn pair) {
   int rc = 0;
   w->heap_n = 0;
-  for (size_t i = 0; i + 1 < nsym && rc == 0; i++) rc = try_pair(t, w, text, (int32_t)i, pair);
+  for (size_t i = 0; i + 1 < nsym && rc == 0; i++)
+    rc = try_pair(t, w, text, (int32_t)i, pair);
   while (rc == 0 && w->heap_n > 0) {
     struct tok__cand c = heap_pop(w);
     struct tok__sym *l = &w->sym[c.left], *r = &w->sym[c.right];

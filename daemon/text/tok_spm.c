@@ -35,7 +35,8 @@ int tok__spm_encode(const struct tok *t, struct tok__work *w, const char *text, 
                     bool first_or_after_special, struct tok__out *o) {
   bool prefix = t->add_space_prefix && first_or_after_special;
   size_t spaces = 0;
-  for (size_t i = 0; i < len; i++) spaces += text[i] == ' ';
+  for (size_t i = 0; i < len; i++)
+    spaces += text[i] == ' ';
   size_t n = len + 2 * spaces + (prefix ? 3 : 0);
   if (n > UINT32_MAX) return KVD_E2BIG; /* spans are uint32 */
   int rc = tok__work_reserve(w, n, n);

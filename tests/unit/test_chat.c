@@ -26,14 +26,16 @@ static const struct {
 } EXPECTED[] = {
     {CHAT_LLAMA2, "[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi there [/INST] Hello! How can I "
                   "help? </s><s>[INST] What is 2+2? [/INST]"},
-    {CHAT_LLAMA3, "<|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
-                  "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>\n\nHello! How can I help?<|eot_id|>"
-                  "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>\n\n"},
-    {CHAT_CHATML, "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>"
-                  "\n<|im_start|>assistant\nHello! How can I help?<|im_end|>\n<|im_start|>user\n"
-                  "What is 2+2?<|im_end|>\n<|im_start|>assistant\n"},
+    {CHAT_LLAMA3,
+     "<|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+     "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+     "<|start_header_id|>assistant<|end_header_id|>\n\nHello! How can I help?<|eot_id|>"
+     "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+     "<|start_header_id|>assistant<|end_header_id|>\n\n"},
+    {CHAT_CHATML,
+     "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>"
+     "\n<|im_start|>assistant\nHello! How can I help?<|im_end|>\n<|im_start|>user\n"
+     "What is 2+2?<|im_end|>\n<|im_start|>assistant\n"},
     {CHAT_MISTRAL_V1, "[INST] You are terse.\n\nHi there [/INST] Hello! How can I help?</s>"
                       "[INST] What is 2+2? [/INST]"},
     {CHAT_MISTRAL_V3, "[INST]Hi there[/INST]Hello! How can I help?</s>[INST]You are terse.\n\n"
@@ -71,8 +73,8 @@ KT_TEST(generation_prompt_only_appends) {
     KT_ASSERT_OK(chat_render((enum chat_family)fam, CONVERSATION, N_CONV, true, &with, &lw));
     KT_ASSERT_OK(chat_render((enum chat_family)fam, CONVERSATION, N_CONV, false, &without, &lo));
     KT_CHECK(lo <= lw && memcmp(with, without, lo) == 0);
-    bool opens_turn = fam == CHAT_LLAMA3 || fam == CHAT_CHATML || fam == CHAT_ZEPHYR ||
-                      fam == CHAT_GEMMA;
+    bool opens_turn =
+        fam == CHAT_LLAMA3 || fam == CHAT_CHATML || fam == CHAT_ZEPHYR || fam == CHAT_GEMMA;
     KT_CHECK_EQ(lo < lw, opens_turn);
     free(with);
     free(without);
