@@ -2,11 +2,12 @@
 // Paged attention, one workgroup per (query head, query token, KV split).
 //
 // The query's KV positions are read through the block table, so sequences never need contiguous
-// memory. Within a split: scores q.k for every position (one position per invocation, strided),
-// a workgroup max and sum (online-softmax statistics), then each invocation accumulates the
-// exp-weighted V for a slice of head_dim. GQA: query head h reads KV head h / (n_head/n_head_kv).
-// With one split the output is normalised here; with several, (m, l, o) partials go to attn_merge
-// which combines them with the log-sum-exp trick, so long contexts spread over many workgroups.
+// memory. A split walks its positions in chunks of CHUNK with an online softmax: scores q.k for a
+// chunk (one position per invocation, strided) into shared memory, the workgroup max and sum, then
+// each invocation rescales and accumulates the exp-weighted V for its slice of head_dim. Any KV
+// length fits any split count, so splits exist only to spread long contexts over the device.
+// GQA: query head h reads KV head h / (n_head/n_head_kv). With one split the output is normalised
+// here; with several, (m, l, o) partials go to attn_merge, which combines them (log-sum-exp).
 #include "pc_attn.h"
 
 layout(local_size_x_id = 0) in;
@@ -28,9 +29,35 @@ shared float qs[MAX_HD];
 shared float scores[CHUNK];
 shared float red[WG];
 
+const uint ACC = (MAX_HD + WG - 1) / WG; // head_dim values each invocation accumulates
+
 uint kv_base(uint table_off, uint kvh, uint pos) {
   uint block = tables[table_off + pos / p.block_size];
   return ((block * p.n_head_kv + kvh) * p.block_size + pos % p.block_size) * p.head_dim;
+}
+
+float reduce_max(float v, uint tid) {
+  red[tid] = v;
+  barrier();
+  for (uint s = WG / 2; s > 0; s >>= 1) {
+    if (tid < s) red[tid] = max(red[tid], red[tid + s]);
+    barrier();
+  }
+  float r = red[0];
+  barrier(); // everyone has read red[0] before it is reused
+  return r;
+}
+
+float reduce_sum(float v, uint tid) {
+  red[tid] = v;
+  barrier();
+  for (uint s = WG / 2; s > 0; s >>= 1) {
+    if (tid < s) red[tid] += red[tid + s];
+    barrier();
+  }
+  float r = red[0];
+  barrier();
+  return r;
 }
 
 void main() {
@@ -41,7 +68,7 @@ void main() {
   uint kvh = h / (p.n_head / p.n_head_kv);
   uint n_kv = tok_info[t].x;
   uint table_off = tok_info[t].y;
-  uint p0 = split * p.chunk;
+  uint p0 = min(split * p.chunk, n_kv);
   uint p1 = min(p0 + p.chunk, n_kv);
   uint qo = t * p.q_stride + h * p.head_dim;
   uint po = ((t * p.n_head + h) * p.n_splits + split) * (p.head_dim + 2);
@@ -49,52 +76,53 @@ void main() {
   for (uint d = tid; d < p.head_dim; d += WG) qs[d] = q[qo + d];
   barrier();
 
-  // Scores and the running max.
-  float mx = -1.0 / 0.0;
-  for (uint i = p0 + tid; i < p1; i += WG) {
-    uint kb = kv_base(table_off, kvh, i);
-    float s = 0.0;
-    for (uint d = 0; d < p.head_dim; d++) s += qs[d] * k_cache[kb + d];
-    s *= p.scale;
-    scores[i - p0] = s;
-    mx = max(mx, s);
-  }
-  red[tid] = mx;
-  barrier();
-  for (uint s = WG / 2; s > 0; s >>= 1) {
-    if (tid < s) red[tid] = max(red[tid], red[tid + s]);
-    barrier();
-  }
-  float m = red[0];
-  barrier();
+  float m = -1.0 / 0.0;
+  float l = 0.0;
+  float acc[ACC];
+  for (uint j = 0; j < ACC; j++) acc[j] = 0.0;
 
-  // Weights and their sum.
-  float sum = 0.0;
-  for (uint i = p0 + tid; i < p1; i += WG) {
-    float e = exp(scores[i - p0] - m);
-    scores[i - p0] = e;
-    sum += e;
+  for (uint c0 = p0; c0 < p1; c0 += CHUNK) {
+    uint c1 = min(c0 + CHUNK, p1);
+    float cmax = -1.0 / 0.0;
+    for (uint i = c0 + tid; i < c1; i += WG) {
+      uint kb = kv_base(table_off, kvh, i);
+      float s = 0.0;
+      for (uint d = 0; d < p.head_dim; d++) s += qs[d] * k_cache[kb + d];
+      s *= p.scale;
+      scores[i - c0] = s;
+      cmax = max(cmax, s);
+    }
+    float m_new = max(m, reduce_max(cmax, tid));
+    float rescale = exp(m - m_new); // 0 on the first chunk (m = -inf)
+    float csum = 0.0;
+    for (uint i = c0 + tid; i < c1; i += WG) {
+      float e = exp(scores[i - c0] - m_new);
+      scores[i - c0] = e;
+      csum += e;
+    }
+    l = l * rescale + reduce_sum(csum, tid); // the reduction's barriers publish scores[]
+    for (uint j = 0; j < ACC; j++) {
+      uint d = tid + j * WG;
+      if (d >= p.head_dim) break;
+      float a = acc[j] * rescale;
+      for (uint i = c0; i < c1; i++) a += scores[i - c0] * v_cache[kv_base(table_off, kvh, i) + d];
+      acc[j] = a;
+    }
+    m = m_new;
+    barrier(); // the next chunk overwrites scores[]
   }
-  red[tid] = sum;
-  barrier();
-  for (uint s = WG / 2; s > 0; s >>= 1) {
-    if (tid < s) red[tid] += red[tid + s];
-    barrier();
-  }
-  float l = red[0];
 
-  // Weighted V: each invocation owns a slice of head_dim.
-  for (uint d = tid; d < p.head_dim; d += WG) {
-    float acc = 0.0;
-    for (uint i = p0; i < p1; i++) acc += scores[i - p0] * v_cache[kv_base(table_off, kvh, i) + d];
+  for (uint j = 0; j < ACC; j++) {
+    uint d = tid + j * WG;
+    if (d >= p.head_dim) break;
     if (p.n_splits == 1) {
-      o[qo + d] = p1 > p0 ? acc / l : 0.0;
+      o[qo + d] = l > 0.0 ? acc[j] / l : 0.0;
     } else {
-      part[po + d] = acc;
+      part[po + d] = acc[j];
     }
   }
   if (p.n_splits > 1 && tid == 0) {
-    part[po + p.head_dim] = p1 > p0 ? m : -1.0 / 0.0;
-    part[po + p.head_dim + 1] = p1 > p0 ? l : 0.0;
+    part[po + p.head_dim] = m;
+    part[po + p.head_dim + 1] = l;
   }
 }

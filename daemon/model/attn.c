@@ -47,10 +47,11 @@ void attn_destroy(struct attn_kernels *a) {
 }
 
 uint32_t attn_pick_splits(const struct attn_kernels *a, uint32_t max_kv, uint32_t n_pairs) {
-  uint32_t need = max_kv ? (max_kv + a->chunk - 1) / a->chunk : 1;
-  /* Few (token, head) pairs and a long context: cut the KV axis finer so at least ~64 workgroups
-   * run, but never below 32 positions per split, where the merge would cost more than it saves. */
-  uint32_t want = need;
+  /* Any split covers any number of positions (online softmax over chunks), so splitting is only
+   * for parallelism: with few (token, head) pairs and a long context, cut the KV axis until ~64
+   * workgroups run, but never below 32 positions per split, where the merge costs more than it
+   * saves. Prefill batches have pairs enough and get one split (no partials memory). */
+  uint32_t want = 1;
   while (n_pairs * want < 64 && max_kv / (want * 2) >= 32) want *= 2;
   return want;
 }
@@ -83,8 +84,7 @@ int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct 
   if (s->head_dim > a->max_hd || s->n_head_kv == 0 || s->n_head % s->n_head_kv ||
       s->n_splits == 0)
     return KVD_EINVAL;
-  uint32_t chunk = s->n_splits > 1 ? (s->max_kv + s->n_splits - 1) / s->n_splits : a->chunk;
-  if (chunk > a->chunk || (uint64_t)chunk * s->n_splits < s->max_kv) return KVD_EINVAL;
+  uint32_t chunk = (s->max_kv + s->n_splits - 1) / s->n_splits;
   struct pc_attn pc = {
       .n_tokens = s->n_tokens,
       .n_head = s->n_head,

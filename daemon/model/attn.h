@@ -12,16 +12,16 @@ struct attn_kernels {
   struct gpu_pipeline *paged;
   struct gpu_pipeline *merge;
   uint32_t wg;     /* invocations per workgroup (a power of two) */
-  uint32_t chunk;  /* KV positions one split covers at most */
+  uint32_t chunk;  /* KV positions a split scores at once (shared memory), not a length limit */
   uint32_t max_hd; /* largest head_dim the kernels accept */
 };
 
 int attn_init(struct attn_kernels *a, struct gpu_device *dev);
 void attn_destroy(struct attn_kernels *a);
 
-/* Splits attention needs for a longest KV length of max_kv, given how many (token, head) pairs
- * already keep the device busy: at least ceil(max_kv / chunk), more when there are few pairs and
- * long contexts, so one long sequence still spreads over the device. */
+/* How many KV splits to use for a longest KV length of max_kv, given how many (token, head) pairs
+ * already keep the device busy: 1 for batches, more for few pairs and long contexts, so one long
+ * sequence still spreads over the device. */
 uint32_t attn_pick_splits(const struct attn_kernels *a, uint32_t max_kv, uint32_t n_pairs);
 /* Bytes of the partials scratch buffer for a dispatch (0 when n_splits == 1). */
 uint64_t attn_partial_bytes(uint32_t n_tokens, uint32_t n_head, uint32_t head_dim,

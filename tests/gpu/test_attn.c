@@ -119,12 +119,14 @@ KT_TEST(batched_tokens_with_different_lengths_and_gqa_ratios) {
   FIXTURE_CHECK_VALIDATION();
 }
 
-KT_TEST(long_context_splits_and_merges) {
+KT_TEST(long_context_online_softmax_splits_and_merges) {
   FIXTURE_DEVICE(dev);
   (void)dev;
   run_case(&(struct case_){8, 4, 8, 16, 1, 1000, 0}); /* > chunk: splits required */
   run_case(&(struct case_){4, 2, 64, 16, 2, 700, 7}); /* forced odd split count */
   run_case(&(struct case_){4, 2, 16, 16, 3, 40, 8});  /* some splits empty for short tokens */
+  run_case(&(struct case_){2, 1, 32, 16, 2, 900, 1}); /* one split over several score chunks */
+  run_case(&(struct case_){2, 2, 200, 16, 1, 300, 2}); /* head_dim > workgroup: 4 values each */
   FIXTURE_CHECK_VALIDATION();
 }
 

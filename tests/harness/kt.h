@@ -30,6 +30,10 @@ bool kt__failed(void);
   do {                                                                                             \
     if (!(cond)) kt__fail(__FILE__, __LINE__, "check failed: %s", #cond);                          \
   } while (0)
+#define KT_CHECK_MSG(cond, ...)                                                                    \
+  do {                                                                                             \
+    if (!(cond)) kt__fail(__FILE__, __LINE__, __VA_ARGS__);                                        \
+  } while (0)
 #define KT_ASSERT(cond)                                                                            \
   do {                                                                                             \
     if (!(cond)) {                                                                                 \

@@ -1,0 +1,103 @@
+/* The inference engine: a model's weights in device memory, the paged KV cache, and a forward
+ * pass recorded as one command buffer per step.
+ *
+ * A step runs a batch of sequences, each with some new tokens (a prefill chunk or one decode
+ * token, freely mixed); their K/V go into the sequences' KV blocks and logits come back for the
+ * last token of every item that asks. Everything of the step (copy-on-write block copies,
+ * embedding, every layer, the classifier) is one submission; the host touches only the small
+ * per-step arrays (token ids, positions, KV slots, block tables) and the logits it asked for —
+ * no per-token copies of weights or KV.
+ *
+ * Not thread-safe: one thread (the engine thread in the daemon) drives an engine. */
+#ifndef KVD_MODEL_ENGINE_H
+#define KVD_MODEL_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "arch.h"
+#include "gguf.h"
+#include "gpu.h"
+#include "kv.h"
+
+struct engine;
+struct engine_seq;
+
+/* Called while weights upload: bytes done of total. */
+typedef void (*engine_progress_fn)(void *ud, uint64_t done, uint64_t total);
+
+struct engine_opts {
+  uint32_t block_size;      /* tokens per KV block; 0 = KV_BLOCK_SIZE_DEFAULT */
+  uint64_t kv_bytes;        /* KV budget in bytes; 0 = kv_fraction of the free device memory */
+  double kv_fraction;       /* share of free device memory for KV when kv_bytes is 0; 0 = 0.5 */
+  uint32_t n_blocks;        /* exact block count (overrides the budget; tests use tiny pools) */
+  uint32_t max_step_tokens; /* most tokens one forward step holds; 0 = 512 */
+  uint32_t max_logits;      /* most logits rows one step returns; 0 = 64 */
+  engine_progress_fn progress;
+  void *progress_ud;
+};
+
+/* Binds and checks the model in f (see arch.h), uploads its weights as stored (quantized weights
+ * stay quantized), sizes the KV pool and creates the pipelines. f must outlive the engine.
+ * Errors: those of model_weights_new (err names the key or tensor), KVD_E_DEVICE_OOM,
+ * KVD_E_LIMIT (a tensor larger than one storage binding), KVD_E_KV_EXHAUSTED (no KV block fits),
+ * Vulkan failures (gpu_error_detail()). */
+int engine_new(struct gpu_device *dev, const struct gguf_file *f, const struct engine_opts *opts,
+               struct engine **ret, struct model_error *err);
+void engine_free(struct engine *e); /* frees every sequence still open */
+
+const struct model_hparams *engine_hparams(const struct engine *e);
+void engine_kv_stats(const struct engine *e, struct kv_pool_stats *ret);
+/* Bytes of KV one token takes over all layers (K and V). */
+uint64_t engine_kv_bytes_per_token(const struct engine *e);
+uint32_t engine_max_step_tokens(const struct engine *e);
+
+/* An empty sequence; its KV blocks are taken as tokens arrive. */
+int engine_seq_new(struct engine *e, struct engine_seq **ret);
+/* Returns every block the sequence holds (shared ones stay with their other holders). */
+void engine_seq_free(struct engine *e, struct engine_seq *s);
+uint32_t engine_seq_len(const struct engine_seq *s);
+/* Drops tokens past n (rewind), freeing whole blocks. */
+int engine_seq_truncate(struct engine *e, struct engine_seq *s, uint32_t n);
+/* A new sequence sharing all of src's blocks (copy-on-write on the first write to a shared one). */
+int engine_seq_fork(struct engine *e, const struct engine_seq *src, struct engine_seq **ret);
+
+struct engine_item {
+  struct engine_seq *seq;
+  const int32_t *tokens; /* the new tokens, at positions seq_len .. seq_len + n_tokens - 1 */
+  uint32_t n_tokens;     /* >= 1 */
+  float *logits;         /* NULL, or n_vocab floats: the logits after the last new token */
+};
+
+/* Runs one step. All or nothing: on KVD_E_KV_EXHAUSTED (not enough free blocks for every item),
+ * KVD_E2BIG (more tokens or logits rows than one step holds), KVD_E_CONTEXT (a sequence would pass
+ * the model's context) or KVD_EINVAL (a token outside the vocabulary) no sequence changes.
+ * A device failure after submission also leaves the sequences' lengths unchanged. */
+int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items);
+
+/* GPU time of the last step's dispatches, by label, for benchmarks (see gpu_cmd_timings). */
+uint32_t engine_last_timings(const struct engine *e, const struct gpu_timing **ret);
+
+#endif
+
+/* ---- one-shot generation (tests, benchmarks, kvd's simple paths) ---- */
+
+/* Called with each generated token and the logits it was chosen from (n_vocab floats); return
+ * nonzero to stop. */
+typedef int (*engine_token_fn)(void *ud, int32_t token, const float *logits, uint32_t n_vocab);
+
+struct sample_params;
+
+struct engine_gen_stats {
+  uint32_t n_prompt, n_generated;
+  double prefill_s, decode_s; /* wall time of the prefill steps and of the decode steps */
+};
+
+/* Runs prompt (n_prompt >= 1 ids) on a fresh sequence in chunks of at most max_step_tokens, then
+ * samples up to max_new tokens (params NULL = greedy), stopping at the model's EOS or BOS (not
+ * passed to on_token) or when on_token asks. Returns the number of tokens generated or a negative
+ * code. stats may be NULL. */
+int engine_generate(struct engine *e, const int32_t *prompt, uint32_t n_prompt, uint32_t max_new,
+                    const struct sample_params *params, engine_token_fn on_token, void *ud,
+                    struct engine_gen_stats *stats);

@@ -1,0 +1,419 @@
+/* The engine end to end on the real tiny models: greedy ids against SOURCES.md's references,
+ * full logits against the CPU reference across many KV block boundaries, batched decode equal to
+ * solo runs, chunked prefill, fork with copy-on-write, and the pool's counters. */
+#include "engine.h"
+#include "gpu_fixture.h"
+#include "kvd_error.h"
+#include "ref.h"
+#include "sample.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static cJSON *load_json(const char *rel) {
+  const char *path = kt_shared_path(rel);
+  if (!path) return NULL;
+  FILE *f = fopen(path, "rb");
+  if (!f) return NULL;
+  fseek(f, 0, SEEK_END);
+  long n = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  char *text = malloc((size_t)n + 1);
+  cJSON *j = NULL;
+  if (text && fread(text, 1, (size_t)n, f) == (size_t)n) {
+    text[n] = 0;
+    j = cJSON_Parse(text);
+  }
+  free(text);
+  fclose(f);
+  return j;
+}
+
+static struct gguf_file *open_model(const char *rel) {
+  const char *path = kt_shared_path(rel);
+  struct gguf_file *f = NULL;
+  struct gguf_error err;
+  if (path && gguf_open(path, &f, &err) < 0) kt_log("%s: %s", rel, err.msg);
+  return f;
+}
+
+static struct engine *new_engine(const struct gguf_file *f, const struct engine_opts *o) {
+  struct engine *e = NULL;
+  struct model_error err = {{0}};
+  int rc = engine_new(fixture_device(), f, o, &e, &err);
+  if (rc < 0) kt_log("engine_new: %s: %s", kvd_strerror(rc), err.msg);
+  return e;
+}
+
+struct capture {
+  int32_t ids[512];
+  float logits[16][512]; /* the logits behind the first 16 generated tokens (vocab <= 512) */
+  uint32_t n_vocab;
+  uint32_t n;
+};
+
+static int on_token(void *ud, int32_t tok, const float *logits, uint32_t n_vocab) {
+  struct capture *c = ud;
+  c->n_vocab = n_vocab;
+  if (c->n < 16 && n_vocab <= 512) memcpy(c->logits[c->n], logits, n_vocab * sizeof(float));
+  if (c->n < 512) c->ids[c->n] = tok;
+  c->n++;
+  return 0;
+}
+
+static int32_t *json_ids(const cJSON *obj, const char *key, uint32_t *n) {
+  const cJSON *a = cJSON_GetObjectItemCaseSensitive(obj, key), *x;
+  *n = (uint32_t)cJSON_GetArraySize(a);
+  int32_t *ids = malloc((*n + 1) * sizeof *ids);
+  uint32_t i = 0;
+  cJSON_ArrayForEach(x, a) ids[i++] = (int32_t)x->valuedouble;
+  return ids;
+}
+
+/* Greedy through engine_generate: ids must match exactly, and the reference's top-5 values
+ * within tol: log-probs (quant/reference.json, absolute) or raw logits (stories, relative). */
+static void check_case(struct engine *e, const cJSON *c, bool logprobs, double tol) {
+  uint32_t n_prompt, n_want;
+  int32_t *prompt = json_ids(c, "prompt_ids", &n_prompt);
+  int32_t *want = json_ids(c, "generated_ids", &n_want);
+  int steps = cJSON_GetObjectItemCaseSensitive(c, "steps")->valueint;
+  struct capture *cap = calloc(1, sizeof *cap);
+  /* llama2.c counts steps as positions run: the last one still yields a token. */
+  int n = engine_generate(e, prompt, n_prompt, (uint32_t)steps - n_prompt + 1, NULL, on_token, cap,
+                          NULL);
+  KT_CHECK_MSG(n >= 0, "engine_generate: %s", kvd_strerror(n));
+  KT_CHECK_EQ(cap->n, n_want);
+  uint32_t first_diff = UINT32_MAX;
+  for (uint32_t i = 0; i < n_want && i < cap->n && i < 512; i++)
+    if (cap->ids[i] != want[i] && first_diff == UINT32_MAX) first_diff = i;
+  KT_CHECK_MSG(first_diff == UINT32_MAX, "first differing generated token: %u", first_diff);
+  const cJSON *tops = cJSON_GetObjectItemCaseSensitive(c, logprobs ? "top_logprobs" : "top_logits");
+  const cJSON *entry;
+  double worst = 0;
+  uint32_t checked = 0;
+  float lp[512];
+  cJSON_ArrayForEach(entry, tops) {
+    /* "pos" is the position whose logits chose the token: generated token pos - (n_prompt-1). */
+    uint32_t pos = (uint32_t)cJSON_GetObjectItemCaseSensitive(entry, "pos")->valueint;
+    if (pos + 1 < n_prompt) continue;
+    pos -= n_prompt - 1;
+    if (pos >= 16 || pos >= cap->n) continue;
+    const float *row = cap->logits[pos];
+    if (logprobs) {
+      sample_log_softmax(row, lp, cap->n_vocab);
+      row = lp;
+    }
+    const cJSON *pair;
+    cJSON_ArrayForEach(pair, cJSON_GetObjectItemCaseSensitive(entry, "top")) {
+      int32_t id = (int32_t)cJSON_GetArrayItem(pair, 0)->valuedouble;
+      double v = cJSON_GetArrayItem(pair, 1)->valuedouble;
+      double d = fabs(row[id] - v) / (logprobs ? 1.0 : fmax(1.0, fabs(v)));
+      if (d > worst) worst = d;
+    }
+    checked++;
+  }
+  KT_CHECK(checked > 0);
+  KT_CHECK_MSG(worst < tol, "max %s error %.3g over %u positions", logprobs ? "|d logprob|" : "rel logit", worst, checked);
+  kt_log("%u/%u ids, max %s error %.3g over %u positions", cap->n, n_want,
+         logprobs ? "|d logprob|" : "rel logit", worst, checked);
+  free(cap);
+  free(prompt);
+  free(want);
+}
+
+/* tol: the stored logits come from the F32 weights; the F16 file's rounded matrices move them
+ * by ~2e-3 (the ids stay identical), so it gets a looser bound. */
+static void check_stories(const char *rel, double tol) {
+  cJSON *ref = load_json("models/stories260K.reference.json");
+  struct gguf_file *f = open_model(rel);
+  if (!ref || !f) {
+    cJSON_Delete(ref);
+    gguf_close(f);
+    KT_SKIP("models not found under KVD_SHARED_DIR");
+  }
+  struct engine *e = new_engine(f, &(struct engine_opts){.n_blocks = 64});
+  KT_ASSERT(e);
+  const cJSON *c;
+  cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(ref, "cases")) check_case(e, c, false, tol);
+  struct kv_pool_stats st;
+  engine_kv_stats(e, &st);
+  KT_CHECK_EQ(st.free, st.total); /* every generation gave its blocks back */
+  engine_free(e);
+  gguf_close(f);
+  cJSON_Delete(ref);
+}
+
+KT_TEST(stories260K_f32_greedy_matches_reference) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  check_stories("models/stories260K.gguf", 1e-4);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+KT_TEST(stories260K_f16_tied_greedy_matches_reference) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  check_stories("models/stories260K-f16.gguf", 5e-3);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+KT_TEST(every_quant_file_matches_reference_ids_and_logprobs) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  cJSON *ref = load_json("models/quant/reference.json");
+  if (!ref) KT_SKIP("quant/reference.json not found");
+  const cJSON *c;
+  int n_files = 0;
+  cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(ref, "cases")) {
+    char rel[256];
+    snprintf(rel, sizeof rel, "models/%s",
+             cJSON_GetObjectItemCaseSensitive(c, "model")->valuestring);
+    struct gguf_file *f = open_model(rel);
+    KT_CHECK_MSG(f != NULL, "%s missing", rel);
+    if (!f) continue;
+    kt_log("%s", rel);
+    struct engine *e = new_engine(f, &(struct engine_opts){.n_blocks = 16});
+    KT_CHECK(e != NULL);
+    if (e) check_case(e, c, true, 1e-4);
+    engine_free(e);
+    gguf_close(f);
+    n_files++;
+  }
+  KT_CHECK_EQ(n_files, 11);
+  cJSON_Delete(ref);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Runs tokens one step per `chunk` tokens on seq, logits of the last into out. */
+static int feed(struct engine *e, struct engine_seq *s, const int32_t *toks, uint32_t n,
+                uint32_t chunk, float *out) {
+  for (uint32_t done = 0; done < n;) {
+    uint32_t k = n - done < chunk ? n - done : chunk;
+    struct engine_item it = {.seq = s, .tokens = toks + done, .n_tokens = k,
+                             .logits = done + k == n ? out : NULL};
+    int rc = engine_forward(e, &it, 1);
+    if (rc < 0) return rc;
+    done += k;
+  }
+  return 0;
+}
+
+static double logits_err(const float *got, const float *want, uint32_t n) {
+  double mx = 0, worst = 0;
+  for (uint32_t i = 0; i < n; i++) mx = fmax(mx, fabs(want[i]));
+  for (uint32_t i = 0; i < n; i++) worst = fmax(worst, fabs(got[i] - want[i]) / fmax(mx, 1e-6));
+  return worst;
+}
+
+KT_TEST(logits_match_cpu_reference_across_block_boundaries) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = open_model("models/stories260K.gguf");
+  if (!f) KT_SKIP("stories260K.gguf not found");
+  struct model_ref *ref = NULL;
+  struct model_error err;
+  KT_ASSERT_OK(model_ref_new(f, &(struct model_ref_opts){.n_ctx = 128}, &ref, &err));
+  /* Block size 4: 70 positions cross 17 block boundaries. */
+  struct engine *e = new_engine(f, &(struct engine_opts){.block_size = 4, .n_blocks = 40});
+  KT_ASSERT(e);
+  struct engine_seq *s;
+  KT_ASSERT_OK(engine_seq_new(e, &s));
+  float got[512], want[512];
+  double worst = 0;
+  for (uint32_t pos = 0; pos < 70; pos++) {
+    int32_t tok = (int32_t)kt_rand_range(0, 511);
+    KT_ASSERT_OK(model_ref_forward(ref, (uint32_t)tok, pos, want));
+    KT_ASSERT_OK(feed(e, s, &tok, 1, 1, got));
+    worst = fmax(worst, logits_err(got, want, 512));
+  }
+  kt_log("max logit error vs CPU reference over 70 positions: %.3g", worst);
+  KT_CHECK(worst < 1e-4);
+  engine_seq_free(e, s);
+  engine_free(e);
+  model_ref_free(ref);
+  gguf_close(f);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+KT_TEST(chunked_prefill_equals_one_step_prefill) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = open_model("models/stories260K.gguf");
+  if (!f) KT_SKIP("stories260K.gguf not found");
+  struct engine *e = new_engine(f, &(struct engine_opts){.block_size = 8, .n_blocks = 64});
+  KT_ASSERT(e);
+  int32_t toks[100];
+  for (int i = 0; i < 100; i++) toks[i] = (int32_t)kt_rand_range(3, 511);
+  float a[512], b[512], c[512];
+  struct engine_seq *s1, *s2, *s3;
+  KT_ASSERT_OK(engine_seq_new(e, &s1));
+  KT_ASSERT_OK(engine_seq_new(e, &s2));
+  KT_ASSERT_OK(engine_seq_new(e, &s3));
+  KT_ASSERT_OK(feed(e, s1, toks, 100, 100, a)); /* one step: the tiled mat-mul path */
+  KT_ASSERT_OK(feed(e, s2, toks, 100, 7, b));   /* odd chunks across block edges */
+  KT_ASSERT_OK(feed(e, s3, toks, 100, 1, c));   /* token by token: the mat-vec path */
+  KT_CHECK(logits_err(b, a, 512) < 1e-5);
+  KT_CHECK(logits_err(c, a, 512) < 1e-5);
+  engine_free(e); /* frees the open sequences too */
+  gguf_close(f);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Greedy continuation of `prompt` for n tokens on its own sequence. */
+static void solo_greedy(struct engine *e, const int32_t *prompt, uint32_t n_prompt, uint32_t n,
+                        int32_t *out) {
+  struct engine_seq *s;
+  float lg[512];
+  KT_ASSERT_OK(engine_seq_new(e, &s));
+  KT_ASSERT_OK(feed(e, s, prompt, n_prompt, 64, lg));
+  for (uint32_t i = 0; i < n; i++) {
+    int32_t best = 0;
+    for (int32_t v = 1; v < 512; v++)
+      if (lg[v] > lg[best]) best = v;
+    out[i] = best;
+    KT_ASSERT_OK(feed(e, s, &best, 1, 1, lg));
+  }
+  engine_seq_free(e, s);
+}
+
+KT_TEST(batched_decode_of_8_sequences_equals_solo_runs) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = open_model("models/stories260K.gguf");
+  if (!f) KT_SKIP("stories260K.gguf not found");
+  struct engine *e = new_engine(f, &(struct engine_opts){.n_blocks = 128});
+  KT_ASSERT(e);
+  enum { S = 8, N = 12 };
+  int32_t prompts[S][40], solo[S][N], batched[S][N];
+  uint32_t plen[S];
+  for (int i = 0; i < S; i++) {
+    plen[i] = kt_rand_range(1, 40);
+    prompts[i][0] = 1;
+    for (uint32_t j = 1; j < plen[i]; j++) prompts[i][j] = (int32_t)kt_rand_range(3, 511);
+    solo_greedy(e, prompts[i], plen[i], N, solo[i]);
+  }
+  struct kv_pool_stats before;
+  engine_kv_stats(e, &before);
+  /* Prefill all 8 in one step (mixed lengths), then decode all 8 together each step. */
+  struct engine_seq *seqs[S];
+  static float lg[S][512];
+  struct engine_item items[S];
+  for (int i = 0; i < S; i++) {
+    KT_ASSERT_OK(engine_seq_new(e, &seqs[i]));
+    items[i] = (struct engine_item){seqs[i], prompts[i], plen[i], lg[i]};
+  }
+  KT_ASSERT_OK(engine_forward(e, items, S));
+  int32_t next[S];
+  for (int step = 0; step < N; step++) {
+    for (int i = 0; i < S; i++) {
+      int32_t best = 0;
+      for (int32_t v = 1; v < 512; v++)
+        if (lg[i][v] > lg[i][best]) best = v;
+      batched[i][step] = next[i] = best;
+      items[i] = (struct engine_item){seqs[i], &next[i], 1, lg[i]};
+    }
+    KT_ASSERT_OK(engine_forward(e, items, S));
+  }
+  for (int i = 0; i < S; i++)
+    KT_CHECK_MSG(memcmp(solo[i], batched[i], sizeof solo[i]) == 0, "sequence %d differs", i);
+  for (int i = 0; i < S; i++) engine_seq_free(e, seqs[i]);
+  struct kv_pool_stats after;
+  engine_kv_stats(e, &after);
+  KT_CHECK_EQ(after.free, before.free);
+  KT_CHECK_EQ(after.free, after.total);
+  engine_free(e);
+  gguf_close(f);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+KT_TEST(fork_shares_blocks_and_copies_on_write) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = open_model("models/stories260K.gguf");
+  if (!f) KT_SKIP("stories260K.gguf not found");
+  struct engine *e = new_engine(f, &(struct engine_opts){.block_size = 8, .n_blocks = 32});
+  KT_ASSERT(e);
+  int32_t prompt[13], a_tok = 300, b_tok = 400;
+  for (int i = 0; i < 13; i++) prompt[i] = (int32_t)kt_rand_range(3, 511);
+  float la[512], lb[512], want_a[512], want_b[512];
+  /* The solo answers: the prompt then one different token each. */
+  int32_t pa[14], pb[14];
+  memcpy(pa, prompt, sizeof prompt);
+  memcpy(pb, prompt, sizeof prompt);
+  pa[13] = a_tok;
+  pb[13] = b_tok;
+  struct engine_seq *s, *t, *u;
+  KT_ASSERT_OK(engine_seq_new(e, &s));
+  KT_ASSERT_OK(feed(e, s, pa, 14, 14, want_a));
+  engine_seq_free(e, s);
+  KT_ASSERT_OK(engine_seq_new(e, &s));
+  KT_ASSERT_OK(feed(e, s, pb, 14, 14, want_b));
+  engine_seq_free(e, s);
+
+  KT_ASSERT_OK(engine_seq_new(e, &s));
+  KT_ASSERT_OK(feed(e, s, prompt, 13, 13, la));
+  struct kv_pool_stats st0, st1;
+  engine_kv_stats(e, &st0);
+  KT_ASSERT_OK(engine_seq_fork(e, s, &t));
+  engine_kv_stats(e, &st1);
+  KT_CHECK_EQ(st1.used, st0.used); /* forking copies nothing */
+  /* Both write position 13 inside the shared second block: the first writer copies it. */
+  KT_ASSERT_OK(feed(e, s, &a_tok, 1, 1, la));
+  KT_ASSERT_OK(feed(e, t, &b_tok, 1, 1, lb));
+  KT_CHECK(logits_err(la, want_a, 512) < 1e-5);
+  KT_CHECK(logits_err(lb, want_b, 512) < 1e-5);
+  engine_kv_stats(e, &st1);
+  KT_CHECK_EQ(st1.used, st0.used + 1);
+  KT_CHECK(st1.cow_copies >= 1);
+  /* A fork of a fork, then free everything: the pool is whole again. */
+  KT_ASSERT_OK(engine_seq_fork(e, t, &u));
+  engine_seq_free(e, s);
+  engine_seq_free(e, t);
+  engine_seq_free(e, u);
+  engine_kv_stats(e, &st1);
+  KT_CHECK_EQ(st1.free, st1.total);
+  engine_free(e);
+  gguf_close(f);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+KT_TEST(exhausted_pool_is_a_typed_error_and_changes_nothing) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = open_model("models/stories260K.gguf");
+  if (!f) KT_SKIP("stories260K.gguf not found");
+  struct engine *e = new_engine(f, &(struct engine_opts){.block_size = 16, .n_blocks = 4});
+  KT_ASSERT(e);
+  int32_t toks[80];
+  for (int i = 0; i < 80; i++) toks[i] = (int32_t)kt_rand_range(3, 511);
+  struct engine_seq *a, *b;
+  KT_ASSERT_OK(engine_seq_new(e, &a));
+  KT_ASSERT_OK(engine_seq_new(e, &b));
+  float la[512], again[512];
+  KT_ASSERT_OK(feed(e, a, toks, 40, 40, la)); /* 3 of 4 blocks */
+  struct engine_item it = {b, toks, 40, NULL};
+  KT_CHECK_EQ(engine_forward(e, &it, 1), KVD_E_KV_EXHAUSTED);
+  KT_CHECK_EQ(engine_seq_len(b), 0);
+  KT_CHECK_EQ(engine_seq_len(a), 40);
+  /* a is intact: one more token gives the same answer as recomputing from scratch. */
+  KT_ASSERT_OK(feed(e, a, toks + 40, 1, 1, la));
+  engine_seq_free(e, a);
+  KT_ASSERT_OK(feed(e, b, toks, 41, 41, again));
+  KT_CHECK(logits_err(la, again, 512) < 1e-5);
+  /* Bad input is refused before anything runs. */
+  int32_t bad = 512;
+  it = (struct engine_item){b, &bad, 1, NULL};
+  KT_CHECK_EQ(engine_forward(e, &it, 1), KVD_EINVAL);
+  KT_CHECK_EQ(engine_seq_len(b), 41);
+  engine_seq_free(e, b);
+  struct kv_pool_stats st;
+  engine_kv_stats(e, &st);
+  KT_CHECK_EQ(st.free, st.total);
+  KT_CHECK(st.alloc_failures >= 1);
+  engine_free(e);
+  gguf_close(f);
+  FIXTURE_CHECK_VALIDATION();
+}
