@@ -1,5 +1,7 @@
 /* kvd: the daemon's entry point. Parses the configuration, then runs the requested mode. */
+#include "arch.h"
 #include "config.h"
+#include "gguf.h"
 #include "gpu.h"
 #include "kvd_config.h"
 #include "kvd_error.h"
@@ -40,6 +42,35 @@ static int main_list_devices(const struct kvd_config *cfg) {
   return 0;
 }
 
+/* What gguf-dump shows, then what kvd makes of it: hyperparameters, weights, tokenizer. */
+static int main_model_info(const char *path) {
+  struct gguf_file *f;
+  struct gguf_error err = {0};
+  int rc = gguf_open(path, &f, &err);
+  if (rc < 0) {
+    log_err("%s: %s at offset %llu: %s", path, kvd_strerror(rc), (unsigned long long)err.offset,
+            err.msg);
+    return 1;
+  }
+  gguf_print_info(f, stdout);
+  struct model_error merr = {{0}};
+  struct model_weights *w = NULL;
+  rc = model_weights_new(f, &w, &merr);
+  if (rc == 0) {
+    printf("\n");
+    model_print_hparams(&w->hp, stdout);
+    model_print_weights(w, stdout);
+  } else {
+    printf("\nkvd cannot run this file: %s (%s)\n", merr.msg, kvd_strerror(rc));
+  }
+  struct gguf_str tk;
+  if (gguf_get_str(f, "tokenizer.ggml.model", &tk) == 0)
+    printf("tokenizer: %.*s\n", (int)tk.len, tk.ptr);
+  model_weights_free(w);
+  gguf_close(f);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   struct kvd_config cfg;
   if (config_load(&cfg, argc, argv) < 0) return 2;
@@ -52,8 +83,7 @@ int main(int argc, char **argv) {
   } else if (cfg.list_devices) {
     status = main_list_devices(&cfg);
   } else if (cfg.model_info) {
-    fprintf(stderr, "kvd: --model-info arrives with the GGUF reader\n");
-    status = 2;
+    status = main_model_info(cfg.model_info);
   } else {
     fprintf(stderr, "kvd: the serving daemon is not built yet; try --list-devices, --model-info "
                     "FILE or --help\n");
