@@ -108,7 +108,8 @@ int ops_add(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu
 int ops_add_bias(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu_binding bias,
                  uint32_t n_tokens, uint32_t n);
 
-/* Softmax of every row of x (n_rows, n) in place, max-subtracted. */
+/* Softmax of every row of x (n_rows, n) in place, max-subtracted, so any finite logits are safe
+ * and -inf entries (masks) become 0; a row of only -inf is NaN, as in ref_softmax(). */
 int ops_softmax(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, uint32_t n_rows,
                 uint32_t n);
 
