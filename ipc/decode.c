@@ -113,8 +113,9 @@ static bool is_array_header(uint8_t b) {
 /* Advances the scanner over the buffered bytes of the frame at head: 1 when the frame is whole
  * (d->pos bytes), 0 when it needs more bytes, or a fatal code. */
 static int scan(struct ipc_dec *d) {
-  const uint8_t *p = (const uint8_t *)d->buf + d->head;
   size_t avail = d->tail - d->head;
+  if (avail == 0) return d->pending == 0 && d->pos == 0; /* (nothing fed yet: buf is NULL) */
+  const uint8_t *p = (const uint8_t *)d->buf + d->head;
 
   while (d->pending > 0) {
     if (d->pos >= avail) return 0;
