@@ -79,7 +79,6 @@ int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items
 /* GPU time of the last step's dispatches, by label, for benchmarks (see gpu_cmd_timings). */
 uint32_t engine_last_timings(const struct engine *e, const struct gpu_timing **ret);
 
-#endif
 
 /* ---- one-shot generation (tests, benchmarks, kvd's simple paths) ---- */
 
@@ -101,3 +100,5 @@ struct engine_gen_stats {
 int engine_generate(struct engine *e, const int32_t *prompt, uint32_t n_prompt, uint32_t max_new,
                     const struct sample_params *params, engine_token_fn on_token, void *ud,
                     struct engine_gen_stats *stats);
+
+#endif

@@ -1,0 +1,565 @@
+#include "scheduler.h"
+
+#include "kvd_error.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct inbox_item;
+
+struct sched_session {
+  struct engine_seq *seq; /* engine thread only; NULL until the first request */
+  struct inbox_item *free_item; /* allocated up front so closing a session cannot fail */
+  int32_t pending;        /* last sampled token, not yet run through the model; -1 = none */
+  _Atomic uint32_t len;   /* history tokens, pending included */
+};
+
+/* The inbox keeps requests and session commands in one FIFO so a fork or a free is applied
+ * before any request submitted after it. */
+enum inbox_kind { INBOX_REQ, INBOX_FORK, INBOX_FREE };
+struct inbox_item {
+  enum inbox_kind kind;
+  struct sched_req *req;
+  struct sched_session *a, *b; /* FORK: a = source, b = copy; FREE: a */
+  struct inbox_item *next;
+};
+
+struct sched {
+  struct engine *e;
+  struct sched_opts o;
+  pthread_t thread;
+  bool thread_started;
+  pthread_mutex_t lock;
+  pthread_cond_t wake;
+  bool stop;
+  struct inbox_item *in_head, *in_tail;
+  struct sched_event *events; /* ring, grown when full */
+  uint32_t ev_head, ev_count, ev_cap;
+  struct sched_stats stats; /* published copy, under lock */
+
+  /* engine thread only */
+  struct sched_req *waiting; /* admitted or not, prompt not finished; FIFO */
+  struct sched_req *running; /* decoding */
+  struct engine_item *items;
+  struct sched_req **item_req;
+  uint32_t cap_items;
+  struct sched_stats local;
+};
+
+static double sched_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int sched_req_new(const int32_t *tokens, uint32_t n_tokens, struct sched_req **ret) {
+  struct sched_req *r = calloc(1, sizeof *r);
+  if (!r) return KVD_ENOMEM;
+  r->tokens = malloc((n_tokens ? n_tokens : 1) * sizeof *r->tokens);
+  if (!r->tokens) {
+    free(r);
+    return KVD_ENOMEM;
+  }
+  if (n_tokens) memcpy(r->tokens, tokens, n_tokens * sizeof *tokens);
+  r->n_tokens = n_tokens;
+  r->inbox = calloc(1, sizeof(struct inbox_item));
+  if (!r->inbox) {
+    free(r->tokens);
+    free(r);
+    return KVD_ENOMEM;
+  }
+  r->next = -1;
+  sample_params_default(&r->sp);
+  atomic_init(&r->cancel, false);
+  *ret = r;
+  return 0;
+}
+
+void sched_req_free(struct sched_req *r) {
+  if (!r) return;
+  free(r->tokens);
+  free(r->inbox);
+  free(r->hist);
+  free(r->logits);
+  free(r->scratch);
+  sampler_free(r->smp);
+  free(r);
+}
+
+void sched_cancel(struct sched_req *r) {
+  atomic_store(&r->cancel, true);
+}
+
+static void sched_push_inbox(struct sched *s, struct inbox_item *it) {
+  pthread_mutex_lock(&s->lock);
+  if (s->in_tail) s->in_tail->next = it;
+  else s->in_head = it;
+  s->in_tail = it;
+  pthread_cond_signal(&s->wake);
+  pthread_mutex_unlock(&s->lock);
+}
+
+void sched_submit(struct sched *s, struct sched_req *r) {
+  r->t_submit = sched_now();
+  /* The inbox item was allocated with the request, so submitting cannot fail. */
+  struct inbox_item *it = r->inbox;
+  r->inbox = NULL;
+  it->kind = INBOX_REQ;
+  it->req = r;
+  sched_push_inbox(s, it);
+}
+
+int sched_session_new(struct sched *s, struct sched_session **ret) {
+  (void)s;
+  struct sched_session *ss = calloc(1, sizeof *ss);
+  if (!ss) return KVD_ENOMEM;
+  ss->free_item = calloc(1, sizeof(struct inbox_item));
+  if (!ss->free_item) {
+    free(ss);
+    return KVD_ENOMEM;
+  }
+  ss->pending = -1;
+  atomic_init(&ss->len, 0);
+  *ret = ss;
+  return 0;
+}
+
+int sched_session_fork(struct sched *s, struct sched_session *src, struct sched_session **ret) {
+  struct sched_session *ss;
+  struct inbox_item *it = calloc(1, sizeof *it);
+  if (!it) return KVD_ENOMEM;
+  if (sched_session_new(s, &ss) < 0) {
+    free(it);
+    return KVD_ENOMEM;
+  }
+  atomic_store(&ss->len, atomic_load(&src->len));
+  it->kind = INBOX_FORK;
+  it->a = src;
+  it->b = ss;
+  sched_push_inbox(s, it);
+  *ret = ss;
+  return 0;
+}
+
+void sched_session_free(struct sched *s, struct sched_session *ss) {
+  if (!ss) return;
+  struct inbox_item *it = ss->free_item;
+  ss->free_item = NULL;
+  it->kind = INBOX_FREE;
+  it->a = ss;
+  sched_push_inbox(s, it);
+}
+
+uint32_t sched_session_len(const struct sched_session *ss) {
+  return atomic_load(&((struct sched_session *)ss)->len);
+}
+
+/* ---- engine thread ---- */
+
+static void sched_emit(struct sched *s, const struct sched_event *ev) {
+  pthread_mutex_lock(&s->lock);
+  if (s->ev_count == s->ev_cap) {
+    uint32_t cap = s->ev_cap ? s->ev_cap * 2 : 64;
+    struct sched_event *n = malloc(cap * sizeof *n);
+    if (!n) {
+      /* Cannot grow: drop token events rather than block the engine; DONE must get through. */
+      pthread_mutex_unlock(&s->lock);
+      if (!ev->done) return;
+      for (;;) {
+        pthread_mutex_lock(&s->lock);
+        if (s->ev_count < s->ev_cap) break;
+        pthread_mutex_unlock(&s->lock);
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+      }
+    } else {
+      for (uint32_t i = 0; i < s->ev_count; i++)
+        n[i] = s->events[(s->ev_head + i) % (s->ev_cap ? s->ev_cap : 1)];
+      free(s->events);
+      s->events = n;
+      s->ev_head = 0;
+      s->ev_cap = cap;
+    }
+  }
+  s->events[(s->ev_head + s->ev_count) % s->ev_cap] = *ev;
+  s->ev_count++;
+  pthread_mutex_unlock(&s->lock);
+}
+
+uint32_t sched_drain(struct sched *s, struct sched_event *out, uint32_t cap) {
+  pthread_mutex_lock(&s->lock);
+  uint32_t n = s->ev_count < cap ? s->ev_count : cap;
+  for (uint32_t i = 0; i < n; i++) out[i] = s->events[(s->ev_head + i) % s->ev_cap];
+  s->ev_head = n ? (s->ev_head + n) % s->ev_cap : s->ev_head;
+  s->ev_count -= n;
+  pthread_mutex_unlock(&s->lock);
+  return n;
+}
+
+void sched_get_stats(struct sched *s, struct sched_stats *ret) {
+  pthread_mutex_lock(&s->lock);
+  *ret = s->stats;
+  pthread_mutex_unlock(&s->lock);
+}
+
+static void list_remove(struct sched_req **head, struct sched_req *r) {
+  for (struct sched_req **p = head; *p; p = &(*p)->next_req)
+    if (*p == r) {
+      *p = r->next_req;
+      r->next_req = NULL;
+      return;
+    }
+}
+
+static void list_append(struct sched_req **head, struct sched_req *r) {
+  struct sched_req **p = head;
+  while (*p) p = &(*p)->next_req;
+  r->next_req = NULL;
+  *p = r;
+}
+
+/* Ends a request: its sequence goes back to the pool unless a session keeps it. */
+static void sched_finish(struct sched *s, struct sched_req *r, enum sched_finish why, int error) {
+  if (r->session) {
+    r->session->pending = r->next;
+    uint32_t len = r->seq ? engine_seq_len(r->seq) : 0;
+    atomic_store(&r->session->len, len + (r->next >= 0 ? 1u : 0u));
+  } else if (r->seq) {
+    engine_seq_free(s->e, r->seq);
+  }
+  r->seq = NULL;
+  r->t_end = sched_now();
+  struct sched_event ev = {.req = r, .done = true, .finish = why, .error = error};
+  sched_emit(s, &ev);
+}
+
+static void sched_finish_from(struct sched *s, struct sched_req **head, struct sched_req *r,
+                              enum sched_finish why, int error) {
+  list_remove(head, r);
+  sched_finish(s, r, why, error);
+}
+
+/* First use of a request on the engine thread: its sequence, sampler and prompt. */
+static int sched_admit(struct sched *s, struct sched_req *r) {
+  const struct model_hparams *hp = engine_hparams(s->e);
+  int rc = sampler_new(hp->n_vocab, &r->sp, &r->smp);
+  if (rc < 0) return rc;
+  r->logits = malloc(hp->n_vocab * sizeof(float));
+  if (r->logprobs) r->scratch = malloc(hp->n_vocab * sizeof(float));
+  if (r->logprobs && !r->scratch) return KVD_ENOMEM;
+  r->cap_hist = r->n_tokens + 1 + (r->max_tokens ? r->max_tokens : hp->n_ctx_train);
+  r->hist = malloc(r->cap_hist * sizeof(int32_t));
+  if (!r->logits || !r->hist) return KVD_ENOMEM;
+  if (r->session) {
+    if (!r->session->seq) {
+      rc = engine_seq_new(s->e, &r->session->seq);
+      if (rc < 0) return rc;
+    }
+    r->seq = r->session->seq;
+    /* The previous completion's last token was never run: it leads this prompt. */
+    if (r->session->pending >= 0) {
+      int32_t *t = malloc((r->n_tokens + 1) * sizeof *t);
+      if (!t) return KVD_ENOMEM;
+      t[0] = r->session->pending;
+      memcpy(t + 1, r->tokens, r->n_tokens * sizeof *t);
+      free(r->tokens);
+      r->tokens = t;
+      r->n_tokens++;
+      r->session->pending = -1;
+    }
+  } else {
+    rc = engine_seq_new(s->e, &r->seq);
+    if (rc < 0) return rc;
+  }
+  r->cached_tokens = engine_seq_len(r->seq);
+  if (r->n_tokens == 0) return KVD_EINVAL;
+  if ((uint64_t)r->cached_tokens + r->n_tokens >= hp->n_ctx_train) return KVD_E_CONTEXT;
+  memcpy(r->hist, r->tokens, r->n_tokens * sizeof(int32_t));
+  r->n_hist = r->n_tokens;
+  r->admitted = true;
+  r->t_start = sched_now();
+  return 0;
+}
+
+/* The top-k log-probabilities of a token event. */
+static void sched_logprobs(const float *logits, uint32_t n_vocab, int32_t tok, uint32_t k,
+                           struct sched_event *ev) {
+  double mx = logits[0], sum = 0;
+  for (uint32_t i = 1; i < n_vocab; i++) mx = fmax(mx, logits[i]);
+  for (uint32_t i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - mx);
+  double lse = mx + log(sum);
+  ev->logprob = (float)((double)logits[tok] - lse);
+  ev->n_top = 0;
+  for (uint32_t j = 0; j < k && j < SCHED_MAX_TOP && j < n_vocab; j++) {
+    int32_t best = -1;
+    for (uint32_t i = 0; i < n_vocab; i++) {
+      bool taken = false;
+      for (uint32_t q = 0; q < j && !taken; q++) taken = ev->top_id[q] == (int32_t)i;
+      if (!taken && (best < 0 || logits[i] > logits[best])) best = (int32_t)i;
+    }
+    ev->top_id[j] = best;
+    ev->top_logprob[j] = (float)((double)logits[best] - lse);
+    ev->n_top = j + 1;
+  }
+}
+
+/* Samples after a step that produced this request's logits; false when it ended. */
+static bool sched_sample(struct sched *s, struct sched_req *r, struct sched_req **list) {
+  const struct model_hparams *hp = engine_hparams(s->e);
+  struct sched_event ev = {.req = r};
+  /* Log-probs describe the model's distribution: take them before the penalties edit logits. */
+  if (r->logprobs) memcpy(r->scratch, r->logits, hp->n_vocab * sizeof(float));
+  int32_t tok = sampler_sample(r->smp, r->logits, r->hist, r->n_hist);
+  if (tok < 0) {
+    r->next = -1;
+    sched_finish_from(s, list, r, SCHED_FINISH_ERROR, tok);
+    return false;
+  }
+  if (!r->t_first) r->t_first = sched_now();
+  r->next = tok;
+  if (tok == hp->eos_id || tok == hp->bos_id) {
+    sched_finish_from(s, list, r, SCHED_FINISH_STOP, 0);
+    return false;
+  }
+  ev.token = tok;
+  if (r->logprobs) sched_logprobs(r->scratch, hp->n_vocab, tok, r->logprobs, &ev);
+  r->n_generated++;
+  if (r->n_hist < r->cap_hist) r->hist[r->n_hist++] = tok;
+  sched_emit(s, &ev);
+  uint32_t len = engine_seq_len(r->seq);
+  if ((r->max_tokens && r->n_generated >= r->max_tokens) || len + 1 >= hp->n_ctx_train) {
+    sched_finish_from(s, list, r, SCHED_FINISH_LENGTH, 0);
+    return false;
+  }
+  return true;
+}
+
+static int sched_reserve_items(struct sched *s, uint32_t n) {
+  if (n <= s->cap_items) return 0;
+  uint32_t cap = n * 2;
+  struct engine_item *it = realloc(s->items, cap * sizeof *it);
+  if (!it) return KVD_ENOMEM;
+  s->items = it;
+  struct sched_req **ir = realloc(s->item_req, cap * sizeof *ir);
+  if (!ir) return KVD_ENOMEM;
+  s->item_req = ir;
+  s->cap_items = cap;
+  return 0;
+}
+
+static uint32_t list_len(const struct sched_req *r) {
+  uint32_t n = 0;
+  for (; r; r = r->next_req) n++;
+  return n;
+}
+
+/* Applies what the loop sent, in order. */
+static void sched_take_inbox(struct sched *s, struct inbox_item *it) {
+  while (it) {
+    struct inbox_item *next = it->next;
+    switch (it->kind) {
+    case INBOX_REQ:
+      list_append(&s->waiting, it->req);
+      break;
+    case INBOX_FORK:
+      it->b->pending = it->a->pending;
+      if (it->a->seq && engine_seq_fork(s->e, it->a->seq, &it->b->seq) < 0) {
+        /* No memory for the table: the copy starts empty rather than sharing a broken one. */
+        it->b->seq = NULL;
+        it->b->pending = -1;
+        atomic_store(&it->b->len, 0);
+      }
+      break;
+    case INBOX_FREE:
+      engine_seq_free(s->e, it->a->seq);
+      free(it->a);
+      break;
+    }
+    free(it);
+    it = next;
+  }
+}
+
+static void sched_cancel_flagged(struct sched *s, struct sched_req **list) {
+  for (struct sched_req *r = *list, *next; r; r = next) {
+    next = r->next_req;
+    if (atomic_load(&r->cancel)) sched_finish_from(s, list, r, SCHED_FINISH_CANCELLED, 0);
+  }
+}
+
+/* One step: every running request's next token, then prompt chunks first come first served
+ * while the token budget lasts. Returns false when there was nothing to run. */
+static bool sched_step(struct sched *s) {
+  uint32_t budget = s->o.step_tokens;
+  uint32_t n_run = list_len(s->running), n = 0;
+  if (sched_reserve_items(s, n_run + list_len(s->waiting)) < 0) return false;
+  for (struct sched_req *r = s->running; r && budget; r = r->next_req, budget--) {
+    s->items[n] = (struct engine_item){r->seq, &r->next, 1, r->logits};
+    s->item_req[n++] = r;
+  }
+  uint32_t n_decode = n;
+  for (struct sched_req *r = s->waiting, *next; r && budget && n_run < s->o.max_running;
+       r = next) {
+    next = r->next_req;
+    if (!r->admitted) {
+      int rc = sched_admit(s, r);
+      if (rc < 0) {
+        r->next = -1;
+        sched_finish_from(s, &s->waiting, r, SCHED_FINISH_ERROR, rc);
+        continue;
+      }
+    }
+    uint32_t left = r->n_tokens - r->n_prefilled;
+    uint32_t chunk = left < budget ? left : budget;
+    s->items[n] = (struct engine_item){r->seq, r->tokens + r->n_prefilled, chunk,
+                                       chunk == left ? r->logits : NULL};
+    s->item_req[n++] = r;
+    budget -= chunk;
+    n_run++;
+  }
+  if (n == 0) return false;
+
+  double t0 = sched_now();
+  int rc = engine_forward(s->e, s->items, n);
+  if (rc == KVD_E_KV_EXHAUSTED && n > n_decode) {
+    /* Prompts wait for memory; the running requests go on without them. */
+    n = n_decode;
+    rc = n ? engine_forward(s->e, s->items, n) : 0;
+  }
+  if (rc == KVD_E_KV_EXHAUSTED) {
+    /* Even the running requests do not fit: end the newest so the others can go on. (Issue 6
+     * preempts and recomputes instead.) A lone prompt that can never fit gets the error too. */
+    struct sched_req *victim = NULL;
+    for (struct sched_req *r = s->running; r; r = r->next_req) victim = r;
+    if (victim) {
+      victim->next = -1;
+      sched_finish_from(s, &s->running, victim, SCHED_FINISH_ERROR, KVD_E_KV_EXHAUSTED);
+    } else if (s->waiting) {
+      struct sched_req *r = s->waiting;
+      r->next = -1;
+      sched_finish_from(s, &s->waiting, r, SCHED_FINISH_ERROR, KVD_E_KV_EXHAUSTED);
+    }
+    s->local.preemptions++;
+    return true;
+  }
+  if (rc < 0) {
+    for (uint32_t i = 0; i < n; i++) {
+      struct sched_req *r = s->item_req[i];
+      r->next = -1;
+      sched_finish_from(s, i < n_decode ? &s->running : &s->waiting, r, SCHED_FINISH_ERROR, rc);
+    }
+    return true;
+  }
+  s->local.steps++;
+  s->local.last_step_ms = (sched_now() - t0) * 1e3;
+  uint32_t tokens = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    struct sched_req *r = s->item_req[i];
+    tokens += s->items[i].n_tokens;
+    if (i < n_decode) {
+      s->local.decode_tokens++;
+      sched_sample(s, r, &s->running);
+      continue;
+    }
+    s->local.prefill_tokens += s->items[i].n_tokens;
+    r->n_prefilled += s->items[i].n_tokens;
+    if (r->n_prefilled < r->n_tokens) continue;
+    /* The prompt is in: from now on the request decodes. */
+    list_remove(&s->waiting, r);
+    list_append(&s->running, r);
+    sched_sample(s, r, &s->running);
+  }
+  if (tokens > s->local.batch_tokens_max) s->local.batch_tokens_max = tokens;
+  return true;
+}
+
+static void sched_publish(struct sched *s) {
+  engine_kv_stats(s->e, &s->local.kv);
+  s->local.running = list_len(s->running);
+  s->local.waiting = list_len(s->waiting);
+  pthread_mutex_lock(&s->lock);
+  s->stats = s->local;
+  pthread_mutex_unlock(&s->lock);
+}
+
+static void *sched_main(void *arg) {
+  struct sched *s = arg;
+  for (;;) {
+    pthread_mutex_lock(&s->lock);
+    while (!s->stop && !s->in_head && !s->running && !s->waiting)
+      pthread_cond_wait(&s->wake, &s->lock);
+    struct inbox_item *in = s->in_head;
+    s->in_head = s->in_tail = NULL;
+    bool stop = s->stop;
+    pthread_mutex_unlock(&s->lock);
+    sched_take_inbox(s, in);
+    if (stop) {
+      for (struct sched_req *r = s->running; r; r = s->running)
+        sched_finish_from(s, &s->running, r, SCHED_FINISH_CANCELLED, 0);
+      for (struct sched_req *r = s->waiting; r; r = s->waiting)
+        sched_finish_from(s, &s->waiting, r, SCHED_FINISH_CANCELLED, 0);
+      break;
+    }
+    sched_cancel_flagged(s, &s->running);
+    sched_cancel_flagged(s, &s->waiting);
+    sched_step(s);
+    sched_publish(s);
+    if (s->o.notify) s->o.notify(s->o.notify_ud);
+  }
+  sched_publish(s);
+  if (s->o.notify) s->o.notify(s->o.notify_ud);
+  return NULL;
+}
+
+int sched_new(struct engine *e, const struct sched_opts *opts, struct sched **ret) {
+  struct sched *s = calloc(1, sizeof *s);
+  if (!s) return KVD_ENOMEM;
+  s->e = e;
+  if (opts) s->o = *opts;
+  if (!s->o.step_tokens || s->o.step_tokens > engine_max_step_tokens(e))
+    s->o.step_tokens = engine_max_step_tokens(e);
+  if (!s->o.max_running) s->o.max_running = 64;
+  if (pthread_mutex_init(&s->lock, NULL) != 0) {
+    free(s);
+    return KVD_ENOMEM;
+  }
+  if (pthread_cond_init(&s->wake, NULL) != 0) {
+    pthread_mutex_destroy(&s->lock);
+    free(s);
+    return KVD_ENOMEM;
+  }
+  sched_publish(s);
+  if (pthread_create(&s->thread, NULL, sched_main, s) != 0) {
+    sched_free(s);
+    return KVD_EAGAIN;
+  }
+  s->thread_started = true;
+  *ret = s;
+  return 0;
+}
+
+void sched_free(struct sched *s) {
+  if (!s) return;
+  if (s->thread_started) {
+    pthread_mutex_lock(&s->lock);
+    s->stop = true;
+    pthread_cond_signal(&s->wake);
+    pthread_mutex_unlock(&s->lock);
+    pthread_join(s->thread, NULL);
+  } else {
+    sched_take_inbox(s, s->in_head);
+  }
+  engine_free(s->e);
+  pthread_cond_destroy(&s->wake);
+  pthread_mutex_destroy(&s->lock);
+  free(s->events);
+  free(s->items);
+  free(s->item_req);
+  free(s);
+}
+
+struct engine *sched_engine(struct sched *s) {
+  return s->e;
+}

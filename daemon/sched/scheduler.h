@@ -1,0 +1,125 @@
+/* scheduler.h, not sched.h: that name is the C library's, which pthread.h includes. */
+/* The scheduler: one engine thread per loaded model, fed through a queue, batching every running
+ * request into one forward step (continuous batching).
+ *
+ * The loop thread submits requests (already tokenized) and session commands; the engine thread
+ * admits them, builds each step from the decode tokens of all running requests plus prefill
+ * chunks of waiting prompts under a per-step token budget, samples, and posts events (a token, or
+ * the end of a request) back through a mutex-protected queue, calling `notify` (uv_async_send in
+ * the daemon) so the loop drains them in one go. Every engine call happens on the engine thread;
+ * the loop never blocks on the GPU.
+ *
+ * Ownership: a request belongs to the loop thread except between sched_submit() and the DONE event
+ * that ends it, when the engine thread may read its inputs and write its private fields. After
+ * DONE the engine thread never touches it again, so the loop may free it. */
+#ifndef KVD_SCHED_H
+#define KVD_SCHED_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "engine.h"
+#include "sample.h"
+
+#define SCHED_MAX_TOP 20 /* most alternatives reported per token (IPC_MAX_LOGPROBS) */
+
+enum sched_finish {
+  SCHED_FINISH_STOP,      /* the model's end-of-generation token */
+  SCHED_FINISH_LENGTH,    /* max_tokens reached, or the context is full */
+  SCHED_FINISH_CANCELLED, /* sched_cancel(), a client gone, or a stop string (the loop knows) */
+  SCHED_FINISH_ERROR,     /* see the event's error */
+};
+
+/* A conversation's KV on the engine thread: its sequence persists between requests. */
+struct sched_session;
+struct inbox_item;
+
+struct sched_req {
+  /* Inputs, set before sched_submit and read-only afterwards. */
+  int32_t *tokens; /* new prompt tokens (owned by the request, freed by sched_req_free) */
+  uint32_t n_tokens;
+  struct sched_session *session; /* NULL: a fresh sequence freed when the request ends */
+  struct sample_params sp;
+  uint32_t max_tokens;
+  uint32_t logprobs; /* alternatives per token to report, <= SCHED_MAX_TOP */
+  void *ud;          /* the loop's request */
+  atomic_bool cancel;
+
+  /* Engine-thread state (read by the loop only after DONE). */
+  struct engine_seq *seq;
+  struct sampler *smp;
+  float *logits;
+  float *scratch; /* unpenalised logits for log-probs */
+  struct inbox_item *inbox; /* preallocated queue link */
+  int32_t *hist; /* prompt then generated ids, for the penalties */
+  uint32_t n_hist, cap_hist;
+  uint32_t n_prefilled; /* prompt tokens already run */
+  uint32_t n_generated;
+  uint32_t cached_tokens; /* tokens the session already held when the request began */
+  int32_t next;           /* sampled, not yet run through the model; -1 = none */
+  bool admitted;
+  double t_submit, t_start, t_first, t_end; /* monotonic seconds */
+  struct sched_req *next_req;               /* queue / running list link */
+};
+
+struct sched_event {
+  struct sched_req *req;
+  bool done;
+  /* token events */
+  int32_t token;
+  float logprob;
+  uint32_t n_top;
+  int32_t top_id[SCHED_MAX_TOP];
+  float top_logprob[SCHED_MAX_TOP];
+  /* done events */
+  enum sched_finish finish;
+  int error; /* negative kvd code with SCHED_FINISH_ERROR */
+};
+
+struct sched_stats {
+  struct kv_pool_stats kv;
+  uint32_t running, waiting;
+  uint64_t steps, prefill_tokens, decode_tokens, batch_tokens_max, preemptions;
+  double last_step_ms;
+};
+
+typedef void (*sched_notify_fn)(void *ud);
+
+struct sched_opts {
+  uint32_t step_tokens; /* token budget per step; 0 = the engine's maximum */
+  uint32_t max_running; /* requests decoding at once; 0 = the engine's logits rows */
+  sched_notify_fn notify;
+  void *notify_ud;
+};
+
+struct sched;
+
+/* Starts the engine thread over e (which it then owns: freed by sched_free). */
+int sched_new(struct engine *e, const struct sched_opts *opts, struct sched **ret);
+/* Cancels everything, waits for the thread, frees the engine. Events not yet drained are lost. */
+void sched_free(struct sched *s);
+struct engine *sched_engine(struct sched *s); /* for read-only facts (hparams) */
+
+/* A request: tokens are copied. The loop keeps ownership; see the header comment. */
+int sched_req_new(const int32_t *tokens, uint32_t n_tokens, struct sched_req **ret);
+void sched_req_free(struct sched_req *r); /* only when not submitted, or after its DONE */
+void sched_submit(struct sched *s, struct sched_req *r);
+/* Asks a submitted request to end (DONE with SCHED_FINISH_CANCELLED follows). Any thread. */
+void sched_cancel(struct sched_req *r);
+
+/* Pops up to cap events in order; returns how many. Loop thread. */
+uint32_t sched_drain(struct sched *s, struct sched_event *out, uint32_t cap);
+void sched_get_stats(struct sched *s, struct sched_stats *ret);
+
+/* Sessions: created at once; their sequence lives on the engine thread. Free only with no request
+ * of theirs in flight; the sequence's KV goes back to the pool on the engine thread. */
+int sched_session_new(struct sched *s, struct sched_session **ret);
+/* A copy sharing the source's KV blocks (copy-on-write); the source must be idle. */
+int sched_session_fork(struct sched *s, struct sched_session *src, struct sched_session **ret);
+void sched_session_free(struct sched *s, struct sched_session *ss);
+/* Tokens in the session's history (prompts and completions so far). */
+uint32_t sched_session_len(const struct sched_session *ss);
+
+#endif
