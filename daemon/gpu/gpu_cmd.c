@@ -276,7 +276,10 @@ int gpu_cmd_submit(struct gpu_cmd *cmd) {
   };
   rc = gpu__check(vkResetFences(cmd->dev->device, 1, &cmd->fence), "vkResetFences");
   if (rc < 0) return rc;
-  rc = gpu__check(vkQueueSubmit(cmd->dev->queue, 1, &si, cmd->fence), "vkQueueSubmit");
+  pthread_mutex_lock(&cmd->dev->queue_lock);
+  VkResult r = vkQueueSubmit(cmd->dev->queue, 1, &si, cmd->fence);
+  pthread_mutex_unlock(&cmd->dev->queue_lock);
+  rc = gpu__check(r, "vkQueueSubmit");
   if (rc < 0) return rc;
   cmd->pending = true;
   return 0;

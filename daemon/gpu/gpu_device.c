@@ -112,6 +112,8 @@ int gpu_device_new(struct gpu_instance *inst, const struct gpu_device_opts *opts
     free(dev);
     return KVD_ENOMEM;
   }
+  pthread_mutex_init(&dev->mem_lock, NULL);   /* default attributes: cannot fail on Linux */
+  pthread_mutex_init(&dev->queue_lock, NULL);
   dev->inst = inst;
   dev->phys = inst->phys[index];
   rc = gpu__caps_read(inst, dev->phys, &dev->caps);
@@ -205,6 +207,8 @@ void gpu_device_free(struct gpu_device *dev) {
     vkDestroyDevice(dev->device, NULL);
   }
   pthread_mutex_destroy(&dev->xfer_lock);
+  pthread_mutex_destroy(&dev->mem_lock);
+  pthread_mutex_destroy(&dev->queue_lock);
   free(dev);
 }
 

@@ -65,6 +65,10 @@ struct gpu_device {
   struct gpu_memory mem;
   /* Transfers and one-off submissions share one command buffer and staging buffer. */
   pthread_mutex_t xfer_lock;
+  /* Several threads use one device (an engine thread per model, model loads on a worker): the
+   * allocator's lists and the queue (vkQueueSubmit needs external synchronisation) are locked. */
+  pthread_mutex_t mem_lock;
+  pthread_mutex_t queue_lock;
   struct gpu_cmd *xfer_cmd;
   struct gpu_buffer *staging;
 };

@@ -166,8 +166,8 @@ static int memory_place(struct gpu_device *dev, uint32_t type, uint64_t size, ui
   return 0;
 }
 
-int gpu_buffer_new(struct gpu_device *dev, uint64_t size, enum gpu_mem_kind kind, const char *name,
-                   struct gpu_buffer **ret) {
+static int memory_buffer_new(struct gpu_device *dev, uint64_t size, enum gpu_mem_kind kind,
+                             const char *name, struct gpu_buffer **ret) {
   if (size == 0) return gpu__fail(KVD_EINVAL, "gpu_buffer_new: zero size");
   struct gpu_buffer *buf = calloc(1, sizeof *buf);
   if (!buf) return KVD_ENOMEM;
@@ -228,8 +228,7 @@ fail:
   return rc;
 }
 
-void gpu_buffer_free(struct gpu_buffer *buf) {
-  if (!buf) return;
+static void memory_buffer_free(struct gpu_buffer *buf) {
   struct gpu_device *dev = buf->dev;
   struct gpu_memory *m = &dev->mem;
   vkDestroyBuffer(dev->device, buf->buffer, NULL);
@@ -251,6 +250,22 @@ void gpu_buffer_free(struct gpu_buffer *buf) {
   free(buf);
 }
 
+int gpu_buffer_new(struct gpu_device *dev, uint64_t size, enum gpu_mem_kind kind, const char *name,
+                   struct gpu_buffer **ret) {
+  pthread_mutex_lock(&dev->mem_lock);
+  int rc = memory_buffer_new(dev, size, kind, name, ret);
+  pthread_mutex_unlock(&dev->mem_lock);
+  return rc;
+}
+
+void gpu_buffer_free(struct gpu_buffer *buf) {
+  if (!buf) return;
+  struct gpu_device *dev = buf->dev;
+  pthread_mutex_lock(&dev->mem_lock);
+  memory_buffer_free(buf);
+  pthread_mutex_unlock(&dev->mem_lock);
+}
+
 uint64_t gpu_buffer_size(const struct gpu_buffer *buf) {
   return buf->size;
 }
@@ -266,6 +281,8 @@ void gpu_buffer_placement(const struct gpu_buffer *buf, uint32_t *ret_block, uin
 
 void gpu_memory_stats(const struct gpu_device *dev, struct gpu_mem_stats *ret) {
   const struct gpu_memory *m = &dev->mem;
+  pthread_mutex_t *lock = (pthread_mutex_t *)&dev->mem_lock;
+  pthread_mutex_lock(lock);
   memset(ret, 0, sizeof *ret);
   ret->allocated = m->allocated;
   ret->reserved = m->reserved;
@@ -278,4 +295,5 @@ void gpu_memory_stats(const struct gpu_device *dev, struct gpu_mem_stats *ret) {
         VK_MEMORY_HEAP_DEVICE_LOCAL_BIT)
       ret->device_local += b->size;
   }
+  pthread_mutex_unlock(lock);
 }
