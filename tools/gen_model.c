@@ -9,22 +9,23 @@
 #include <string.h>
 
 static void usage(FILE *out) {
-  fprintf(out,
-          "usage: gen_model [options] --out FILE\n"
-          "Writes a llama-architecture GGUF with deterministic random weights.\n"
-          "  --dim N        embedding width (default 64)\n"
-          "  --layers N     decoder blocks (default 5)\n"
-          "  --heads N      query heads; dim/heads is the head dim, even (default 8)\n"
-          "  --kv-heads N   key/value heads, dividing heads (default 4)\n"
-          "  --ffn N        feed-forward width (default 172)\n"
-          "  --vocab N      vocabulary size, at least 259 (default 512)\n"
-          "  --ctx N        context length (default 512)\n"
-          "  --type T       matrix type: f32 f16 bf16 q8_0 q4_0 (default f32); a matrix whose rows\n"
-          "                 are not whole blocks of T is written as f16\n"
-          "  --seed N       weight seed (default 1)\n"
-          "  --tied         no output.weight (the classifier reuses token_embd)\n"
-          "  --name S       general.name (default kvd-synthetic)\n"
-          "  --out FILE     where to write (required)\n");
+  fprintf(
+      out,
+      "usage: gen_model [options] --out FILE\n"
+      "Writes a llama-architecture GGUF with deterministic random weights.\n"
+      "  --dim N        embedding width (default 64)\n"
+      "  --layers N     decoder blocks (default 5)\n"
+      "  --heads N      query heads; dim/heads is the head dim, even (default 8)\n"
+      "  --kv-heads N   key/value heads, dividing heads (default 4)\n"
+      "  --ffn N        feed-forward width (default 172)\n"
+      "  --vocab N      vocabulary size, at least 259 (default 512)\n"
+      "  --ctx N        context length (default 512)\n"
+      "  --type T       matrix type: f32 f16 bf16 q8_0 q4_0 (default f32); a matrix whose rows\n"
+      "                 are not whole blocks of T is written as f16\n"
+      "  --seed N       weight seed (default 1)\n"
+      "  --tied         no output.weight (the classifier reuses token_embd)\n"
+      "  --name S       general.name (default kvd-synthetic)\n"
+      "  --out FILE     where to write (required)\n");
 }
 
 static int parse_u64(const char *opt, const char *s, uint64_t max, uint64_t *ret) {
@@ -60,13 +61,20 @@ int main(int argc, char **argv) {
     const char *v = argv[++i];
     uint64_t x = 0;
     uint32_t *u32 = NULL;
-    if (strcmp(a, "--dim") == 0) u32 = &p.dim;
-    else if (strcmp(a, "--layers") == 0) u32 = &p.n_layers;
-    else if (strcmp(a, "--heads") == 0) u32 = &p.n_heads;
-    else if (strcmp(a, "--kv-heads") == 0) u32 = &p.n_kv_heads;
-    else if (strcmp(a, "--ffn") == 0) u32 = &p.ffn;
-    else if (strcmp(a, "--vocab") == 0) u32 = &p.vocab;
-    else if (strcmp(a, "--ctx") == 0) u32 = &p.ctx;
+    if (strcmp(a, "--dim") == 0)
+      u32 = &p.dim;
+    else if (strcmp(a, "--layers") == 0)
+      u32 = &p.n_layers;
+    else if (strcmp(a, "--heads") == 0)
+      u32 = &p.n_heads;
+    else if (strcmp(a, "--kv-heads") == 0)
+      u32 = &p.n_kv_heads;
+    else if (strcmp(a, "--ffn") == 0)
+      u32 = &p.ffn;
+    else if (strcmp(a, "--vocab") == 0)
+      u32 = &p.vocab;
+    else if (strcmp(a, "--ctx") == 0)
+      u32 = &p.ctx;
     if (u32) {
       if (parse_u64(a, v, UINT32_MAX, &x) < 0) return 2;
       *u32 = (uint32_t)x;
@@ -76,10 +84,14 @@ int main(int argc, char **argv) {
       static const struct {
         const char *name;
         enum dtype type;
-      } types[] = {{"f32", DTYPE_F32}, {"f16", DTYPE_F16}, {"bf16", DTYPE_BF16},
-                   {"q8_0", DTYPE_Q8_0}, {"q4_0", DTYPE_Q4_0}};
+      } types[] = {{"f32", DTYPE_F32},
+                   {"f16", DTYPE_F16},
+                   {"bf16", DTYPE_BF16},
+                   {"q8_0", DTYPE_Q8_0},
+                   {"q4_0", DTYPE_Q4_0}};
       size_t k = 0;
-      while (k < sizeof types / sizeof types[0] && strcmp(types[k].name, v) != 0) k++;
+      while (k < sizeof types / sizeof types[0] && strcmp(types[k].name, v) != 0)
+        k++;
       if (k == sizeof types / sizeof types[0]) {
         fprintf(stderr, "gen_model: --type: '%s' is not one of f32 f16 bf16 q8_0 q4_0\n", v);
         return 2;

@@ -65,7 +65,8 @@ static const uint8_t gguf__empty[1];
 
 static uint64_t gguf__le(const uint8_t *p, unsigned n) {
   uint64_t v = 0;
-  for (unsigned i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
+  for (unsigned i = 0; i < n; i++)
+    v |= (uint64_t)p[i] << (8 * i);
   return v;
 }
 
@@ -128,9 +129,8 @@ static uint64_t gguf__left(const struct gguf__cur *c) {
 
 static int gguf__need(struct gguf__cur *c, uint64_t n, const char *what) {
   if (n <= gguf__left(c)) return 0;
-  return gguf__fail(c, c->pos, "%s (%llu bytes at offset %llu) past end of file (%llu bytes)",
-                    what, (unsigned long long)n, (unsigned long long)c->pos,
-                    (unsigned long long)c->size);
+  return gguf__fail(c, c->pos, "%s (%llu bytes at offset %llu) past end of file (%llu bytes)", what,
+                    (unsigned long long)n, (unsigned long long)c->pos, (unsigned long long)c->size);
 }
 
 static int gguf__u32(struct gguf__cur *c, const char *what, uint32_t *ret) {
@@ -175,7 +175,8 @@ static int gguf__index_build(struct gguf__index *ix, uint64_t n,
                              const struct gguf_str *(*name_of)(const void *, uint64_t),
                              const void *arr, uint64_t *ret_first, uint64_t *ret_dup) {
   uint64_t cap = 16;
-  while (cap < n * 2) cap *= 2; /* n is bounded by the file size, so this cannot overflow */
+  while (cap < n * 2)
+    cap *= 2; /* n is bounded by the file size, so this cannot overflow */
   ix->slots = calloc(cap, sizeof *ix->slots);
   if (!ix->slots) return KVD_ENOMEM;
   ix->mask = cap - 1;
@@ -244,10 +245,10 @@ size_t gguf_vtype_size(enum gguf_vtype t) {
 
 const char *gguf_vtype_name(enum gguf_vtype t) {
   static const char *const names[GGUF_VT_COUNT] = {
-      [GGUF_VT_UINT8] = "uint8",     [GGUF_VT_INT8] = "int8",       [GGUF_VT_UINT16] = "uint16",
-      [GGUF_VT_INT16] = "int16",     [GGUF_VT_UINT32] = "uint32",   [GGUF_VT_INT32] = "int32",
-      [GGUF_VT_FLOAT32] = "float32", [GGUF_VT_BOOL] = "bool",       [GGUF_VT_STRING] = "string",
-      [GGUF_VT_ARRAY] = "array",     [GGUF_VT_UINT64] = "uint64",   [GGUF_VT_INT64] = "int64",
+      [GGUF_VT_UINT8] = "uint8",     [GGUF_VT_INT8] = "int8",     [GGUF_VT_UINT16] = "uint16",
+      [GGUF_VT_INT16] = "int16",     [GGUF_VT_UINT32] = "uint32", [GGUF_VT_INT32] = "int32",
+      [GGUF_VT_FLOAT32] = "float32", [GGUF_VT_BOOL] = "bool",     [GGUF_VT_STRING] = "string",
+      [GGUF_VT_ARRAY] = "array",     [GGUF_VT_UINT64] = "uint64", [GGUF_VT_INT64] = "int64",
       [GGUF_VT_FLOAT64] = "float64",
   };
   if ((unsigned)t >= GGUF_VT_COUNT) return "unknown";
@@ -304,7 +305,8 @@ static void gguf__free_value(struct gguf_value *v) {
   if (v->type != GGUF_VT_ARRAY || !v->v.arr.elems) return;
   struct gguf_value *elems = (struct gguf_value *)v->v.arr.elems;
   if (v->v.arr.type == GGUF_VT_ARRAY)
-    for (uint64_t i = 0; i < v->v.arr.count; i++) gguf__free_value(&elems[i]);
+    for (uint64_t i = 0; i < v->v.arr.count; i++)
+      gguf__free_value(&elems[i]);
   free(elems);
   v->v.arr.elems = NULL;
 }
@@ -349,9 +351,9 @@ static int gguf__parse_array(struct gguf__cur *c, struct gguf_value *v) {
    * arrays), which bounds the index we allocate by the bytes that are really there. */
   uint64_t min = et == GGUF_VT_STRING ? 8 : 12;
   if (count > gguf__left(c) / min)
-    return gguf__fail(c, count_at,
-                      "array of %llu %ss cannot fit in the %llu bytes left", (unsigned long long)count,
-                      gguf_vtype_name((enum gguf_vtype)et), (unsigned long long)gguf__left(c));
+    return gguf__fail(c, count_at, "array of %llu %ss cannot fit in the %llu bytes left",
+                      (unsigned long long)count, gguf_vtype_name((enum gguf_vtype)et),
+                      (unsigned long long)gguf__left(c));
   if (count == 0) return 0;
   struct gguf_value *elems = calloc(count, sizeof *elems);
   if (!elems) return KVD_ENOMEM;
@@ -449,9 +451,9 @@ static int gguf__parse_header(struct gguf__cur *c, struct gguf_file *f) {
     return gguf__fail(c, 16, "kv count %llu cannot fit in the %llu bytes after the header",
                       (unsigned long long)n_kv, (unsigned long long)left);
   if (n_tensors * GGUF_MIN_TINFO_BYTES + n_kv * GGUF_MIN_KV_BYTES > left)
-    return gguf__fail(c, 8, "%llu tensors and %llu kvs cannot fit in the %llu bytes after the header",
-                      (unsigned long long)n_tensors, (unsigned long long)n_kv,
-                      (unsigned long long)left);
+    return gguf__fail(
+        c, 8, "%llu tensors and %llu kvs cannot fit in the %llu bytes after the header",
+        (unsigned long long)n_tensors, (unsigned long long)n_kv, (unsigned long long)left);
   f->n_tensors = n_tensors; /* claimed; the arrays below hold only what was parsed */
   f->n_kv = n_kv;
   return 0;
@@ -542,7 +544,8 @@ static int gguf__parse_tensor(struct gguf__cur *c, struct gguf_file *f, uint64_t
   if (t->n_dims < 1 || t->n_dims > GGUF_MAX_DIMS)
     return gguf__fail(c, at, "n_dims %u is not in 1..%d", t->n_dims, GGUF_MAX_DIMS);
   uint64_t nel = 1;
-  for (int d = 0; d < GGUF_MAX_DIMS; d++) t->ne[d] = 1;
+  for (int d = 0; d < GGUF_MAX_DIMS; d++)
+    t->ne[d] = 1;
   for (uint32_t d = 0; d < t->n_dims; d++) {
     at = c->pos;
     if ((rc = gguf__u64(c, "dimension", &t->ne[d])) < 0) return rc;
@@ -636,9 +639,11 @@ static int gguf__parse_tensors(struct gguf__cur *c, struct gguf__file *impl, uin
       char q[56];
       gguf__quote(q, sizeof q, t->name.ptr, t->name.len);
       /* print the range in file offsets, saturating where the sum overflows */
-      uint64_t s = t->offset > UINT64_MAX - f->data_offset ? UINT64_MAX : f->data_offset + t->offset;
+      uint64_t s =
+          t->offset > UINT64_MAX - f->data_offset ? UINT64_MAX : f->data_offset + t->offset;
       uint64_t e = t->nbytes > UINT64_MAX - s ? UINT64_MAX : s + t->nbytes;
-      rc = gguf__fail(c, offset_at[i], "tensor %llu '%s': data [%llu, %llu) past end of file (%llu bytes)",
+      rc = gguf__fail(c, offset_at[i],
+                      "tensor %llu '%s': data [%llu, %llu) past end of file (%llu bytes)",
                       (unsigned long long)i, q, (unsigned long long)s, (unsigned long long)e,
                       (unsigned long long)c->size);
       goto out;
@@ -669,7 +674,8 @@ out:
 void gguf_close(struct gguf_file *f) {
   if (!f) return;
   struct gguf__file *impl = (struct gguf__file *)f;
-  for (uint64_t i = 0; i < f->n_kv; i++) gguf__free_value(&f->kv[i].value);
+  for (uint64_t i = 0; i < f->n_kv; i++)
+    gguf__free_value(&f->kv[i].value);
   free(f->kv);
   free(f->tensors);
   gguf__index_free(&impl->kv_index);
@@ -953,6 +959,7 @@ bool gguf_str_eq(struct gguf_str s, const char *cstr) {
 
 uint64_t gguf_tensor_nelements(const struct gguf_tensor *t) {
   uint64_t n = 1;
-  for (uint32_t d = 0; d < t->n_dims && d < GGUF_MAX_DIMS; d++) n *= t->ne[d];
+  for (uint32_t d = 0; d < t->n_dims && d < GGUF_MAX_DIMS; d++)
+    n *= t->ne[d];
   return n;
 }

@@ -7,8 +7,8 @@
 
 #include <inttypes.h>
 
-#define GGUF_PRINT_STR_MAX 64  /* bytes of a string shown before it is cut */
-#define GGUF_PRINT_ARR_MAX 6   /* elements of an array shown before it is cut */
+#define GGUF_PRINT_STR_MAX 64 /* bytes of a string shown before it is cut */
+#define GGUF_PRINT_ARR_MAX 6  /* elements of an array shown before it is cut */
 
 /* Writes s escaped (quotes, backslashes and control bytes; UTF-8 passes through so text reads as
  * text), cut after max bytes; returns the columns written, for padding. */
@@ -16,7 +16,8 @@ static int gguf__print_escaped(FILE *out, struct gguf_str s, uint64_t max) {
   uint64_t n = s.len < max ? s.len : max;
   int cols = 0;
   /* cut on a character boundary, not inside a UTF-8 sequence */
-  while (n < s.len && n > 0 && ((unsigned char)s.ptr[n] & 0xc0) == 0x80) n--;
+  while (n < s.len && n > 0 && ((unsigned char)s.ptr[n] & 0xc0) == 0x80)
+    n--;
   for (uint64_t i = 0; i < n; i++) {
     unsigned char ch = (unsigned char)s.ptr[i];
     if (ch == '"' || ch == '\\') {
@@ -112,8 +113,9 @@ static void gguf__print_bytes(FILE *out, uint64_t n) {
 
 void gguf_print_info(const struct gguf_file *f, FILE *out) {
   if (!f || !out) return;
-  fprintf(out, "GGUF v%" PRIu32 ", %zu bytes, alignment %" PRIu64 ", tensor data at offset %" PRIu64
-               "\n",
+  fprintf(out,
+          "GGUF v%" PRIu32 ", %zu bytes, alignment %" PRIu64 ", tensor data at offset %" PRIu64
+          "\n",
           f->version, f->size, f->alignment, f->data_offset);
 
   fprintf(out, "\n%" PRIu64 " metadata keys:\n", f->n_kv);
@@ -139,7 +141,8 @@ void gguf_print_info(const struct gguf_file *f, FILE *out) {
       n += snprintf(dims + n, sizeof dims - (size_t)n, "%s%" PRIu64, d ? ", " : "", t->ne[d]);
     if (n > 0 && (size_t)n < sizeof dims) snprintf(dims + n, sizeof dims - (size_t)n, "]");
     fprintf(out, "  %4" PRIu64 "  ", i);
-    for (int w = gguf__print_escaped(out, t->name, UINT64_MAX); w < 32; w++) fputc(' ', out);
+    for (int w = gguf__print_escaped(out, t->name, UINT64_MAX); w < 32; w++)
+      fputc(' ', out);
     fprintf(out, " %-20s %-6s %12" PRIu64 " bytes  @ %" PRIu64 "\n", dims, dtype_name(t->type),
             t->nbytes, f->data_offset + t->offset);
     if ((unsigned)t->type < DTYPE_MAX) {

@@ -60,7 +60,8 @@ static int gguf__wput(struct gguf__wbuf *b, const void *p, size_t n) {
 
 static int gguf__wput_le(struct gguf__wbuf *b, uint64_t v, unsigned n) {
   uint8_t tmp[8];
-  for (unsigned i = 0; i < n; i++) tmp[i] = (uint8_t)(v >> (8 * i));
+  for (unsigned i = 0; i < n; i++)
+    tmp[i] = (uint8_t)(v >> (8 * i));
   return gguf__wput(b, tmp, n);
 }
 
@@ -85,7 +86,8 @@ int gguf_writer_new(struct gguf_writer **ret) {
 
 void gguf_writer_free(struct gguf_writer *w) {
   if (!w) return;
-  for (uint64_t i = 0; i < w->n_kv; i++) free(w->keys[i]);
+  for (uint64_t i = 0; i < w->n_kv; i++)
+    free(w->keys[i]);
   free(w->keys);
   for (uint64_t i = 0; i < w->n_tensors; i++) {
     free(w->tensors[i].name);
@@ -315,7 +317,8 @@ int gguf_writer_add_arr(struct gguf_writer *w, const char *key, enum gguf_vtype 
       break;
     }
     }
-    for (size_t k = 0; k < esize; k++) raw[i * esize + k] = (uint8_t)(x >> (8 * k));
+    for (size_t k = 0; k < esize; k++)
+      raw[i * esize + k] = (uint8_t)(x >> (8 * k));
   }
   struct gguf_value v = {.type = GGUF_VT_ARRAY};
   v.v.arr.type = et;
@@ -384,7 +387,8 @@ static int gguf__add_tensor(struct gguf_writer *w, const char *name, uint32_t n_
   if (!t->name) return KVD_ENOMEM;
   memcpy(t->name, name, nlen + 1);
   t->n_dims = n_dims;
-  for (uint32_t d = 0; d < GGUF_MAX_DIMS; d++) t->ne[d] = d < n_dims ? ne[d] : 1;
+  for (uint32_t d = 0; d < GGUF_MAX_DIMS; d++)
+    t->ne[d] = d < n_dims ? ne[d] : 1;
   t->type = type;
   t->nbytes = blocks * di->block_bytes;
   *ret = t; /* counted by the caller once it is complete */
@@ -442,7 +446,8 @@ static int gguf__head(const struct gguf_writer *w, struct gguf__wbuf *b, uint64_
     const struct gguf__wtensor *t = &w->tensors[i];
     rc = gguf__wput_str(b, t->name, strlen(t->name));
     if (rc == 0) rc = gguf__wput_le(b, t->n_dims, 4);
-    for (uint32_t d = 0; d < t->n_dims && rc == 0; d++) rc = gguf__wput_le(b, t->ne[d], 8);
+    for (uint32_t d = 0; d < t->n_dims && rc == 0; d++)
+      rc = gguf__wput_le(b, t->ne[d], 8);
     if (rc == 0) rc = gguf__wput_le(b, (uint64_t)t->type, 4);
     if (rc == 0) rc = gguf__wput_le(b, off, 8);
     uint64_t step = t->nbytes + gguf__pad(t->nbytes, w->alignment);

@@ -63,7 +63,8 @@ int synth_check(const struct synth_params *p, char *why, size_t len) {
       p->type != DTYPE_Q8_0 && p->type != DTYPE_Q4_0)
     return synth__bad(why, len, "type must be f32, f16, bf16, q8_0 or q4_0");
   if (!dtype_get((uint32_t)p->type)) return synth__bad(why, len, "type unknown to dtype");
-  if (!(p->rms_eps > 0) || !isfinite(p->rms_eps)) return synth__bad(why, len, "rms eps must be > 0");
+  if (!(p->rms_eps > 0) || !isfinite(p->rms_eps))
+    return synth__bad(why, len, "rms eps must be > 0");
   if (!(p->rope_base > 0) || !isfinite(p->rope_base))
     return synth__bad(why, len, "rope base must be > 0");
   return 0;
@@ -186,7 +187,8 @@ static int synth__tensors(struct synth__build *b) {
     }
   }
   if (rc == 0) rc = synth__add(b, "output_norm.weight", dim, 1, false, 1.0f, 0.1f);
-  if (rc == 0 && !p->tied) rc = synth__add(b, "output.weight", dim, p->vocab, true, 0.0f, 2.0f * in_dim);
+  if (rc == 0 && !p->tied)
+    rc = synth__add(b, "output.weight", dim, p->vocab, true, 0.0f, 2.0f * in_dim);
   return rc;
 }
 
@@ -195,14 +197,16 @@ static int synth__tensors(struct synth__build *b) {
 /* Words of the tiny-stories register; each enters with every prefix, because SentencePiece's
  * merges build a piece only from pieces that are themselves in the vocabulary. */
 static const char *const synth__words[] = {
-    "the", "and", "was", "to", "a", "he", "she", "it", "they", "of", "in", "on", "with", "his",
-    "her", "said", "day", "one", "once", "upon", "time", "there", "little", "girl", "boy", "big",
-    "saw", "wanted", "play", "happy", "very", "friend", "friends", "mom", "dad", "named", "had",
-    "went", "park", "ball", "red", "blue", "tree", "dog", "cat", "bird", "sun", "fun", "looked",
-    "so", "but", "not", "you", "we", "is", "are", "be", "can", "do", "like", "loved", "toy", "toys",
-    "house", "home", "good", "bad", "sad", "help", "find", "found", "ran", "jump", "smile", "new",
-    "water", "flower", "garden", "sky", "car", "book", "read", "cake", "eat", "ate", "food",
-    "Lily", "Tom", "Ben", "Sue", "Max", "Once", "The", "One", "They", "She", "He",
+    "the",   "and",    "was",     "to",    "a",    "he",    "she",    "it",     "they",   "of",
+    "in",    "on",     "with",    "his",   "her",  "said",  "day",    "one",    "once",   "upon",
+    "time",  "there",  "little",  "girl",  "boy",  "big",   "saw",    "wanted", "play",   "happy",
+    "very",  "friend", "friends", "mom",   "dad",  "named", "had",    "went",   "park",   "ball",
+    "red",   "blue",   "tree",    "dog",   "cat",  "bird",  "sun",    "fun",    "looked", "so",
+    "but",   "not",    "you",     "we",    "is",   "are",   "be",     "can",    "do",     "like",
+    "loved", "toy",    "toys",    "house", "home", "good",  "bad",    "sad",    "help",   "find",
+    "found", "ran",    "jump",    "smile", "new",  "water", "flower", "garden", "sky",    "car",
+    "book",  "read",   "cake",    "eat",   "ate",  "food",  "Lily",   "Tom",    "Ben",    "Sue",
+    "Max",   "Once",   "The",     "One",   "They", "She",   "He",
 };
 
 struct synth__vocab {
@@ -229,7 +233,8 @@ static int synth__vocab_add(struct synth__vocab *v, const char *s, float score, 
   if (!copy) return KVD_ENOMEM;
   memcpy(copy, s, len + 1);
   uint64_t i = synth__fnv(s) & v->set_mask;
-  while (v->set[i]) i = (i + 1) & v->set_mask;
+  while (v->set[i])
+    i = (i + 1) & v->set_mask;
   v->set[i] = (uint64_t)v->n + 1;
   v->tokens[v->n] = copy;
   v->scores[v->n] = score;
@@ -239,7 +244,8 @@ static int synth__vocab_add(struct synth__vocab *v, const char *s, float score, 
 }
 
 static void synth__vocab_free(struct synth__vocab *v) {
-  for (uint32_t i = 0; i < v->n; i++) free(v->tokens[i]);
+  for (uint32_t i = 0; i < v->n; i++)
+    free(v->tokens[i]);
   free(v->tokens);
   free(v->scores);
   free(v->types);
@@ -253,7 +259,8 @@ static int synth__piece(struct synth__vocab *v, const char *s) {
 
 static int synth__vocab_build(struct synth__vocab *v, uint32_t n) {
   uint64_t slots = 16;
-  while (slots < (uint64_t)n * 2) slots *= 2;
+  while (slots < (uint64_t)n * 2)
+    slots *= 2;
   v->cap = n;
   v->tokens = calloc(n, sizeof *v->tokens);
   v->scores = calloc(n, sizeof *v->scores);
@@ -340,7 +347,8 @@ static int synth__meta(const struct synth_params *p, struct gguf_writer *w,
   if (rc == 0) rc = gguf_writer_add_str(w, "tokenizer.ggml.pre", "default");
   if (rc == 0)
     rc = gguf_writer_add_str_arr(w, "tokenizer.ggml.tokens", (const char *const *)v->tokens, v->n);
-  if (rc == 0) rc = gguf_writer_add_arr(w, "tokenizer.ggml.scores", GGUF_VT_FLOAT32, v->scores, v->n);
+  if (rc == 0)
+    rc = gguf_writer_add_arr(w, "tokenizer.ggml.scores", GGUF_VT_FLOAT32, v->scores, v->n);
   if (rc == 0)
     rc = gguf_writer_add_arr(w, "tokenizer.ggml.token_type", GGUF_VT_INT32, v->types, v->n);
   if (rc == 0) rc = gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", 1);
@@ -365,7 +373,8 @@ static int synth__run(const struct synth_params *p, const char *path, void **ret
   if (rc == 0) rc = synth__vocab_build(&v, p->vocab);
   if (rc == 0) rc = synth__meta(p, b.w, &v);
   if (rc == 0) rc = synth__tensors(&b);
-  if (rc == 0) rc = path ? gguf_writer_write_file(b.w, path) : gguf_writer_write_mem(b.w, ret_data, ret_size);
+  if (rc == 0)
+    rc = path ? gguf_writer_write_file(b.w, path) : gguf_writer_write_mem(b.w, ret_data, ret_size);
   gguf_writer_free(b.w);
   synth__vocab_free(&v);
   free(b.tensors);

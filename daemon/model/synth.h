@@ -35,9 +35,9 @@ struct synth_params {
   uint32_t ctx;        /* llama.context_length */
   enum dtype type;     /* matrices: F32, F16, BF16, Q8_0 or Q4_0 */
   uint64_t seed;
-  float rms_eps;   /* llama.attention.layer_norm_rms_epsilon */
-  float rope_base; /* llama.rope.freq_base */
-  bool tied;       /* no output.weight: the classifier is token_embd */
+  float rms_eps;    /* llama.attention.layer_norm_rms_epsilon */
+  float rope_base;  /* llama.rope.freq_base */
+  bool tied;        /* no output.weight: the classifier is token_embd */
   const char *name; /* general.name; NULL gives "kvd-synthetic" */
 };
 

@@ -12,7 +12,8 @@ static uint64_t walk_value(const struct gguf_value *v) {
   uint64_t h = (uint64_t)v->type;
   switch (v->type) {
   case GGUF_VT_STRING:
-    for (uint64_t i = 0; i < v->v.str.len; i++) h = h * 31 + (uint8_t)v->v.str.ptr[i];
+    for (uint64_t i = 0; i < v->v.str.len; i++)
+      h = h * 31 + (uint8_t)v->v.str.ptr[i];
     break;
   case GGUF_VT_ARRAY:
     for (uint64_t i = 0; i < v->v.arr.count; i++) {

@@ -59,16 +59,19 @@ static int open_copy(const uint8_t *p, size_t n, struct gguf_error *err) {
   } while (0)
 
 static void put_u32(uint8_t *p, size_t at, uint32_t v) {
-  for (int i = 0; i < 4; i++) p[at + (size_t)i] = (uint8_t)(v >> (8 * i));
+  for (int i = 0; i < 4; i++)
+    p[at + (size_t)i] = (uint8_t)(v >> (8 * i));
 }
 
 static void put_u64(uint8_t *p, size_t at, uint64_t v) {
-  for (int i = 0; i < 8; i++) p[at + (size_t)i] = (uint8_t)(v >> (8 * i));
+  for (int i = 0; i < 8; i++)
+    p[at + (size_t)i] = (uint8_t)(v >> (8 * i));
 }
 
 static uint64_t get_u64(const uint8_t *p, size_t at) {
   uint64_t v = 0;
-  for (int i = 0; i < 8; i++) v |= (uint64_t)p[at + (size_t)i] << (8 * i);
+  for (int i = 0; i < 8; i++)
+    v |= (uint64_t)p[at + (size_t)i] << (8 * i);
   return v;
 }
 
@@ -124,14 +127,16 @@ static void bb_tinfo(struct bb *b, const char *name, uint32_t n_dims, const uint
                      uint32_t type, uint64_t offset) {
   bb_str(b, name);
   bb_u32(b, n_dims);
-  for (uint32_t d = 0; d < n_dims; d++) bb_u64(b, ne[d]);
+  for (uint32_t d = 0; d < n_dims; d++)
+    bb_u64(b, ne[d]);
   bb_u32(b, type);
   bb_u64(b, offset);
 }
 
 static void bb_pad_zero(struct bb *b, size_t align, size_t extra) {
   static const uint8_t z[4096];
-  while (b->n % align) bb_raw(b, z, 1);
+  while (b->n % align)
+    bb_raw(b, z, 1);
   while (extra) {
     size_t k = extra < sizeof z ? extra : sizeof z;
     bb_raw(b, z, k);
@@ -803,8 +808,8 @@ static int build_all_types(struct gguf_writer *w) {
 
   /* [[1, 2], [3], []] of uint16, [["a"], ["b", "c"]], and [[[7]]] */
   static const uint8_t le12[] = {1, 0, 2, 0}, le3[] = {3, 0};
-  struct gguf_value inner[3] = {{.type = GGUF_VT_ARRAY}, {.type = GGUF_VT_ARRAY},
-                                {.type = GGUF_VT_ARRAY}};
+  struct gguf_value inner[3] = {
+      {.type = GGUF_VT_ARRAY}, {.type = GGUF_VT_ARRAY}, {.type = GGUF_VT_ARRAY}};
   inner[0].v.arr.type = inner[1].v.arr.type = inner[2].v.arr.type = GGUF_VT_UINT16;
   inner[0].v.arr.count = 2;
   inner[0].v.arr.data = le12;
@@ -847,13 +852,17 @@ static int build_all_types(struct gguf_writer *w) {
 
   /* tensors: f32 [4, 3], f16 [8], q8_0 [32, 2], f32 [2, 3, 4, 1] */
   float m[12];
-  for (int i = 0; i < 12; i++) m[i] = (float)i * 0.5f;
+  for (int i = 0; i < 12; i++)
+    m[i] = (float)i * 0.5f;
   uint16_t h[8];
-  for (int i = 0; i < 8; i++) h[i] = (uint16_t)(0x3c00 + i);
+  for (int i = 0; i < 8; i++)
+    h[i] = (uint16_t)(0x3c00 + i);
   uint8_t q[68];
-  for (int i = 0; i < 68; i++) q[i] = (uint8_t)(i * 7);
+  for (int i = 0; i < 68; i++)
+    q[i] = (uint8_t)(i * 7);
   float cube[24];
-  for (int i = 0; i < 24; i++) cube[i] = (float)-i;
+  for (int i = 0; i < 24; i++)
+    cube[i] = (float)-i;
   ADD(gguf_writer_add_tensor(w, "m.weight", 2, (const uint64_t[]){4, 3}, DTYPE_F32, m, sizeof m));
   ADD(gguf_writer_add_tensor(w, "h", 1, (const uint64_t[]){8}, DTYPE_F16, h, sizeof h));
   ADD(gguf_writer_add_tensor(w, "q", 2, (const uint64_t[]){32, 2}, DTYPE_Q8_0, q, sizeof q));
@@ -1058,7 +1067,8 @@ static int fill_fail(void *ctx, void *dst, uint64_t n) {
 
 static int fill_ramp(void *ctx, void *dst, uint64_t n) {
   (void)ctx;
-  for (uint64_t i = 0; i < n; i++) ((uint8_t *)dst)[i] = (uint8_t)i;
+  for (uint64_t i = 0; i < n; i++)
+    ((uint8_t *)dst)[i] = (uint8_t)i;
   return 0;
 }
 
@@ -1179,11 +1189,11 @@ KT_TEST(synth_default_matches_the_stories260K_shape) {
     const char *key;
     uint32_t want;
   } keys[] = {
-      {"llama.embedding_length", 64},    {"llama.block_count", 5},
-      {"llama.attention.head_count", 8}, {"llama.attention.head_count_kv", 4},
-      {"llama.feed_forward_length", 172}, {"llama.context_length", 512},
-      {"llama.rope.dimension_count", 8}, {"llama.vocab_size", 512},
-      {"tokenizer.ggml.bos_token_id", 1}, {"tokenizer.ggml.eos_token_id", 2},
+      {"llama.embedding_length", 64},         {"llama.block_count", 5},
+      {"llama.attention.head_count", 8},      {"llama.attention.head_count_kv", 4},
+      {"llama.feed_forward_length", 172},     {"llama.context_length", 512},
+      {"llama.rope.dimension_count", 8},      {"llama.vocab_size", 512},
+      {"tokenizer.ggml.bos_token_id", 1},     {"tokenizer.ggml.eos_token_id", 2},
       {"tokenizer.ggml.unknown_token_id", 0}, {"general.file_type", 0},
   };
   for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
@@ -1241,12 +1251,12 @@ KT_TEST(synth_default_matches_the_stories260K_shape) {
     uint32_t n_dims;
     uint64_t ne0, ne1;
   } shapes[] = {
-      {"token_embd.weight", 2, 64, 512},     {"blk.0.attn_norm.weight", 1, 64, 1},
-      {"blk.0.attn_q.weight", 2, 64, 64},    {"blk.0.attn_k.weight", 2, 64, 32},
-      {"blk.0.attn_v.weight", 2, 64, 32},    {"blk.4.attn_output.weight", 2, 64, 64},
-      {"blk.4.ffn_norm.weight", 1, 64, 1},   {"blk.4.ffn_gate.weight", 2, 64, 172},
-      {"blk.4.ffn_up.weight", 2, 64, 172},   {"blk.4.ffn_down.weight", 2, 172, 64},
-      {"output_norm.weight", 1, 64, 1},      {"output.weight", 2, 64, 512},
+      {"token_embd.weight", 2, 64, 512},   {"blk.0.attn_norm.weight", 1, 64, 1},
+      {"blk.0.attn_q.weight", 2, 64, 64},  {"blk.0.attn_k.weight", 2, 64, 32},
+      {"blk.0.attn_v.weight", 2, 64, 32},  {"blk.4.attn_output.weight", 2, 64, 64},
+      {"blk.4.ffn_norm.weight", 1, 64, 1}, {"blk.4.ffn_gate.weight", 2, 64, 172},
+      {"blk.4.ffn_up.weight", 2, 64, 172}, {"blk.4.ffn_down.weight", 2, 172, 64},
+      {"output_norm.weight", 1, 64, 1},    {"output.weight", 2, 64, 512},
   };
   for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
     const struct gguf_tensor *ts = gguf_find_tensor(f, shapes[i].name);
@@ -1303,7 +1313,8 @@ KT_TEST(synth_every_type_and_fallback) {
         float row[512];
         KT_ASSERT(t->ne[0] <= 512);
         KT_ASSERT_OK(dtype_dequant_row(t->type, t->data, row, t->ne[0]));
-        for (uint64_t j = 0; j < t->ne[0]; j++) KT_ASSERT(isfinite(row[j]) && fabsf(row[j]) < 3);
+        for (uint64_t j = 0; j < t->ne[0]; j++)
+          KT_ASSERT(isfinite(row[j]) && fabsf(row[j]) < 3);
       }
     }
     KT_CHECK_EQ(synth_matrix_type(&p, 172), quant ? DTYPE_F16 : types[k]);
