@@ -58,6 +58,8 @@ size_t ipc_dec_buffered(const struct ipc_dec *d) {
 }
 
 int ipc_dec_reserve(struct ipc_dec *d, size_t want, char **ret_buf, size_t *ret_len) {
+  /* After a fatal error nothing will be decoded again: reuse the space instead of growing. */
+  if (d->fatal) d->head = d->tail = 0;
   if (d->cap - d->tail < want && d->head > 0) {
     /* Slide the unfinished frame to the front before growing: the scanner's state is relative to
      * head, so it survives the move. */
@@ -87,6 +89,7 @@ void ipc_dec_commit(struct ipc_dec *d, size_t n) {
 int ipc_dec_feed(struct ipc_dec *d, const void *data, size_t len) {
   char *dst;
   size_t room;
+  if (d->fatal) return d->fatal;
   if (len == 0) return 0;
   int rc = ipc_dec_reserve(d, len, &dst, &room);
   if (rc < 0) return rc;
@@ -114,7 +117,7 @@ static bool is_array_header(uint8_t b) {
  * (d->pos bytes), 0 when it needs more bytes, or a fatal code. */
 static int scan(struct ipc_dec *d) {
   size_t avail = d->tail - d->head;
-  if (avail == 0) return d->pending == 0 && d->pos == 0; /* (nothing fed yet: buf is NULL) */
+  if (avail == 0) return 0; /* no byte of this frame yet (and buf may still be NULL) */
   const uint8_t *p = (const uint8_t *)d->buf + d->head;
 
   while (d->pending > 0) {
@@ -366,6 +369,11 @@ static int shape(struct ipc_msg *m, const msgpack_object *root, struct ipc_dec_e
   m->method = method->via.str.ptr;
   m->method_len = method->via.str.size;
   m->method_id = ipc_method_lookup(m->method, m->method_len);
+  /* A request for a notification's name (or the reverse) is no method at all: the dispatcher
+   * then needs no second check. */
+  if (m->method_id != IPC_M_UNKNOWN &&
+      (ipc_methods[m->method_id].kind == IPC_MK_REQUEST) != (m->type == IPC_REQUEST))
+    m->method_id = IPC_M_UNKNOWN;
   if (params->type != MSGPACK_OBJECT_ARRAY) return BAD(KVD_EPROTO, "params must be an array");
   if (params->via.array.size > 1 ||
       (params->via.array.size == 1 && params->via.array.ptr[0].type != MSGPACK_OBJECT_MAP))

@@ -33,7 +33,8 @@ struct ipc_msg {
   uint32_t id;                  /* REQUEST, RESPONSE: the msgid */
   const char *method;           /* REQUEST, NOTIFICATION: NUL-terminated; NULL for RESPONSE */
   size_t method_len;            /* bytes in method */
-  enum ipc_method method_id;    /* from api.json; IPC_M_UNKNOWN for any other name */
+  enum ipc_method method_id;    /* from api.json; IPC_M_UNKNOWN for any other name, or for a
+                                   name api.json declares for the other kind of message */
   const msgpack_object *params; /* REQUEST, NOTIFICATION: the named-argument map (string keys,
                                    none twice), NULL when params was `[]` */
   const msgpack_object *error;  /* RESPONSE: NULL on success, else the error (a map) */
@@ -87,7 +88,8 @@ struct ipc_dec {
  * the buffer is allocated on the first feed. */
 void ipc_dec_init(struct ipc_dec *d, size_t max_frame);
 void ipc_dec_destroy(struct ipc_dec *d);
-/* Copies len bytes into the decoder. 0, or KVD_ENOMEM. */
+/* Copies len bytes into the decoder. 0, KVD_ENOMEM, or after a fatal error that error (the bytes
+ * are dropped: nothing after a fatal error is decoded). */
 int ipc_dec_feed(struct ipc_dec *d, const void *data, size_t len);
 /* Room for at least want bytes at the end of the buffer, to read into directly (a libuv
  * alloc_cb); then ipc_dec_commit(d, bytes_read) before any other call on d, which may move the

@@ -792,6 +792,13 @@ KT_TEST(oversize_frames_are_fatal_before_they_arrive) {
     KT_ASSERT_EQ(rc, 0);
   }
   KT_CHECK_EQ(ipc_dec_next(&d, &m, &err), KVD_E2BIG); /* sticky */
+  /* Bytes after a fatal error are dropped, not buffered. */
+  KT_CHECK_EQ(ipc_dec_feed(&d, ipc_w_data(&w), exact), KVD_E2BIG);
+  size_t held = ipc_dec_buffered(&d);
+  char *room;
+  size_t n_room;
+  KT_ASSERT_OK(ipc_dec_reserve(&d, 16, &room, &n_room));
+  KT_CHECK(ipc_dec_buffered(&d) <= held);
   ipc_dec_destroy(&d);
   ipc_w_destroy(&w);
 }
@@ -966,6 +973,10 @@ KT_TEST(validation_follows_api_json) {
   KT_ASSERT(m);
   KT_CHECK_EQ(ipc_validate_params(m, &e), KVD_EINVAL);
   KT_ASSERT_STREQ(e.message, "param 'name' must be a string");
+  ipc_msg_free(m);
+  m = make("generate.chunk", empty_map); /* a notification's name in a request */
+  KT_ASSERT(m);
+  KT_CHECK_EQ(m->method_id, IPC_M_UNKNOWN);
   ipc_msg_free(m);
   m = make("no.such", empty_map);
   KT_ASSERT(m);
