@@ -10,6 +10,7 @@
 #include "gguf.h"
 #include "gguf_write.h"
 #include "kvd_error.h"
+#include "ref.h"
 #include "synth.h"
 
 #include <math.h>
@@ -1415,6 +1416,42 @@ KT_TEST(synth_odd_shapes_and_refusals) {
   synth_params_default(&p);
   p.vocab = SYNTH_MIN_VOCAB;
   KT_CHECK_EQ(synth_check(&p, NULL, 0), 0);
+}
+
+/* The synthetic models are for the forward pass: the CPU reference must load every type and give
+ * finite logits that are not flat (a weight spread too small or too large would give either). */
+KT_TEST(synth_models_run_on_the_cpu_reference) {
+  static const enum dtype types[] = {DTYPE_F32, DTYPE_F16, DTYPE_BF16, DTYPE_Q8_0, DTYPE_Q4_0};
+  for (size_t k = 0; k < sizeof types / sizeof types[0]; k++) {
+    struct synth_params p;
+    synth_params_default(&p);
+    p.type = types[k];
+    p.n_layers = 2;
+    void *buf;
+    struct gguf_file *f;
+    KT_ASSERT_OK(open_synth(&p, &buf, &f));
+    struct model_ref *r;
+    struct model_error merr;
+    int rc = model_ref_new(f, NULL, &r, &merr);
+    KT_ASSERT_MSG(rc == 0, "%s: %d %s", dtype_name(types[k]), rc, merr.msg);
+    float logits[512];
+    static const uint32_t prompt[] = {1, 300, 301, 302};
+    for (uint32_t pos = 0; pos < 4; pos++) {
+      KT_ASSERT_OK(model_ref_forward(r, prompt[pos], pos, logits));
+      float lo = logits[0], hi = logits[0];
+      for (int i = 0; i < 512; i++) {
+        KT_ASSERT(isfinite(logits[i]));
+        lo = fminf(lo, logits[i]);
+        hi = fmaxf(hi, logits[i]);
+      }
+      KT_ASSERT_MSG(hi - lo > 1.0f && hi - lo < 100.0f, "%s: logit range %g", dtype_name(types[k]),
+                    (double)(hi - lo));
+      if (pos == 3) kt_log("%s: logits in [%.2f, %.2f]", dtype_name(types[k]), lo, hi);
+    }
+    model_ref_free(r);
+    gguf_close(f);
+    free(buf);
+  }
 }
 
 /* ---- printer ---- */
