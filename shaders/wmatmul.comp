@@ -6,7 +6,11 @@
 // keeps TM x TN accumulators in registers. K advances BK values at a time: the BN x BK weight tile
 // is dequantized once into shared memory (each invocation one group of 8 values per step) and
 // then used by all BM tokens, so the quantized weights are read once per BM tokens. BK is a
-// multiple of DQ_SPAN, which makes the tile exactly groups [k0/8, (k0+BK)/8) of each row.
+// multiple of 8 and either a multiple or a divisor of DQ_SPAN: the tile then lies inside one
+// window of WIN = max(BK, DQ_SPAN) values, whose groups are exactly the row's groups
+// [win0/8, (win0+WIN)/8). When BK < DQ_SPAN (the K-quants' 64-value windows with BK = 32) each
+// group is decoded once per tile it touches and stores only its runs inside the tile: decoding is
+// cheap next to the BM tokens' multiply-adds, and small K steps leave room for larger tiles.
 // Shared memory is (BM + BN) * (BK + 1) floats: the host picks TM/TN/BK within the device limit.
 // Edges (tokens, rows or columns past the end) are zero-padded, never read out of bounds.
 #include "pc_matmul.h"
@@ -38,7 +42,8 @@ void main() {
   uint n0 = gl_WorkGroupID.x * BN;
   uint rb = dq_row_bytes(p.cols);
   uint ng = dq_row_groups(p.cols);
-  const uint GPT = BK / 8u; // groups per tile row
+  const uint WIN = BK > DQ_SPAN ? BK : DQ_SPAN;
+  const uint GPT = WIN / 8u; // groups per tile row
 
   float acc[TM][TN];
   for (uint i = 0; i < TM; i++)
@@ -50,8 +55,9 @@ void main() {
       uint gm = m0 + r, gk = k0 + c;
       xs[r][c] = (gm < p.n_tokens && gk < p.cols) ? x[p.x_off + gm * p.x_stride + gk] : 0.0;
     }
+    uint win0 = k0 - k0 % WIN;
     for (uint e = tid; e < BN * GPT; e += 256u) {
-      uint r = e / GPT, G = k0 / 8u + e % GPT;
+      uint r = e / GPT, G = win0 / 8u + e % GPT;
       uint gn = n0 + r;
       vec4 a = vec4(0.0), b = vec4(0.0);
       uint e0, e1;
@@ -59,11 +65,11 @@ void main() {
         dq_load(p.w_off + gn * rb, G, p.cols, a, b, e0, e1);
       else
         dq_pos(G, e0, e1);
-      e0 -= k0;
+      e0 -= k0; // runs before the tile wrap around to large values and are skipped too
       e1 -= k0;
       for (uint q = 0u; q < 4u; q++) {
-        ws[r][e0 + q] = a[q];
-        ws[r][e1 + q] = b[q];
+        if (e0 < BK) ws[r][e0 + q] = a[q];
+        if (e1 < BK) ws[r][e1 + q] = b[q];
       }
     }
     barrier();

@@ -69,10 +69,14 @@ static uint64_t mm_shared_bytes(uint32_t tm, uint32_t tn, uint32_t bk) {
 }
 
 void wkern_destroy(struct wkern *k) {
-  for (int i = 0; i < WKERN_N_OPS; i++) {
-    gpu_pipeline_free(k->pipe[i]);
-    k->pipe[i] = NULL;
+  for (int i = 0; i < WKERN_MV_PIPES; i++) {
+    gpu_pipeline_free(k->matvec[i]);
+    k->matvec[i] = NULL;
   }
+  gpu_pipeline_free(k->matmul);
+  gpu_pipeline_free(k->embed);
+  k->matmul = NULL;
+  k->embed = NULL;
 }
 
 int wkern_init(struct wkern *k, struct gpu_device *dev, enum dtype t,
@@ -97,10 +101,11 @@ int wkern_init(struct wkern *k, struct gpu_device *dev, enum dtype t,
     return KVD_E_LIMIT;
   k->mv_wg = wg;
 
-  /* Mat-mul: the largest tile whose shared memory fits. K steps of 32 values (or the type's
-   * group window, 64 for the K-quants) keep (4,4) tiles at ~17 KiB. */
-  uint32_t bk = opts->mm_bk ? opts->mm_bk : (e->span > 32 ? e->span : 32);
-  if (bk % e->span) return KVD_EINVAL;
+  /* Mat-mul: the largest tile whose shared memory fits; K steps of 32 values keep (4,4) tiles at
+   * ~17 KiB. The K step must be a multiple of 8 and a multiple or divisor of the type's group
+   * window (wmatmul.comp). */
+  uint32_t bk = opts->mm_bk ? opts->mm_bk : 32;
+  if (bk % 8 || (bk % e->span && e->span % bk)) return KVD_EINVAL;
   static const uint32_t tiles[][2] = {{4, 4}, {2, 2}, {1, 1}};
   k->mm_tm = opts->mm_tm;
   k->mm_tn = opts->mm_tn;
@@ -117,34 +122,33 @@ int wkern_init(struct wkern *k, struct gpu_device *dev, enum dtype t,
   k->max_binding = bind_max(c);
   if (opts->max_binding && opts->max_binding < k->max_binding) k->max_binding = opts->max_binding;
 
-  struct gpu_pipeline_desc d[WKERN_N_OPS] = {
-      [WKERN_MATVEC] = {.shader = k->mv_subgroup ? e->matvec_sg : e->name[WKERN_MATVEC],
-                        .n_buffers = 3,
-                        .push_size = sizeof(struct pc_wmat),
-                        .n_spec = 1,
-                        .spec = {k->mv_wg},
-                        .local_size = {k->mv_wg, 1, 1}},
-      [WKERN_MATMUL] = {.shader = e->name[WKERN_MATMUL],
-                        .n_buffers = 3,
-                        .push_size = sizeof(struct pc_wmat),
-                        .n_spec = 3,
-                        .spec = {k->mm_tm, k->mm_tn, k->mm_bk},
-                        .local_size = {16, 16, 1}},
-      [WKERN_EMBED] = {.shader = e->name[WKERN_EMBED],
-                       .n_buffers = 3,
-                       .push_size = sizeof(struct pc_embed),
-                       .n_spec = 1,
-                       .spec = {k->emb_wg},
-                       .local_size = {k->emb_wg, 1, 1}},
-  };
-  for (int i = 0; i < WKERN_N_OPS; i++) {
-    int rc = gpu_pipeline_new(dev, &d[i], &k->pipe[i]);
-    if (rc < 0) {
-      wkern_destroy(k);
-      return rc;
-    }
+  struct gpu_pipeline_desc mv = {.shader = k->mv_subgroup ? e->matvec_sg : e->name[WKERN_MATVEC],
+                                 .n_buffers = 3,
+                                 .push_size = sizeof(struct pc_wmat),
+                                 .n_spec = 2,
+                                 .spec = {k->mv_wg, 1},
+                                 .local_size = {k->mv_wg, 1, 1}};
+  struct gpu_pipeline_desc mm = {.shader = e->name[WKERN_MATMUL],
+                                 .n_buffers = 3,
+                                 .push_size = sizeof(struct pc_wmat),
+                                 .n_spec = 3,
+                                 .spec = {k->mm_tm, k->mm_tn, k->mm_bk},
+                                 .local_size = {16, 16, 1}};
+  struct gpu_pipeline_desc em = {.shader = e->name[WKERN_EMBED],
+                                 .n_buffers = 3,
+                                 .push_size = sizeof(struct pc_embed),
+                                 .n_spec = 1,
+                                 .spec = {k->emb_wg},
+                                 .local_size = {k->emb_wg, 1, 1}};
+  int rc = 0;
+  for (int i = 0; i < WKERN_MV_PIPES && rc == 0; i++) {
+    mv.spec[1] = 1u << i;
+    rc = gpu_pipeline_new(dev, &mv, &k->matvec[i]);
   }
-  return 0;
+  if (rc == 0) rc = gpu_pipeline_new(dev, &mm, &k->matmul);
+  if (rc == 0) rc = gpu_pipeline_new(dev, &em, &k->embed);
+  if (rc < 0) wkern_destroy(k);
+  return rc;
 }
 
 /* ---- binding ranges ---------------------------------------------------------------------- */
@@ -182,7 +186,7 @@ static uint64_t min_u64(uint64_t a, uint64_t b) {
 /* Checks a mat-vec/mat-mul shape; returns the weight row bytes. */
 static int check_shape(const struct wkern *k, const struct wkern_matrix *w,
                        const struct wkern_act *x, const struct wkern_act *y, uint64_t *ret_rb) {
-  if (!k->pipe[0] || !w->buf || !x->buf || !y->buf || w->rows == 0 || w->cols == 0 ||
+  if (!k->embed || !w->buf || !x->buf || !y->buf || w->rows == 0 || w->cols == 0 ||
       x->stride < w->cols || y->stride < w->rows || x->offset % 4 || y->offset % 4)
     return KVD_EINVAL;
   return dtype_row_bytes(k->type, w->cols, ret_rb);
@@ -242,8 +246,15 @@ static int record_mul(const struct wkern *k, struct gpu_cmd *cmd, enum wkern_op 
         gx = (nr + 16 * k->mm_tn - 1) / (16 * k->mm_tn);
         gy = (nt + 16 * k->mm_tm - 1) / (16 * k->mm_tm);
       }
+      const struct gpu_pipeline *pipe = k->matmul;
+      if (op == WKERN_MATVEC) {
+        int i = 0; /* the pipeline for the next power of two of tokens */
+        while ((1u << i) < nt)
+          i++;
+        pipe = k->matvec[i];
+      }
       const char *label = wkern_variant(k->type, op, op == WKERN_MATVEC && k->mv_subgroup);
-      rc = gpu_cmd_dispatch(cmd, k->pipe[op], b, 3, &pc, sizeof pc, gx, gy, 1, label);
+      rc = gpu_cmd_dispatch(cmd, pipe, b, 3, &pc, sizeof pc, gx, gy, 1, label);
       if (rc < 0) return rc;
     }
   }
@@ -273,7 +284,7 @@ int wkern_embed(const struct wkern *k, struct gpu_cmd *cmd, const struct wkern_m
                 struct gpu_buffer *ids, uint64_t ids_offset, uint32_t n_tokens,
                 const struct wkern_act *out) {
   uint64_t rb;
-  if (!k->pipe[0] || !table->buf || !ids || !out->buf || table->rows == 0 || table->cols == 0 ||
+  if (!k->embed || !table->buf || !ids || !out->buf || table->rows == 0 || table->cols == 0 ||
       out->stride < table->cols || ids_offset % 4 || out->offset % 4)
     return KVD_EINVAL;
   int rc = dtype_row_bytes(k->type, table->cols, &rb);
@@ -310,7 +321,7 @@ int wkern_embed(const struct wkern *k, struct gpu_cmd *cmd, const struct wkern_m
       };
       uint32_t gx, gy;
       gpu_grid_2d(k->dev, nt, &gx, &gy);
-      rc = gpu_cmd_dispatch(cmd, k->pipe[WKERN_EMBED], b, 3, &pc, sizeof pc, gx, gy, 1,
+      rc = gpu_cmd_dispatch(cmd, k->embed, b, 3, &pc, sizeof pc, gx, gy, 1,
                             wkern_variant(k->type, WKERN_EMBED, false));
       if (rc < 0) return rc;
     }

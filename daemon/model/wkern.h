@@ -27,6 +27,7 @@ enum wkern_op {
 /* Tokens one mat-vec dispatch serves (WMAT_MAX_TOKENS); wkern_mul() switches to the tiled
  * mat-mul above this. */
 #define WKERN_MATVEC_TOKENS 8u
+#define WKERN_MV_PIPES 4 /* mat-vec pipelines per type: 1, 2, 4, 8 tokens */
 
 /* Whether the shaders handle type t: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
  * Q6_K. */
@@ -46,7 +47,10 @@ int wkern_weight_bytes(enum dtype t, uint64_t rows, uint64_t cols, uint64_t *ret
 struct wkern {
   struct gpu_device *dev;
   enum dtype type;
-  struct gpu_pipeline *pipe[WKERN_N_OPS];
+  /* matvec[i] is specialised for 2^i tokens (1, 2, 4, 8): on devices that run uniform branches
+   * masked (CPU devices) a per-token branch would cost every slot its work */
+  struct gpu_pipeline *matvec[WKERN_MV_PIPES];
+  struct gpu_pipeline *matmul, *embed;
   bool mv_subgroup;      /* mat-vec reduces with subgroupAdd (caps.subgroup_ops arithmetic) */
   uint32_t mv_wg;        /* mat-vec workgroup size (a power of two) */
   uint32_t mm_tm, mm_tn; /* mat-mul tile: (16*tm tokens) x (16*tn rows) */

@@ -27,27 +27,33 @@
 
 // ---- byte access over 32-bit words ---------------------------------------------------------
 
-uint dq_u16(uint b) {
-  uint i = b >> 2, s = (b & 3u) << 3;
-  uint v = wq[i] >> s;
-  if (s == 24u) v |= wq[i + 1u] << 8;
-  return v & 0xffffu;
+// The word after word i, or the last word when i is the last: its bits are shifted out then (the
+// field ends in word i), and the clamp keeps the read inside the binding without a branch, which
+// a CPU device would run masked.
+uint dq_next(uint i) {
+  return wq[min(i + 1u, uint(wq.length()) - 1u)];
+}
+
+// (lo >> s) | (hi << (32 - s)) for s in 0..24 step 8; the shift by 32 that s == 0 would need is
+// undefined, so hi moves in two steps.
+uint dq_funnel(uint lo, uint hi, uint s) {
+  return (lo >> s) | ((hi << 1) << (31u - s));
 }
 
 uint dq_u32(uint b) {
-  uint i = b >> 2, s = (b & 3u) << 3;
-  uint v = wq[i];
-  if (s != 0u) v = (v >> s) | (wq[i + 1u] << (32u - s));
-  return v;
+  uint i = b >> 2;
+  return dq_funnel(wq[i], dq_next(i), (b & 3u) << 3);
 }
 
-// 8 bytes from 2 or 3 words (the shift by 32 that s == 0 would need is undefined, hence the branch)
+uint dq_u16(uint b) {
+  return dq_u32(b) & 0xffffu;
+}
+
+// 8 bytes from 2 or 3 words.
 uvec2 dq_u32x2(uint b) {
   uint i = b >> 2, s = (b & 3u) << 3;
-  uint w0 = wq[i], w1 = wq[i + 1u];
-  if (s == 0u) return uvec2(w0, w1);
-  uint w2 = wq[i + 2u];
-  return uvec2((w0 >> s) | (w1 << (32u - s)), (w1 >> s) | (w2 << (32u - s)));
+  uint w0 = wq[i], w1 = wq[i + 1u], w2 = dq_next(i + 1u);
+  return uvec2(dq_funnel(w0, w1, s), dq_funnel(w1, w2, s));
 }
 
 float dq_half(uint b) {
