@@ -2,6 +2,7 @@
 
 #include "kvd_error.h"
 
+#include <ini.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,11 +28,29 @@ static const struct opt opts[] = {
      "list every Vulkan device with its capabilities and exit"},
     {"model-info", OPT_STR, F(model_info), NULL, NULL,
      "print a GGUF model's metadata, hyperparameters and tensors, then exit"},
+    {"config", OPT_STR, F(config), NULL, "KVD_CONFIG",
+     "config file (default: $XDG_CONFIG_HOME/kvd/kvd.conf, or /etc/kvd/kvd.conf with --system)"},
+    {"system", OPT_BOOL, F(system), "0", NULL,
+     "run as the system service: socket /run/kvd/kvd.sock, config /etc/kvd/kvd.conf"},
+    {"socket", OPT_STR, F(socket), NULL, "KVD_SOCKET",
+     "socket path (default: $XDG_RUNTIME_DIR/kvd/kvd.sock, /run/kvd/kvd.sock with --system)"},
+    {"socket-group", OPT_STR, F(socket_group), NULL, NULL,
+     "group allowed to connect (socket mode 0660); default: owner only (0600)"},
+    {"model", OPT_STR, F(model), NULL, "KVD_MODEL", "GGUF model to load at start"},
+    {"model-name", OPT_STR, F(model_name), NULL, NULL,
+     "name clients use for it (default: the file name without .gguf)"},
+    {"max-clients", OPT_INT, F(max_clients), "64", NULL, "most connections at once"},
+    {"step-tokens", OPT_INT, F(step_tokens), "256", NULL,
+     "tokens per engine step: long prompts are prefilled in chunks of this size"},
+    {"max-seqs", OPT_INT, F(max_seqs), "32", NULL, "requests decoding at once per model"},
     {"device", OPT_STR, F(device), NULL, "KVD_DEVICE",
      "Vulkan device: index or name substring (default: discrete > integrated > virtual > CPU)"},
     {"validate", OPT_BOOL, F(validate), "0", "KVD_VALIDATE", "enable Vulkan validation layers"},
     {"cache-dir", OPT_STR, F(cache_dir), NULL, NULL,
      "pipeline cache folder (default: $XDG_CACHE_HOME/kvd or ~/.cache/kvd)"},
+    {"kv-budget", OPT_STR, F(kv_budget), "50%", "KVD_KV_BUDGET",
+     "KV cache memory: bytes (512M, 2G) or a share of free device memory (50%)"},
+    {"block-size", OPT_INT, F(block_size), "16", NULL, "KV block size in tokens"},
     {"log-level", OPT_INT, F(log_level), "6", "KVD_LOG_LEVEL",
      "log verbosity as a syslog level: 3 errors .. 7 debug"},
 };
@@ -89,13 +108,61 @@ static const char *default_cache_dir(char *buf, size_t n) {
   return buf;
 }
 
+/* inih calls this for every `key = value`; keys are the long flag names, in any section. */
+static int config_ini_cb(void *user, const char *section, const char *name, const char *value) {
+  (void)section;
+  struct kvd_config *cfg = user;
+  const struct opt *o = opt_find(name, strlen(name));
+  if (!o) {
+    fprintf(stderr, "kvd: config: unknown key \"%s\"\n", name);
+    return 0;
+  }
+  return opt_set(cfg, o, value, "config file") == 0;
+}
+
+/* Flags that decide which file to read are looked at before the file itself. */
+static const char *config_pre_scan(int argc, char **argv, const char *flag) {
+  size_t n = strlen(flag);
+  for (int a = 1; a < argc; a++) {
+    if (strncmp(argv[a], "--", 2) || strncmp(argv[a] + 2, flag, n)) continue;
+    if (argv[a][2 + n] == '=') return argv[a] + 3 + n;
+    if (argv[a][2 + n] == '\0') return (a + 1 < argc && argv[a + 1][0] != '-') ? argv[a + 1] : "1";
+  }
+  return NULL;
+}
+
 int config_load(struct kvd_config *cfg, int argc, char **argv) {
   memset(cfg, 0, sizeof *cfg);
   int rc = 0;
+  for (size_t i = 0; i < N_OPTS && rc == 0; i++)
+    if (opts[i].def) rc = opt_set(cfg, &opts[i], opts[i].def, "default");
+  /* The config file: --config / KVD_CONFIG, else the default path when it exists. */
+  const char *file = config_pre_scan(argc, argv, "config");
+  if (!file) file = getenv("KVD_CONFIG");
+  char buf[1024];
+  bool explicit_file = file != NULL;
+  if (!file) {
+    const char *sys = config_pre_scan(argc, argv, "system");
+    const char *xdg = getenv("XDG_CONFIG_HOME"), *home = getenv("HOME");
+    if (sys && strcmp(sys, "0") != 0) file = "/etc/kvd/kvd.conf";
+    else if (xdg && *xdg) snprintf(buf, sizeof buf, "%s/kvd/kvd.conf", xdg), file = buf;
+    else if (home && *home) snprintf(buf, sizeof buf, "%s/.config/kvd/kvd.conf", home), file = buf;
+  }
+  if (rc == 0 && file) {
+    int line = ini_parse(file, config_ini_cb, cfg);
+    if (line == -1 && explicit_file) {
+      fprintf(stderr, "kvd: cannot read config file %s\n", file);
+      rc = KVD_ENOENT;
+    } else if (line > 0) {
+      fprintf(stderr, "kvd: %s:%d: bad line\n", file, line);
+      rc = KVD_EINVAL;
+    } else if (line < -1) {
+      rc = KVD_ENOMEM;
+    }
+  }
   for (size_t i = 0; i < N_OPTS && rc == 0; i++) {
     const char *env = opts[i].env ? getenv(opts[i].env) : NULL;
-    if (opts[i].def) rc = opt_set(cfg, &opts[i], opts[i].def, "default");
-    if (rc == 0 && env && *env) rc = opt_set(cfg, &opts[i], env, opts[i].env);
+    if (env && *env) rc = opt_set(cfg, &opts[i], env, opts[i].env);
   }
   for (int a = 1; a < argc && rc == 0; a++) {
     const char *arg = argv[a];
@@ -123,9 +190,29 @@ int config_load(struct kvd_config *cfg, int argc, char **argv) {
     }
     rc = opt_set(cfg, o, val, "command line");
   }
+  if (rc == 0 && !cfg->socket) {
+    const char *run = getenv("XDG_RUNTIME_DIR");
+    char path[1024];
+    if (cfg->system || !run || !*run) snprintf(path, sizeof path, "/run/kvd/kvd.sock");
+    else snprintf(path, sizeof path, "%s/kvd/kvd.sock", run);
+    rc = opt_set(cfg, opt_find("socket", 6), path, "default");
+  }
+  if (rc == 0 && (cfg->max_clients < 1 || cfg->step_tokens < 1 || cfg->max_seqs < 1 ||
+                  cfg->block_size < 1 || cfg->block_size > 4096)) {
+    fprintf(stderr, "kvd: --max-clients, --step-tokens, --max-seqs and --block-size must be "
+                    "positive (block size at most 4096)\n");
+    rc = KVD_EINVAL;
+  }
+  uint64_t b;
+  double frac;
+  if (rc == 0 && config_parse_budget(cfg->kv_budget, &b, &frac) < 0) {
+    fprintf(stderr, "kvd: --kv-budget \"%s\": expected bytes (512M, 2G) or a share (50%%)\n",
+            cfg->kv_budget);
+    rc = KVD_EINVAL;
+  }
   if (rc == 0 && !cfg->cache_dir) {
-    char buf[1024];
-    const char *d = default_cache_dir(buf, sizeof buf);
+    char dir[1024];
+    const char *d = default_cache_dir(dir, sizeof dir);
     if (d) rc = opt_set(cfg, opt_find("cache-dir", 9), d, "default");
   }
   if (rc < 0) config_destroy(cfg);
@@ -152,4 +239,31 @@ void config_print_help(FILE *out) {
     if (opts[i].def && opts[i].type != OPT_BOOL) fprintf(out, " (default %s)", opts[i].def);
     fprintf(out, "\n");
   }
+}
+
+int config_parse_budget(const char *s, uint64_t *ret_bytes, double *ret_fraction) {
+  if (!s || !*s) return KVD_EINVAL;
+  char *end;
+  double v = strtod(s, &end);
+  if (end == s || v < 0) return KVD_EINVAL;
+  if (*end == '%' && end[1] == '\0') {
+    if (v <= 0 || v > 100) return KVD_EINVAL;
+    *ret_bytes = 0;
+    *ret_fraction = v / 100.0;
+    return 0;
+  }
+  double mul = 1;
+  switch (*end) {
+  case 'k': case 'K': mul = 1024.0; end++; break;
+  case 'm': case 'M': mul = 1024.0 * 1024; end++; break;
+  case 'g': case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
+  case '\0': break;
+  default: return KVD_EINVAL;
+  }
+  if (*end == 'i' || *end == 'B') end++;
+  if (*end == 'B') end++;
+  if (*end || v * mul < 1) return KVD_EINVAL;
+  *ret_bytes = (uint64_t)(v * mul);
+  *ret_fraction = 0;
+  return 0;
 }

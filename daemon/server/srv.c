@@ -1,0 +1,126 @@
+/* The server's lifetime: device, startup model, socket, signals, and the drain on SIGTERM. */
+#include "srv.h"
+
+#include "kvd_error.h"
+#include "log.h"
+#include "sd.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+double srv_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void srv_on_signal(uv_signal_t *h, int signum) {
+  struct srv *s = h->data;
+  if (s->draining) {
+    log_warn("second %s: exiting without waiting", strsignal(signum));
+    for (struct srv_conn *c = s->conns; c; c = c->next) srv_conn_close(c);
+    return;
+  }
+  log_info("%s: draining in-flight requests, then exiting", strsignal(signum));
+  srv_drain(s);
+}
+
+int srv_init(struct srv *s, uv_loop_t *loop, const struct kvd_config *cfg) {
+  memset(s, 0, sizeof *s);
+  s->loop = loop;
+  s->cfg = cfg;
+  s->started = srv_now();
+  int rc = gpu_instance_new(&(struct gpu_instance_opts){.validate = cfg->validate}, &s->inst);
+  if (rc < 0) {
+    log_err("Vulkan instance: %s (%s)", kvd_strerror(rc), gpu_error_detail());
+    return rc;
+  }
+  rc = gpu_device_new(s->inst, &(struct gpu_device_opts){.select = cfg->device,
+                                                         .cache_dir = cfg->cache_dir},
+                      &s->dev);
+  if (rc < 0) {
+    log_err("Vulkan device: %s (%s)", kvd_strerror(rc), gpu_error_detail());
+    return rc;
+  }
+  log_info("device: %s (%s)", gpu_device_caps(s->dev)->name,
+           gpu_device_type_name(gpu_device_caps(s->dev)->type));
+  if (cfg->model) {
+    char err[256] = "";
+    struct srv_model *m;
+    sdn_status("loading model");
+    rc = srv_model_load(s, cfg->model, cfg->model_name, &m, err, sizeof err);
+    if (rc < 0) {
+      log_err("cannot load %s: %s", cfg->model, err[0] ? err : kvd_strerror(rc));
+      return rc;
+    }
+  } else {
+    log_info("no --model given: clients can load one with models.load (kvctl load FILE)");
+  }
+  uv_signal_init(loop, &s->sig_term);
+  uv_signal_init(loop, &s->sig_int);
+  s->signals = true;
+  rc = srv_listen(s);
+  if (rc < 0) return rc;
+  s->sig_term.data = s->sig_int.data = s;
+  uv_signal_start(&s->sig_term, srv_on_signal, SIGTERM);
+  uv_signal_start(&s->sig_int, srv_on_signal, SIGINT);
+  /* A client that vanishes mid-write must not kill the daemon. */
+  signal(SIGPIPE, SIG_IGN);
+  char status[160];
+  snprintf(status, sizeof status, "serving %s on %s", s->models ? s->models->name : "no model",
+           cfg->socket);
+  sdn_ready(status);
+  return 0;
+}
+
+static bool srv_idle(const struct srv *s) {
+  for (const struct srv_conn *c = s->conns; c; c = c->next)
+    if (c->gens) return false;
+  return true;
+}
+
+void srv_maybe_finish(struct srv *s) {
+  if (!s->draining || !srv_idle(s)) return;
+  /* Everything in flight is answered: close the rest so the loop can end. */
+  for (struct srv_conn *c = s->conns, *next; c; c = next) {
+    next = c->next;
+    srv_conn_close(c);
+  }
+  if (s->listening) {
+    uv_close((uv_handle_t *)&s->listener, NULL);
+    s->listening = false;
+  }
+  if (s->signals) {
+    uv_close((uv_handle_t *)&s->sig_term, NULL);
+    uv_close((uv_handle_t *)&s->sig_int, NULL);
+    s->signals = false;
+  }
+  if (s->models) srv_models_free(s);
+}
+
+void srv_abort(struct srv *s) {
+  s->draining = true;
+  if (s->own_socket) unlink(s->cfg->socket);
+  s->own_socket = false;
+  srv_maybe_finish(s);
+}
+
+void srv_drain(struct srv *s) {
+  if (s->draining) return;
+  s->draining = true;
+  sdn_stopping();
+  if (s->listening) {
+    uv_close((uv_handle_t *)&s->listener, NULL);
+    s->listening = false;
+    if (s->own_socket) unlink(s->cfg->socket);
+  }
+  srv_maybe_finish(s);
+}
+
+void srv_destroy(struct srv *s) {
+  gpu_device_free(s->dev);
+  gpu_instance_free(s->inst);
+}

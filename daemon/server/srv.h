@@ -1,0 +1,147 @@
+/* The server: the libuv loop thread that owns the socket, connections, sessions and models.
+ *
+ * Anatomy of a request: socket bytes -> srv_conn (ipc_dec frames) -> dispatch by method id ->
+ * handler (srv_methods.c, srv_gen.c) -> for generate, a sched_req submitted to the model's engine
+ * thread -> engine step -> sched events -> uv_async -> srv_model drains them -> srv_gen turns
+ * tokens into text, chunks and the final response -> srv_conn writes them.
+ *
+ * Everything here runs on the loop thread, except model loading (libuv's threadpool) and the
+ * engine threads, which talk to it only through sched's queues. */
+#ifndef KVD_SRV_H
+#define KVD_SRV_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "chat.h"
+#include "config.h"
+#include "gguf.h"
+#include "gpu.h"
+#include "ipc.h"
+#include "scheduler.h"
+#include "tok.h"
+
+struct srv;
+struct srv_conn;
+struct srv_gen;
+
+struct srv_model {
+  struct srv *srv;
+  char name[IPC_MAX_NAME_BYTES + 1];
+  char *path;
+  struct gguf_file *f;
+  struct tok *tok;
+  enum chat_family chat;
+  enum chat_source chat_source;
+  struct sched *sched;
+  uv_async_t async;
+  bool async_open;
+  uint32_t n_active;  /* generate requests not yet DONE, sessions open */
+  bool unloading;     /* refuse new work; freed when n_active reaches 0 */
+  struct srv_model *next;
+};
+
+struct srv_session {
+  uint32_t id;
+  struct srv_conn *conn; /* NULL once the connection closed */
+  struct srv_model *m;
+  struct sched_session *ss;
+  bool busy;    /* a generate runs on it */
+  bool closing; /* closed while busy: freed when that generate ends */
+  bool started; /* has had a prompt (no BOS for later ones) */
+  struct srv_session *next;
+};
+
+struct srv_conn {
+  struct srv *srv;
+  uv_pipe_t pipe;
+  uint64_t serial;
+  struct ipc_dec dec;
+  struct ipc_w w;
+  char client[IPC_MAX_NAME_BYTES + 1];
+  uint32_t protocol;
+  uint32_t inflight;      /* requests awaiting a response */
+  struct srv_gen *gens;   /* generate requests of this connection */
+  struct srv_session *sessions;
+  uint32_t n_sessions, next_session_id;
+  bool closing;
+  bool reading;
+  struct srv_conn *prev, *next;
+};
+
+struct srv_stats {
+  uint64_t connections, requests, errors, generated_tokens, prompt_tokens, cached_tokens;
+  double last_ttft_ms, last_tpot_ms;
+};
+
+struct srv {
+  uv_loop_t *loop;
+  const struct kvd_config *cfg;
+  uv_pipe_t listener;
+  bool listening;
+  bool own_socket; /* we bound the path (not socket activation): unlink it when done */
+  uv_signal_t sig_term, sig_int;
+  bool signals; /* the signal handles are initialised */
+  struct gpu_instance *inst;
+  struct gpu_device *dev;
+  struct srv_model *models;
+  struct srv_conn *conns;
+  uint32_t n_conns;
+  uint64_t conn_serial;
+  bool draining;
+  struct srv_stats stats;
+  double started;
+};
+
+/* srv.c */
+int srv_init(struct srv *s, uv_loop_t *loop, const struct kvd_config *cfg);
+void srv_destroy(struct srv *s);
+/* After a failed srv_init: closes what it opened; run the loop once more, then srv_destroy. */
+void srv_abort(struct srv *s);
+/* Starts a drain: no new connections or requests; the loop ends when in-flight work is done. */
+void srv_drain(struct srv *s);
+void srv_maybe_finish(struct srv *s);
+double srv_now(void);
+
+/* srv_listen.c */
+int srv_listen(struct srv *s);
+
+/* srv_conn.c */
+void srv_conn_accept(struct srv *s);
+/* Queues the message(s) built in c->w for writing. */
+void srv_conn_flush(struct srv_conn *c);
+void srv_conn_close(struct srv_conn *c);
+/* Error response for request id (code is a kvd code); ends the request (inflight--). */
+void srv_reply_error(struct srv_conn *c, uint32_t id, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Ends a request whose successful response was just written into c->w. */
+void srv_reply_done(struct srv_conn *c);
+
+/* srv_model.c */
+int srv_model_load(struct srv *s, const char *path, const char *name, struct srv_model **ret,
+                   char *err, size_t errlen);
+void srv_model_unload(struct srv_model *m);
+struct srv_model *srv_model_find(struct srv *s, const char *name, size_t len);
+void srv_model_release(struct srv_model *m); /* n_active-- and free if unloading */
+void srv_models_free(struct srv *s);
+/* models.load on the threadpool */
+void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name);
+
+/* srv_gen.c */
+void srv_gen_start(struct srv_conn *c, const struct ipc_msg *m);
+void srv_gen_event(struct srv_model *model, const struct sched_event *ev);
+void srv_gen_cancel_id(struct srv_conn *c, uint32_t id, bool *ret_found);
+void srv_gen_write_status(struct srv *s, struct ipc_w *w, uint32_t *ret_queued,
+                          uint32_t *ret_running);
+void srv_gen_cancel_session(struct srv_conn *c, struct srv_session *ss);
+void srv_gen_cancel_model(struct srv *s, struct srv_model *m);
+/* The connection is going away: cancel its requests; they finish detached. */
+void srv_gen_detach_all(struct srv_conn *c);
+
+/* srv_methods.c */
+void srv_dispatch(struct srv_conn *c, struct ipc_msg *m);
+void srv_session_release(struct srv_session *ss);
+void srv_sessions_close_all(struct srv_conn *c);
+
+#endif

@@ -1,0 +1,215 @@
+/* One client connection: reading frames through the resumable decoder, dispatching them, and
+ * writing replies with backpressure for clients that read slowly. */
+#include "srv.h"
+
+#include "kvd_error.h"
+#include "log.h"
+
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+/* A client that stops reading stops being read: past HIGH bytes queued for it we pause reading
+ * its requests, and resume under LOW. Streams already running still queue their chunks. */
+#define WRITE_HIGH (8u << 20)
+#define WRITE_LOW (1u << 20)
+
+struct write_req {
+  uv_write_t req;
+  char *data;
+};
+
+static void conn_on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  struct srv_conn *c = h->data;
+  char *p;
+  size_t n;
+  if (ipc_dec_reserve(&c->dec, suggested < 65536 ? 65536 : suggested, &p, &n) < 0) {
+    buf->base = NULL;
+    buf->len = 0; /* libuv reports UV_ENOBUFS and we close */
+    return;
+  }
+  buf->base = p;
+  buf->len = n;
+}
+
+static void conn_start_reading(struct srv_conn *c);
+
+static void conn_on_write(uv_write_t *req, int status) {
+  struct write_req *wr = (struct write_req *)req;
+  struct srv_conn *c = req->handle->data;
+  free(wr->data);
+  free(wr);
+  if (status < 0 && status != UV_ECANCELED) {
+    log_debug("client %llu: write: %s", (unsigned long long)c->serial, uv_strerror(status));
+    srv_conn_close(c);
+    return;
+  }
+  if (!c->closing && !c->reading && !c->srv->draining &&
+      uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) < WRITE_LOW)
+    conn_start_reading(c);
+}
+
+void srv_conn_flush(struct srv_conn *c) {
+  if (c->closing) {
+    ipc_w_reset(&c->w);
+    return;
+  }
+  size_t len;
+  char *data = ipc_w_steal(&c->w, &len);
+  if (!data) return;
+  struct write_req *wr = malloc(sizeof *wr);
+  if (!wr) {
+    free(data);
+    srv_conn_close(c); /* a reply we cannot send would leave the client waiting forever */
+    return;
+  }
+  wr->data = data;
+  uv_buf_t buf = uv_buf_init(data, (unsigned)len);
+  int rc = uv_write(&wr->req, (uv_stream_t *)&c->pipe, &buf, 1, conn_on_write);
+  if (rc < 0) {
+    free(data);
+    free(wr);
+    srv_conn_close(c);
+    return;
+  }
+  if (c->reading && uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) > WRITE_HIGH) {
+    uv_read_stop((uv_stream_t *)&c->pipe);
+    c->reading = false;
+  }
+}
+
+void srv_reply_error(struct srv_conn *c, uint32_t id, int code, const char *fmt, ...) {
+  char msg[256];
+  const char *text = NULL;
+  if (fmt) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    text = msg;
+  }
+  c->srv->stats.errors++;
+  ipc_w_error(&c->w, id, code, text);
+  ipc_w_end(&c->w);
+  srv_reply_done(c);
+}
+
+void srv_reply_done(struct srv_conn *c) {
+  if (c->inflight) c->inflight--;
+  srv_conn_flush(c);
+}
+
+static void conn_handle(struct srv_conn *c, struct ipc_msg *m) {
+  if (m->type != IPC_REQUEST) {
+    /* Clients have nothing to notify or answer in protocol 1: ignore, as PROTOCOL.md says. */
+    ipc_msg_free(m);
+    return;
+  }
+  c->srv->stats.requests++;
+  c->inflight++;
+  if (c->inflight > IPC_MAX_INFLIGHT) {
+    srv_reply_error(c, m->id, KVD_EBUSY, "more than %d requests in flight on this connection",
+                    IPC_MAX_INFLIGHT);
+  } else if (c->srv->draining) {
+    srv_reply_error(c, m->id, KVD_EBUSY, "kvd is shutting down");
+  } else {
+    srv_dispatch(c, m);
+  }
+  ipc_msg_free(m);
+}
+
+static void conn_on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  struct srv_conn *c = stream->data;
+  (void)buf;
+  if (nread < 0) {
+    if (nread != UV_EOF)
+      log_debug("client %llu: read: %s", (unsigned long long)c->serial, uv_strerror((int)nread));
+    srv_conn_close(c);
+    return;
+  }
+  ipc_dec_commit(&c->dec, (size_t)nread);
+  for (;;) {
+    struct ipc_msg *m;
+    struct ipc_dec_err err;
+    int rc = ipc_dec_next(&c->dec, &m, &err);
+    if (rc == 0) break;
+    if (rc == 1) {
+      conn_handle(c, m);
+      if (c->closing) return;
+      continue;
+    }
+    if (!err.fatal && err.has_id) {
+      c->inflight++;
+      srv_reply_error(c, err.id, err.code, "%s", err.message);
+      continue;
+    }
+    log_info("client %llu: %s; closing the connection", (unsigned long long)c->serial,
+             err.message);
+    srv_conn_close(c);
+    return;
+  }
+}
+
+static void conn_start_reading(struct srv_conn *c) {
+  if (uv_read_start((uv_stream_t *)&c->pipe, conn_on_alloc, conn_on_read) == 0) c->reading = true;
+}
+
+static void conn_on_close(uv_handle_t *h) {
+  struct srv_conn *c = h->data;
+  struct srv *s = c->srv;
+  if (c->prev) c->prev->next = c->next;
+  else s->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  s->n_conns--;
+  ipc_dec_destroy(&c->dec);
+  ipc_w_destroy(&c->w);
+  free(c);
+  srv_maybe_finish(s);
+}
+
+void srv_conn_close(struct srv_conn *c) {
+  if (c->closing) return;
+  c->closing = true;
+  log_debug("client %llu: closed", (unsigned long long)c->serial);
+  /* Its generations are cancelled at once, so their KV blocks go back at the next step. */
+  srv_gen_detach_all(c);
+  srv_sessions_close_all(c);
+  uv_close((uv_handle_t *)&c->pipe, conn_on_close);
+}
+
+void srv_conn_accept(struct srv *s) {
+  struct srv_conn *c = calloc(1, sizeof *c);
+  if (!c) return;
+  c->srv = s;
+  c->serial = ++s->conn_serial;
+  c->protocol = IPC_PROTOCOL_VERSION;
+  c->next_session_id = 1;
+  ipc_dec_init(&c->dec, IPC_MAX_FRAME_BYTES);
+  ipc_w_init(&c->w, IPC_MAX_REPLY_BYTES);
+  uv_pipe_init(s->loop, &c->pipe, 0);
+  c->pipe.data = c;
+  c->next = s->conns;
+  if (s->conns) s->conns->prev = c;
+  s->conns = c;
+  s->n_conns++;
+  s->stats.connections++;
+  if (uv_accept((uv_stream_t *)&s->listener, (uv_stream_t *)&c->pipe) < 0) {
+    srv_conn_close(c);
+    return;
+  }
+  uv_os_fd_t fd;
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (uv_fileno((uv_handle_t *)&c->pipe, &fd) == 0 &&
+      getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
+    log_info("client %llu connected: pid %d uid %u gid %u", (unsigned long long)c->serial,
+             (int)cred.pid, (unsigned)cred.uid, (unsigned)cred.gid);
+  if (s->n_conns > (uint32_t)s->cfg->max_clients || s->draining) {
+    log_warn("client %llu refused: %s", (unsigned long long)c->serial,
+             s->draining ? "shutting down" : "too many connections");
+    srv_conn_close(c);
+    return;
+  }
+  conn_start_reading(c);
+}

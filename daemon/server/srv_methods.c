@@ -1,0 +1,491 @@
+/* The method handlers other than generate: hello, status, models, tokenize, sessions, cancel. */
+#include "srv.h"
+
+#include "kvd_config.h"
+#include "kvd_error.h"
+#include "log.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static void m_hello(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct ipc_err e = {0};
+  uint32_t proto = 0;
+  const char *client = NULL;
+  size_t clen = 0;
+  if (ipc_get_u32(msg->params, "protocol", &proto, &e) < 0 ||
+      ipc_get_str(msg->params, "client", &client, &clen, &e) < 0) {
+    srv_reply_error(c, msg->id, e.code, "%s", e.message);
+    return;
+  }
+  if (proto < 1) {
+    srv_reply_error(c, msg->id, KVD_ENOTSUP, "kvd speaks protocol 1 and up; the client asked %u",
+                    proto);
+    return;
+  }
+  c->protocol = proto < IPC_PROTOCOL_VERSION ? proto : IPC_PROTOCOL_VERSION;
+  if (client) {
+    snprintf(c->client, sizeof c->client, "%.*s", (int)clen, client);
+    log_info("client %llu is %s", (unsigned long long)c->serial, c->client);
+  }
+  struct srv_model *m = srv_model_find(c->srv, NULL, 0);
+  ipc_w_result(&c->w, msg->id);
+  ipc_w_map_open(&c->w);
+  ipc_w_kv_u64(&c->w, "protocol", c->protocol);
+  ipc_w_kv_cstr(&c->w, "version", KVD_VERSION);
+  static const char *caps[] = {"stream", "logprobs", "sessions", "chat", "cancel"};
+  ipc_w_key(&c->w, "capabilities");
+  ipc_w_array(&c->w, 5);
+  for (int i = 0; i < 5; i++) ipc_w_cstr(&c->w, caps[i]);
+  if (m) ipc_w_kv_cstr(&c->w, "model", m->name);
+  ipc_w_close(&c->w);
+  ipc_w_end(&c->w);
+  srv_reply_done(c);
+}
+
+static void write_model(struct ipc_w *w, const struct srv_model *m) {
+  const struct model_hparams *hp = engine_hparams(sched_engine(m->sched));
+  struct sched_stats st;
+  sched_get_stats(m->sched, &st);
+  ipc_w_map_open(w);
+  ipc_w_kv_cstr(w, "name", m->name);
+  ipc_w_kv_cstr(w, "path", m->path);
+  ipc_w_kv_cstr(w, "arch", model_arch_name(hp->arch));
+  ipc_w_kv_u64(w, "n_ctx", hp->n_ctx_train);
+  ipc_w_kv_u64(w, "n_vocab", hp->n_vocab);
+  ipc_w_kv_u64(w, "n_layer", hp->n_layer);
+  ipc_w_kv_u64(w, "n_embd", hp->n_embd);
+  ipc_w_kv_cstr(w, "chat_template", chat_family_name(m->chat));
+  ipc_w_kv_u64(w, "kv_bytes_per_token", engine_kv_bytes_per_token(sched_engine(m->sched)));
+  ipc_w_kv_u64(w, "steps", st.steps);
+  ipc_w_kv_u64(w, "prefill_tokens", st.prefill_tokens);
+  ipc_w_kv_u64(w, "decode_tokens", st.decode_tokens);
+  ipc_w_kv_u64(w, "batch_tokens_max", st.batch_tokens_max);
+  ipc_w_kv_u64(w, "preemptions", st.preemptions);
+  ipc_w_kv_f64(w, "last_step_ms", st.last_step_ms);
+  ipc_w_close(w);
+}
+
+static uint32_t count_models(const struct srv *s) {
+  uint32_t n = 0;
+  for (const struct srv_model *m = s->models; m; m = m->next) n++;
+  return n;
+}
+
+static void m_status(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct srv *s = c->srv;
+  struct ipc_w *w = &c->w;
+  ipc_w_result(w, msg->id);
+  ipc_w_map_open(w);
+  ipc_w_kv_cstr(w, "version", KVD_VERSION);
+  ipc_w_kv_u64(w, "uptime_ms", (uint64_t)((srv_now() - s->started) * 1e3));
+  ipc_w_kv_u64(w, "connections", s->n_conns);
+  const struct gpu_caps *caps = gpu_device_caps(s->dev);
+  struct gpu_mem_stats ms;
+  gpu_memory_stats(s->dev, &ms);
+  uint64_t dev_total = 0;
+  for (uint32_t i = 0; i < caps->n_heaps; i++)
+    if (caps->heaps[i].device_local) dev_total += caps->heaps[i].size;
+  ipc_w_key(w, "devices");
+  ipc_w_array(w, 1);
+  ipc_w_map_open(w);
+  ipc_w_kv_u64(w, "index", 0);
+  ipc_w_kv_cstr(w, "name", caps->name);
+  static const char *types[] = {"other", "integrated", "discrete", "virtual", "cpu"};
+  ipc_w_kv_cstr(w, "type", types[caps->type]);
+  ipc_w_kv_u64(w, "memory_total", dev_total);
+  ipc_w_kv_u64(w, "memory_used", ms.reserved);
+  ipc_w_close(w);
+  /* KV: summed over the loaded models' pools. */
+  uint64_t bt = 0, total = 0, used = 0, free_ = 0, hw = 0, fails = 0, kv_bytes = 0, waiting = 0,
+           running = 0;
+  for (struct srv_model *m = s->models; m; m = m->next) {
+    struct sched_stats st;
+    sched_get_stats(m->sched, &st);
+    bt = st.kv.block_size;
+    total += st.kv.total;
+    used += st.kv.used;
+    free_ += st.kv.free;
+    hw += st.kv.high_water;
+    fails += st.kv.alloc_failures;
+    waiting += st.waiting;
+    running += st.running;
+    kv_bytes += (uint64_t)st.kv.total * st.kv.block_size *
+                engine_kv_bytes_per_token(sched_engine(m->sched));
+  }
+  ipc_w_key(w, "memory");
+  ipc_w_map_open(w);
+  ipc_w_kv_u64(w, "device", ms.reserved);
+  ipc_w_kv_u64(w, "kv", kv_bytes);
+  ipc_w_kv_u64(w, "weights", ms.allocated > kv_bytes ? ms.allocated - kv_bytes : 0);
+  ipc_w_close(w);
+  ipc_w_key(w, "kv");
+  ipc_w_map_open(w);
+  ipc_w_kv_u64(w, "block_tokens", bt);
+  ipc_w_kv_u64(w, "blocks_total", total);
+  ipc_w_kv_u64(w, "blocks_used", used);
+  ipc_w_kv_u64(w, "blocks_free", free_);
+  ipc_w_kv_u64(w, "blocks_cached", 0);
+  ipc_w_kv_u64(w, "high_water", hw);
+  ipc_w_kv_u64(w, "alloc_failures", fails);
+  ipc_w_close(w);
+  ipc_w_kv_u64(w, "queue_depth", waiting);
+  ipc_w_kv_u64(w, "running", running);
+  ipc_w_key(w, "models");
+  ipc_w_array(w, count_models(s));
+  for (struct srv_model *m = s->models; m; m = m->next) write_model(w, m);
+  uint32_t q, r;
+  ipc_w_key(w, "requests");
+  srv_gen_write_status(s, w, &q, &r);
+  ipc_w_key(w, "totals");
+  ipc_w_map_open(w);
+  ipc_w_kv_u64(w, "connections", s->stats.connections);
+  ipc_w_kv_u64(w, "requests", s->stats.requests);
+  ipc_w_kv_u64(w, "errors", s->stats.errors);
+  ipc_w_kv_u64(w, "prompt_tokens", s->stats.prompt_tokens);
+  ipc_w_kv_u64(w, "cached_tokens", s->stats.cached_tokens);
+  ipc_w_kv_u64(w, "generated_tokens", s->stats.generated_tokens);
+  ipc_w_kv_f64(w, "last_ttft_ms", s->stats.last_ttft_ms);
+  ipc_w_kv_f64(w, "last_tpot_ms", s->stats.last_tpot_ms);
+  ipc_w_close(w);
+  ipc_w_close(w);
+  if (ipc_w_end(w) < 0) {
+    srv_reply_error(c, msg->id, KVD_ENOMEM, "cannot encode status");
+    return;
+  }
+  srv_reply_done(c);
+}
+
+static void m_models_list(struct srv_conn *c, const struct ipc_msg *msg) {
+  ipc_w_result(&c->w, msg->id);
+  ipc_w_map(&c->w, 1);
+  ipc_w_key(&c->w, "models");
+  ipc_w_array(&c->w, count_models(c->srv));
+  for (struct srv_model *m = c->srv->models; m; m = m->next) write_model(&c->w, m);
+  ipc_w_end(&c->w);
+  srv_reply_done(c);
+}
+
+static void m_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct ipc_err e = {0};
+  const char *path = NULL, *name = NULL;
+  size_t plen, nlen;
+  if (ipc_get_str(msg->params, "path", &path, &plen, &e) < 0 ||
+      ipc_get_str(msg->params, "name", &name, &nlen, &e) < 0) {
+    srv_reply_error(c, msg->id, e.code, "%s", e.message);
+    return;
+  }
+  if (name && nlen > IPC_MAX_NAME_BYTES) {
+    srv_reply_error(c, msg->id, KVD_E2BIG, "model names are at most %d bytes", IPC_MAX_NAME_BYTES);
+    return;
+  }
+  /* Strings from the decoder are NUL-terminated. */
+  srv_model_load_async(c, msg->id, path, name);
+}
+
+static void m_models_unload(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct ipc_err e = {0};
+  const char *name;
+  size_t len;
+  if (ipc_get_str(msg->params, "name", &name, &len, &e) != 1) {
+    srv_reply_error(c, msg->id, e.code ? e.code : KVD_EINVAL, "%s", e.message);
+    return;
+  }
+  struct srv_model *m = srv_model_find(c->srv, name, len);
+  if (!m) {
+    srv_reply_error(c, msg->id, KVD_E_NO_MODEL, "no model named %.*s is loaded", (int)len, name);
+    return;
+  }
+  log_info("unloading model %s", m->name);
+  ipc_w_result(&c->w, msg->id);
+  ipc_w_map(&c->w, 1);
+  ipc_w_kv_str(&c->w, "name", name, len);
+  ipc_w_end(&c->w);
+  srv_model_unload(m);
+  srv_reply_done(c);
+}
+
+static void m_cancel(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct ipc_err e = {0};
+  uint32_t id;
+  if (ipc_get_u32(msg->params, "id", &id, &e) != 1) {
+    srv_reply_error(c, msg->id, e.code ? e.code : KVD_EINVAL, "%s", e.message);
+    return;
+  }
+  bool found;
+  srv_gen_cancel_id(c, id, &found);
+  ipc_w_result(&c->w, msg->id);
+  ipc_w_map(&c->w, 1);
+  ipc_w_kv_bool(&c->w, "cancelled", found);
+  ipc_w_end(&c->w);
+  srv_reply_done(c);
+}
+
+static struct srv_model *model_param(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct ipc_err e = {0};
+  const char *name = NULL;
+  size_t len = 0;
+  if (ipc_get_str(msg->params, "model", &name, &len, &e) < 0) {
+    srv_reply_error(c, msg->id, e.code, "%s", e.message);
+    return NULL;
+  }
+  struct srv_model *m = srv_model_find(c->srv, name, len);
+  if (!m || m->unloading)
+    srv_reply_error(c, msg->id, KVD_E_NO_MODEL, name ? "no model named %.*s is loaded"
+                                                    : "no model is loaded%.*s",
+                    (int)len, name ? name : "");
+  return m && !m->unloading ? m : NULL;
+}
+
+static void m_tokenize(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct ipc_err e = {0};
+  const char *text;
+  size_t len;
+  bool add = true, parse = false;
+  if (ipc_get_str(msg->params, "text", &text, &len, &e) != 1 ||
+      ipc_get_bool(msg->params, "add_special", &add, &e) < 0 ||
+      ipc_get_bool(msg->params, "parse_special", &parse, &e) < 0) {
+    srv_reply_error(c, msg->id, e.code ? e.code : KVD_EINVAL, "%s", e.message);
+    return;
+  }
+  struct srv_model *m = model_param(c, msg);
+  if (!m) return;
+  unsigned flags = (add ? TOK_ADD_SPECIAL : 0) | (parse ? TOK_PARSE_SPECIAL : 0);
+  int n = tok_encode(m->tok, text, len, flags, NULL, 0);
+  int32_t *ids = n > 0 ? malloc((size_t)n * sizeof *ids) : NULL;
+  if (n > 0 && !ids) n = KVD_ENOMEM;
+  if (n > 0) n = tok_encode(m->tok, text, len, flags, ids, (size_t)n);
+  if (n < 0) {
+    free(ids);
+    srv_reply_error(c, msg->id, n, NULL);
+    return;
+  }
+  ipc_w_result(&c->w, msg->id);
+  ipc_w_map(&c->w, 1);
+  ipc_w_key(&c->w, "tokens");
+  ipc_w_array(&c->w, (uint32_t)n);
+  for (int i = 0; i < n; i++) ipc_w_u64(&c->w, (uint64_t)ids[i]);
+  free(ids);
+  ipc_w_end(&c->w);
+  srv_reply_done(c);
+}
+
+static void m_detokenize(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct ipc_err e = {0};
+  const msgpack_object *items;
+  size_t n;
+  if (ipc_get_uints(msg->params, "tokens", &items, &n, &e) != 1) {
+    srv_reply_error(c, msg->id, e.code ? e.code : KVD_EINVAL, "%s", e.message);
+    return;
+  }
+  struct srv_model *m = model_param(c, msg);
+  if (!m) return;
+  int32_t *ids = malloc((n ? n : 1) * sizeof *ids);
+  if (!ids) {
+    srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
+    return;
+  }
+  for (size_t i = 0; i < n; i++) {
+    if (items[i].via.u64 >= tok_vocab_size(m->tok)) {
+      free(ids);
+      srv_reply_error(c, msg->id, KVD_ERANGE, "token %llu is outside the vocabulary of %u",
+                      (unsigned long long)items[i].via.u64, tok_vocab_size(m->tok));
+      return;
+    }
+    ids[i] = (int32_t)items[i].via.u64;
+  }
+  int len = tok_decode(m->tok, ids, n, 0, NULL, 0);
+  char *text = len > 0 ? malloc((size_t)len) : NULL;
+  if (len > 0 && text) len = tok_decode(m->tok, ids, n, 0, text, (size_t)len);
+  free(ids);
+  if (len < 0 || (len > 0 && !text)) {
+    free(text);
+    srv_reply_error(c, msg->id, len < 0 ? len : KVD_ENOMEM, NULL);
+    return;
+  }
+  ipc_w_result(&c->w, msg->id);
+  ipc_w_map(&c->w, 1);
+  ipc_w_kv_str(&c->w, "text", text ? text : "", (size_t)len);
+  free(text);
+  ipc_w_end(&c->w);
+  srv_reply_done(c);
+}
+
+/* ---- sessions ---- */
+
+static struct srv_session *session_find(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct ipc_err e = {0};
+  uint32_t id;
+  if (ipc_get_u32(msg->params, "session", &id, &e) != 1) {
+    srv_reply_error(c, msg->id, e.code ? e.code : KVD_EINVAL, "%s", e.message);
+    return NULL;
+  }
+  for (struct srv_session *ss = c->sessions; ss; ss = ss->next)
+    if (ss->id == id && !ss->closing) return ss;
+  srv_reply_error(c, msg->id, KVD_ENOENT, "no session %u on this connection", id);
+  return NULL;
+}
+
+static void session_reply(struct srv_conn *c, uint32_t msgid, uint32_t session) {
+  ipc_w_result(&c->w, msgid);
+  ipc_w_map(&c->w, 1);
+  ipc_w_kv_u64(&c->w, "session", session);
+  ipc_w_end(&c->w);
+  srv_reply_done(c);
+}
+
+static struct srv_session *session_add(struct srv_conn *c, struct srv_model *m,
+                                       struct sched_session *ss) {
+  struct srv_session *s = calloc(1, sizeof *s);
+  if (!s) return NULL;
+  s->id = c->next_session_id++;
+  s->conn = c;
+  s->m = m;
+  s->ss = ss;
+  s->next = c->sessions;
+  c->sessions = s;
+  c->n_sessions++;
+  m->n_active++;
+  return s;
+}
+
+static void m_session_open(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct srv_model *m = model_param(c, msg);
+  if (!m) return;
+  if (c->n_sessions >= IPC_MAX_SESSIONS) {
+    srv_reply_error(c, msg->id, KVD_EBUSY, "at most %d sessions per connection", IPC_MAX_SESSIONS);
+    return;
+  }
+  struct sched_session *ss;
+  struct srv_session *s = NULL;
+  if (sched_session_new(m->sched, &ss) == 0 && !(s = session_add(c, m, ss)))
+    sched_session_free(m->sched, ss);
+  if (!s) {
+    srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
+    return;
+  }
+  session_reply(c, msg->id, s->id);
+}
+
+static void m_session_fork(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct srv_session *src = session_find(c, msg);
+  if (!src) return;
+  if (src->busy) {
+    srv_reply_error(c, msg->id, KVD_EBUSY, "session %u is generating", src->id);
+    return;
+  }
+  if (c->n_sessions >= IPC_MAX_SESSIONS) {
+    srv_reply_error(c, msg->id, KVD_EBUSY, "at most %d sessions per connection", IPC_MAX_SESSIONS);
+    return;
+  }
+  struct sched_session *ss;
+  struct srv_session *s = NULL;
+  if (sched_session_fork(src->m->sched, src->ss, &ss) == 0 && !(s = session_add(c, src->m, ss)))
+    sched_session_free(src->m->sched, ss);
+  if (!s) {
+    srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
+    return;
+  }
+  s->started = src->started;
+  session_reply(c, msg->id, s->id);
+}
+
+/* Frees a session now (nothing of it runs): its KV goes back on the engine thread. */
+void srv_session_release(struct srv_session *ss) {
+  struct srv_conn *c = ss->conn;
+  if (c) {
+    for (struct srv_session **p = &c->sessions; *p; p = &(*p)->next)
+      if (*p == ss) {
+        *p = ss->next;
+        break;
+      }
+    c->n_sessions--;
+  }
+  sched_session_free(ss->m->sched, ss->ss);
+  srv_model_release(ss->m);
+  free(ss);
+}
+
+static void session_close(struct srv_session *ss) {
+  if (ss->busy) {
+    ss->closing = true; /* its generate is cancelled by the caller; freed when it ends */
+    return;
+  }
+  srv_session_release(ss);
+}
+
+static void m_session_close(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct srv_session *ss = session_find(c, msg);
+  if (!ss) return;
+  uint32_t id = ss->id;
+  if (ss->busy) srv_gen_cancel_session(c, ss);
+  session_close(ss);
+  session_reply(c, msg->id, id);
+}
+
+void srv_sessions_close_all(struct srv_conn *c) {
+  while (c->sessions) {
+    struct srv_session *ss = c->sessions;
+    c->sessions = ss->next;
+    c->n_sessions--;
+    ss->conn = NULL;
+    if (ss->busy) ss->closing = true;
+    else srv_session_release(ss);
+  }
+}
+
+void srv_dispatch(struct srv_conn *c, struct ipc_msg *m) {
+  struct ipc_err e = {0};
+  if (m->method_id == IPC_M_UNKNOWN) {
+    srv_reply_error(c, m->id, KVD_E_NO_METHOD, "unknown method '%.*s'", (int)m->method_len,
+                    m->method);
+    return;
+  }
+  int rc = ipc_validate_params(m, &e);
+  if (rc < 0) {
+    srv_reply_error(c, m->id, rc, "%s", e.message);
+    return;
+  }
+  switch (m->method_id) {
+  case IPC_M_HELLO:
+    m_hello(c, m);
+    break;
+  case IPC_M_STATUS:
+    m_status(c, m);
+    break;
+  case IPC_M_MODELS_LIST:
+    m_models_list(c, m);
+    break;
+  case IPC_M_MODELS_LOAD:
+    m_models_load(c, m);
+    break;
+  case IPC_M_MODELS_UNLOAD:
+    m_models_unload(c, m);
+    break;
+  case IPC_M_GENERATE:
+    srv_gen_start(c, m);
+    break;
+  case IPC_M_CANCEL:
+    m_cancel(c, m);
+    break;
+  case IPC_M_TOKENIZE:
+    m_tokenize(c, m);
+    break;
+  case IPC_M_DETOKENIZE:
+    m_detokenize(c, m);
+    break;
+  case IPC_M_SESSION_OPEN:
+    m_session_open(c, m);
+    break;
+  case IPC_M_SESSION_CLOSE:
+    m_session_close(c, m);
+    break;
+  case IPC_M_SESSION_FORK:
+    m_session_fork(c, m);
+    break;
+  default:
+    /* generate.chunk is a notification the server sends, not a request it answers. */
+    srv_reply_error(c, m->id, KVD_E_NO_METHOD, "'%.*s' is not a request", (int)m->method_len,
+                    m->method);
+  }
+}

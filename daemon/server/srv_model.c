@@ -1,0 +1,248 @@
+/* Loaded models: file, tokenizer, chat template, engine and scheduler, and the uv_async through
+ * which their engine thread wakes the loop. */
+#include "srv.h"
+
+#include "kvd_error.h"
+#include "log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The engine events of one model: drained in one go however many sends coalesced. */
+static void model_on_async(uv_async_t *a) {
+  struct srv_model *m = a->data;
+  struct sched_event ev[64];
+  uint32_t n;
+  while ((n = sched_drain(m->sched, ev, 64)) > 0)
+    for (uint32_t i = 0; i < n; i++) srv_gen_event(m, &ev[i]);
+}
+
+static void model_notify(void *ud) {
+  struct srv_model *m = ud;
+  uv_async_send(&m->async);
+}
+
+static void model_free_now(struct srv_model *m);
+
+static void model_on_close(uv_handle_t *h) {
+  struct srv_model *m = h->data;
+  struct srv *s = m->srv;
+  free(m);
+  srv_maybe_finish(s);
+}
+
+static void model_free_now(struct srv_model *m) {
+  sched_free(m->sched); /* joins the engine thread and frees the engine */
+  m->sched = NULL;
+  tok_free(m->tok);
+  gguf_close(m->f);
+  free(m->path);
+  if (m->async_open) uv_close((uv_handle_t *)&m->async, model_on_close);
+  else free(m);
+}
+
+/* The slow part, safe off the loop thread: file, tokenizer, weights upload, KV pool. */
+static int model_open(struct srv *s, struct srv_model *m, const char *path, struct engine **ret,
+                      char *err, size_t errlen) {
+  const struct kvd_config *cfg = s->cfg;
+  struct gguf_error gerr = {0};
+  int rc = gguf_open(path, &m->f, &gerr);
+  if (rc < 0) {
+    snprintf(err, errlen, "%s: %s (offset %llu)", path, gerr.msg, (unsigned long long)gerr.offset);
+    return rc;
+  }
+  char terr[160] = "";
+  rc = tok_new(m->f, &m->tok, terr, sizeof terr);
+  if (rc < 0) {
+    snprintf(err, errlen, "%s: tokenizer: %s", path, terr);
+    return rc;
+  }
+  m->chat = chat_detect(m->f, &m->chat_source);
+  uint64_t kv_bytes = 0;
+  double kv_frac = 0;
+  config_parse_budget(cfg->kv_budget, &kv_bytes, &kv_frac);
+  struct engine_opts eo = {
+      .block_size = (uint32_t)cfg->block_size,
+      .kv_bytes = kv_bytes,
+      .kv_fraction = kv_frac,
+      .max_step_tokens = (uint32_t)cfg->step_tokens,
+      .max_logits = (uint32_t)cfg->max_seqs,
+  };
+  struct model_error merr = {{0}};
+  rc = engine_new(s->dev, m->f, &eo, ret, &merr);
+  if (rc < 0) snprintf(err, errlen, "%s: %s", path, merr.msg[0] ? merr.msg : kvd_strerror(rc));
+  return rc;
+}
+
+static void model_default_name(const char *path, char *out, size_t n) {
+  const char *base = strrchr(path, '/');
+  base = base ? base + 1 : path;
+  snprintf(out, n, "%s", base);
+  size_t len = strlen(out);
+  if (len > 5 && strcmp(out + len - 5, ".gguf") == 0) out[len - 5] = '\0';
+}
+
+/* Loop thread: the async handle and the engine thread, then the model is visible to clients. */
+static int model_start(struct srv *s, struct srv_model *m, struct engine *e, char *err,
+                       size_t errlen) {
+  int rc = uv_async_init(s->loop, &m->async, model_on_async);
+  if (rc < 0) {
+    engine_free(e);
+    snprintf(err, errlen, "uv_async_init: %s", uv_strerror(rc));
+    return KVD_EIO;
+  }
+  m->async.data = m;
+  m->async_open = true;
+  struct sched_opts so = {.step_tokens = (uint32_t)s->cfg->step_tokens,
+                          .max_running = (uint32_t)s->cfg->max_seqs,
+                          .notify = model_notify,
+                          .notify_ud = m};
+  rc = sched_new(e, &so, &m->sched);
+  if (rc < 0) {
+    engine_free(e);
+    snprintf(err, errlen, "starting the engine thread: %s", kvd_strerror(rc));
+    return rc;
+  }
+  m->next = s->models;
+  s->models = m;
+  const struct model_hparams *hp = engine_hparams(e);
+  log_info("model %s loaded: %s, %u layers, dim %u, vocab %u, chat template %s (%s)", m->name,
+           model_arch_name(hp->arch), hp->n_layer, hp->n_embd, hp->n_vocab,
+           chat_family_name(m->chat), chat_source_name(m->chat_source));
+  return 0;
+}
+
+int srv_model_load(struct srv *s, const char *path, const char *name, struct srv_model **ret,
+                   char *err, size_t errlen) {
+  struct srv_model *m = calloc(1, sizeof *m);
+  if (!m) return KVD_ENOMEM;
+  m->srv = s;
+  m->path = strdup(path);
+  if (name && *name) snprintf(m->name, sizeof m->name, "%s", name);
+  else model_default_name(path, m->name, sizeof m->name);
+  if (srv_model_find(s, m->name, strlen(m->name))) {
+    snprintf(err, errlen, "a model named %s is already loaded", m->name);
+    free(m->path);
+    free(m);
+    return KVD_EEXIST;
+  }
+  struct engine *e = NULL;
+  int rc = m->path ? model_open(s, m, path, &e, err, errlen) : KVD_ENOMEM;
+  if (rc == 0) rc = model_start(s, m, e, err, errlen);
+  if (rc < 0) {
+    model_free_now(m);
+    return rc;
+  }
+  *ret = m;
+  return 0;
+}
+
+struct srv_model *srv_model_find(struct srv *s, const char *name, size_t len) {
+  if (!name) return s->models; /* the default: the first loaded that is still there */
+  for (struct srv_model *m = s->models; m; m = m->next)
+    if (strlen(m->name) == len && memcmp(m->name, name, len) == 0) return m;
+  return NULL;
+}
+
+void srv_model_unload(struct srv_model *m) {
+  struct srv *s = m->srv;
+  for (struct srv_model **p = &s->models; *p; p = &(*p)->next)
+    if (*p == m) {
+      *p = m->next;
+      break;
+    }
+  m->unloading = true;
+  /* Running generations end as cancelled; the model goes when the last one has. */
+  srv_gen_cancel_model(s, m);
+  if (m->n_active == 0) model_free_now(m);
+}
+
+void srv_model_release(struct srv_model *m) {
+  if (m->n_active) m->n_active--;
+  if (m->unloading && m->n_active == 0) model_free_now(m);
+}
+
+void srv_models_free(struct srv *s) {
+  while (s->models) {
+    struct srv_model *m = s->models;
+    s->models = m->next;
+    m->unloading = true;
+    model_free_now(m);
+  }
+}
+
+/* ---- models.load on the threadpool ---- */
+
+struct load_work {
+  uv_work_t req;
+  struct srv *srv;
+  uint64_t conn_serial; /* the connection may be gone when the load finishes */
+  uint32_t id;
+  struct srv_model *m;
+  struct engine *e;
+  int rc;
+  char err[256];
+};
+
+static void load_work_cb(uv_work_t *req) {
+  struct load_work *w = req->data;
+  w->rc = model_open(w->srv, w->m, w->m->path, &w->e, w->err, sizeof w->err);
+}
+
+static struct srv_conn *conn_by_serial(struct srv *s, uint64_t serial) {
+  for (struct srv_conn *c = s->conns; c; c = c->next)
+    if (c->serial == serial && !c->closing) return c;
+  return NULL;
+}
+
+static void load_after_cb(uv_work_t *req, int status) {
+  struct load_work *w = req->data;
+  struct srv *s = w->srv;
+  if (status < 0 && w->rc == 0) w->rc = KVD_ECANCELED;
+  if (w->rc == 0 && srv_model_find(s, w->m->name, strlen(w->m->name))) {
+    w->rc = KVD_EEXIST;
+    snprintf(w->err, sizeof w->err, "a model named %s is already loaded", w->m->name);
+  }
+  if (w->rc == 0) w->rc = model_start(s, w->m, w->e, w->err, sizeof w->err);
+  else engine_free(w->e);
+  struct srv_conn *c = conn_by_serial(s, w->conn_serial);
+  if (w->rc < 0) {
+    log_warn("models.load: %s", w->err);
+    model_free_now(w->m);
+    if (c) srv_reply_error(c, w->id, w->rc, "%s", w->err);
+  } else if (c) {
+    ipc_w_result(&c->w, w->id);
+    ipc_w_map_open(&c->w);
+    ipc_w_kv_cstr(&c->w, "name", w->m->name);
+    ipc_w_close(&c->w);
+    ipc_w_end(&c->w);
+    srv_reply_done(c);
+  }
+  free(w);
+  srv_maybe_finish(s);
+}
+
+void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name) {
+  struct load_work *w = calloc(1, sizeof *w);
+  struct srv_model *m = w ? calloc(1, sizeof *m) : NULL;
+  if (!m) {
+    free(w);
+    srv_reply_error(c, id, KVD_ENOMEM, NULL);
+    return;
+  }
+  m->srv = c->srv;
+  m->path = strdup(path);
+  if (name && *name) snprintf(m->name, sizeof m->name, "%s", name);
+  else model_default_name(path, m->name, sizeof m->name);
+  w->req.data = w;
+  w->srv = c->srv;
+  w->conn_serial = c->serial;
+  w->id = id;
+  w->m = m;
+  if (!m->path || uv_queue_work(c->srv->loop, &w->req, load_work_cb, load_after_cb) < 0) {
+    model_free_now(m);
+    free(w);
+    srv_reply_error(c, id, KVD_ENOMEM, NULL);
+  }
+}
