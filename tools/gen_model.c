@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 static void usage(FILE *out) {
   fprintf(
@@ -120,5 +121,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "gen_model: writing %s: %s\n", out, kvd_strerror(rc));
     return 1;
   }
+  struct stat st;
+  if (stat(out, &st) == 0)
+    printf("gen_model: wrote %s (%lld bytes, %u layers, dim %u, vocab %u, %s)\n", out,
+           (long long)st.st_size, p.n_layers, p.dim, p.vocab, dtype_name((uint32_t)p.type));
   return 0;
 }
