@@ -1,0 +1,364 @@
+/* kvctl's generation and chat: the two commands that stream text and must stay responsive to
+ * Ctrl-C while kvd works. Both run the generation through libkvd's event-loop API, in a poll()
+ * over the client's socket and a self-pipe written by the signal handler: the first Ctrl-C sends
+ * `cancel` and waits (briefly) for kvd to end the generation cleanly, a second one leaves at once
+ * (closing the connection cancels on the server too). */
+#include "kvctl.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <histedit.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* How long kvd gets to honour a cancel before kvctl stops waiting. */
+#define CANCEL_GRACE_MS 5000
+
+static int sig_pipe[2] = {-1, -1};
+static volatile sig_atomic_t sig_count;
+
+static void on_signal(int sig) {
+  (void)sig;
+  int e = errno;
+  sig_count++;
+  if (write(sig_pipe[1], "", 1) < 0) { /* the pipe is full: a wakeup is pending anyway */
+  }
+  errno = e;
+}
+
+/* SIGINT and SIGTERM wake the poll loop instead of killing kvctl. No SA_RESTART: a blocking read
+ * of the chat prompt must return to notice them. */
+static int signals_init(void) {
+  if (sig_pipe[0] >= 0) return 0;
+  if (pipe2(sig_pipe, O_NONBLOCK | O_CLOEXEC) < 0) return -1;
+  struct sigaction sa = {.sa_handler = on_signal};
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+  return 0;
+}
+
+static void drain_sig_pipe(void) {
+  char buf[64];
+  while (read(sig_pipe[0], buf, sizeof buf) > 0) {
+  }
+}
+
+static long long now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- Output -------------------------------------------------------------------------------- */
+
+/* One generation's state, shared by the callbacks and the loop. */
+struct run {
+  const struct kvctl_opts *o;
+  bool done;
+  int rc;
+  enum kvd_finish finish;
+  bool chat; /* end the answer with a newline even off a terminal: the next turn follows */
+  char last; /* last byte written to stdout, to end the answer with a newline */
+};
+
+static int on_chunk(void *ud, const struct kvd_chunk *ch) {
+  struct run *r = ud;
+  if (ch->text_len) {
+    fwrite(ch->text, 1, ch->text_len, stdout);
+    fflush(stdout);
+    r->last = ch->text[ch->text_len - 1];
+  }
+  return 0;
+}
+
+static cJSON *json_logprobs(const struct kvd_gen_result *res) {
+  cJSON *a = cJSON_CreateArray();
+  for (size_t i = 0; a && i < res->n_logprobs; i++) {
+    const struct kvd_logprob *lp = &res->logprobs[i];
+    cJSON *o = cJSON_CreateObject(), *top = cJSON_CreateArray();
+    cJSON_AddNumberToObject(o, "id", lp->id);
+    cJSON_AddStringToObject(o, "text", lp->text ? lp->text : "");
+    cJSON_AddNumberToObject(o, "logprob", lp->logprob);
+    for (size_t j = 0; j < lp->n_top; j++) {
+      cJSON *t = cJSON_CreateObject();
+      cJSON_AddNumberToObject(t, "id", lp->top[j].id);
+      cJSON_AddNumberToObject(t, "logprob", lp->top[j].logprob);
+      cJSON_AddItemToArray(top, t);
+    }
+    cJSON_AddItemToObject(o, "top", top);
+    cJSON_AddItemToArray(a, o);
+  }
+  return a;
+}
+
+/* The whole result as one line of JSON on stdout (--json). */
+static void print_json(const struct kvd_gen_result *res) {
+  cJSON *o = cJSON_CreateObject(), *t = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "text", res->text ? res->text : "");
+  cJSON_AddStringToObject(o, "finish_reason", res->finish_reason ? res->finish_reason : "error");
+  cJSON_AddNumberToObject(o, "prompt_tokens", (double)res->prompt_tokens);
+  cJSON_AddNumberToObject(o, "completion_tokens", (double)res->completion_tokens);
+  cJSON_AddNumberToObject(o, "cached_tokens", (double)res->cached_tokens);
+  cJSON_AddNumberToObject(t, "queue_ms", res->timings.queue_ms);
+  cJSON_AddNumberToObject(t, "prefill_ms", res->timings.prefill_ms);
+  cJSON_AddNumberToObject(t, "decode_ms", res->timings.decode_ms);
+  cJSON_AddNumberToObject(t, "ttft_ms", res->timings.ttft_ms);
+  cJSON_AddNumberToObject(t, "tokens_per_s", res->timings.tokens_per_s);
+  cJSON_AddItemToObject(o, "timings", t);
+  if (res->n_logprobs) cJSON_AddItemToObject(o, "logprobs", json_logprobs(res));
+  if (res->error) {
+    cJSON *e = cJSON_CreateObject();
+    cJSON_AddNumberToObject(e, "code", kvd_error_to_wire(res->error));
+    cJSON_AddStringToObject(e, "message", res->error_message ? res->error_message : "");
+    cJSON_AddItemToObject(o, "error", e);
+  }
+  char *s = cJSON_PrintUnformatted(o);
+  if (s) printf("%s\n", s);
+  fflush(stdout);
+  cJSON_free(s);
+  cJSON_Delete(o);
+}
+
+/* --logprobs without --json: one line per token on stderr, so stdout stays the plain text. */
+static void print_logprobs(const struct kvd_gen_result *res) {
+  for (size_t i = 0; i < res->n_logprobs; i++) {
+    const struct kvd_logprob *lp = &res->logprobs[i];
+    fprintf(stderr, "%8u %10.4f  ", lp->id, lp->logprob);
+    for (const char *s = lp->text ? lp->text : ""; *s; s++)
+      fprintf(stderr, (unsigned char)*s < 0x20 ? "\\x%02x" : "%c", (unsigned char)*s);
+    for (size_t j = 0; j < lp->n_top; j++)
+      fprintf(stderr, "%s%u:%.3f", j ? " " : "  | ", lp->top[j].id, lp->top[j].logprob);
+    fputc('\n', stderr);
+  }
+}
+
+static void on_done(void *ud, int rc, const struct kvd_gen_result *res) {
+  struct run *r = ud;
+  r->done = true;
+  r->rc = rc;
+  r->finish = res->finish;
+  if (r->o->json) {
+    print_json(res);
+  } else {
+    if (r->last && r->last != '\n' && (isatty(STDOUT_FILENO) || r->chat)) {
+      putchar('\n');
+      r->last = '\n';
+    }
+    fflush(stdout);
+    if (r->o->gen.logprobs) print_logprobs(res);
+  }
+  if (res->finish == KVD_FINISH_ERROR)
+    fprintf(stderr, "kvctl: %s\n", res->error_message ? res->error_message : "generation failed");
+  if (r->o->verbose && rc == 0)
+    fprintf(stderr,
+            "[%s: %llu prompt tokens (%llu cached), %llu generated; first token %.1f ms, "
+            "%.1f tokens/s]\n",
+            res->finish_reason, (unsigned long long)res->prompt_tokens,
+            (unsigned long long)res->cached_tokens, (unsigned long long)res->completion_tokens,
+            res->timings.ttft_ms, res->timings.tokens_per_s);
+}
+
+/* ---- One generation ------------------------------------------------------------------------ */
+
+/* Runs one generation to its end; returns kvctl's exit code for it. */
+static int run_one(struct kvd_client *c, const struct kvctl_opts *o,
+                   const struct kvd_gen_params *p, bool chat) {
+  struct run r = {.o = o, .chat = chat};
+  uint32_t id;
+  if (signals_init() < 0) {
+    perror("kvctl: pipe");
+    return KVCTL_EFAIL;
+  }
+  drain_sig_pipe();
+  sig_atomic_t seen = sig_count;
+  int rc = kvd_generate_async(c, p, o->json ? NULL : on_chunk, on_done, &r, &id);
+  if (rc < 0) return kvctl_fail(c, rc);
+  long long deadline = -1;
+  while (!r.done) {
+    struct pollfd pf[2] = {
+        {.fd = kvd_client_fd(c), .events = POLLIN | (kvd_client_want_write(c) ? POLLOUT : 0)},
+        {.fd = sig_pipe[0], .events = POLLIN},
+    };
+    int timeout = -1;
+    if (deadline >= 0) {
+      long long left = deadline - now_ms();
+      timeout = left > 0 ? (int)left : 0;
+    }
+    int n = poll(pf, 2, timeout);
+    if (n < 0 && errno != EINTR) {
+      perror("kvctl: poll");
+      return KVCTL_EFAIL;
+    }
+    if (n == 0 && deadline >= 0) {
+      fprintf(stderr, "\nkvctl: kvd did not stop the generation within %d s\n",
+              CANCEL_GRACE_MS / 1000);
+      return KVCTL_EINTR;
+    }
+    drain_sig_pipe();
+    if (sig_count != seen) {
+      seen = sig_count;
+      if (deadline >= 0) { /* a second Ctrl-C: do not wait for kvd */
+        if (!chat) fputc('\n', stdout);
+        return KVCTL_EINTR;
+      }
+      kvd_cancel(c, id);
+      deadline = now_ms() + CANCEL_GRACE_MS;
+    }
+    /* A failure ends the generation through on_done, which the loop then sees. */
+    if (pf[0].revents & (POLLIN | POLLHUP | POLLERR)) kvd_client_process(c);
+    if (pf[0].revents & POLLOUT) kvd_client_flush(c);
+  }
+  if (r.rc < 0) {
+    if (!o->json) fprintf(stderr, "kvctl: %s\n", kvd_client_last_error(c));
+    return kvd_client_connected(c) ? KVCTL_EFAIL : KVCTL_ELOST;
+  }
+  if (r.finish == KVD_FINISH_CANCELLED) return KVCTL_EINTR;
+  if (r.finish == KVD_FINISH_ERROR) return KVCTL_EFAIL;
+  return KVCTL_OK;
+}
+
+int kvctl_generate(struct kvd_client *c, const struct kvctl_opts *o, const char *prompt) {
+  struct kvd_gen_params p = o->gen;
+  p.prompt = prompt;
+  return run_one(c, o, &p, false);
+}
+
+/* ---- Chat ---------------------------------------------------------------------------------- */
+
+static char *chat_prompt(EditLine *el) {
+  (void)el;
+  return (char *)"> ";
+}
+
+/* The next line of input without its newline: from libedit on a terminal, else plain stdin.
+ * NULL at the end of input; *interrupted when Ctrl-C came instead of a line. */
+static char *read_turn(EditLine *el, char **buf, size_t *cap, bool *interrupted) {
+  sig_atomic_t seen = sig_count;
+  *interrupted = false;
+  const char *line;
+  if (el) {
+    int count;
+    line = el_gets(el, &count);
+  } else {
+    errno = 0;
+    line = getline(buf, cap, stdin) < 0 ? NULL : *buf;
+  }
+  if (sig_count != seen) {
+    drain_sig_pipe();
+    *interrupted = true;
+    return NULL;
+  }
+  if (!line) return NULL;
+  if (line != *buf) { /* libedit's buffer: copy, the next el_gets overwrites it */
+    size_t n = strlen(line) + 1;
+    if (*cap < n) {
+      char *p = realloc(*buf, n);
+      if (!p) return NULL;
+      *buf = p;
+      *cap = n;
+    }
+    memcpy(*buf, line, n);
+  }
+  size_t n = strlen(*buf);
+  while (n && ((*buf)[n - 1] == '\n' || (*buf)[n - 1] == '\r')) (*buf)[--n] = '\0';
+  return *buf;
+}
+
+static int open_session(struct kvd_client *c, const struct kvctl_opts *o, uint64_t *ret) {
+  int rc = kvd_session_open(c, o->gen.model, ret);
+  return rc < 0 ? kvctl_fail(c, rc) : KVCTL_OK;
+}
+
+int kvctl_chat(struct kvd_client *c, const struct kvctl_opts *o) {
+  uint64_t session;
+  int code = open_session(c, o, &session);
+  if (code) return code;
+  if (signals_init() < 0) {
+    perror("kvctl: pipe");
+    return KVCTL_EFAIL;
+  }
+  bool tty = isatty(STDIN_FILENO) && isatty(STDOUT_FILENO);
+  EditLine *el = NULL;
+  History *hist = NULL;
+  HistEvent ev;
+  if (tty) {
+    el = el_init("kvctl", stdin, stdout, stderr);
+    hist = history_init();
+    if (el && hist) {
+      history(hist, &ev, H_SETSIZE, 1000);
+      el_set(el, EL_HIST, history, hist);
+      el_set(el, EL_PROMPT, chat_prompt);
+      el_set(el, EL_EDITOR, "emacs");
+      el_source(el, NULL); /* the user's ~/.editrc */
+      fprintf(stderr, "kvctl chat with %s; /reset starts over, /quit or Ctrl-D leaves.\n",
+              o->gen.model ? o->gen.model
+                           : (kvd_client_default_model(c) ? kvd_client_default_model(c)
+                                                          : "the default model"));
+    } else {
+      if (el) el_end(el);
+      if (hist) history_end(hist);
+      el = NULL;
+      hist = NULL;
+    }
+  }
+
+  char *buf = NULL;
+  size_t cap = 0;
+  bool first = true;
+  for (;;) {
+    bool interrupted;
+    char *line = read_turn(el, &buf, &cap, &interrupted);
+    if (interrupted) {
+      if (!el) { /* a script's Ctrl-C (or SIGTERM) */
+        code = KVCTL_EINTR;
+        break;
+      }
+      fputc('\n', stdout); /* at the prompt, Ctrl-C only drops the line, as in a shell */
+      continue;
+    }
+    if (!line) {
+      if (el) fputc('\n', stdout);
+      break;
+    }
+    if (!line[0]) continue;
+    if (!strcmp(line, "/quit") || !strcmp(line, "/exit")) break;
+    if (hist) history(hist, &ev, H_ENTER, line);
+    if (!strcmp(line, "/reset")) {
+      kvd_session_close(c, session);
+      if ((code = open_session(c, o, &session))) break;
+      first = true;
+      continue;
+    }
+    /* The session holds the history on the server: send only the new turn. */
+    struct kvd_message msgs[2];
+    size_t n = 0;
+    if (first && o->system) msgs[n++] = (struct kvd_message){"system", o->system};
+    msgs[n++] = (struct kvd_message){"user", line};
+    struct kvd_gen_params p = o->gen;
+    p.prompt = NULL;
+    p.messages = msgs;
+    p.n_messages = n;
+    p.session = (int64_t)session;
+    code = run_one(c, o, &p, true);
+    first = false;
+    if (code == KVCTL_EINTR && el) {
+      fprintf(stderr, "[interrupted]\n");
+      code = KVCTL_OK;
+      continue;
+    }
+    if (code == KVCTL_ELOST || (code != KVCTL_OK && !el)) break;
+    code = KVCTL_OK; /* on a terminal an error ends the turn, not the chat */
+  }
+  free(buf);
+  if (kvd_client_connected(c)) kvd_session_close(c, session);
+  if (el) el_end(el);
+  if (hist) history_end(hist);
+  return code;
+}
