@@ -78,8 +78,8 @@ int main(int argc, char **argv) {
   float *w = malloc(nw * 4), *x = malloc(cols * 4), *y = malloc(rows * 4);
   if (!w || !x || !y) return 1;
   srand(1);
-  for (size_t i = 0; i < nw; i++) w[i] = (float)rand() / RAND_MAX - 0.5f;
-  for (uint32_t i = 0; i < cols; i++) x[i] = (float)rand() / RAND_MAX - 0.5f;
+  for (size_t i = 0; i < nw; i++) w[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+  for (uint32_t i = 0; i < cols; i++) x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
 
   printf("f32 mat-vec %u x %u (%.1f MiB of weights), %d iterations\n", rows, cols,
          (double)nw * 4 / (1 << 20), iters);

@@ -14,8 +14,10 @@ static void model_on_async(uv_async_t *a) {
   struct srv_model *m = a->data;
   struct sched_event ev[64];
   uint32_t n;
-  while ((n = sched_drain(m->sched, ev, 64)) > 0)
-    for (uint32_t i = 0; i < n; i++) srv_gen_event(m, &ev[i]);
+  /* The last request's end may free the model (an unload, or the drain at exit): m->sched is
+   * NULL from then on and nothing of it is left to drain. */
+  while (m->sched && (n = sched_drain(m->sched, ev, 64)) > 0)
+    for (uint32_t i = 0; i < n && m->sched; i++) srv_gen_event(m, &ev[i]);
 }
 
 static void model_notify(void *ud) {

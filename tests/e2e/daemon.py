@@ -1,0 +1,87 @@
+"""Starts the real kvd on a temporary socket for end-to-end tests and stops it again."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'ipc'))
+import peer  # noqa: E402  (the spec-only msgpack-rpc client)
+
+
+class Daemon:
+    def __init__(self, kvd, model, *extra, env=None):
+        self.dir = tempfile.mkdtemp(prefix='kvd-e2e-')
+        self.socket = os.path.join(self.dir, 'kvd.sock')
+        self.log_path = os.path.join(self.dir, 'kvd.log')
+        args = [kvd, '--socket', self.socket, '--cache-dir', os.path.join(self.dir, 'cache'),
+                '--config', '/dev/null']
+        if model:
+            args += ['--model', model]
+        args += list(extra)
+        self.log = open(self.log_path, 'wb')
+        e = dict(os.environ if env is None else env)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=e)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f'kvd exited with {self.proc.returncode}:\n{self.read_log()}')
+            try:
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(self.socket)
+                s.close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError('kvd did not start listening in time')
+                time.sleep(0.05)
+
+    def connect(self, timeout=60.0):
+        return peer.Peer.connect(self.socket, timeout=timeout)
+
+    def read_log(self):
+        if not self.log.closed:
+            self.log.flush()
+        with open(self.log_path, 'rb') as f:
+            return f.read().decode(errors='replace')
+
+    def stop(self, timeout=60):
+        """SIGTERM, then the exit status (the drain must end on its own)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return None
+        return self.proc.returncode
+
+
+class Tap:
+    """Minimal TAP producer: each check is one test line; a crash in one is its failure."""
+
+    def __init__(self):
+        self.n = 0
+        self.failed = 0
+
+    def run(self, name, fn, *args):
+        self.n += 1
+        try:
+            fn(*args)
+            print(f'ok {self.n} - {name}', flush=True)
+        except Exception as e:  # noqa: BLE001 - report any failure as the test's
+            self.failed += 1
+            for line in repr(e).splitlines()[:20]:
+                print(f'# {line}')
+            print(f'not ok {self.n} - {name}', flush=True)
+
+    def skip(self, name, why):
+        self.n += 1
+        print(f'ok {self.n} - {name} # SKIP {why}', flush=True)
+
+    def done(self):
+        print(f'1..{self.n}', flush=True)
+        return 1 if self.failed else 0
