@@ -608,6 +608,10 @@ void kvd_client_close(struct kvd_client *c) {
 
 /* ---- Getters and the event-loop API ------------------------------------------------------ */
 
+const char *kvd_library_version(void) {
+  return KVD_VERSION;
+}
+
 const char *kvd_client_last_error(const struct kvd_client *c) {
   return c ? c->err : connect_err;
 }

@@ -3,16 +3,15 @@
  * ipc/error.c defines them too, but it is compiled hidden into the ipc codec (the whole project
  * builds with -fvisibility=hidden), and a hidden symbol cannot be exported again. So libkvd
  * generates its own from the same X-macro table; the linker then takes these and never pulls
- * ipc's error.o into the library. */
+ * ipc's error.o into the shared library.
+ *
+ * This file must define exactly the functions ipc/error.c defines, no more: libkvd.a holds both
+ * objects, and a static link pulls whichever comes first for a symbol. With the same set in each,
+ * one of them satisfies every reference and the other is never pulled (tests/client/test_static
+ * links that way). */
 #include "kvd.h"
 
-#include "kvd_config.h"
-
 #include <string.h>
-
-const char *kvd_library_version(void) {
-  return KVD_VERSION;
-}
 
 const char *kvd_strerror(int code) {
   switch (code) {
