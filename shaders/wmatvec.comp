@@ -18,6 +18,7 @@
 layout(local_size_x_id = 0) in;
 layout(constant_id = 0) const uint WG = 64;
 layout(constant_id = 1) const uint NT = 1; // tokens the pipeline is specialised for (1..8)
+layout(constant_id = 2) const uint NR = 1; // rows per workgroup (NR * NT <= WG)
 
 layout(std430, binding = 0) readonly buffer Wq { uint wq[]; };
 layout(std430, binding = 1) readonly buffer X { float x[]; };
@@ -26,7 +27,7 @@ layout(push_constant) uniform Push { pc_wmat p; };
 
 #include "dequant.glsl"
 
-shared float red[NT * WG];
+shared float red[NR * NT * WG];
 
 // Four activations of token row o from column e on; plain types may end mid-group, and the
 // columns past the row are neither read nor counted.
@@ -43,47 +44,63 @@ vec4 load_x(uint o, uint e) {
 }
 
 void main() {
-  uint row = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
-  if (row >= p.rows) return; // uniform per workgroup: no barrier is skipped by half a group
+  uint r0 = (gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x) * NR;
+  if (r0 >= p.rows) return; // uniform per workgroup: no barrier is skipped by half a group
   uint tid = gl_LocalInvocationID.x;
   uint nt = min(p.n_tokens, NT);
-  uint base = p.w_off + row * dq_row_bytes(p.cols);
   uint ng = dq_row_groups(p.cols);
 
-  // Token rows past n_tokens repeat the last one: the loops below then have the constant trip
-  // count NT and unroll, with no per-token branch (which a CPU device would run masked).
+  // Token rows past n_tokens repeat the last one, and rows past the matrix the last row: the
+  // loops below then have constant trip counts and unroll, with no per-token or per-row branch
+  // (which a CPU device would run masked). Only real rows and tokens are written.
   uint xo[NT];
   for (uint t = 0u; t < NT; t++) xo[t] = p.x_off + min(t, nt - 1u) * p.x_stride;
-  float acc[NT];
-  for (uint t = 0u; t < NT; t++) acc[t] = 0.0;
+  uint base[NR];
+  for (uint i = 0u; i < NR; i++)
+    base[i] = p.w_off + min(r0 + i, p.rows - 1u) * dq_row_bytes(p.cols);
+  float acc[NR * NT];
+  for (uint v = 0u; v < NR * NT; v++) acc[v] = 0.0;
   for (uint G = tid; G < ng; G += WG) {
-    vec4 a, b;
+    // The activations of this group are the same for every row: loaded once, used NR times.
     uint e0, e1;
-    dq_load(base, G, p.cols, a, b, e0, e1);
-    for (uint t = 0u; t < NT; t++) acc[t] += dot(a, load_x(xo[t], e0)) + dot(b, load_x(xo[t], e1));
+    dq_pos(G, e0, e1);
+    vec4 xa[NT], xb[NT];
+    for (uint t = 0u; t < NT; t++) {
+      xa[t] = load_x(xo[t], e0);
+      xb[t] = load_x(xo[t], e1);
+    }
+    for (uint i = 0u; i < NR; i++) {
+      vec4 a, b;
+      dq_load(base[i], G, p.cols, a, b, e0, e1);
+      for (uint t = 0u; t < NT; t++) acc[i * NT + t] += dot(a, xa[t]) + dot(b, xb[t]);
+    }
   }
 
+  // Reduce the NR * NT partial sums over the workgroup; invocation v < NR * NT then writes
+  // row r0 + v / NT, token v % NT.
 #ifdef USE_SUBGROUP
-  for (uint t = 0u; t < NT; t++) {
-    float s = subgroupAdd(acc[t]);
-    if (gl_SubgroupInvocationID == 0u) red[t * gl_NumSubgroups + gl_SubgroupID] = s;
+  for (uint v = 0u; v < NR * NT; v++) {
+    float s = subgroupAdd(acc[v]);
+    if (gl_SubgroupInvocationID == 0u) red[v * gl_NumSubgroups + gl_SubgroupID] = s;
   }
   barrier();
-  if (tid < nt) {
+  uint i = tid / NT, t = tid % NT;
+  if (i < NR && t < nt && r0 + i < p.rows) {
     float s = 0.0;
-    for (uint i = 0u; i < gl_NumSubgroups; i++) s += red[tid * gl_NumSubgroups + i];
+    for (uint k = 0u; k < gl_NumSubgroups; k++) s += red[tid * gl_NumSubgroups + k];
 #else
-  for (uint t = 0u; t < NT; t++) red[t * WG + tid] = acc[t];
+  for (uint v = 0u; v < NR * NT; v++) red[v * WG + tid] = acc[v];
   barrier();
   for (uint s = WG / 2u; s > 0u; s >>= 1) {
     if (tid < s)
-      for (uint t = 0u; t < NT; t++) red[t * WG + tid] += red[t * WG + tid + s];
+      for (uint v = 0u; v < NR * NT; v++) red[v * WG + tid] += red[v * WG + tid + s];
     barrier();
   }
-  if (tid < nt) {
+  uint i = tid / NT, t = tid % NT;
+  if (i < NR && t < nt && r0 + i < p.rows) {
     float s = red[tid * WG];
 #endif
-    uint o = p.y_off + tid * p.y_stride + row;
+    uint o = p.y_off + t * p.y_stride + r0 + i;
     y[o] = (p.flags & WMAT_ACCUMULATE) != 0u ? y[o] + s : s;
   }
 }

@@ -96,10 +96,15 @@ int wkern_init(struct wkern *k, struct gpu_device *dev, enum dtype t,
   k->mv_subgroup = opts->subgroup > 0 ? sg_ok : opts->subgroup == 0 && sg_ok;
   uint32_t wg = opts->mv_wg ? opts->mv_wg : 64;
   if (!opts->mv_wg && k->mv_subgroup && c->subgroup_size > wg) wg = c->subgroup_size;
+  /* Four rows per workgroup share each activation load (the cost that dominates on a CPU
+   * device) and amortise the reduction; invocation v < rows * 8 writes one (row, token). */
+  uint32_t nr = opts->mv_rows ? opts->mv_rows : 4;
   if (!is_pow2(wg) || wg > c->max_wg_size[0] || wg > c->max_wg_invocations ||
-      (uint64_t)WMAT_MAX_TOKENS * wg * sizeof(float) > c->max_shared_bytes)
+      nr * WMAT_MAX_TOKENS > wg ||
+      (uint64_t)nr * WMAT_MAX_TOKENS * wg * sizeof(float) > c->max_shared_bytes)
     return KVD_E_LIMIT;
   k->mv_wg = wg;
+  k->mv_rows = nr;
 
   /* Mat-mul: the largest tile whose shared memory fits; K steps of 32 values keep (4,4) tiles at
    * ~17 KiB. The K step must be a multiple of 8 and a multiple or divisor of the type's group
@@ -125,8 +130,8 @@ int wkern_init(struct wkern *k, struct gpu_device *dev, enum dtype t,
   struct gpu_pipeline_desc mv = {.shader = k->mv_subgroup ? e->matvec_sg : e->name[WKERN_MATVEC],
                                  .n_buffers = 3,
                                  .push_size = sizeof(struct pc_wmat),
-                                 .n_spec = 2,
-                                 .spec = {k->mv_wg, 1},
+                                 .n_spec = 3,
+                                 .spec = {k->mv_wg, 1, k->mv_rows},
                                  .local_size = {k->mv_wg, 1, 1}};
   struct gpu_pipeline_desc mm = {.shader = e->name[WKERN_MATMUL],
                                  .n_buffers = 3,
@@ -140,13 +145,14 @@ int wkern_init(struct wkern *k, struct gpu_device *dev, enum dtype t,
                                  .n_spec = 1,
                                  .spec = {k->emb_wg},
                                  .local_size = {k->emb_wg, 1, 1}};
+  uint32_t ops = opts->ops ? opts->ops : (1u << WKERN_N_OPS) - 1;
   int rc = 0;
-  for (int i = 0; i < WKERN_MV_PIPES && rc == 0; i++) {
+  for (int i = 0; i < WKERN_MV_PIPES && rc == 0 && (ops & (1u << WKERN_MATVEC)); i++) {
     mv.spec[1] = 1u << i;
     rc = gpu_pipeline_new(dev, &mv, &k->matvec[i]);
   }
-  if (rc == 0) rc = gpu_pipeline_new(dev, &mm, &k->matmul);
-  if (rc == 0) rc = gpu_pipeline_new(dev, &em, &k->embed);
+  if (rc == 0 && (ops & (1u << WKERN_MATMUL))) rc = gpu_pipeline_new(dev, &mm, &k->matmul);
+  if (rc == 0 && (ops & (1u << WKERN_EMBED))) rc = gpu_pipeline_new(dev, &em, &k->embed);
   if (rc < 0) wkern_destroy(k);
   return rc;
 }
@@ -186,8 +192,9 @@ static uint64_t min_u64(uint64_t a, uint64_t b) {
 /* Checks a mat-vec/mat-mul shape; returns the weight row bytes. */
 static int check_shape(const struct wkern *k, const struct wkern_matrix *w,
                        const struct wkern_act *x, const struct wkern_act *y, uint64_t *ret_rb) {
-  if (!k->embed || !w->buf || !x->buf || !y->buf || w->rows == 0 || w->cols == 0 ||
-      x->stride < w->cols || y->stride < w->rows || x->offset % 4 || y->offset % 4)
+  if (!w->buf || !x->buf || !y->buf || w->rows == 0 || w->cols == 0 || x->stride < w->cols ||
+      y->stride < w->rows || x->offset % 4 || y->offset % 4 ||
+      (k->type == DTYPE_F32 && w->offset % 4))
     return KVD_EINVAL;
   return dtype_row_bytes(k->type, w->cols, ret_rb);
 }
@@ -200,6 +207,7 @@ static int record_mul(const struct wkern *k, struct gpu_cmd *cmd, enum wkern_op 
   uint64_t rb;
   int rc = check_shape(k, w, x, y, &rb);
   if (rc < 0) return rc;
+  if (op == WKERN_MATVEC ? !k->matvec[0] : !k->matmul) return KVD_EINVAL; /* not created */
   if (n_tokens == 0) return 0;
   const struct gpu_caps *c = gpu_device_caps(k->dev);
   uint64_t maxb = k->max_binding;
@@ -241,7 +249,7 @@ static int record_mul(const struct wkern *k, struct gpu_cmd *cmd, enum wkern_op 
       };
       uint32_t gx, gy;
       if (op == WKERN_MATVEC) {
-        gpu_grid_2d(k->dev, nr, &gx, &gy);
+        gpu_grid_2d(k->dev, (nr + k->mv_rows - 1) / k->mv_rows, &gx, &gy);
       } else {
         gx = (nr + 16 * k->mm_tn - 1) / (16 * k->mm_tn);
         gy = (nt + 16 * k->mm_tm - 1) / (16 * k->mm_tm);
@@ -285,7 +293,8 @@ int wkern_embed(const struct wkern *k, struct gpu_cmd *cmd, const struct wkern_m
                 const struct wkern_act *out) {
   uint64_t rb;
   if (!k->embed || !table->buf || !ids || !out->buf || table->rows == 0 || table->cols == 0 ||
-      out->stride < table->cols || ids_offset % 4 || out->offset % 4)
+      out->stride < table->cols || ids_offset % 4 || out->offset % 4 ||
+      (k->type == DTYPE_F32 && table->offset % 4))
     return KVD_EINVAL;
   int rc = dtype_row_bytes(k->type, table->cols, &rb);
   if (rc < 0) return rc;

@@ -53,6 +53,7 @@ struct wkern {
   struct gpu_pipeline *matmul, *embed;
   bool mv_subgroup;      /* mat-vec reduces with subgroupAdd (caps.subgroup_ops arithmetic) */
   uint32_t mv_wg;        /* mat-vec workgroup size (a power of two) */
+  uint32_t mv_rows;      /* mat-vec rows per workgroup */
   uint32_t mm_tm, mm_tn; /* mat-mul tile: (16*tm tokens) x (16*tn rows) */
   uint32_t mm_bk;        /* mat-mul K step (a multiple of the type's group window) */
   uint32_t emb_wg;       /* embedding workgroup size */
@@ -62,23 +63,28 @@ struct wkern {
 /* Launch sizes are chosen from the caps unless overridden (tests and benchmarks try others):
  * zero fields mean "choose". */
 struct wkern_opts {
-  int subgroup;   /* 0 choose, 1 force the subgroup mat-vec (if the caps allow), -1 portable */
-  uint32_t mv_wg; /* power of two */
+  uint32_t ops;     /* kernels to create: bits 1u << enum wkern_op; 0 = all three */
+  int subgroup;     /* 0 choose, 1 force the subgroup mat-vec (if the caps allow), -1 portable */
+  uint32_t mv_wg;   /* power of two */
+  uint32_t mv_rows; /* rows per mat-vec workgroup, at most mv_wg / 8 */
   uint32_t mm_tm, mm_tn, mm_bk;
   uint32_t emb_wg;
   uint64_t max_binding; /* tests: split at this many bytes per binding, below the device limit */
 };
 
-/* Creates the three pipelines for type t. On failure nothing is held (wkern_destroy is safe on
- * a zeroed struct). KVD_E_UNSUPPORTED for types without kernels; KVD_E_LIMIT when no tile fits
- * the device's shared memory or workgroup limits; opts may be NULL. */
+/* Creates the pipelines for type t (all three kernels, or those in opts->ops: a matrix that is
+ * only an embedding table needs no mat-vec; recording a kernel that was not created is
+ * KVD_EINVAL). On failure nothing is held (wkern_destroy is safe on a zeroed struct).
+ * KVD_E_UNSUPPORTED for types without kernels; KVD_E_LIMIT when no tile fits the device's shared
+ * memory or workgroup limits; opts may be NULL. */
 int wkern_init(struct wkern *k, struct gpu_device *dev, enum dtype t,
                const struct wkern_opts *opts);
 void wkern_destroy(struct wkern *k);
 
 /* A (rows, cols) weight matrix of the wkern's type: row r is dtype_row_bytes(type, cols) bytes
- * at byte offset + r * row_bytes of buf. Any byte offset works; buf must extend at least to the
- * next multiple of 4 bytes past the last row (wkern_weight_bytes). */
+ * at byte offset + r * row_bytes of buf. Any byte offset works (F32: a multiple of 4, so its
+ * values are whole words); buf must extend at least to the next multiple of 4 bytes past the
+ * last row (wkern_weight_bytes). */
 struct wkern_matrix {
   struct gpu_buffer *buf;
   uint64_t offset;

@@ -83,14 +83,15 @@ uint dq_spread4(uint h) {
 #define DQ_SPAN 8u
 
 #if defined(DQ_F32)
+// F32 rows start at a multiple of 4 bytes (the host checks the offset), so values are words.
 const uint DQ_ES = 4u; // bytes per value
 float dq_elem(uint b) {
-  return uintBitsToFloat(dq_u32(b));
+  return uintBitsToFloat(wq[b >> 2]);
 }
 void dq_group8(uint b, out vec4 a, out vec4 c) {
-  uvec2 w0 = dq_u32x2(b), w1 = dq_u32x2(b + 8u), w2 = dq_u32x2(b + 16u), w3 = dq_u32x2(b + 24u);
-  a = uintBitsToFloat(uvec4(w0, w1));
-  c = uintBitsToFloat(uvec4(w2, w3));
+  uint i = b >> 2;
+  a = uintBitsToFloat(uvec4(wq[i], wq[i + 1u], wq[i + 2u], wq[i + 3u]));
+  c = uintBitsToFloat(uvec4(wq[i + 4u], wq[i + 5u], wq[i + 6u], wq[i + 7u]));
 }
 #elif defined(DQ_F16)
 const uint DQ_ES = 2u;

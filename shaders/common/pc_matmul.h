@@ -4,8 +4,9 @@
  * Weights (binding 0) are raw GGUF tensor bytes, row-major [out][in]: row r is
  * dtype_row_bytes(type, cols) bytes at byte w_off + r * row_bytes of the binding. The shaders read
  * the binding as 32-bit words and extract bytes and halves themselves, so w_off may be any byte
- * offset (blocks of 18, 22 or 210 bytes are not word-aligned anyway); the binding's range must
- * extend to the next multiple of 4 bytes past the last row (see wkern_weight_bytes()).
+ * offset (blocks of 18, 22 or 210 bytes are not word-aligned anyway), except that F32 rows are
+ * loaded as whole words and so start at a multiple of 4. The binding's range must extend to the
+ * next multiple of 4 bytes past the last row (see wkern_weight_bytes()).
  * Activations are f32: token t of x starts at float x_off + t * x_stride of its binding, and of y
  * at y_off + t * y_stride, so the host can bind a whole activation buffer at an aligned offset and
  * address a row range of a split matrix inside it. */

@@ -124,7 +124,8 @@ static int wmat_make(struct wmat *m, enum dtype t, uint32_t rows, uint32_t cols,
   m->type = t;
   m->rows = rows;
   m->cols = cols;
-  m->off = off;
+  m->off = t == DTYPE_F32 ? off & ~3u : off; /* F32 rows are whole words */
+  off = m->off;
   int rc = dtype_row_bytes(t, cols, &m->rb);
   uint64_t need = 0;
   if (rc == 0) rc = wkern_weight_bytes(t, rows, cols, &need);
@@ -295,7 +296,9 @@ static void shapes_for(enum dtype t, enum wkern_op op, uint32_t s[4][3]) {
 static void check_type_op(enum dtype t, enum wkern_op op, const struct wkern_opts *opts,
                           const char *what) {
   struct wkern k;
-  int rc = wkern_init(&k, fixture_device(), t, opts);
+  struct wkern_opts o = opts ? *opts : (struct wkern_opts){0};
+  o.ops = 1u << op; /* pipelines take most of this suite's time on a CPU device */
+  int rc = wkern_init(&k, fixture_device(), t, &o);
   KT_ASSERT_MSG(rc == 0, "wkern_init %s: %s (%s)", dtype_name(t), kvd_strerror(rc),
                 gpu_error_detail());
   uint32_t s[4][3];
@@ -322,6 +325,19 @@ KT_TEST(matvec_portable_every_type) {
   struct wkern_opts o = {.subgroup = -1};
   for (size_t i = 0; i < N_TYPES; i++)
     check_type_op(all_types[i], WKERN_MATVEC, &o, "matvec");
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Rows per workgroup is a specialization constant: one row, and three (which leaves the last
+ * workgroup of most shapes partly past the matrix). */
+KT_TEST(matvec_other_row_counts_every_type) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct wkern_opts o1 = {.mv_rows = 1}, o3 = {.mv_rows = 3};
+  for (size_t i = 0; i < N_TYPES; i++) {
+    check_type_op(all_types[i], WKERN_MATVEC, &o1, "matvec_1row");
+    check_type_op(all_types[i], WKERN_MATVEC, &o3, "matvec_3rows");
+  }
   FIXTURE_CHECK_VALIDATION();
 }
 
@@ -417,7 +433,7 @@ KT_TEST(embed_every_type_bit_exact) {
   for (size_t i = 0; i < N_TYPES; i++) {
     enum dtype t = all_types[i];
     struct wkern k;
-    int rc = wkern_init(&k, dev, t, NULL);
+    int rc = wkern_init(&k, dev, t, &(struct wkern_opts){.ops = 1u << WKERN_EMBED});
     KT_ASSERT_MSG(rc == 0, "wkern_init %s: %s", dtype_name(t), kvd_strerror(rc));
     uint32_t be = block_elems(t);
     check_embed(&k, 1, be == 1 ? 5 : be, 1);
@@ -466,7 +482,8 @@ KT_TEST(bad_shapes_are_refused) {
   KT_CHECK_EQ(wkern_weight_bytes(DTYPE_Q4_0, 3, 33, &bytes), KVD_EINVAL);
   KT_ASSERT_OK(wkern_weight_bytes(DTYPE_Q4_0, 3, 32, &bytes));
   KT_CHECK_EQ(bytes, 56); /* 54 rounded up to a word */
-  KT_ASSERT_OK(wkern_init(&k, dev, DTYPE_Q4_0, NULL));
+  struct wkern_opts no_embed = {.ops = (1u << WKERN_MATVEC) | (1u << WKERN_MATMUL)};
+  KT_ASSERT_OK(wkern_init(&k, dev, DTYPE_Q4_0, &no_embed));
   struct gpu_buffer *b;
   KT_ASSERT_OK(gpu_buffer_new(dev, 54, GPU_MEM_DEVICE, "short", &b));
   struct gpu_buffer *a;
@@ -483,6 +500,17 @@ KT_TEST(bad_shapes_are_refused) {
   w.cols = 32;
   x.stride = 31;
   KT_CHECK_EQ(wkern_matmul(&k, cmd, &w, &x, &y, 1, false), KVD_EINVAL);
+  x.stride = 32;
+  struct wkern kf;
+  KT_ASSERT_OK(wkern_init(&kf, dev, DTYPE_F32, &(struct wkern_opts){.ops = 1u << WKERN_MATVEC}));
+  struct wkern_matrix wf = {a, 2, 3, 32}; /* F32 values must be whole words */
+  KT_CHECK_EQ(wkern_matvec(&kf, cmd, &wf, &x, &y, 1, false), KVD_EINVAL);
+  wf.offset = 0;
+  KT_CHECK_EQ(wkern_matvec(&kf, cmd, &wf, &x, &y, 1, false), 0);
+  KT_CHECK_EQ(wkern_matmul(&kf, cmd, &wf, &x, &y, 1, false), KVD_EINVAL); /* not created */
+  wkern_destroy(&kf);
+  struct gpu_buffer *ids = b;
+  KT_CHECK_EQ(wkern_embed(&k, cmd, &w, ids, 0, 1, &y), KVD_EINVAL); /* not created */
   gpu_cmd_free(cmd);
   gpu_buffer_free(a);
   gpu_buffer_free(b);
