@@ -18,7 +18,8 @@
 
 static const char usage_text[] =
     "Usage: kvctl [OPTION]... PROMPT...      stream a completion of PROMPT (read from stdin\n"
-    "                                         when no PROMPT is given and stdin is not a terminal)\n"
+    "                                         when no PROMPT is given and stdin is not a "
+    "terminal)\n"
     "       kvctl [OPTION]... generate PROMPT the same, for a prompt that is also a command name\n"
     "       kvctl [OPTION]... chat            interactive chat in one session (/reset, /quit)\n"
     "       kvctl [OPTION]... status          the daemon's devices, memory, KV cache, requests\n"
@@ -67,8 +68,8 @@ static int usage_error(const char *fmt, const char *arg) {
 }
 
 int kvctl_fail(struct kvd_client *c, int rc) {
-  fprintf(stderr, "kvctl: %s\n", kvd_client_last_error(c)[0] ? kvd_client_last_error(c)
-                                                              : kvd_strerror(rc));
+  fprintf(stderr, "kvctl: %s\n",
+          kvd_client_last_error(c)[0] ? kvd_client_last_error(c) : kvd_strerror(rc));
   return kvd_client_connected(c) ? KVCTL_EFAIL : KVCTL_ELOST;
 }
 
@@ -134,8 +135,12 @@ static int parse_options(int argc, char **argv, struct kvctl_opts *o) {
   opterr = 0; /* our own messages, with the --help hint */
   while ((opt = getopt_long(argc, argv, ":s:m:n:t:jvhV", long_opts, NULL)) != -1) {
     switch (opt) {
-    case 's': o->socket = optarg; break;
-    case 'm': g->model = optarg; break;
+    case 's':
+      o->socket = optarg;
+      break;
+    case 'm':
+      g->model = optarg;
+      break;
     case 'n':
       if (!parse_i64(optarg, UINT32_MAX, &g->max_tokens))
         return usage_error("--max-tokens wants a count, not '%s'", optarg);
@@ -174,14 +179,28 @@ static int parse_options(int argc, char **argv, struct kvctl_opts *o) {
         return usage_error("--logprobs wants a count, not '%s'", optarg);
       g->logprobs = (uint32_t)v;
       break;
-    case OPT_SYSTEM: o->system = optarg; break;
-    case OPT_NAME: o->name = optarg; break;
-    case 'j': o->json = true; break;
-    case 'v': o->verbose = true; break;
-    case 'h': fputs(usage_text, stdout); return KVCTL_OK;
-    case 'V': printf("kvctl %s\n", kvd_library_version()); return KVCTL_OK;
-    case ':': return usage_error("option '%s' needs a value", argv[optind - 1]);
-    default: return usage_error("unknown option '%s'", argv[optind - 1]);
+    case OPT_SYSTEM:
+      o->system = optarg;
+      break;
+    case OPT_NAME:
+      o->name = optarg;
+      break;
+    case 'j':
+      o->json = true;
+      break;
+    case 'v':
+      o->verbose = true;
+      break;
+    case 'h':
+      fputs(usage_text, stdout);
+      return KVCTL_OK;
+    case 'V':
+      printf("kvctl %s\n", kvd_library_version());
+      return KVCTL_OK;
+    case ':':
+      return usage_error("option '%s' needs a value", argv[optind - 1]);
+    default:
+      return usage_error("unknown option '%s'", argv[optind - 1]);
     }
   }
   return -1;
@@ -194,7 +213,8 @@ static const char *human_bytes(uint64_t n, char *buf, size_t size) {
   static const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   double v = (double)n;
   unsigned u = 0;
-  while (v >= 1024 && u < 4) v /= 1024, u++;
+  while (v >= 1024 && u < 4)
+    v /= 1024, u++;
   if (u == 0)
     snprintf(buf, size, "%llu B", (unsigned long long)n);
   else
@@ -273,7 +293,8 @@ static int cmd_models(struct kvd_client *c, const struct kvctl_opts *o) {
   if (rc < 0) return kvctl_fail(c, rc);
   if (o->json) {
     cJSON *root = cJSON_CreateObject(), *a = cJSON_CreateArray();
-    for (size_t i = 0; i < l->n; i++) cJSON_AddItemToArray(a, model_json(&l->models[i]));
+    for (size_t i = 0; i < l->n; i++)
+      cJSON_AddItemToArray(a, model_json(&l->models[i]));
     cJSON_AddItemToObject(root, "models", a);
     print_json(root);
   } else if (!l->n) {
@@ -307,8 +328,7 @@ static int cmd_load(struct kvd_client *c, const struct kvctl_opts *o, const char
     print_json(model_json(m));
   else
     printf("loaded %s (%s, context %llu, vocabulary %llu)\n", m->name ? m->name : "?",
-           m->arch ? m->arch : "?", (unsigned long long)m->n_ctx,
-           (unsigned long long)m->n_vocab);
+           m->arch ? m->arch : "?", (unsigned long long)m->n_ctx, (unsigned long long)m->n_vocab);
   kvd_model_info_free(m);
   return KVCTL_OK;
 }
@@ -327,11 +347,13 @@ static int cmd_tokenize(struct kvd_client *c, const struct kvctl_opts *o, const 
   if (rc < 0) return kvctl_fail(c, rc);
   if (o->json) {
     cJSON *root = cJSON_CreateObject(), *a = cJSON_CreateArray();
-    for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(t[i]));
+    for (size_t i = 0; i < n; i++)
+      cJSON_AddItemToArray(a, cJSON_CreateNumber(t[i]));
     cJSON_AddItemToObject(root, "tokens", a);
     print_json(root);
   } else {
-    for (size_t i = 0; i < n; i++) printf("%s%u", i ? " " : "", t[i]);
+    for (size_t i = 0; i < n; i++)
+      printf("%s%u", i ? " " : "", t[i]);
     printf("\n");
   }
   free(t);
@@ -400,16 +422,26 @@ static char *read_stdin(void) {
 /* The operands joined by spaces: `kvctl Once upon a time` needs no quotes. */
 static char *join(char **words, int n) {
   size_t len = 1;
-  for (int i = 0; i < n; i++) len += strlen(words[i]) + 1;
+  for (int i = 0; i < n; i++)
+    len += strlen(words[i]) + 1;
   char *s = malloc(len), *p = s;
   if (!s) return NULL;
-  for (int i = 0; i < n; i++) p += sprintf(p, "%s%s", i ? " " : "", words[i]);
+  for (int i = 0; i < n; i++)
+    p += sprintf(p, "%s%s", i ? " " : "", words[i]);
   *p = '\0';
   return s;
 }
 
-enum cmd { CMD_GENERATE, CMD_CHAT, CMD_STATUS, CMD_MODELS, CMD_LOAD, CMD_UNLOAD, CMD_TOKENIZE,
-           CMD_DETOKENIZE };
+enum cmd {
+  CMD_GENERATE,
+  CMD_CHAT,
+  CMD_STATUS,
+  CMD_MODELS,
+  CMD_LOAD,
+  CMD_UNLOAD,
+  CMD_TOKENIZE,
+  CMD_DETOKENIZE
+};
 
 static const struct {
   const char *name;
@@ -438,7 +470,8 @@ int main(int argc, char **argv) {
     if (strcmp(args[0], commands[i].name)) continue;
     cmd = commands[i].cmd;
     args++, n_args--;
-    if (n_args < commands[i].min_args || (commands[i].max_args >= 0 && n_args > commands[i].max_args))
+    if (n_args < commands[i].min_args ||
+        (commands[i].max_args >= 0 && n_args > commands[i].max_args))
       return usage_error("wrong number of operands for '%s'", commands[i].name);
     break;
   }
@@ -463,19 +496,33 @@ int main(int argc, char **argv) {
     return KVCTL_ECONNECT;
   }
   switch (cmd) {
-  case CMD_GENERATE: code = kvctl_generate(c, &o, prompt); break;
-  case CMD_CHAT: code = kvctl_chat(c, &o); break;
-  case CMD_STATUS: code = cmd_status(c, &o); break;
-  case CMD_MODELS: code = cmd_models(c, &o); break;
-  case CMD_LOAD: code = cmd_load(c, &o, args[0]); break;
-  case CMD_UNLOAD: code = cmd_unload(c, args[0]); break;
+  case CMD_GENERATE:
+    code = kvctl_generate(c, &o, prompt);
+    break;
+  case CMD_CHAT:
+    code = kvctl_chat(c, &o);
+    break;
+  case CMD_STATUS:
+    code = cmd_status(c, &o);
+    break;
+  case CMD_MODELS:
+    code = cmd_models(c, &o);
+    break;
+  case CMD_LOAD:
+    code = cmd_load(c, &o, args[0]);
+    break;
+  case CMD_UNLOAD:
+    code = cmd_unload(c, args[0]);
+    break;
   case CMD_TOKENIZE: {
     char *text = join(args, n_args);
     code = text ? cmd_tokenize(c, &o, text) : KVCTL_EFAIL;
     free(text);
     break;
   }
-  case CMD_DETOKENIZE: code = cmd_detokenize(c, &o, args, n_args); break;
+  case CMD_DETOKENIZE:
+    code = cmd_detokenize(c, &o, args, n_args);
+    break;
   }
   free(prompt);
   kvd_client_close(c);

@@ -11,11 +11,11 @@
 /* Exit codes, part of kvctl's interface: scripts rely on them (see --help and client/README.md). */
 enum {
   KVCTL_OK = 0,
-  KVCTL_EFAIL = 1,      /* the request failed: kvd refused it or the generation ended in error */
-  KVCTL_EUSAGE = 2,     /* bad command line */
-  KVCTL_ECONNECT = 3,   /* cannot connect to kvd (not running, no permission, no answer) */
-  KVCTL_EINTR = 4,      /* interrupted (Ctrl-C) or cancelled */
-  KVCTL_ELOST = 5,      /* the connection to kvd was lost in the middle of a request */
+  KVCTL_EFAIL = 1,    /* the request failed: kvd refused it or the generation ended in error */
+  KVCTL_EUSAGE = 2,   /* bad command line */
+  KVCTL_ECONNECT = 3, /* cannot connect to kvd (not running, no permission, no answer) */
+  KVCTL_EINTR = 4,    /* interrupted (Ctrl-C) or cancelled */
+  KVCTL_ELOST = 5,    /* the connection to kvd was lost in the middle of a request */
 };
 
 #define KVCTL_MAX_STOP 64 /* more than the protocol's IPC_MAX_STOP_STRINGS: kvd says no, not us */

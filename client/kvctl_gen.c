@@ -168,8 +168,8 @@ static void on_done(void *ud, int rc, const struct kvd_gen_result *res) {
 /* ---- One generation ------------------------------------------------------------------------ */
 
 /* Runs one generation to its end; returns kvctl's exit code for it. */
-static int run_one(struct kvd_client *c, const struct kvctl_opts *o,
-                   const struct kvd_gen_params *p, bool chat) {
+static int run_one(struct kvd_client *c, const struct kvctl_opts *o, const struct kvd_gen_params *p,
+                   bool chat) {
   struct run r = {.o = o, .chat = chat};
   uint32_t id;
   if (signals_init() < 0) {
@@ -267,7 +267,8 @@ static char *read_turn(EditLine *el, char **buf, size_t *cap, bool *interrupted)
     memcpy(*buf, line, n);
   }
   size_t n = strlen(*buf);
-  while (n && ((*buf)[n - 1] == '\n' || (*buf)[n - 1] == '\r')) (*buf)[--n] = '\0';
+  while (n && ((*buf)[n - 1] == '\n' || (*buf)[n - 1] == '\r'))
+    (*buf)[--n] = '\0';
   return *buf;
 }
 

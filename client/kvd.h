@@ -126,7 +126,7 @@ struct kvd_gen_params {
   double top_p;       /* 1: off */
   double min_p;       /* 0: off */
   double repeat_penalty, frequency_penalty, presence_penalty;
-  int64_t seed; /* unset: random; the same seed, prompt and params give the same text */
+  int64_t seed;            /* unset: random; the same seed, prompt and params give the same text */
   const char *const *stop; /* stop strings (not included in the text) */
   size_t n_stop;
   bool stream;       /* stream chunks; implied when a chunk callback is given */
@@ -299,7 +299,7 @@ struct kvd_device_info {
 };
 
 struct kvd_request_info {
-  uint32_t id;  /* msgid on its connection */
+  uint32_t id; /* msgid on its connection */
   char *model;
   char *state; /* "queued", "prefill", "decode" */
   uint64_t prompt_tokens, completion_tokens, cached_tokens;

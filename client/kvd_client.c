@@ -488,8 +488,7 @@ static int open_socket(const char *path, int *ret_fd) {
                path, strerror(e));
       return KVD_EACCES;
     }
-    snprintf(connect_err, sizeof connect_err, "cannot connect to kvd at %s: %s", path,
-             strerror(e));
+    snprintf(connect_err, sizeof connect_err, "cannot connect to kvd at %s: %s", path, strerror(e));
     return KVD_EIO;
   }
   int fl = fcntl(fd, F_GETFL);
@@ -510,10 +509,10 @@ static int take_hello(struct kvd_client *c, const struct ipc_msg *m) {
   size_t len, n_caps = 0;
   ipc_get_u64(r, "protocol", &proto, NULL);
   if (proto < 1 || proto > IPC_PROTOCOL_VERSION)
-    return kvd__error(c, KVD_ENOTSUP, "kvd answered hello with protocol %llu; libkvd speaks 1 to %d",
+    return kvd__error(c, KVD_ENOTSUP,
+                      "kvd answered hello with protocol %llu; libkvd speaks 1 to %d",
                       (unsigned long long)proto, IPC_PROTOCOL_VERSION);
-  if (ipc_get_str(r, "version", &s, &len, NULL) == 1)
-    c->server_version = kvd__strndup(s, len);
+  if (ipc_get_str(r, "version", &s, &len, NULL) == 1) c->server_version = kvd__strndup(s, len);
   if (ipc_get_str(r, "model", &s, &len, NULL) == 1) c->default_model = kvd__strndup(s, len);
   ipc_get_strs(r, "capabilities", &caps, &n_caps, NULL);
   if (n_caps) c->caps = calloc(n_caps, sizeof *c->caps);
@@ -580,8 +579,8 @@ int kvd_client_connect(const char *socket_path, struct kvd_client **ret) {
       snprintf(connect_err, sizeof connect_err, "kvd at %s did not answer hello within %d s",
                socket_path, KVD__HELLO_TIMEOUT_MS / 1000);
     else
-      snprintf(connect_err, sizeof connect_err, "hello to kvd at %.200s failed: %.280s", socket_path,
-               c->err);
+      snprintf(connect_err, sizeof connect_err, "hello to kvd at %.200s failed: %.280s",
+               socket_path, c->err);
     kvd_client_close(c);
     return rc;
   }
@@ -601,7 +600,8 @@ void kvd_client_close(struct kvd_client *c) {
   ipc_w_destroy(&c->w);
   free(c->server_version);
   free(c->default_model);
-  for (size_t i = 0; i < c->n_caps; i++) free(c->caps[i]);
+  for (size_t i = 0; i < c->n_caps; i++)
+    free(c->caps[i]);
   free(c->caps);
   free(c);
 }

@@ -35,7 +35,8 @@ static void result_clear(struct kvd_gen_result *r) {
   free(r->text);
   free(r->finish_reason);
   free(r->tokens);
-  for (size_t i = 0; i < r->n_logprobs; i++) logprob_clear(&r->logprobs[i]);
+  for (size_t i = 0; i < r->n_logprobs; i++)
+    logprob_clear(&r->logprobs[i]);
   free(r->logprobs);
   free(r->error_message);
 }
@@ -51,7 +52,8 @@ void kvd__gen_release(struct kvd__req *req) {
   free(req->tokens);
   req->tokens = NULL;
   req->n_tokens = req->cap_tokens = 0;
-  for (size_t i = 0; i < req->n_logprobs; i++) logprob_clear(&req->logprobs[i]);
+  for (size_t i = 0; i < req->n_logprobs; i++)
+    logprob_clear(&req->logprobs[i]);
   free(req->logprobs);
   req->logprobs = NULL;
   req->n_logprobs = req->cap_logprobs = 0;
@@ -103,7 +105,8 @@ static void put_params(struct ipc_w *w, const struct kvd_gen_params *p, bool str
   if (p->n_stop) {
     ipc_w_key(w, "stop");
     ipc_w_array(w, (uint32_t)p->n_stop);
-    for (size_t i = 0; i < p->n_stop; i++) ipc_w_cstr(w, p->stop[i]);
+    for (size_t i = 0; i < p->n_stop; i++)
+      ipc_w_cstr(w, p->stop[i]);
   }
   if (stream) ipc_w_kv_bool(w, "stream", true);
   if (p->logprobs) ipc_w_kv_u64(w, "logprobs", p->logprobs);
@@ -137,13 +140,15 @@ static int start(struct kvd_client *c, const struct kvd_gen_params *p, kvd_chunk
 static bool add_tokens(struct kvd__req *req, const msgpack_object *items, size_t n) {
   if (req->cap_tokens - req->n_tokens < n) {
     size_t cap = req->cap_tokens ? req->cap_tokens : 64;
-    while (cap - req->n_tokens < n) cap *= 2;
+    while (cap - req->n_tokens < n)
+      cap *= 2;
     uint32_t *t = realloc(req->tokens, cap * sizeof *t);
     if (!t) return false;
     req->tokens = t;
     req->cap_tokens = cap;
   }
-  for (size_t i = 0; i < n; i++) req->tokens[req->n_tokens++] = (uint32_t)items[i].via.u64;
+  for (size_t i = 0; i < n; i++)
+    req->tokens[req->n_tokens++] = (uint32_t)items[i].via.u64;
   return true;
 }
 
@@ -181,7 +186,8 @@ static int parse_logprob(const msgpack_object *map, struct kvd_logprob *lp) {
 static int add_logprobs(struct kvd__req *req, const msgpack_object *items, size_t n) {
   if (req->cap_logprobs - req->n_logprobs < n) {
     size_t cap = req->cap_logprobs ? req->cap_logprobs : 32;
-    while (cap - req->n_logprobs < n) cap *= 2;
+    while (cap - req->n_logprobs < n)
+      cap *= 2;
     struct kvd_logprob *l = realloc(req->logprobs, cap * sizeof *l);
     if (!l) return KVD_ENOMEM;
     req->logprobs = l;
@@ -388,8 +394,8 @@ int kvd_chat(struct kvd_client *c, const struct kvd_message *messages, size_t n_
   return kvd_generate(c, &q, on_chunk, ud, ret);
 }
 
-int kvd_generate_async(struct kvd_client *c, const struct kvd_gen_params *p,
-                       kvd_chunk_fn on_chunk, kvd_done_fn on_done, void *ud, uint32_t *ret_id) {
+int kvd_generate_async(struct kvd_client *c, const struct kvd_gen_params *p, kvd_chunk_fn on_chunk,
+                       kvd_done_fn on_done, void *ud, uint32_t *ret_id) {
   if (!c) return KVD_EINVAL;
   if (!on_done) return kvd__error(c, KVD_EINVAL, "kvd_generate_async: on_done is required");
   struct kvd__req *req;

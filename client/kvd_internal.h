@@ -22,7 +22,8 @@ struct kvd__buf {
 
 void kvd__buf_add(struct kvd__buf *b, const void *data, size_t n);
 void kvd__buf_puts(struct kvd__buf *b, const char *s);
-void kvd__buf_printf(struct kvd__buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void kvd__buf_printf(struct kvd__buf *b, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 /* The contents as a NUL-terminated heap string ("" when empty; NULL when out of memory), and
  * the buffer emptied. */
 char *kvd__buf_steal(struct kvd__buf *b, size_t *ret_len);
@@ -69,11 +70,11 @@ struct kvd_client {
   uint32_t next_id;
   struct kvd__req *reqs; /* in flight, newest first */
   size_t n_reqs;
-  int broken;      /* 0, or the code the connection was lost with (sticky) */
-  int cb_depth;    /* > 0 while a user callback runs */
-  int busy;        /* > 0 while the library holds request pointers (dispatch): a lost
-                      connection fails the requests only once it is back at the top */
-  int timeout_ms;  /* blocking calls; <= 0 for ever */
+  int broken;     /* 0, or the code the connection was lost with (sticky) */
+  int cb_depth;   /* > 0 while a user callback runs */
+  int busy;       /* > 0 while the library holds request pointers (dispatch): a lost
+                     connection fails the requests only once it is back at the top */
+  int timeout_ms; /* blocking calls; <= 0 for ever */
   char *server_version, *default_model;
   char **caps;
   size_t n_caps;

@@ -16,11 +16,21 @@ static void json_str(struct kvd__buf *b, const char *s, size_t n) {
     kvd__buf_add(b, s + run, i - run);
     run = i + 1;
     switch (ch) {
-    case '"': kvd__buf_add(b, "\\\"", 2); break;
-    case '\\': kvd__buf_add(b, "\\\\", 2); break;
-    case '\n': kvd__buf_add(b, "\\n", 2); break;
-    case '\r': kvd__buf_add(b, "\\r", 2); break;
-    case '\t': kvd__buf_add(b, "\\t", 2); break;
+    case '"':
+      kvd__buf_add(b, "\\\"", 2);
+      break;
+    case '\\':
+      kvd__buf_add(b, "\\\\", 2);
+      break;
+    case '\n':
+      kvd__buf_add(b, "\\n", 2);
+      break;
+    case '\r':
+      kvd__buf_add(b, "\\r", 2);
+      break;
+    case '\t':
+      kvd__buf_add(b, "\\t", 2);
+      break;
     default: {
       char u[6] = {'\\', 'u', '0', '0', hex[ch >> 4], hex[ch & 15]};
       kvd__buf_add(b, u, sizeof u);
@@ -48,15 +58,25 @@ static void json_f64(struct kvd__buf *b, double v) {
 
 void kvd__json(struct kvd__buf *b, const msgpack_object *o) {
   switch (o->type) {
-  case MSGPACK_OBJECT_NIL: kvd__buf_puts(b, "null"); break;
-  case MSGPACK_OBJECT_BOOLEAN: kvd__buf_puts(b, o->via.boolean ? "true" : "false"); break;
+  case MSGPACK_OBJECT_NIL:
+    kvd__buf_puts(b, "null");
+    break;
+  case MSGPACK_OBJECT_BOOLEAN:
+    kvd__buf_puts(b, o->via.boolean ? "true" : "false");
+    break;
   case MSGPACK_OBJECT_POSITIVE_INTEGER:
     kvd__buf_printf(b, "%llu", (unsigned long long)o->via.u64);
     break;
-  case MSGPACK_OBJECT_NEGATIVE_INTEGER: kvd__buf_printf(b, "%lld", (long long)o->via.i64); break;
+  case MSGPACK_OBJECT_NEGATIVE_INTEGER:
+    kvd__buf_printf(b, "%lld", (long long)o->via.i64);
+    break;
   case MSGPACK_OBJECT_FLOAT32:
-  case MSGPACK_OBJECT_FLOAT64: json_f64(b, o->via.f64); break;
-  case MSGPACK_OBJECT_STR: json_str(b, o->via.str.ptr, o->via.str.size); break;
+  case MSGPACK_OBJECT_FLOAT64:
+    json_f64(b, o->via.f64);
+    break;
+  case MSGPACK_OBJECT_STR:
+    json_str(b, o->via.str.ptr, o->via.str.size);
+    break;
   case MSGPACK_OBJECT_ARRAY:
     kvd__buf_add(b, "[", 1);
     for (uint32_t i = 0; i < o->via.array.size; i++) {
@@ -84,6 +104,8 @@ void kvd__json(struct kvd__buf *b, const msgpack_object *o) {
     }
     kvd__buf_add(b, "}", 1);
     break;
-  default: kvd__buf_puts(b, "null"); break; /* bin and ext do not occur in protocol 1 */
+  default:
+    kvd__buf_puts(b, "null");
+    break; /* bin and ext do not occur in protocol 1 */
   }
 }

@@ -59,7 +59,8 @@ int kvd_detokenize(struct kvd_client *c, const char *model, const uint32_t *toke
   ipc_w_map_open(&c->w);
   ipc_w_key(&c->w, "tokens");
   ipc_w_array(&c->w, (uint32_t)n);
-  for (size_t i = 0; i < n; i++) ipc_w_u64(&c->w, tokens[i]);
+  for (size_t i = 0; i < n; i++)
+    ipc_w_u64(&c->w, tokens[i]);
   if (model) ipc_w_kv_cstr(&c->w, "model", model);
   ipc_w_close(&c->w);
   struct ipc_msg *m;
@@ -118,7 +119,8 @@ static int model_array(const msgpack_object *items, size_t n, struct kvd_model_i
   if (!a) return KVD_ENOMEM;
   for (size_t i = 0; i < n; i++) {
     if (kvd__model_info(&items[i], &a[i]) < 0) {
-      for (size_t j = 0; j < i; j++) kvd__model_info_clear(&a[j]);
+      for (size_t j = 0; j < i; j++)
+        kvd__model_info_clear(&a[j]);
       free(a);
       return KVD_ENOMEM;
     }
@@ -129,7 +131,8 @@ static int model_array(const msgpack_object *items, size_t n, struct kvd_model_i
 
 void kvd_model_list_free(struct kvd_model_list *l) {
   if (!l) return;
-  for (size_t i = 0; i < l->n; i++) kvd__model_info_clear(&l->models[i]);
+  for (size_t i = 0; i < l->n; i++)
+    kvd__model_info_clear(&l->models[i]);
   free(l->models);
   free(l);
 }
@@ -138,8 +141,7 @@ int kvd_models_list(struct kvd_client *c, struct kvd_model_list **ret) {
   if (!c) return KVD_EINVAL;
   if (!ret) return kvd__error(c, KVD_EINVAL, "kvd_models_list: ret is NULL");
   int rc;
-  struct kvd__req *req =
-      kvd__begin(c, "models.list", IPC_M_MODELS_LIST, KVD__REQ_CALL, true, &rc);
+  struct kvd__req *req = kvd__begin(c, "models.list", IPC_M_MODELS_LIST, KVD__REQ_CALL, true, &rc);
   if (!req) return rc;
   ipc_w_map(&c->w, 0);
   struct ipc_msg *m;
@@ -171,8 +173,7 @@ int kvd_models_load(struct kvd_client *c, const char *path, const char *name,
   if (!c) return KVD_EINVAL;
   if (!path) return kvd__error(c, KVD_EINVAL, "kvd_models_load: path is NULL");
   int rc;
-  struct kvd__req *req =
-      kvd__begin(c, "models.load", IPC_M_MODELS_LOAD, KVD__REQ_CALL, true, &rc);
+  struct kvd__req *req = kvd__begin(c, "models.load", IPC_M_MODELS_LOAD, KVD__REQ_CALL, true, &rc);
   if (!req) return rc;
   ipc_w_map_open(&c->w);
   ipc_w_kv_cstr(&c->w, "path", path);
@@ -259,7 +260,8 @@ void kvd_server_status_free(struct kvd_server_status *s) {
     free(s->devices[i].type);
   }
   free(s->devices);
-  for (size_t i = 0; i < s->n_models; i++) kvd__model_info_clear(&s->models[i]);
+  for (size_t i = 0; i < s->n_models; i++)
+    kvd__model_info_clear(&s->models[i]);
   free(s->models);
   for (size_t i = 0; i < s->n_requests; i++) {
     free(s->requests[i].model);

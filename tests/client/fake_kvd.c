@@ -176,7 +176,8 @@ static void *thread_main(void *arg) {
   f->script(f);
   /* Let the client finish (it may still send session.close or a cancel) and close first. */
   struct ipc_msg *m;
-  while ((m = fake_recv(f)) != NULL) ipc_msg_free(m);
+  while ((m = fake_recv(f)) != NULL)
+    ipc_msg_free(m);
   fake_hang_up(f);
   return NULL;
 }

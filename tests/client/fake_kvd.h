@@ -25,8 +25,8 @@ struct fake {
   void *ud;
   struct ipc_dec dec;
   struct ipc_w w;
-  char error[512];         /* the script's first failure; "" when all went as expected */
-  char methods[64][40];    /* every request's method, in arrival order */
+  char error[512];      /* the script's first failure; "" when all went as expected */
+  char methods[64][40]; /* every request's method, in arrival order */
   size_t n_methods;
 };
 

@@ -151,16 +151,17 @@ static void script_generate(struct fake *f) {
   if (!prompt || strcmp(prompt, "Once upon a time")) fake_fail(f, "prompt %s", prompt);
   if (max_tokens != 16 || top_k != 40 || seed != 42 || temp != 0.5 || !stream)
     fake_fail(f, "params: max_tokens %llu top_k %llu seed %llu temperature %g stream %d",
-              (unsigned long long)max_tokens, (unsigned long long)top_k,
-              (unsigned long long)seed, temp, stream);
+              (unsigned long long)max_tokens, (unsigned long long)top_k, (unsigned long long)seed,
+              temp, stream);
   if (n_stop != 2 || strcmp(stop[0].via.str.ptr, "\n\n") || strcmp(stop[1].via.str.ptr, "END"))
     fake_fail(f, "stop strings");
   /* Unset options are not sent at all, so the server's defaults apply. */
-  const char *unset[] = {"top_p", "min_p", "repeat_penalty", "logprobs", "session", "model",
-                         "messages"};
+  const char *unset[] = {"top_p",   "min_p", "repeat_penalty", "logprobs",
+                         "session", "model", "messages"};
   for (size_t i = 0; i < sizeof unset / sizeof unset[0]; i++)
     if (ipc_map_find(m->params, unset[i])) fake_fail(f, "unset param %s was sent", unset[i]);
-  for (size_t i = 0; i < 4; i++) fake_chunk(f, m->id, chunks[i], chunk_tokens[i]);
+  for (size_t i = 0; i < 4; i++)
+    fake_chunk(f, m->id, chunks[i], chunk_tokens[i]);
   fake_gen_result(f, m->id, "", "length", 4);
   ipc_msg_free(m);
 }
@@ -213,7 +214,8 @@ KT_TEST(generate_streams_chunks_in_order) {
   KT_CHECK_EQ(col.calls, 4); /* the empty chunk too: it carries a token */
   KT_CHECK(!strcmp(col.text, " there was a \"fox\"\n"));
   KT_CHECK_EQ(col.n_tokens, 4);
-  for (size_t i = 0; i < 4 && i < col.n_tokens; i++) KT_CHECK_EQ(col.tokens[i], chunk_tokens[i]);
+  for (size_t i = 0; i < 4 && i < col.n_tokens; i++)
+    KT_CHECK_EQ(col.tokens[i], chunk_tokens[i]);
   if (r) {
     KT_CHECK(!strcmp(r->text, " there was a \"fox\"\n"));
     KT_CHECK_EQ(r->text_len, strlen(" there was a \"fox\"\n"));
@@ -440,7 +442,8 @@ static void on_done(void *ud, int rc, const struct kvd_gen_result *r) {
 static bool loop_until_done(struct kvd_client *c, struct collect **cols, size_t n) {
   for (int iter = 0; iter < 500; iter++) {
     bool all = true;
-    for (size_t i = 0; i < n; i++) all &= cols[i]->done;
+    for (size_t i = 0; i < n; i++)
+      all &= cols[i]->done;
     if (all) return true;
     struct pollfd pfd = {.fd = kvd_client_fd(c),
                          .events = POLLIN | (kvd_client_want_write(c) ? POLLOUT : 0)};

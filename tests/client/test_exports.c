@@ -18,18 +18,38 @@ KT_TEST(dlsym_finds_api_not_internals) {
   void *h = dlopen(so, RTLD_NOW | RTLD_LOCAL);
   KT_ASSERT_MSG(h, "dlopen: %s", dlerror());
   static const char *const api[] = {
-      "kvd_client_connect", "kvd_client_close", "kvd_client_last_error", "kvd_generate",
-      "kvd_generate_async", "kvd_chat", "kvd_cancel", "kvd_client_fd", "kvd_client_process",
-      "kvd_client_want_write", "kvd_client_flush", "kvd_tokenize", "kvd_detokenize", "kvd_status",
-      "kvd_models_list", "kvd_models_load", "kvd_models_unload", "kvd_session_open",
-      "kvd_session_close", "kvd_session_fork", "kvd_gen_result_free", "kvd_strerror",
-      "kvd_client_server_version", "kvd_gen_params_init", "kvd_library_version",
+      "kvd_client_connect",
+      "kvd_client_close",
+      "kvd_client_last_error",
+      "kvd_generate",
+      "kvd_generate_async",
+      "kvd_chat",
+      "kvd_cancel",
+      "kvd_client_fd",
+      "kvd_client_process",
+      "kvd_client_want_write",
+      "kvd_client_flush",
+      "kvd_tokenize",
+      "kvd_detokenize",
+      "kvd_status",
+      "kvd_models_list",
+      "kvd_models_load",
+      "kvd_models_unload",
+      "kvd_session_open",
+      "kvd_session_close",
+      "kvd_session_fork",
+      "kvd_gen_result_free",
+      "kvd_strerror",
+      "kvd_client_server_version",
+      "kvd_gen_params_init",
+      "kvd_library_version",
   };
   for (size_t i = 0; i < sizeof api / sizeof api[0]; i++)
     KT_CHECK_MSG(dlsym(h, api[i]) != NULL, "%s is not exported", api[i]);
   static const char *const hidden[] = {
-      "ipc_dec_init", "ipc_dec_next", "ipc_w_init", "ipc_w_end", "ipc_map_find", "ipc_methods",
-      "ipc_method_lookup", "ipc_validate_result", "kvd__begin", "kvd__json", "kvd__buf_add",
+      "ipc_dec_init", "ipc_dec_next", "ipc_w_init",        "ipc_w_end",
+      "ipc_map_find", "ipc_methods",  "ipc_method_lookup", "ipc_validate_result",
+      "kvd__begin",   "kvd__json",    "kvd__buf_add",
   };
   for (size_t i = 0; i < sizeof hidden / sizeof hidden[0]; i++)
     KT_CHECK_MSG(dlsym(h, hidden[i]) == NULL, "%s leaks out of libkvd", hidden[i]);

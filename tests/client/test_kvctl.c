@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pty.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -122,8 +123,7 @@ static int run(struct proc *p, const char *stdin_data, const char *const *args) 
   } while (0)
 
 #define CHECK_CODE(p, want)                                                                        \
-  KT_CHECK_MSG((p).code == (want), "exit %d, want %d; stderr: %s", (p).code, (want),               \
-               (p).stderr_buf)
+  KT_CHECK_MSG((p).code == (want), "exit %d, want %d; stderr: %s", (p).code, (want), (p).stderr_buf)
 
 /* ---- Generation ---------------------------------------------------------------------------- */
 
@@ -160,7 +160,8 @@ static void script_prompt(struct fake *f) {
     fake_fail(f, "generate options");
   if (n_stop != 2 || strcmp(stop[0].via.str.ptr, "END") || strcmp(stop[1].via.str.ptr, "\n\n"))
     fake_fail(f, "stop strings");
-  for (uint32_t i = 0; i < 4; i++) fake_chunk(f, m->id, chunks[i], 10 + i);
+  for (uint32_t i = 0; i < 4; i++)
+    fake_chunk(f, m->id, chunks[i], 10 + i);
   fake_gen_result(f, m->id, "", "stop", 4);
   ipc_msg_free(m);
 }
@@ -169,10 +170,32 @@ KT_TEST(kvctl_prompt_streams_to_stdout) {
   struct fake f;
   struct proc p;
   KT_ASSERT(fake_start(&f, script_prompt, NULL) == 0);
-  const char *args[] = {"--socket", f.path, "--max-tokens", "8", "--temperature", "0",
-                        "--top-k", "3", "--top-p", "0.9", "--min-p", "0.1",
-                        "--repeat-penalty", "1.1", "--seed", "7", "--stop", "END",
-                        "--stop", "\n\n", "--model", "tiny", "Once", "upon", "a", "time",
+  const char *args[] = {"--socket",
+                        f.path,
+                        "--max-tokens",
+                        "8",
+                        "--temperature",
+                        "0",
+                        "--top-k",
+                        "3",
+                        "--top-p",
+                        "0.9",
+                        "--min-p",
+                        "0.1",
+                        "--repeat-penalty",
+                        "1.1",
+                        "--seed",
+                        "7",
+                        "--stop",
+                        "END",
+                        "--stop",
+                        "\n\n",
+                        "--model",
+                        "tiny",
+                        "Once",
+                        "upon",
+                        "a",
+                        "time",
                         NULL};
   run(&p, NULL, args);
   FAKE_OK(f);
@@ -387,8 +410,8 @@ static void script_chat(struct fake *f) {
     size_t n_want = want[turn][0] ? 2 : 1;
     const msgpack_object *last = n ? &msgs[n - 1] : NULL;
     if (!u64_is(m->params, "session", 7) || n != n_want ||
-        (n_want == 2 && (!str_is(&msgs[0], "role", "system") ||
-                         !str_is(&msgs[0], "content", want[turn][0]))) ||
+        (n_want == 2 &&
+         (!str_is(&msgs[0], "role", "system") || !str_is(&msgs[0], "content", want[turn][0]))) ||
         !str_is(last, "role", "user") || !str_is(last, "content", want[turn][1]))
       fake_fail(f, "turn %d: wrong session or messages (%zu)", turn, n);
     fake_chunk(f, m->id, answer[turn], 1);
@@ -467,6 +490,120 @@ KT_TEST(kvctl_models) {
   run(&p, NULL, args);
   FAKE_OK(f);
   CHECK_CODE(p, 0);
-  KT_CHECK_MSG(strstr(p.stdout_buf, "stories15M*") && strstr(p.stdout_buf, "llama"),
-               "stdout: %s", p.stdout_buf);
+  KT_CHECK_MSG(strstr(p.stdout_buf, "stories15M*") && strstr(p.stdout_buf, "llama"), "stdout: %s",
+               p.stdout_buf);
+}
+
+/* ---- Chat on a terminal -------------------------------------------------------------------- */
+
+/* Turn 1 is answered; turn 2 streams until Ctrl-C cancels it; then the user leaves. */
+static void script_tty_chat(struct fake *f) {
+  fake_hello(f);
+  struct ipc_msg *m = fake_expect(f, "session.open");
+  if (!m) return;
+  ipc_w_result(&f->w, m->id);
+  ipc_w_map(&f->w, 1);
+  ipc_w_kv_u64(&f->w, "session", 3);
+  fake_send(f);
+  ipc_msg_free(m);
+  if (!(m = fake_expect(f, "generate"))) return;
+  fake_chunk(f, m->id, "A1", 1);
+  fake_gen_result(f, m->id, "", "stop", 1);
+  ipc_msg_free(m);
+  struct ipc_msg *g = fake_expect(f, "generate");
+  if (!g) return;
+  fake_chunk(f, g->id, "slow", 2);
+  if ((m = fake_expect(f, "cancel"))) {
+    ipc_w_result(&f->w, m->id);
+    ipc_w_map(&f->w, 1);
+    ipc_w_kv_bool(&f->w, "cancelled", true);
+    fake_send(f);
+    fake_gen_result(f, g->id, "", "cancelled", 1);
+  }
+  ipc_msg_free(m);
+  ipc_msg_free(g);
+  if ((m = fake_expect(f, "session.close"))) {
+    ipc_w_result(&f->w, m->id);
+    ipc_w_map(&f->w, 1);
+    ipc_w_kv_u64(&f->w, "session", 3);
+    fake_send(f);
+  }
+  ipc_msg_free(m);
+}
+
+/* Reads the terminal into buf until it holds want after offset *from (which then moves past
+ * it); false after 5 s. */
+static bool tty_expect(int fd, char *buf, size_t cap, size_t *len, size_t *from,
+                       const char *want) {
+  for (int spins = 0; spins < 500; spins++) {
+    buf[*len] = '\0';
+    char *hit = strstr(buf + *from, want);
+    if (hit) {
+      *from = (size_t)(hit - buf) + strlen(want);
+      return true;
+    }
+    struct pollfd pf = {.fd = fd, .events = POLLIN};
+    if (poll(&pf, 1, 10) <= 0) continue;
+    ssize_t n = read(fd, buf + *len, cap - 1 - *len);
+    if (n <= 0) return false;
+    *len += (size_t)n;
+  }
+  return false;
+}
+
+KT_TEST(kvctl_chat_on_a_terminal) {
+  struct fake f;
+  KT_ASSERT(fake_start(&f, script_tty_chat, NULL) == 0);
+  const char *kvctl = getenv("KVCTL");
+  int master;
+  pid_t pid = forkpty(&master, NULL, NULL, NULL);
+  if (pid == 0) {
+    setenv("HOME", "/nonexistent", 1); /* no ~/.editrc of the user running the tests */
+    execl(kvctl ? kvctl : "kvctl", "kvctl", "-s", f.path, "chat", (char *)NULL);
+    _exit(127);
+  }
+  KT_ASSERT(pid > 0);
+  static char buf[16384];
+  size_t len = 0, from = 0;
+  bool ok = tty_expect(master, buf, sizeof buf, &len, &from, "> ");
+  KT_CHECK_MSG(ok, "no prompt; terminal: %s", buf);
+  if (ok && write(master, "hi\r", 3) == 3)
+    ok = tty_expect(master, buf, sizeof buf, &len, &from, "A1") &&
+         tty_expect(master, buf, sizeof buf, &len, &from, "> ");
+  KT_CHECK_MSG(ok, "no first answer; terminal: %s", buf);
+  if (ok && write(master, "more\r", 5) == 5)
+    ok = tty_expect(master, buf, sizeof buf, &len, &from, "slow");
+  KT_CHECK_MSG(ok, "no second answer; terminal: %s", buf);
+  /* Ctrl-C while the answer streams cancels it and the chat goes on. */
+  if (ok && write(master, "\x03", 1) == 1)
+    ok = tty_expect(master, buf, sizeof buf, &len, &from, "[interrupted]") &&
+         tty_expect(master, buf, sizeof buf, &len, &from, "> ");
+  KT_CHECK_MSG(ok, "Ctrl-C did not cancel; terminal: %s", buf);
+  /* Ctrl-C at the prompt drops the line; Ctrl-D leaves. */
+  if (ok && write(master, "typo\x03", 5) == 5)
+    ok = tty_expect(master, buf, sizeof buf, &len, &from, "> ");
+  KT_CHECK_MSG(ok, "Ctrl-C at the prompt; terminal: %s", buf);
+  if (ok && write(master, "\x04", 1) != 1) ok = false;
+  int st = 0;
+  for (int i = 0; i < 500; i++) {
+    char tmp[256];
+    if (read(master, tmp, sizeof tmp) < 0 && errno != EINTR && errno != EAGAIN) {
+      /* EIO: the child closed the terminal */
+    }
+    if (waitpid(pid, &st, WNOHANG) == pid) {
+      pid = 0;
+      break;
+    }
+    usleep(10000);
+  }
+  if (pid) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &st, 0);
+    KT_CHECK_MSG(0, "kvctl chat did not leave on Ctrl-D; terminal: %s", buf);
+  }
+  close(master);
+  FAKE_OK(f);
+  KT_CHECK_MSG(WIFEXITED(st) && WEXITSTATUS(st) == 0, "status %d", st);
+  KT_CHECK(fake_saw(&f, "cancel"));
+  KT_CHECK(fake_saw(&f, "session.close"));
 }
