@@ -56,6 +56,19 @@ uvec2 dq_u32x2(uint b) {
   return uvec2(dq_funnel(w0, w1, s), dq_funnel(w1, w2, s));
 }
 
+// 16 bytes: whole words when b is word-aligned (an F16/BF16 row of even length at an aligned
+// offset: then for every group alike, so the branch does not diverge), else assembled from 5.
+void dq_u32x4(uint b, out uvec2 lo, out uvec2 hi) {
+  uint i = b >> 2;
+  if ((b & 3u) == 0u) {
+    lo = uvec2(wq[i], wq[i + 1u]);
+    hi = uvec2(wq[i + 2u], wq[i + 3u]);
+  } else {
+    lo = dq_u32x2(b);
+    hi = dq_u32x2(b + 8u);
+  }
+}
+
 float dq_half(uint b) {
   return unpackHalf2x16(dq_u16(b)).x;
 }
@@ -99,7 +112,8 @@ float dq_elem(uint b) {
   return dq_half(b);
 }
 void dq_group8(uint b, out vec4 a, out vec4 c) {
-  uvec2 w0 = dq_u32x2(b), w1 = dq_u32x2(b + 8u);
+  uvec2 w0, w1;
+  dq_u32x4(b, w0, w1);
   a = vec4(unpackHalf2x16(w0.x), unpackHalf2x16(w0.y));
   c = vec4(unpackHalf2x16(w1.x), unpackHalf2x16(w1.y));
 }
@@ -112,8 +126,10 @@ vec4 dq_bf16x4(uvec2 w) {
   return uintBitsToFloat(uvec4(w.x << 16, w.x & 0xffff0000u, w.y << 16, w.y & 0xffff0000u));
 }
 void dq_group8(uint b, out vec4 a, out vec4 c) {
-  a = dq_bf16x4(dq_u32x2(b));
-  c = dq_bf16x4(dq_u32x2(b + 8u));
+  uvec2 w0, w1;
+  dq_u32x4(b, w0, w1);
+  a = dq_bf16x4(w0);
+  c = dq_bf16x4(w1);
 }
 #endif
 
