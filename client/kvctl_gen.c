@@ -215,10 +215,8 @@ static int run_one(struct kvd_client *c, const struct kvctl_opts *o, const struc
     if (pf[0].revents & (POLLIN | POLLHUP | POLLERR)) kvd_client_process(c);
     if (pf[0].revents & POLLOUT) kvd_client_flush(c);
   }
-  if (r.rc < 0) {
-    if (!o->json) fprintf(stderr, "kvctl: %s\n", kvd_client_last_error(c));
-    return kvd_client_connected(c) ? KVCTL_EFAIL : KVCTL_ELOST;
-  }
+  /* on_done has said what went wrong. */
+  if (r.rc < 0) return kvd_client_connected(c) ? KVCTL_EFAIL : KVCTL_ELOST;
   if (r.finish == KVD_FINISH_CANCELLED) return KVCTL_EINTR;
   if (r.finish == KVD_FINISH_ERROR) return KVCTL_EFAIL;
   return KVCTL_OK;

@@ -37,6 +37,10 @@
  * of the last failed kvd_client_connect(). It never raises SIGPIPE (a vanished daemon is an error
  * return, not a signal) and installs no signal handlers.
  *
+ * ABI. The structs below are part of libkvd.so.0. Structs the library allocates (results) may
+ * grow at their end in a later 0.x; structs the caller allocates (struct kvd_gen_params,
+ * struct kvd_message) change only with a new soname.
+ *
  * Callbacks. From a callback you may call the non-blocking functions (kvd_generate_async,
  * kvd_cancel, kvd_client_flush and the getters); a blocking call or kvd_client_process() from a
  * callback fails with KVD_EBUSY, and kvd_client_close() must not be called from one. */

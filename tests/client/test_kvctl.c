@@ -385,7 +385,9 @@ KT_TEST(kvctl_lost_connection_exits_5) {
   FAKE_OK(f);
   CHECK_CODE(p, 5);
   KT_CHECK(!strcmp(p.stdout_buf, "half"));
-  KT_CHECK(strstr(p.stderr_buf, "closed the connection") != NULL);
+  const char *msg = strstr(p.stderr_buf, "closed the connection");
+  KT_CHECK(msg != NULL);
+  KT_CHECK_MSG(msg && !strstr(msg + 1, "closed the connection"), "said twice: %s", p.stderr_buf);
 }
 
 /* ---- Chat and the other commands ----------------------------------------------------------- */
@@ -533,8 +535,7 @@ static void script_tty_chat(struct fake *f) {
 
 /* Reads the terminal into buf until it holds want after offset *from (which then moves past
  * it); false after 5 s. */
-static bool tty_expect(int fd, char *buf, size_t cap, size_t *len, size_t *from,
-                       const char *want) {
+static bool tty_expect(int fd, char *buf, size_t cap, size_t *len, size_t *from, const char *want) {
   for (int spins = 0; spins < 500; spins++) {
     buf[*len] = '\0';
     char *hit = strstr(buf + *from, want);
