@@ -228,8 +228,8 @@ static int flush_out(struct kvd_client *c) {
 
 /* ---- Reading and dispatch ---------------------------------------------------------------- */
 
-/* Handles one message from the server; takes m. A negative return means the connection must be
- * considered lost (lose() was called). */
+/* Handles one message from the server; takes m. A negative return (with c->err saying why) means
+ * the server sent something unreadable: the caller gives up on the connection. */
 static int dispatch(struct kvd_client *c, struct ipc_msg *m) {
   int rc = 0;
   switch (m->type) {
