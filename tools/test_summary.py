@@ -32,7 +32,8 @@ def main():
                         s += 1
                     else:
                         p += 1
-            if t.get('protocol') != 'TAP' or (p + f + s) == 0:
+            # meson's log does not say which tests speak TAP: any `ok`/`not ok` line means it did.
+            if (p + f + s) == 0:
                 p, f, s = (1, 0, 0) if t['result'] == 'OK' else (0, 0, 1) if t['result'] == 'SKIP' else (0, 1, 0)
             elif t['result'] not in ('OK', 'SKIP') and f == 0:
                 f = 1  # crashed after its last `ok`

@@ -392,8 +392,8 @@ static int gen_prompt_text(struct srv_model *m, const struct gen_params *gp, cha
   size_t total = 0;
   int rc = 0;
   for (size_t i = 0; i < gp->n_messages && rc == 0; i++) {
-    const char *role, *content;
-    size_t rlen, clen;
+    const char *role = NULL, *content = NULL;
+    size_t rlen = 0, clen = 0;
     if (ipc_get_str(&gp->messages[i], "role", &role, &rlen, e) != 1 ||
         ipc_get_str(&gp->messages[i], "content", &content, &clen, e) != 1)
       rc = ipc_err_set(e, KVD_EINVAL, "messages[%zu] needs string 'role' and 'content'", i);
