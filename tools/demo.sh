@@ -29,4 +29,5 @@ while [ ! -S "$sock" ]; do
 done
 echo "kvd is serving $(basename "$model") on $sock; asking: $PROMPT"
 printf '%s' "$PROMPT"
-build/client/kvctl --socket "$sock" --temperature 0 --max-tokens 60 --verbose "$PROMPT"
+build/client/kvctl --socket "$sock" --temperature 0 --max-tokens 60 "$PROMPT"
+echo

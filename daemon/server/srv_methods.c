@@ -56,6 +56,13 @@ static void write_model(struct ipc_w *w, const struct srv_model *m) {
   ipc_w_kv_u64(w, "n_layer", hp->n_layer);
   ipc_w_kv_u64(w, "n_embd", hp->n_embd);
   ipc_w_kv_cstr(w, "chat_template", chat_family_name(m->chat));
+  uint64_t params = 0, bytes = 0;
+  for (uint64_t i = 0; i < m->f->n_tensors; i++) {
+    params += gguf_tensor_nelements(&m->f->tensors[i]);
+    bytes += m->f->tensors[i].nbytes;
+  }
+  ipc_w_kv_u64(w, "n_params", params);
+  ipc_w_kv_u64(w, "bytes", bytes);
   ipc_w_kv_u64(w, "kv_bytes_per_token", engine_kv_bytes_per_token(sched_engine(m->sched)));
   ipc_w_kv_u64(w, "steps", st.steps);
   ipc_w_kv_u64(w, "prefill_tokens", st.prefill_tokens);
