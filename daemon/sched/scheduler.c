@@ -275,6 +275,11 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
   }
   r->cached_tokens = engine_seq_len(r->seq);
   if (r->n_tokens == 0) return KVD_EINVAL;
+  /* A prompt that cannot fit even with the whole pool to itself is refused at once. */
+  struct kv_pool_stats kv;
+  engine_kv_stats(s->e, &kv);
+  if (((uint64_t)r->cached_tokens + r->n_tokens + kv.block_size) / kv.block_size > kv.total)
+    return KVD_E_KV_EXHAUSTED;
   if ((uint64_t)r->cached_tokens + r->n_tokens >= hp->n_ctx_train) return KVD_E_CONTEXT;
   memcpy(r->hist, r->tokens, r->n_tokens * sizeof(int32_t));
   r->n_hist = r->n_tokens;
@@ -389,6 +394,30 @@ static void sched_cancel_flagged(struct sched *s, struct sched_req **list) {
   }
 }
 
+/* Frees a running request's blocks and puts it back at the head of the queue: it will prefill its
+ * prompt and everything it generated so far (the last sampled token included, whose logits are
+ * what it needs next), then go on sampling as if nothing happened. */
+static void sched_preempt(struct sched *s, struct sched_req *r) {
+  list_remove(&s->running, r);
+  engine_seq_free(s->e, r->seq);
+  r->seq = NULL;
+  int32_t *t = malloc(r->n_hist * sizeof *t);
+  if (!t) {
+    r->next = -1;
+    sched_finish(s, r, SCHED_FINISH_ERROR, KVD_ENOMEM);
+    return;
+  }
+  memcpy(t, r->hist, r->n_hist * sizeof *t);
+  free(r->tokens);
+  r->tokens = t;
+  r->n_tokens = r->n_hist;
+  r->n_prefilled = 0;
+  r->next = -1;
+  r->next_req = s->waiting;
+  s->waiting = r;
+  s->local.preemptions++;
+}
+
 /* One step: every running request's next token, then prompt chunks first come first served
  * while the token budget lasts. Returns false when there was nothing to run. */
 static bool sched_step(struct sched *s) {
@@ -403,13 +432,13 @@ static bool sched_step(struct sched *s) {
   for (struct sched_req *r = s->waiting, *next; r && budget && n_run < s->o.max_running;
        r = next) {
     next = r->next_req;
-    if (!r->admitted) {
-      int rc = sched_admit(s, r);
-      if (rc < 0) {
-        r->next = -1;
-        sched_finish_from(s, &s->waiting, r, SCHED_FINISH_ERROR, rc);
-        continue;
-      }
+    int arc = 0;
+    if (!r->admitted) arc = sched_admit(s, r);
+    else if (!r->seq) arc = engine_seq_new(s->e, &r->seq); /* resuming after preemption */
+    if (arc < 0) {
+      r->next = -1;
+      sched_finish_from(s, &s->waiting, r, SCHED_FINISH_ERROR, arc);
+      continue;
     }
     uint32_t left = r->n_tokens - r->n_prefilled;
     uint32_t chunk = left < budget ? left : budget;
@@ -429,19 +458,33 @@ static bool sched_step(struct sched *s) {
     rc = n ? engine_forward(s->e, s->items, n) : 0;
   }
   if (rc == KVD_E_KV_EXHAUSTED) {
-    /* Even the running requests do not fit: end the newest so the others can go on. (Issue 6
-     * preempts and recomputes instead.) A lone prompt that can never fit gets the error too. */
-    struct sched_req *victim = NULL;
-    for (struct sched_req *r = s->running; r; r = r->next_req) victim = r;
-    if (victim) {
-      victim->next = -1;
-      sched_finish_from(s, &s->running, victim, SCHED_FINISH_ERROR, KVD_E_KV_EXHAUSTED);
+    /* Even the running requests do not fit: preempt the newest one that can be recomputed (its
+     * blocks go back, its tokens are kept, it resumes first). Session requests are not preempted
+     * (their history lives only in their KV); if only they remain, the newest ends in an error. */
+    struct sched_req *victim = NULL, *last = NULL, *partial = NULL;
+    /* A half-prefilled prompt holds blocks too: it gives them back first (newest first). */
+    for (struct sched_req *r = s->waiting; r; r = r->next_req)
+      if (r->seq && !r->session && r->n_prefilled > 0) partial = r;
+    for (struct sched_req *r = s->running; r; r = r->next_req) {
+      last = r;
+      if (!r->session) victim = r;
+    }
+    if (partial) {
+      engine_seq_free(s->e, partial->seq);
+      partial->seq = NULL;
+      partial->n_prefilled = 0;
+      s->local.preemptions++;
+    } else if (victim && (victim != s->running || victim->next_req)) {
+      sched_preempt(s, victim);
+    } else if (last) {
+      last->next = -1;
+      sched_finish_from(s, &s->running, last, SCHED_FINISH_ERROR, KVD_E_KV_EXHAUSTED);
     } else if (s->waiting) {
+      /* Nothing runs and the first prompt still does not fit: it never will. */
       struct sched_req *r = s->waiting;
       r->next = -1;
       sched_finish_from(s, &s->waiting, r, SCHED_FINISH_ERROR, KVD_E_KV_EXHAUSTED);
     }
-    s->local.preemptions++;
     return true;
   }
   if (rc < 0) {
