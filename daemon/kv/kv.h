@@ -18,7 +18,32 @@
  *   ... the forward pass writes K/V at kv_seq_slot(seq, pos) for each new pos ...
  *   kv_seq_commit(seq, n)
  *
- * kv_seq_step_blocks() says how many free blocks those calls will take, for admission control. */
+ * kv_seq_step_blocks() says how many blocks those calls will take, for admission control against
+ * kv_pool_available() (free plus evictable cached blocks, not just the free list).
+ *
+ * Prefix cache (kv_prefix.c). Every full block can be identified by its content: block i's key is
+ * a hash of its block_size token ids seeded with block i - 1's key (block 0 with a fixed seed), so
+ * equal keys mean an equal token history up to and including that block, and hence equal K/V. A
+ * pool-wide table maps keys to blocks. A block no sequence references any more stays cached under
+ * its key (its K/V are still valid) on a least-recently-used list, and is evicted only when an
+ * allocation finds the free list empty. A request then runs:
+ *
+ *   kv_seq_new_with_prefix(pool, prompt, n, &seq, &cached)   shares the longest cached chain of
+ *                                                            the prompt's leading whole blocks;
+ *                                                            seq->len = cached (< n, a multiple
+ *                                                            of block_size)
+ *   per step as above, for prompt[cached, n) then for each generated token
+ *   kv_seq_register_blocks(pool, seq, history, seq->len)   after each commit: keys the blocks the
+ *                                                            step filled and makes them findable
+ *   kv_seq_free(pool, seq)                                   registered blocks stay cached
+ *
+ * where history is every token in seq's cache so far (prompt then generated tokens). A sequence
+ * that never registers behaves exactly as without the cache. The cache never changes what a
+ * sequence reads: a registered block is full and, while shared, read-only (copy-on-write as for
+ * forks); the first write into one a sequence holds alone (only possible after truncating into it)
+ * drops its key first, since its content is about to change. Keys are 64-bit XXH3 hashes: two
+ * different histories sharing a key would share K/V, a chance of about n^2 / 2^65 for n distinct
+ * blocks ever registered, which a local daemon accepts. */
 #ifndef KVD_KV_H
 #define KVD_KV_H
 
@@ -34,26 +59,52 @@
 
 /* ---- block pool ---------------------------------------------------------------------------- */
 
+/* Per-block prefix-cache state (kv_pool.flags). */
+#define KV_BLOCK_KEYED 1u      /* full, keys[b] names its content; cleared before it is rewritten */
+#define KV_BLOCK_REGISTERED 2u /* keyed and the one block the key table maps keys[b] to */
+
+/* Every block is in exactly one of three states: in use (refs > 0, in some table), cached (refs 0,
+ * registered, on the LRU list) or free (refs 0, on the free stack, flags 0). */
 struct kv_pool {
   uint32_t n_blocks;   /* total blocks */
   uint32_t block_size; /* tokens per block */
-  uint32_t *refs;      /* (n_blocks) reference count per block; 0 = on the free list */
+  uint32_t *refs;      /* (n_blocks) reference count per block; 0 = free or cached */
   uint32_t *free_ids;  /* (n_blocks) stack of free block ids; [0, n_free) are valid */
   uint32_t n_free;
   uint32_t high_water;     /* most blocks ever in use at once */
   uint64_t alloc_failures; /* requests refused for lack of blocks (counted once per request) */
   uint64_t cow_copies;     /* blocks copied by kv_seq_prepare_write */
+
+  /* Prefix cache, see the top of this file and kv_prefix.c. */
+  uint64_t *keys;     /* (n_blocks) chain key of a block's content, valid when KV_BLOCK_KEYED */
+  uint8_t *flags;     /* (n_blocks) KV_BLOCK_* bits */
+  uint32_t *lru_prev; /* (n_blocks) cached blocks, oldest first; KV_BLOCK_NONE ends the list */
+  uint32_t *lru_next;
+  uint32_t lru_head; /* least recently used cached block, the next one evicted */
+  uint32_t lru_tail;
+  uint32_t n_cached;     /* blocks on the LRU list */
+  uint32_t n_registered; /* blocks in the key table, cached or in use */
+  uint32_t *ht;          /* (ht_mask + 1) open-addressing key table of block ids, linear probing */
+  size_t ht_mask;
+  uint64_t lookups;   /* whole prompt blocks kv_seq_new_with_prefix looked for */
+  uint64_t hits;      /* of those, served from the cache */
+  uint64_t evictions; /* cached blocks dropped to satisfy an allocation */
 };
 
-/* Counters for `status`. used = total - free. */
+/* Counters for `status`. total = free + cached + used. */
 struct kv_pool_stats {
   uint32_t block_size;
   uint32_t total;
   uint32_t free;
-  uint32_t used;
+  uint32_t used; /* referenced by some sequence */
   uint32_t high_water;
   uint64_t alloc_failures;
   uint64_t cow_copies;
+  uint32_t cached;     /* unreferenced but kept for prefix reuse; evicted before anything fails */
+  uint32_t registered; /* blocks findable by key, in use or cached */
+  uint64_t lookups;    /* whole prompt blocks looked up */
+  uint64_t hits;       /* of those, reused from the cache (hits / lookups = prefix hit rate) */
+  uint64_t evictions;
 };
 
 /* block_size 0 picks KV_BLOCK_SIZE_DEFAULT. KVD_EINVAL for n_blocks 0 or >= KV_BLOCK_NONE, or
@@ -64,13 +115,18 @@ int kv_pool_init(struct kv_pool *pool, uint32_t n_blocks, uint32_t block_size);
  * device memory behind them belongs to the engine. */
 void kv_pool_destroy(struct kv_pool *pool);
 
-/* Takes one free block with reference count 1, in O(1). KVD_E_KV_EXHAUSTED when none is free. */
+/* Takes one block with reference count 1, in O(1): a free one, else the least recently used
+ * cached one (evicted: its key is forgotten). KVD_E_KV_EXHAUSTED when neither exists. */
 int kv_pool_alloc(struct kv_pool *pool, uint32_t *ret_block);
-/* Takes n blocks or none: on KVD_E_KV_EXHAUSTED the pool is unchanged. O(n). */
+/* Takes n blocks or none, free ones first, then evicting cached ones oldest first: on
+ * KVD_E_KV_EXHAUSTED (n > kv_pool_available()) the pool is unchanged. O(n). */
 int kv_pool_alloc_n(struct kv_pool *pool, uint32_t n, uint32_t *ret_blocks);
+/* Blocks an allocation can take now: free plus cached. What admission control compares with. */
+uint32_t kv_pool_available(const struct kv_pool *pool);
 /* Adds a reference to a block in use (a second sequence sharing it). */
 void kv_pool_ref(struct kv_pool *pool, uint32_t block);
-/* Drops a reference; at 0 the block goes back to the free list in O(1). */
+/* Drops a reference, in O(1); at 0 a registered block becomes the most recently used cached
+ * block, any other goes back to the free list. */
 void kv_pool_unref(struct kv_pool *pool, uint32_t block);
 uint32_t kv_pool_refcount(const struct kv_pool *pool, uint32_t block);
 void kv_pool_stats(const struct kv_pool *pool, struct kv_pool_stats *ret_stats);
@@ -128,6 +184,10 @@ struct kv_seq {
   uint32_t cap_blocks; /* table entries allocated */
   uint32_t block_size; /* the pool's, copied so commit and slot lookups need no pool */
   uint32_t *table;     /* (cap_blocks) logical block -> physical block id */
+  /* Leading blocks already keyed (KV_BLOCK_KEYED, full within len): the running state of the
+   * hash chain, kept so kv_seq_register_blocks hashes only blocks filled since its last call. The
+   * key itself lives in pool->keys[table[n_hashed - 1]]. */
+  uint32_t n_hashed;
 };
 
 /* Which block to copy before writing (copy-on-write): in every (layer, K|V) buffer, block
@@ -159,14 +219,17 @@ int kv_seq_new(const struct kv_pool *pool, struct kv_seq **ret_seq);
 void kv_seq_free(struct kv_pool *pool, struct kv_seq *seq);
 
 /* Makes room for n_new_tokens after len, appending only the blocks those tokens need (capacity
- * already in the table counts). All or nothing: KVD_E_KV_EXHAUSTED (or KVD_ENOMEM for the table)
+ * already in the table counts; cached blocks are evicted for them if the free list is short).
+ * All or nothing: KVD_E_KV_EXHAUSTED (or KVD_ENOMEM for the table)
  * leaves the sequence and the pool as they were, apart from the pool's failure counter.
  * KVD_EOVERFLOW if len + n_new_tokens overflows. */
 int kv_seq_reserve(struct kv_pool *pool, struct kv_seq *seq, uint32_t n_new_tokens);
 /* Marks n more tokens written. KVD_ERANGE if they exceed the reserved capacity. */
 int kv_seq_commit(struct kv_seq *seq, uint32_t n);
-/* Rewinds to n tokens (n <= len), unref'ing every block wholly past n, reserved ones included. A
- * block cut in the middle stays; writing into it again goes through kv_seq_prepare_write. */
+/* Rewinds to n tokens (n <= len), unref'ing every block wholly past n, reserved ones included
+ * (registered ones become cached). A block cut in the middle stays, keyed and registered if it
+ * was; writing into it again goes through kv_seq_prepare_write, which copies it if shared and
+ * otherwise drops its key. */
 int kv_seq_truncate(struct kv_pool *pool, struct kv_seq *seq, uint32_t n);
 /* A new sequence sharing every block that holds src's committed tokens (reference counts go up,
  * nothing is copied). Blocks src reserved past len are not shared: they hold nothing yet. */
@@ -175,16 +238,42 @@ int kv_seq_fork(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq **
 /* Before writing position pos: if the block holding it is shared (reference count > 1), takes a
  * fresh block, puts it in the table in its place, drops this sequence's reference to the old one
  * and returns 1 with *ret_copy saying what the engine must copy first. Returns 0 when the block
- * is already this sequence's alone (nothing to copy, *ret_copy untouched). KVD_ERANGE if pos is
- * past the reserved capacity; KVD_E_KV_EXHAUSTED (nothing changed) if no block is free. */
+ * is already this sequence's alone (nothing to copy, *ret_copy untouched); if that block was keyed
+ * its key is dropped (unregistered), as its content is about to change. KVD_ERANGE if pos is past
+ * the reserved capacity; KVD_E_KV_EXHAUSTED (nothing changed) if no block is available.
+ *
+ * Why registered blocks are never written in place: only blocks full within len are keyed, and
+ * the engine writes at positions >= len, so it calls this for len's block, which is partial or
+ * new, hence never keyed, unless the sequence was truncated into a keyed block. Then a shared one
+ * is copied here like any shared block, and one held alone is unkeyed before the write. */
 int kv_seq_prepare_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,
                          struct kv_copy *ret_copy);
-/* Free blocks that reserve(n_new_tokens) + prepare_write(len) would take right now. */
+/* Blocks that reserve(n_new_tokens) + prepare_write(len) would take right now; the step fits
+ * if the sum over a batch is at most kv_pool_available(). */
 uint32_t kv_seq_step_blocks(const struct kv_pool *pool, const struct kv_seq *seq,
                             uint32_t n_new_tokens);
 
 /* (seq, pos) -> (physical block, row in block). KVD_ERANGE past the reserved capacity. */
 int kv_seq_slot(const struct kv_seq *seq, uint32_t pos, struct kv_slot *ret_slot);
+
+/* ---- prefix cache ---------------------------------------------------------------------------- */
+
+/* A new sequence on `pool` whose table starts with the longest chain of cached blocks matching
+ * tokens' leading whole blocks, each shared (referenced, taken off the LRU list if idle) rather
+ * than recomputed; *ret_cached = its len, the tokens already in the cache. The match never covers
+ * all n_tokens: at most n_tokens - 1 tokens rounded down to whole blocks, so the last prompt token
+ * is always computed and yields logits. Counts lookups and hits. The shared blocks are read-only;
+ * writing resumes at len, in a block of its own. KVD_ENOMEM (nothing changed) on host OOM. */
+int kv_seq_new_with_prefix(struct kv_pool *pool, const int32_t *tokens, uint32_t n_tokens,
+                           struct kv_seq **ret_seq, uint32_t *ret_cached);
+/* Keys every block of seq that is full within tokens[0, n_tokens) and not keyed yet, extending
+ * the chain, and registers each under its key unless another block already holds that key (equal
+ * content computed twice: that copy stays unregistered and is freed normally). tokens is the
+ * sequence's whole history, the ids whose K/V are at positions [0, n_tokens); n_tokens <= len,
+ * normally len right after kv_seq_commit. O(new blocks). Returns the number of blocks registered,
+ * KVD_EINVAL if n_tokens > len. */
+int kv_seq_register_blocks(struct kv_pool *pool, struct kv_seq *seq, const int32_t *tokens,
+                           uint32_t n_tokens);
 
 /* ---- device mirror -------------------------------------------------------------------------- */
 

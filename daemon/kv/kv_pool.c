@@ -1,8 +1,11 @@
 /* The block pool: a stack of free block ids and a reference count per block, so that allocating
  * and releasing a block are each a couple of array accesses whatever the pool size or how
  * fragmented it is. The stack is LIFO on purpose: the block freed last is reused first, which
- * keeps the working set of a busy pool small. */
+ * keeps the working set of a busy pool small. Registered blocks (the prefix cache, kv_prefix.c)
+ * skip the stack on release and wait on an LRU list, which allocation drains when the stack is
+ * empty. */
 #include "kv.h"
+#include "kv_internal.h"
 
 #include "kvd_error.h"
 
@@ -16,9 +19,10 @@ int kv_pool_init(struct kv_pool *pool, uint32_t n_blocks, uint32_t block_size) {
   if (n_blocks == 0 || n_blocks >= KV_BLOCK_NONE) return KVD_EINVAL;
   /* Every slot index block * block_size + offset must fit the device's uint32. */
   if ((uint64_t)n_blocks * block_size > KV_SLOTS_MAX) return KVD_EINVAL;
+  pool->n_blocks = n_blocks;
   pool->refs = calloc(n_blocks, sizeof *pool->refs);
   pool->free_ids = malloc((size_t)n_blocks * sizeof *pool->free_ids);
-  if (!pool->refs || !pool->free_ids) {
+  if (!pool->refs || !pool->free_ids || kv__prefix_init(pool) < 0) {
     kv_pool_destroy(pool);
     return KVD_ENOMEM;
   }
@@ -26,7 +30,6 @@ int kv_pool_init(struct kv_pool *pool, uint32_t n_blocks, uint32_t block_size) {
    * the first sequences land at the start of each buffer. */
   for (uint32_t i = 0; i < n_blocks; i++)
     pool->free_ids[i] = n_blocks - 1 - i;
-  pool->n_blocks = n_blocks;
   pool->block_size = block_size;
   pool->n_free = n_blocks;
   return 0;
@@ -35,11 +38,12 @@ int kv_pool_init(struct kv_pool *pool, uint32_t n_blocks, uint32_t block_size) {
 void kv_pool_destroy(struct kv_pool *pool) {
   free(pool->refs);
   free(pool->free_ids);
+  kv__prefix_destroy(pool);
   memset(pool, 0, sizeof *pool);
 }
 
 static void pool_note_used(struct kv_pool *pool) {
-  uint32_t used = pool->n_blocks - pool->n_free;
+  uint32_t used = pool->n_blocks - pool->n_free - pool->n_cached;
   if (used > pool->high_water) pool->high_water = used;
 }
 
@@ -48,17 +52,16 @@ int kv_pool_alloc(struct kv_pool *pool, uint32_t *ret_block) {
 }
 
 int kv_pool_alloc_n(struct kv_pool *pool, uint32_t n, uint32_t *ret_blocks) {
-  /* Checking the count first is what makes this all or nothing: nothing can fail after it.
-   * Prefix-cache hook: once full blocks are hashed and kept at refcount 0 for reuse, a request
-   * larger than the free list would first evict that many least-recently-used cached blocks
-   * (dropping their hash entries) onto the free list, and fail only if free + cached < n. */
-  if (n > pool->n_free) {
+  /* Checking the count first is what makes this all or nothing: nothing can fail after it. Free
+   * blocks go first, so cached content is dropped only when nothing else is left, and then the
+   * least recently used first. */
+  if (n > kv_pool_available(pool)) {
     pool->alloc_failures++;
     return KVD_E_KV_EXHAUSTED;
   }
   for (uint32_t i = 0; i < n; i++) {
-    uint32_t b = pool->free_ids[--pool->n_free];
-    assert(pool->refs[b] == 0);
+    uint32_t b = pool->n_free ? pool->free_ids[--pool->n_free] : kv__prefix_evict(pool);
+    assert(pool->refs[b] == 0 && pool->flags[b] == 0);
     pool->refs[b] = 1;
     ret_blocks[i] = b;
   }
@@ -66,10 +69,14 @@ int kv_pool_alloc_n(struct kv_pool *pool, uint32_t n, uint32_t *ret_blocks) {
   return 0;
 }
 
+uint32_t kv_pool_available(const struct kv_pool *pool) {
+  return pool->n_free + pool->n_cached;
+}
+
 void kv_pool_ref(struct kv_pool *pool, uint32_t block) {
   assert(block < pool->n_blocks);
-  /* A free block has no owner to share it with. (With a prefix cache, a hit on a cached block
-   * would revive it here: take it off the LRU list and count it as used again.) */
+  /* A free or cached block has no owner to share it with; a prefix-cache hit revives a cached
+   * block in kv_seq_new_with_prefix, which also takes it off the LRU list. */
   assert(pool->refs[block] > 0);
   assert(pool->refs[block] < UINT32_MAX);
   pool->refs[block]++;
@@ -82,9 +89,8 @@ void kv_pool_unref(struct kv_pool *pool, uint32_t block) {
    * which would hand it to two sequences at once. */
   if (block >= pool->n_blocks || pool->refs[block] == 0) return;
   if (--pool->refs[block] > 0) return;
-  /* Prefix-cache hook: this is where a block that was full and hashed would stay cached (keep its
-   * contents, join an LRU list, keep its hash entry) instead of going straight back to the free
-   * list; kv_pool_alloc_n evicts from that list when the free list runs short. */
+  /* A registered block keeps its content and key for a later prefix hit until evicted. */
+  if (kv__prefix_release(pool, block)) return;
   pool->free_ids[pool->n_free++] = block;
 }
 
@@ -96,10 +102,15 @@ void kv_pool_stats(const struct kv_pool *pool, struct kv_pool_stats *ret_stats) 
   ret_stats->block_size = pool->block_size;
   ret_stats->total = pool->n_blocks;
   ret_stats->free = pool->n_free;
-  ret_stats->used = pool->n_blocks - pool->n_free;
+  ret_stats->used = pool->n_blocks - pool->n_free - pool->n_cached;
   ret_stats->high_water = pool->high_water;
   ret_stats->alloc_failures = pool->alloc_failures;
   ret_stats->cow_copies = pool->cow_copies;
+  ret_stats->cached = pool->n_cached;
+  ret_stats->registered = pool->n_registered;
+  ret_stats->lookups = pool->lookups;
+  ret_stats->hits = pool->hits;
+  ret_stats->evictions = pool->evictions;
 }
 
 int kv_plan_pool(const struct kv_geometry *geom, uint64_t budget_bytes, uint64_t max_binding_bytes,

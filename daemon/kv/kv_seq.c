@@ -3,6 +3,7 @@
  * partly filled block more than its tokens. Sharing is by reference count; the first write into a
  * shared block swaps in a private copy (copy-on-write), which the engine performs on the device. */
 #include "kv.h"
+#include "kv_internal.h"
 
 #include "kvd_error.h"
 
@@ -65,7 +66,7 @@ int kv_seq_reserve(struct kv_pool *pool, struct kv_seq *seq, uint32_t n_new_toke
   uint32_t add = need - seq->n_blocks;
   /* Refused before the table is touched, so the answer is KV_EXHAUSTED (not a realloc's ENOMEM)
    * and costs nothing. */
-  if (add > pool->n_free) {
+  if (add > kv_pool_available(pool)) {
     pool->alloc_failures++;
     return KVD_E_KV_EXHAUSTED;
   }
@@ -90,6 +91,8 @@ int kv_seq_truncate(struct kv_pool *pool, struct kv_seq *seq, uint32_t n) {
   if (n > seq->len) return KVD_ERANGE;
   seq_release_from(pool, seq, seq_blocks_for(n, seq->block_size));
   seq->len = n;
+  /* A block cut in the middle is no longer full here, though it stays keyed for its sharers. */
+  if (seq->n_hashed > n / seq->block_size) seq->n_hashed = n / seq->block_size;
   return 0;
 }
 
@@ -111,6 +114,7 @@ int kv_seq_fork(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq **
   }
   dst->n_blocks = n;
   dst->len = src->len;
+  dst->n_hashed = src->n_hashed;
   *ret_dst = dst;
   return 0;
 }
@@ -122,7 +126,13 @@ int kv_seq_prepare_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,
   uint32_t i = pos / bs;
   if (i >= seq->n_blocks) return KVD_ERANGE;
   uint32_t old = seq->table[i];
-  if (kv_pool_refcount(pool, old) <= 1) return 0;
+  if (kv_pool_refcount(pool, old) <= 1) {
+    /* Only this sequence sees the block, and its content is about to change: a key naming the
+     * old content must go (kv.h says when this happens). */
+    if (pool->flags[old]) kv__prefix_forget(pool, old);
+    if (seq->n_hashed > i) seq->n_hashed = i;
+    return 0;
+  }
 
   uint32_t fresh;
   int rc = kv_pool_alloc(pool, &fresh);
@@ -132,6 +142,8 @@ int kv_seq_prepare_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,
   uint32_t rows = seq->len > start ? seq->len - start : 0;
   if (rows > bs) rows = bs;
   seq->table[i] = fresh;
+  /* Block i now differs from the keyed original, and so does the history of every later one. */
+  if (seq->n_hashed > i) seq->n_hashed = i;
   /* Cannot free it: it had another owner, which keeps reading the original. */
   kv_pool_unref(pool, old);
   pool->cow_copies++;
