@@ -5,6 +5,11 @@
 
 #include "kv.h"
 
+/* The parent key of a sequence's block 0 ("kvd_pfx0"): any constant, fixed so keys are stable.
+ * Block i's key is XXH3_64bits_withSeed(its block_size int32 token ids, parent = block i-1's key);
+ * the unit test recomputes chains with it. */
+#define KV_PREFIX_ROOT_KEY 0x6b76645f70667830ull
+
 /* Allocates the key table, keys, flags and LRU links for pool->n_blocks blocks. KVD_ENOMEM. */
 int kv__prefix_init(struct kv_pool *pool);
 void kv__prefix_destroy(struct kv_pool *pool);

@@ -22,9 +22,6 @@
 #include <string.h>
 #include <xxhash.h>
 
-/* The parent key of a sequence's block 0 ("kvd_pfx0"): any constant, fixed so keys are stable. */
-#define PREFIX_ROOT_KEY 0x6b76645f70667830ull
-
 static uint64_t prefix_key(uint64_t parent, const int32_t *tokens, uint32_t block_size) {
   /* Seeding with the parent's key chains the hashes: the key covers the whole history. */
   return XXH3_64bits_withSeed(tokens, (size_t)block_size * sizeof *tokens, parent);
@@ -103,18 +100,24 @@ static void ht_remove(struct kv_pool *pool, uint32_t block) {
 static void lru_push_tail(struct kv_pool *pool, uint32_t b) {
   pool->lru_prev[b] = pool->lru_tail;
   pool->lru_next[b] = KV_BLOCK_NONE;
-  if (pool->lru_tail != KV_BLOCK_NONE) pool->lru_next[pool->lru_tail] = b;
-  else pool->lru_head = b;
+  if (pool->lru_tail != KV_BLOCK_NONE)
+    pool->lru_next[pool->lru_tail] = b;
+  else
+    pool->lru_head = b;
   pool->lru_tail = b;
   pool->n_cached++;
 }
 
 static void lru_remove(struct kv_pool *pool, uint32_t b) {
   uint32_t p = pool->lru_prev[b], n = pool->lru_next[b];
-  if (p != KV_BLOCK_NONE) pool->lru_next[p] = n;
-  else pool->lru_head = n;
-  if (n != KV_BLOCK_NONE) pool->lru_prev[n] = p;
-  else pool->lru_tail = p;
+  if (p != KV_BLOCK_NONE)
+    pool->lru_next[p] = n;
+  else
+    pool->lru_head = n;
+  if (n != KV_BLOCK_NONE)
+    pool->lru_prev[n] = p;
+  else
+    pool->lru_tail = p;
   pool->n_cached--;
 }
 
@@ -165,7 +168,7 @@ int kv_seq_new_with_prefix(struct kv_pool *pool, const int32_t *tokens, uint32_t
     }
     seq->cap_blocks = max_blocks;
   }
-  uint64_t key = PREFIX_ROOT_KEY;
+  uint64_t key = KV_PREFIX_ROOT_KEY;
   uint32_t n = 0;
   for (; n < max_blocks; n++) {
     key = prefix_key(key, tokens + (size_t)n * bs, bs);
@@ -198,7 +201,7 @@ int kv_seq_register_blocks(struct kv_pool *pool, struct kv_seq *seq, const int32
   uint32_t i = seq->n_hashed;
   for (; i < full; i++) {
     uint32_t b = seq->table[i];
-    uint64_t parent = i ? pool->keys[seq->table[i - 1]] : PREFIX_ROOT_KEY;
+    uint64_t parent = i ? pool->keys[seq->table[i - 1]] : KV_PREFIX_ROOT_KEY;
     uint64_t key = prefix_key(parent, tokens + (size_t)i * bs, bs);
     if (pool->flags[b] & KV_BLOCK_KEYED) {
       /* Shared with a fork or prefix user that keyed it first: the same history gives the same

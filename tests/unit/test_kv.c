@@ -1,21 +1,27 @@
 /* The paged KV cache's bookkeeping: the block pool (free list, refcounts, counters), block tables
  * (lazy reserve, atomic exhaustion, commit, truncate, free), fork + copy-on-write, slot addressing,
  * the packed table mirror, pool sizing, and a randomized stress test that writes token ids into a
- * fake device memory through the tables and checks every sequence still reads its own tokens. */
+ * fake device memory through the tables and checks every sequence still reads its own tokens.
+ * Then the prefix cache: registration and reuse, chained keys, blocks cached after free, LRU
+ * eviction, copy-on-write of cached blocks, and a second stress test mixing prefix hits, forks,
+ * rewinds and frees against a shadow model whose values depend on the whole history, checking the
+ * refcount, free-list, LRU and key-table invariants after every operation. */
 #include "kv.h"
 #include "kt.h"
+#include "kv_internal.h"
 #include "kvd_error.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <xxhash.h>
 
 static void check_stats(const struct kv_pool *pool, uint32_t free_blocks, uint32_t hw) {
   struct kv_pool_stats st;
   kv_pool_stats(pool, &st);
   KT_CHECK_EQ(st.total, pool->n_blocks);
   KT_CHECK_EQ(st.free, free_blocks);
-  KT_CHECK_EQ(st.used, pool->n_blocks - free_blocks);
+  KT_CHECK_EQ(st.used, pool->n_blocks - free_blocks - st.cached); /* cached: neither */
   KT_CHECK_EQ(st.high_water, hw);
 }
 
@@ -723,6 +729,668 @@ KT_TEST(stress_against_shadow_model) {
            (unsigned long long)stats.alloc_failures, stats.high_water);
     free(st.mem);
     free(st.refs);
+    kv_pool_destroy(&st.pool);
+    if (!ok) return;
+  }
+}
+
+/* ---- prefix cache ---------------------------------------------------------------------------- */
+
+/* A request the way the engine runs one: share the cached prefix of the prompt, compute (here:
+ * reserve and commit) the rest, register the full blocks. NULL on any failure. */
+static struct kv_seq *prefix_seq(struct kv_pool *pool, const int32_t *tokens, uint32_t n,
+                                 uint32_t *ret_cached) {
+  struct kv_seq *seq;
+  uint32_t cached = 12345;
+  if (kv_seq_new_with_prefix(pool, tokens, n, &seq, &cached) < 0) return NULL;
+  if (cached != seq->len || kv_seq_reserve(pool, seq, n - cached) < 0 ||
+      kv_seq_commit(seq, n - cached) < 0 || kv_seq_register_blocks(pool, seq, tokens, n) < 0) {
+    kv_seq_free(pool, seq);
+    return NULL;
+  }
+  if (ret_cached) *ret_cached = cached;
+  return seq;
+}
+
+static void check_cache(const struct kv_pool *pool, uint32_t cached, uint32_t registered,
+                        uint64_t lookups, uint64_t hits, uint64_t evictions) {
+  struct kv_pool_stats st;
+  kv_pool_stats(pool, &st);
+  KT_CHECK_EQ(st.cached, cached);
+  KT_CHECK_EQ(st.registered, registered);
+  KT_CHECK_EQ(st.lookups, lookups);
+  KT_CHECK_EQ(st.hits, hits);
+  KT_CHECK_EQ(st.evictions, evictions);
+  KT_CHECK_EQ(st.free + st.cached + st.used, st.total);
+  KT_CHECK_EQ(kv_pool_available(pool), st.free + st.cached);
+}
+
+KT_TEST(prefix_registration_and_reuse) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 16, 4));
+  int32_t tok[14];
+  for (int i = 0; i < 14; i++)
+    tok[i] = 100 + i;
+  uint32_t cached = 99;
+
+  /* The first request finds nothing and registers its 3 full blocks (not the partial 4th). */
+  struct kv_seq *a = prefix_seq(&pool, tok, 14, &cached);
+  KT_ASSERT(a);
+  KT_CHECK_EQ(cached, 0);
+  KT_CHECK_EQ(a->n_blocks, 4);
+  KT_CHECK_EQ(a->n_hashed, 3);
+  check_cache(&pool, 0, 3, 3, 0, 0);
+  /* Registering again (nothing new is full) adds nothing; more than len is refused. */
+  KT_CHECK_EQ(kv_seq_register_blocks(&pool, a, tok, 14), 0);
+  KT_CHECK_EQ(kv_seq_register_blocks(&pool, a, tok, 15), KVD_EINVAL);
+
+  /* The same 3-block prefix: all three shared, only the 2 tokens after them left to compute. */
+  struct kv_seq *b;
+  KT_ASSERT_OK(kv_seq_new_with_prefix(&pool, tok, 14, &b, &cached));
+  KT_CHECK_EQ(cached, 12);
+  KT_CHECK_EQ(b->len, 12);
+  KT_CHECK_EQ(b->n_blocks, 3);
+  for (uint32_t i = 0; i < 3; i++) {
+    KT_CHECK_EQ(b->table[i], a->table[i]);
+    KT_CHECK_EQ(kv_pool_refcount(&pool, a->table[i]), 2);
+  }
+  check_cache(&pool, 0, 3, 6, 3, 0);
+  check_stats(&pool, 12, 4); /* a hit costs no block */
+  /* Writing resumes at 12, in a fresh block: nothing shared is copied or written. */
+  KT_CHECK_EQ(kv_seq_step_blocks(&pool, b, 2), 1);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, b, 2));
+  struct kv_copy cp;
+  KT_CHECK_EQ(kv_seq_prepare_write(&pool, b, 12, &cp), 0);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, b->table[3]), 1);
+  KT_CHECK(b->table[3] != a->table[3]);
+  KT_ASSERT_OK(kv_seq_commit(b, 2));
+
+  /* A prompt of exactly 3 blocks reuses 2: the last block's tokens (and its last token's
+   * logits) must be computed. Its own copy of block 3 duplicates a registered key: not added. */
+  struct kv_seq *c;
+  KT_ASSERT_OK(kv_seq_new_with_prefix(&pool, tok, 12, &c, &cached));
+  KT_CHECK_EQ(cached, 8);
+  KT_CHECK_EQ(c->n_blocks, 2);
+  check_cache(&pool, 0, 3, 8, 5, 0);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, c, 4));
+  KT_ASSERT_OK(kv_seq_commit(c, 4));
+  KT_CHECK(c->table[2] != a->table[2]);
+  KT_CHECK_EQ(kv_seq_register_blocks(&pool, c, tok, 12), 0);
+  KT_CHECK_EQ(c->n_hashed, 3);
+  KT_CHECK_EQ(pool.flags[c->table[2]], KV_BLOCK_KEYED);
+  check_cache(&pool, 0, 3, 8, 5, 0);
+  /* Freed, the duplicate goes back to the free list, not the cache. */
+  uint32_t dup = c->table[2];
+  kv_seq_free(&pool, c);
+  KT_CHECK_EQ(pool.flags[dup], 0);
+  check_cache(&pool, 0, 3, 8, 5, 0);
+
+  /* Short prompts: nothing to reuse, nothing looked up. */
+  KT_ASSERT_OK(kv_seq_new_with_prefix(&pool, tok, 4, &c, &cached));
+  KT_CHECK_EQ(cached, 0);
+  KT_CHECK_EQ(c->n_blocks, 0);
+  kv_seq_free(&pool, c);
+  KT_ASSERT_OK(kv_seq_new_with_prefix(&pool, NULL, 0, &c, &cached));
+  KT_CHECK_EQ(cached, 0);
+  kv_seq_free(&pool, c);
+  KT_ASSERT_OK(kv_seq_new_with_prefix(&pool, tok, 5, &c, &cached)); /* one whole block + 1 */
+  KT_CHECK_EQ(cached, 4);
+  kv_seq_free(&pool, c);
+  check_cache(&pool, 0, 3, 9, 6, 0);
+
+  kv_seq_free(&pool, a);
+  kv_seq_free(&pool, b);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(prefix_keys_chain_the_whole_history) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 32, 4));
+  int32_t tok[13];
+  for (int i = 0; i < 13; i++)
+    tok[i] = i;
+  struct kv_seq *a = prefix_seq(&pool, tok, 13, NULL);
+  KT_ASSERT(a);
+
+  /* Block 2 differs in one token: only block 1 matches, and block 3 (same tokens as a's block
+   * 3, different history) does not either. */
+  int32_t t2[13];
+  memcpy(t2, tok, sizeof tok);
+  t2[6] = 99;
+  uint32_t cached;
+  struct kv_seq *b = prefix_seq(&pool, t2, 13, &cached);
+  KT_ASSERT(b);
+  KT_CHECK_EQ(cached, 4);
+  KT_CHECK_EQ(b->table[0], a->table[0]);
+  KT_CHECK(b->table[2] != a->table[2]);
+  /* b's blocks 2 and 3 have new keys (new histories), so they were registered. */
+  check_cache(&pool, 0, 5, 6, 1, 0);
+
+  /* Block 1 differs: nothing matches, though blocks 2 and 3 hold the same tokens as a's. */
+  int32_t t3[13];
+  memcpy(t3, tok, sizeof tok);
+  t3[0] = -1;
+  struct kv_seq *c = prefix_seq(&pool, t3, 13, &cached);
+  KT_ASSERT(c);
+  KT_CHECK_EQ(cached, 0);
+  check_cache(&pool, 0, 8, 9, 1, 0);
+
+  /* The keys are the documented chain: XXH3 of the block's tokens seeded with the parent key. */
+  uint64_t k = KV_PREFIX_ROOT_KEY;
+  for (uint32_t i = 0; i < 3; i++) {
+    k = XXH3_64bits_withSeed(tok + 4 * i, 4 * sizeof *tok, k);
+    KT_CHECK_EQ(pool.keys[a->table[i]], k);
+    KT_CHECK_EQ(pool.flags[a->table[i]], KV_BLOCK_KEYED | KV_BLOCK_REGISTERED);
+  }
+  kv_seq_free(&pool, a);
+  kv_seq_free(&pool, b);
+  kv_seq_free(&pool, c);
+  check_cache(&pool, 8, 8, 9, 1, 0);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(prefix_blocks_stay_cached_after_free) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 8, 4));
+  int32_t tok[14];
+  for (int i = 0; i < 14; i++)
+    tok[i] = 7 * i;
+  struct kv_seq *a = prefix_seq(&pool, tok, 14, NULL);
+  KT_ASSERT(a);
+  uint32_t ta[4];
+  memcpy(ta, a->table, sizeof ta);
+  kv_seq_free(&pool, a);
+  /* The 3 registered blocks keep their content; the partial one is free. */
+  check_stats(&pool, 5, 4);
+  check_cache(&pool, 3, 3, 3, 0, 0);
+  for (uint32_t i = 0; i < 3; i++)
+    KT_CHECK_EQ(kv_pool_refcount(&pool, ta[i]), 0);
+  KT_CHECK_EQ(pool.lru_head, ta[2]); /* released last block first: the chain's tail goes first */
+  KT_CHECK_EQ(pool.lru_tail, ta[0]);
+
+  /* The next request with that prefix gets them back, off the LRU list and in use again. */
+  uint32_t cached;
+  struct kv_seq *b = prefix_seq(&pool, tok, 14, &cached);
+  KT_ASSERT(b);
+  KT_CHECK_EQ(cached, 12);
+  for (uint32_t i = 0; i < 3; i++) {
+    KT_CHECK_EQ(b->table[i], ta[i]);
+    KT_CHECK_EQ(kv_pool_refcount(&pool, ta[i]), 1);
+  }
+  check_cache(&pool, 0, 3, 6, 3, 0);
+  check_stats(&pool, 4, 4);
+  KT_CHECK_EQ(pool.lru_head, KV_BLOCK_NONE);
+
+  /* Truncating into registered blocks: the cut-off full block is cached, the one cut in the
+   * middle stays in the table and keeps its key until it is written. */
+  KT_ASSERT_OK(kv_seq_truncate(&pool, b, 6));
+  KT_CHECK_EQ(b->n_hashed, 1);
+  check_cache(&pool, 1, 3, 6, 3, 0);
+  KT_CHECK_EQ(pool.lru_head, ta[2]);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, b, 1));
+  struct kv_copy cp;
+  KT_CHECK_EQ(kv_seq_prepare_write(&pool, b, 6, &cp), 0); /* held alone: no copy, key dropped */
+  KT_CHECK_EQ(pool.flags[ta[1]], 0);
+  check_cache(&pool, 1, 2, 6, 3, 0);
+  KT_ASSERT_OK(kv_seq_commit(b, 1));
+  kv_seq_free(&pool, b);
+  check_cache(&pool, 2, 2, 6, 3, 0); /* block 0 and the orphaned block 2 */
+  /* Block 1 is gone from the cache, so the chain stops at block 0. */
+  struct kv_seq *c;
+  KT_ASSERT_OK(kv_seq_new_with_prefix(&pool, tok, 14, &c, &cached));
+  KT_CHECK_EQ(cached, 4);
+  kv_seq_free(&pool, c);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(prefix_shared_cached_blocks_are_copied_not_written) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 16, 4));
+  int32_t tok[14];
+  for (int i = 0; i < 14; i++)
+    tok[i] = 3 * i + 1;
+  struct kv_seq *a = prefix_seq(&pool, tok, 14, NULL);
+  uint32_t cached;
+  struct kv_seq *b = prefix_seq(&pool, tok, 14, &cached);
+  KT_ASSERT(a && b);
+  KT_CHECK_EQ(cached, 12);
+  /* b rewinds into shared block 1 and writes there: a private copy, the original keeps its key
+   * and stays registered for a. */
+  uint32_t shared = b->table[1];
+  KT_ASSERT_OK(kv_seq_truncate(&pool, b, 6));
+  KT_CHECK_EQ(kv_seq_step_blocks(&pool, b, 1), 1);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, b, 1));
+  struct kv_copy cp;
+  KT_ASSERT_EQ(kv_seq_prepare_write(&pool, b, 6, &cp), 1);
+  KT_CHECK_EQ(cp.src_block, shared);
+  KT_CHECK_EQ(cp.n_tokens, 2);
+  KT_CHECK_EQ(pool.flags[shared], KV_BLOCK_KEYED | KV_BLOCK_REGISTERED);
+  KT_CHECK_EQ(pool.flags[b->table[1]], 0);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, shared), 1);
+  KT_ASSERT_OK(kv_seq_commit(b, 1));
+
+  /* A fork shares registered blocks and the hashed count; its copy of the partial block is
+   * keyed once filled, under the same key as a's: a duplicate, not registered twice. */
+  struct kv_seq *f;
+  KT_ASSERT_OK(kv_seq_fork(&pool, a, &f));
+  KT_CHECK_EQ(f->n_hashed, 3);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, f, 2));
+  KT_ASSERT_EQ(kv_seq_prepare_write(&pool, f, 14, &cp), 1); /* a's partial block 3 is shared */
+  KT_ASSERT_OK(kv_seq_commit(f, 2));
+  int32_t more[16];
+  memcpy(more, tok, sizeof tok);
+  more[14] = 50;
+  more[15] = 51;
+  KT_CHECK_EQ(kv_seq_register_blocks(&pool, f, more, 16), 1);
+  KT_CHECK_EQ(f->n_hashed, 4);
+  kv_seq_free(&pool, f);
+  kv_seq_free(&pool, a);
+  kv_seq_free(&pool, b);
+  struct kv_pool_stats st;
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.used, 0);
+  KT_CHECK_EQ(st.cached, 4);
+  /* The 4-block history of f comes back whole (the prompt has one more token). */
+  more[16 - 1] = 51;
+  int32_t longer[17];
+  memcpy(longer, more, sizeof more);
+  longer[16] = 0;
+  struct kv_seq *g;
+  KT_ASSERT_OK(kv_seq_new_with_prefix(&pool, longer, 17, &g, &cached));
+  KT_CHECK_EQ(cached, 16);
+  kv_seq_free(&pool, g);
+  kv_pool_destroy(&pool);
+}
+
+KT_TEST(prefix_lru_eviction_order) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 6, 2));
+  /* Three one-block histories x, y, z, cached in that order; w holds 2 blocks in use. */
+  int32_t x[3] = {1, 1, 0}, y[3] = {2, 2, 0}, z[3] = {3, 3, 0}, w[4] = {4, 4, 4, 4};
+  struct kv_seq *sx = prefix_seq(&pool, x, 2, NULL), *sy = prefix_seq(&pool, y, 2, NULL);
+  struct kv_seq *sz = prefix_seq(&pool, z, 2, NULL), *sw = prefix_seq(&pool, w, 4, NULL);
+  KT_ASSERT(sx && sy && sz && sw);
+  uint32_t bx = sx->table[0], by = sy->table[0], bz = sz->table[0];
+  kv_seq_free(&pool, sx);
+  kv_seq_free(&pool, sy);
+  kv_seq_free(&pool, sz);
+  check_stats(&pool, 1, 5);
+  check_cache(&pool, 3, 5, 1, 0, 0); /* w's 4-token prompt looked up 1 block */
+  KT_CHECK_EQ(kv_pool_available(&pool), 4);
+
+  /* The free block goes first: no eviction. */
+  uint32_t b1, b2, b3, b4;
+  KT_ASSERT_OK(kv_pool_alloc(&pool, &b1));
+  check_cache(&pool, 3, 5, 1, 0, 0);
+  /* Touch x: a hit makes it the most recently used once released again: order y, z, x. */
+  uint32_t cached;
+  struct kv_seq *s;
+  KT_ASSERT_OK(kv_seq_new_with_prefix(&pool, x, 3, &s, &cached));
+  KT_CHECK_EQ(cached, 2);
+  KT_CHECK_EQ(s->table[0], bx);
+  KT_CHECK_EQ(kv_pool_available(&pool), 2);
+  kv_seq_free(&pool, s);
+  check_cache(&pool, 3, 5, 2, 1, 0);
+
+  /* Then the oldest cached block: y, and y's history is no longer found. */
+  KT_ASSERT_OK(kv_pool_alloc(&pool, &b2));
+  KT_CHECK_EQ(b2, by);
+  KT_CHECK_EQ(pool.flags[by], 0);
+  check_cache(&pool, 2, 4, 2, 1, 1);
+  KT_ASSERT_OK(kv_seq_new_with_prefix(&pool, y, 3, &s, &cached));
+  KT_CHECK_EQ(cached, 0);
+  kv_seq_free(&pool, s);
+  /* All or nothing: 3 blocks are not there (z and x are), nothing is evicted for a refusal. */
+  uint32_t b[3] = {77, 77, 77};
+  KT_CHECK_EQ(kv_pool_alloc_n(&pool, 3, b), KVD_E_KV_EXHAUSTED);
+  KT_CHECK_EQ(b[0], 77);
+  check_cache(&pool, 2, 4, 3, 1, 1);
+  KT_ASSERT_OK(kv_pool_alloc(&pool, &b3));
+  KT_CHECK_EQ(b3, bz);
+  KT_ASSERT_OK(kv_pool_alloc(&pool, &b4));
+  KT_CHECK_EQ(b4, bx);
+  check_cache(&pool, 0, 2, 3, 1, 3); /* only w's blocks, in use, remain registered */
+  /* Free and cached are both empty: exhausted, and w's blocks were never touched. */
+  uint32_t none = 55;
+  KT_CHECK_EQ(kv_pool_alloc(&pool, &none), KVD_E_KV_EXHAUSTED);
+  KT_CHECK_EQ(none, 55);
+  KT_CHECK_EQ(kv_seq_reserve(&pool, sw, 1), KVD_E_KV_EXHAUSTED);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, sw->table[0]), 1);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, sw->table[1]), 1);
+  struct kv_pool_stats st;
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.alloc_failures, 3);
+  KT_CHECK_EQ(st.high_water, 6);
+
+  /* Reserve and copy-on-write evict too: w's blocks cached, a new sequence takes them. */
+  kv_pool_unref(&pool, b1);
+  kv_pool_unref(&pool, b2);
+  kv_pool_unref(&pool, b3);
+  kv_pool_unref(&pool, b4);
+  kv_seq_free(&pool, sw);
+  check_cache(&pool, 2, 2, 3, 1, 3);
+  struct kv_seq *big;
+  KT_ASSERT_OK(kv_seq_new(&pool, &big));
+  KT_ASSERT_OK(kv_seq_reserve(&pool, big, 12));
+  check_cache(&pool, 0, 0, 3, 1, 5);
+  kv_seq_free(&pool, big);
+  check_stats(&pool, 6, 6);
+  kv_pool_destroy(&pool);
+}
+
+/* ---- prefix cache stress ------------------------------------------------------------------- */
+
+/* The shadow model's K/V: the value at a position depends on every token up to it, as real keys
+ * and values do, so a block served under the wrong history reads back wrong. */
+static uint32_t pst_val(uint32_t prev, int32_t tok) {
+  uint64_t x = ((uint64_t)prev << 32 | (uint32_t)tok) + 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return (uint32_t)(x ^ (x >> 31));
+}
+
+struct pst_seq {
+  struct kv_seq *seq; /* NULL = slot empty */
+  int32_t *tokens;    /* (cap) the history */
+  uint32_t *vals;     /* (cap) what position pos must read: pst_val chained over tokens */
+  uint32_t cap;
+};
+
+struct pst {
+  struct kv_pool pool;
+  uint32_t *mem; /* fake device memory, one value per slot */
+  struct pst_seq s[ST_SEQS];
+  uint32_t *refs;
+  uint8_t *mark;
+  int32_t templates[3][64];
+  uint64_t ops[8];
+};
+
+static bool pst_fit(struct pst_seq *ss, uint32_t n) {
+  if (n <= ss->cap) return true;
+  uint32_t cap = ss->cap ? ss->cap : 16;
+  while (cap < n)
+    cap *= 2;
+  int32_t *t = realloc(ss->tokens, cap * sizeof *t);
+  if (t) ss->tokens = t;
+  uint32_t *v = realloc(ss->vals, cap * sizeof *v);
+  if (v) ss->vals = v;
+  if (!t || !v) return false;
+  ss->cap = cap;
+  return true;
+}
+
+/* Sets shadow tokens [from, from + n) and their values. */
+static void pst_shadow(struct pst_seq *ss, uint32_t from, const int32_t *toks, uint32_t n) {
+  for (uint32_t k = 0; k < n; k++) {
+    uint32_t p = from + k;
+    ss->tokens[p] = toks[k];
+    ss->vals[p] = pst_val(p ? ss->vals[p - 1] : 0x12345u, toks[k]);
+  }
+}
+
+/* KT_ASSERT_OK for a function returning a kvd code. */
+#define PST_OK(expr)                                                                               \
+  do {                                                                                             \
+    int pst_rc_ = (expr);                                                                          \
+    if (pst_rc_ < 0) {                                                                             \
+      kt__fail(__FILE__, __LINE__, "%s: %d", #expr, pst_rc_);                                      \
+      return KVD_EINVAL;                                                                           \
+    }                                                                                              \
+  } while (0)
+
+/* Computes n tokens at len the engine's way: reserve, copy-on-write of len's block, write, commit,
+ * register. On KV_EXHAUSTED the sequence is as it was. */
+static int pst_append(struct pst *st, struct pst_seq *ss, const int32_t *toks, uint32_t n) {
+  struct kv_pool *pool = &st->pool;
+  struct kv_seq *q = ss->seq;
+  uint32_t len = q->len, bs = pool->block_size;
+  if (!pst_fit(ss, len + n)) return KVD_ENOMEM;
+  uint32_t step = kv_seq_step_blocks(pool, q, n), avail = kv_pool_available(pool);
+  int rc = kv_seq_reserve(pool, q, n);
+  struct kv_copy cp;
+  if (rc == 0) rc = kv_seq_prepare_write(pool, q, len, &cp);
+  if (rc < 0) {
+    KT_CHECK(step > avail);
+    KT_CHECK_EQ(rc, KVD_E_KV_EXHAUSTED);
+    PST_OK(kv_seq_truncate(pool, q, len)); /* gives back what reserve took */
+    return rc;
+  }
+  KT_CHECK(step <= avail);
+  if (rc == 1) {
+    memcpy(&st->mem[(size_t)cp.dst_block * bs], &st->mem[(size_t)cp.src_block * bs],
+           cp.n_tokens * sizeof *st->mem);
+  }
+  pst_shadow(ss, len, toks, n);
+  for (uint32_t k = 0; k < n; k++) {
+    struct kv_slot sl;
+    PST_OK(kv_seq_slot(q, len + k, &sl));
+    /* Never into a block anyone else sees or that a key names. */
+    if (kv_pool_refcount(pool, sl.block) != 1 || pool->flags[sl.block] != 0) {
+      kt__fail(__FILE__, __LINE__, "write into block %u (refcount %u, flags %u)", sl.block,
+               kv_pool_refcount(pool, sl.block), pool->flags[sl.block]);
+      return KVD_EINVAL;
+    }
+    st->mem[kv_slot_index(sl, bs)] = ss->vals[len + k];
+  }
+  PST_OK(kv_seq_commit(q, n));
+  rc = kv_seq_register_blocks(pool, q, ss->tokens, q->len);
+  if (rc < 0) {
+    kt__fail(__FILE__, __LINE__, "register: %d", rc);
+    return KVD_EINVAL;
+  }
+  return 0;
+}
+
+#define PST_FAIL(...)                                                                              \
+  do {                                                                                             \
+    kt__fail(__FILE__, __LINE__, __VA_ARGS__);                                                     \
+    return false;                                                                                  \
+  } while (0)
+
+static bool pst_check(struct pst *st) {
+  struct kv_pool *pool = &st->pool;
+  uint32_t nb = pool->n_blocks, bs = pool->block_size;
+  memset(st->refs, 0, nb * sizeof *st->refs);
+  memset(st->mark, 0, nb);
+  for (int i = 0; i < ST_SEQS; i++) {
+    struct pst_seq *ss = &st->s[i];
+    struct kv_seq *q = ss->seq;
+    if (!q) continue;
+    if ((uint64_t)q->n_blocks * bs < q->len)
+      PST_FAIL("seq %d: %u tokens in %u blocks", i, q->len, q->n_blocks);
+    if ((uint64_t)q->n_hashed * bs > q->len)
+      PST_FAIL("seq %d: %u hashed, len %u", i, q->n_hashed, q->len);
+    for (uint32_t b = 0; b < q->n_blocks; b++) {
+      if (q->table[b] >= nb) PST_FAIL("seq %d: block id %u out of range", i, q->table[b]);
+      st->refs[q->table[b]]++;
+    }
+    for (uint32_t pos = 0; pos < q->len; pos++) {
+      uint32_t got = st->mem[(size_t)q->table[pos / bs] * bs + pos % bs];
+      if (got != ss->vals[pos])
+        PST_FAIL("seq %d pos %u: read %u, wrote %u", i, pos, got, ss->vals[pos]);
+    }
+    /* The hashed blocks carry the true chain key of this history. */
+    uint64_t k = KV_PREFIX_ROOT_KEY;
+    for (uint32_t b = 0; b < q->n_hashed; b++) {
+      k = XXH3_64bits_withSeed(ss->tokens + (size_t)b * bs, bs * sizeof(int32_t), k);
+      uint32_t id = q->table[b];
+      if (!(pool->flags[id] & KV_BLOCK_KEYED) || pool->keys[id] != k)
+        PST_FAIL("seq %d block %u (id %u): flags %u, wrong key", i, b, id, pool->flags[id]);
+    }
+  }
+  uint32_t zero = 0, keyed_registered = 0;
+  for (uint32_t b = 0; b < nb; b++) {
+    if (st->refs[b] != pool->refs[b])
+      PST_FAIL("block %u: refcount %u, %u tables hold it", b, pool->refs[b], st->refs[b]);
+    zero += pool->refs[b] == 0;
+    uint8_t f = pool->flags[b];
+    if ((f & KV_BLOCK_REGISTERED) && !(f & KV_BLOCK_KEYED)) PST_FAIL("block %u: flags %u", b, f);
+    keyed_registered += (f & KV_BLOCK_REGISTERED) != 0;
+  }
+  if (zero != pool->n_free + pool->n_cached)
+    PST_FAIL("%u unreferenced, %u free + %u cached", zero, pool->n_free, pool->n_cached);
+  if (keyed_registered != pool->n_registered)
+    PST_FAIL("%u flagged registered, %u counted", keyed_registered, pool->n_registered);
+  /* Free list: unreferenced, no flags, each once (mark 1). */
+  for (uint32_t i = 0; i < pool->n_free; i++) {
+    uint32_t b = pool->free_ids[i];
+    if (b >= nb || pool->refs[b] || pool->flags[b] || st->mark[b])
+      PST_FAIL("free list entry %u (block %u) is wrong", i, b);
+    st->mark[b] = 1;
+  }
+  /* LRU: unreferenced and registered, links consistent both ways, each once (mark 2). */
+  uint32_t n = 0, prev = KV_BLOCK_NONE;
+  for (uint32_t b = pool->lru_head; b != KV_BLOCK_NONE; b = pool->lru_next[b]) {
+    if (b >= nb || n++ > nb || pool->refs[b] || !(pool->flags[b] & KV_BLOCK_REGISTERED) ||
+        st->mark[b] || pool->lru_prev[b] != prev)
+      PST_FAIL("LRU entry %u (block %u) is wrong", n, b);
+    st->mark[b] = 2;
+    prev = b;
+  }
+  if (prev != pool->lru_tail || n != pool->n_cached)
+    PST_FAIL("LRU: %u blocks, tail %u, counted %u, tail %u", n, prev, pool->n_cached,
+             pool->lru_tail);
+  /* Key table: exactly the registered blocks, each once (mark 4), reachable from its home slot,
+   * no key twice. */
+  uint32_t in_table = 0;
+  for (size_t i = 0; i <= pool->ht_mask; i++) {
+    uint32_t b = pool->ht[i];
+    if (b == KV_BLOCK_NONE) continue;
+    if (b >= nb || !(pool->flags[b] & KV_BLOCK_REGISTERED) || (st->mark[b] & 4))
+      PST_FAIL("key table slot %zu (block %u) is wrong", i, b);
+    st->mark[b] |= 4;
+    in_table++;
+    for (size_t j = (size_t)pool->keys[b] & pool->ht_mask; j != i; j = (j + 1) & pool->ht_mask) {
+      uint32_t o = pool->ht[j];
+      if (o == KV_BLOCK_NONE) PST_FAIL("block %u unreachable in the key table", b);
+      if (pool->keys[o] == pool->keys[b]) PST_FAIL("blocks %u and %u share a key", o, b);
+    }
+  }
+  if (in_table != pool->n_registered)
+    PST_FAIL("%u in the key table, %u registered", in_table, pool->n_registered);
+  return true;
+}
+
+/* A prompt that often shares a prefix with earlier ones: the start of one of three templates,
+ * then a few tokens of a two-letter alphabet. */
+static uint32_t pst_prompt(struct pst *st, int32_t *dst, uint32_t bs) {
+  uint32_t t = kt_rand_range(0, 2), k = kt_rand_range(0, 5 * bs), tail = kt_rand_range(1, 2 * bs);
+  if (k > 64) k = 64;
+  memcpy(dst, st->templates[t], k * sizeof *dst);
+  for (uint32_t i = 0; i < tail; i++)
+    dst[k + i] = (int32_t)kt_rand_range(0, 1);
+  return k + tail;
+}
+
+KT_TEST(stress_prefix_cache_against_shadow_model) {
+  for (int round = 0; round < 8; round++) {
+    static const uint32_t sizes[] = {1, 2, 4, 8};
+    struct pst st;
+    memset(&st, 0, sizeof st);
+    uint32_t nb = kt_rand_range(8, 96), bs = sizes[kt_rand_range(0, 3)];
+    KT_ASSERT_OK(kv_pool_init(&st.pool, nb, bs));
+    st.mem = calloc((size_t)nb * bs, sizeof *st.mem);
+    st.refs = calloc(nb, sizeof *st.refs);
+    st.mark = calloc(nb, 1);
+    KT_ASSERT(st.mem && st.refs && st.mark);
+    for (int t = 0; t < 3; t++)
+      for (int i = 0; i < 64; i++)
+        st.templates[t][i] = (int32_t)kt_rand_range(0, 3);
+    int32_t buf[128];
+    bool ok = true;
+
+    for (int it = 0; it < 6000 && ok; it++) {
+      struct pst_seq *ss = &st.s[kt_rand_range(0, ST_SEQS - 1)];
+      uint32_t op = kt_rand_range(0, 99);
+      if (!ss->seq) {
+        if (op < 70) {
+          /* a request: cached prefix, then prefill; refused (and dropped) if it does not fit */
+          uint32_t n = pst_prompt(&st, buf, bs), cached;
+          KT_ASSERT_OK(kv_seq_new_with_prefix(&st.pool, buf, n, &ss->seq, &cached));
+          KT_CHECK(cached % bs == 0 && cached < n && cached == ss->seq->len);
+          KT_ASSERT(pst_fit(ss, n));
+          pst_shadow(ss, 0, buf, cached); /* checked against the cache's blocks below */
+          int rc = pst_append(&st, ss, buf + cached, n - cached);
+          if (rc < 0) {
+            KT_ASSERT_EQ(rc, KVD_E_KV_EXHAUSTED);
+            ok = pst_check(&st);
+            kv_seq_free(&st.pool, ss->seq);
+            ss->seq = NULL;
+            st.ops[6]++;
+          } else {
+            st.ops[0]++;
+          }
+        } else {
+          struct pst_seq *src = &st.s[kt_rand_range(0, ST_SEQS - 1)];
+          if (!src->seq) continue;
+          KT_ASSERT_OK(kv_seq_fork(&st.pool, src->seq, &ss->seq));
+          KT_ASSERT(pst_fit(ss, src->seq->len));
+          if (src->seq->len) {
+            memcpy(ss->tokens, src->tokens, src->seq->len * sizeof *ss->tokens);
+            memcpy(ss->vals, src->vals, src->seq->len * sizeof *ss->vals);
+          }
+          st.ops[1]++;
+        }
+      } else if (op < 45) {
+        /* decode a few tokens */
+        uint32_t n = kt_rand_range(1, bs + 1);
+        for (uint32_t k = 0; k < n; k++)
+          buf[k] = (int32_t)kt_rand_range(0, 1);
+        if (pst_append(&st, ss, buf, n) == 0) st.ops[2]++;
+      } else if (op < 60) {
+        /* rewind and regenerate: truncate into the history, then compute new tokens there */
+        uint32_t n = kt_rand_range(0, ss->seq->len), m = kt_rand_range(1, bs + 1);
+        KT_ASSERT_OK(kv_seq_truncate(&st.pool, ss->seq, n));
+        for (uint32_t k = 0; k < m; k++)
+          buf[k] = (int32_t)kt_rand_range(0, 1);
+        if (pst_append(&st, ss, buf, m) == 0) st.ops[3]++;
+      } else if (op < 72) {
+        struct pst_seq *dst = &st.s[kt_rand_range(0, ST_SEQS - 1)];
+        if (dst->seq) continue;
+        KT_ASSERT_OK(kv_seq_fork(&st.pool, ss->seq, &dst->seq));
+        KT_ASSERT(pst_fit(dst, ss->seq->len));
+        if (ss->seq->len) {
+          memcpy(dst->tokens, ss->tokens, ss->seq->len * sizeof *ss->tokens);
+          memcpy(dst->vals, ss->vals, ss->seq->len * sizeof *ss->vals);
+        }
+        st.ops[1]++;
+      } else if (op < 82) {
+        uint32_t n = kt_rand_range(0, ss->seq->len);
+        KT_ASSERT_OK(kv_seq_truncate(&st.pool, ss->seq, n));
+        KT_CHECK_EQ(ss->seq->n_blocks, (n + bs - 1) / bs);
+        st.ops[4]++;
+      } else {
+        kv_seq_free(&st.pool, ss->seq);
+        ss->seq = NULL;
+        st.ops[5]++;
+      }
+      if (ok) ok = pst_check(&st);
+    }
+
+    for (int i = 0; i < ST_SEQS; i++) {
+      kv_seq_free(&st.pool, st.s[i].seq);
+      free(st.s[i].tokens);
+      free(st.s[i].vals);
+    }
+    struct kv_pool_stats stats;
+    kv_pool_stats(&st.pool, &stats);
+    KT_CHECK_EQ(stats.used, 0);
+    KT_CHECK_EQ(stats.free + stats.cached, nb);
+    KT_CHECK_EQ(stats.cached, stats.registered);
+    KT_CHECK(stats.hits > 0);
+    kt_log("prefix round %d: %u blocks of %u, %llu requests (%llu refused), %llu forks, "
+           "%llu decodes, %llu regenerations, %llu truncates, %llu frees; %llu of %llu prompt "
+           "blocks hit, %llu evictions, %llu copies, %u cached at the end",
+           round, nb, bs, (unsigned long long)st.ops[0], (unsigned long long)st.ops[6],
+           (unsigned long long)st.ops[1], (unsigned long long)st.ops[2],
+           (unsigned long long)st.ops[3], (unsigned long long)st.ops[4],
+           (unsigned long long)st.ops[5], (unsigned long long)stats.hits,
+           (unsigned long long)stats.lookups, (unsigned long long)stats.evictions,
+           (unsigned long long)stats.cow_copies, stats.cached);
+    free(st.mem);
+    free(st.refs);
+    free(st.mark);
     kv_pool_destroy(&st.pool);
     if (!ok) return;
   }
