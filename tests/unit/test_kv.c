@@ -990,8 +990,7 @@ KT_TEST(prefix_shared_cached_blocks_are_copied_not_written) {
   kv_pool_stats(&pool, &st);
   KT_CHECK_EQ(st.used, 0);
   KT_CHECK_EQ(st.cached, 4);
-  /* The 4-block history of f comes back whole (the prompt has one more token). */
-  more[16 - 1] = 51;
+  /* f's 4-block history comes back whole for a prompt one token longer. */
   int32_t longer[17];
   memcpy(longer, more, sizeof more);
   longer[16] = 0;
