@@ -423,6 +423,35 @@ void engine_seq_free(struct engine *e, struct engine_seq *s) {
   free(s);
 }
 
+int engine_seq_new_prefix(struct engine *e, const int32_t *tokens, uint32_t n_tokens,
+                          struct engine_seq **ret, uint32_t *ret_cached) {
+  struct engine_seq *s = calloc(1, sizeof *s);
+  if (!s) return KVD_ENOMEM;
+  int rc = kv_seq_new_with_prefix(&e->pool, tokens, n_tokens, &s->kv, ret_cached);
+  if (rc < 0) {
+    free(s);
+    return rc;
+  }
+  s->next = e->seqs;
+  if (e->seqs) e->seqs->prev = s;
+  e->seqs = s;
+  *ret = s;
+  return 0;
+}
+
+int engine_seq_register(struct engine *e, struct engine_seq *s, const int32_t *history,
+                        uint32_t n) {
+  return kv_seq_register_blocks(&e->pool, s->kv, history, n);
+}
+
+uint32_t engine_seq_step_blocks(const struct engine *e, const struct engine_seq *s, uint32_t n) {
+  return kv_seq_step_blocks(&e->pool, s->kv, n);
+}
+
+uint32_t engine_kv_available(const struct engine *e) {
+  return kv_pool_available(&e->pool);
+}
+
 uint32_t engine_seq_len(const struct engine_seq *s) {
   return s->kv->len;
 }
@@ -601,7 +630,9 @@ int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items
     need_blocks += kv_seq_step_blocks(&e->pool, it->seq->kv, it->n_tokens);
   }
   if (n_tok > e->max_tokens || n_logits > e->max_logits) return KVD_E2BIG;
-  if (need_blocks > e->pool.n_free) {
+  /* Cached prefix blocks count as available: an allocation evicts them when the free list is
+   * empty. */
+  if (need_blocks > kv_pool_available(&e->pool)) {
     e->pool.alloc_failures++;
     return KVD_E_KV_EXHAUSTED;
   }

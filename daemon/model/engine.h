@@ -57,7 +57,20 @@ uint32_t engine_max_step_tokens(const struct engine *e);
 int engine_seq_new(struct engine *e, struct engine_seq **ret);
 /* Returns every block the sequence holds (shared ones stay with their other holders). */
 void engine_seq_free(struct engine *e, struct engine_seq *s);
+/* Prefix cache: a new sequence starting with the longest chain of cached KV blocks that match
+ * tokens' leading whole blocks (shared, not recomputed); *ret_cached = tokens already in it
+ * (always < n_tokens). The caller runs tokens[*ret_cached, n_tokens) next. */
+int engine_seq_new_prefix(struct engine *e, const int32_t *tokens, uint32_t n_tokens,
+                          struct engine_seq **ret, uint32_t *ret_cached);
+/* Makes the sequence's full blocks findable by later requests; history holds the ids of
+ * positions [0, n). Call after each step (see kv.h). */
+int engine_seq_register(struct engine *e, struct engine_seq *s, const int32_t *history,
+                        uint32_t n);
 uint32_t engine_seq_len(const struct engine_seq *s);
+/* Blocks a step of n new tokens on s would take now (admission control), and blocks an
+ * allocation can take now (free plus evictable cached ones). */
+uint32_t engine_seq_step_blocks(const struct engine *e, const struct engine_seq *s, uint32_t n);
+uint32_t engine_kv_available(const struct engine *e);
 /* Drops tokens past n (rewind), freeing whole blocks. */
 int engine_seq_truncate(struct engine *e, struct engine_seq *s, uint32_t n);
 /* A new sequence sharing all of src's blocks (copy-on-write on the first write to a shared one). */

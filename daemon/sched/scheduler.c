@@ -270,8 +270,12 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
       r->session->pending = -1;
     }
   } else {
-    rc = engine_seq_new(s->e, &r->seq);
+    /* Shared prefixes (a system prompt, a document) are computed once: start from the longest
+     * cached chain of this prompt's blocks and prefill only the rest. */
+    uint32_t cached = 0;
+    rc = engine_seq_new_prefix(s->e, r->tokens, r->n_tokens, &r->seq, &cached);
     if (rc < 0) return rc;
+    r->n_prefilled = r->n_prefix = cached;
   }
   r->cached_tokens = engine_seq_len(r->seq);
   if (r->n_tokens == 0) return KVD_EINVAL;
@@ -424,31 +428,63 @@ static bool sched_step(struct sched *s) {
   uint32_t budget = s->o.step_tokens;
   uint32_t n_run = list_len(s->running), n = 0;
   if (sched_reserve_items(s, n_run + list_len(s->waiting)) < 0) return false;
+  /* Blocks this step will take, so prompts are admitted only while they fit: a prompt that would
+   * push running requests out is left waiting rather than admitted and preempted in turn. */
+  uint32_t reserved = 0, available = engine_kv_available(s->e);
   for (struct sched_req *r = s->running; r && budget; r = r->next_req, budget--) {
     s->items[n] = (struct engine_item){r->seq, &r->next, 1, r->logits};
     s->item_req[n++] = r;
+    reserved += engine_seq_step_blocks(s->e, r->seq, 1);
   }
   uint32_t n_decode = n;
+  struct sched_req *blocked = NULL;
   for (struct sched_req *r = s->waiting, *next; r && budget && n_run < s->o.max_running;
        r = next) {
     next = r->next_req;
     int arc = 0;
     if (!r->admitted) arc = sched_admit(s, r);
-    else if (!r->seq) arc = engine_seq_new(s->e, &r->seq); /* resuming after preemption */
+    else if (!r->seq) { /* resuming after preemption: its own blocks may still be cached */
+      uint32_t cached = 0;
+      arc = engine_seq_new_prefix(s->e, r->tokens, r->n_tokens, &r->seq, &cached);
+      r->n_prefilled = r->n_prefix = cached;
+    }
     if (arc < 0) {
       r->next = -1;
       sched_finish_from(s, &s->waiting, r, SCHED_FINISH_ERROR, arc);
       continue;
     }
+    if (r->n_prefilled >= r->n_tokens) continue; /* cannot happen: a prefix never covers all */
     uint32_t left = r->n_tokens - r->n_prefilled;
     uint32_t chunk = left < budget ? left : budget;
+    uint32_t need = engine_seq_step_blocks(s->e, r->seq, chunk);
+    if (reserved + need > available) {
+      /* No room now. A prompt that has computed nothing gives its shared prefix blocks back
+       * (they stay cached) instead of pinning them while it waits; first come, first served. */
+      if (!r->session && r->n_prefilled == r->n_prefix) {
+        engine_seq_free(s->e, r->seq);
+        r->seq = NULL;
+        r->n_prefilled = r->n_prefix = 0;
+      }
+      blocked = r;
+      break;
+    }
+    reserved += need;
     s->items[n] = (struct engine_item){r->seq, r->tokens + r->n_prefilled, chunk,
                                        chunk == left ? r->logits : NULL};
     s->item_req[n++] = r;
     budget -= chunk;
     n_run++;
   }
-  if (n == 0) return false;
+  if (n == 0) {
+    if (blocked && blocked == s->waiting && !s->running) {
+      /* Nothing runs and the first prompt still does not fit (sessions hold the rest): it would
+       * wait forever, so it ends now with a clear error. */
+      blocked->next = -1;
+      sched_finish_from(s, &s->waiting, blocked, SCHED_FINISH_ERROR, KVD_E_KV_EXHAUSTED);
+      return true;
+    }
+    return false;
+  }
 
   double t0 = sched_now();
   int rc = engine_forward(s->e, s->items, n);
@@ -464,7 +500,7 @@ static bool sched_step(struct sched *s) {
     struct sched_req *victim = NULL, *last = NULL, *partial = NULL;
     /* A half-prefilled prompt holds blocks too: it gives them back first (newest first). */
     for (struct sched_req *r = s->waiting; r; r = r->next_req)
-      if (r->seq && !r->session && r->n_prefilled > 0) partial = r;
+      if (r->seq && !r->session && r->n_prefilled > r->n_prefix) partial = r;
     for (struct sched_req *r = s->running; r; r = r->next_req) {
       last = r;
       if (!r->session) victim = r;
@@ -472,7 +508,7 @@ static bool sched_step(struct sched *s) {
     if (partial) {
       engine_seq_free(s->e, partial->seq);
       partial->seq = NULL;
-      partial->n_prefilled = 0;
+      partial->n_prefilled = partial->n_prefix = 0;
       s->local.preemptions++;
     } else if (victim && (victim != s->running || victim->next_req)) {
       sched_preempt(s, victim);
@@ -501,6 +537,9 @@ static bool sched_step(struct sched *s) {
   for (uint32_t i = 0; i < n; i++) {
     struct sched_req *r = s->item_req[i];
     tokens += s->items[i].n_tokens;
+    /* Register the blocks this step filled. hist holds every id in a one-shot request's cache;
+     * a session's earlier turns are not in it, so sessions keep their KV to themselves. */
+    if (!r->session) engine_seq_register(s->e, r->seq, r->hist, engine_seq_len(r->seq));
     if (i < n_decode) {
       s->local.decode_tokens++;
       sched_sample(s, r, &s->running);
@@ -547,9 +586,23 @@ static void *sched_main(void *arg) {
     }
     sched_cancel_flagged(s, &s->running);
     sched_cancel_flagged(s, &s->waiting);
-    sched_step(s);
+    bool ran = sched_step(s);
     sched_publish(s);
     if (s->o.notify) s->o.notify(s->o.notify_ud);
+    if (!ran) {
+      /* Waiting requests that cannot run now (none should, but never spin): sleep until the loop
+       * sends something, or a moment passes for a cancel flag to be seen. */
+      struct timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_nsec += 20 * 1000000;
+      if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+      }
+      pthread_mutex_lock(&s->lock);
+      if (!s->in_head && !s->stop) pthread_cond_timedwait(&s->wake, &s->lock, &ts);
+      pthread_mutex_unlock(&s->lock);
+    }
   }
   sched_publish(s);
   if (s->o.notify) s->o.notify(s->o.notify_ud);

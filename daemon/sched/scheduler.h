@@ -55,7 +55,8 @@ struct sched_req {
   struct inbox_item *inbox; /* preallocated queue link */
   int32_t *hist; /* prompt then generated ids, for the penalties */
   uint32_t n_hist, cap_hist;
-  uint32_t n_prefilled; /* prompt tokens already run */
+  uint32_t n_prefilled; /* prompt tokens already run (or found in the prefix cache) */
+  uint32_t n_prefix;    /* of those, the ones the prefix cache supplied at admission */
   uint32_t n_generated;
   uint32_t cached_tokens; /* tokens the session already held when the request began */
   int32_t next;           /* sampled, not yet run through the model; -1 = none */

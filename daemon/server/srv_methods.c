@@ -105,7 +105,7 @@ static void m_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_close(w);
   /* KV: summed over the loaded models' pools. */
   uint64_t bt = 0, total = 0, used = 0, free_ = 0, hw = 0, fails = 0, kv_bytes = 0, waiting = 0,
-           running = 0;
+           running = 0, cached = 0, lookups = 0, hits = 0, evictions = 0, preemptions = 0;
   for (struct srv_model *m = s->models; m; m = m->next) {
     struct sched_stats st;
     sched_get_stats(m->sched, &st);
@@ -115,6 +115,11 @@ static void m_status(struct srv_conn *c, const struct ipc_msg *msg) {
     free_ += st.kv.free;
     hw += st.kv.high_water;
     fails += st.kv.alloc_failures;
+    cached += st.kv.cached;
+    lookups += st.kv.lookups;
+    hits += st.kv.hits;
+    evictions += st.kv.evictions;
+    preemptions += st.preemptions;
     waiting += st.waiting;
     running += st.running;
     kv_bytes += (uint64_t)st.kv.total * st.kv.block_size *
@@ -132,7 +137,12 @@ static void m_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_kv_u64(w, "blocks_total", total);
   ipc_w_kv_u64(w, "blocks_used", used);
   ipc_w_kv_u64(w, "blocks_free", free_);
-  ipc_w_kv_u64(w, "blocks_cached", 0);
+  ipc_w_kv_u64(w, "blocks_cached", cached);
+  ipc_w_kv_u64(w, "prefix_lookups", lookups);
+  ipc_w_kv_u64(w, "prefix_hits", hits);
+  ipc_w_kv_f64(w, "prefix_hit_rate", lookups ? (double)hits / (double)lookups : 0);
+  ipc_w_kv_u64(w, "evictions", evictions);
+  ipc_w_kv_u64(w, "preemptions", preemptions);
   ipc_w_kv_u64(w, "high_water", hw);
   ipc_w_kv_u64(w, "alloc_failures", fails);
   ipc_w_close(w);
