@@ -133,11 +133,42 @@ int main(int argc, char **argv) {
     printf("%7d  %11.1f  %16.1f  %12.1f  %7.1f%%\n", counts[c], rs.tokens / rs.seconds,
            rs.tokens / rs.seconds / counts[c], rs.ttft_mean * 1e3, rs.waste_mean * 100);
   }
+  /* Time to first token for a 400-token prompt: cold, then again with the same first 384 tokens
+   * (a shared system prompt or document) and a new tail, served from the prefix cache. */
+  static int32_t doc[400];
+  doc[0] = 1;
+  for (int i = 1; i < 400; i++) doc[i] = 3 + (int32_t)((i * 7919) % (n_vocab - 3));
+  double ttft[2];
+  for (int pass = 0; pass < 2; pass++) {
+    if (pass) for (int i = 384; i < 400; i++) doc[i] = 3 + (int32_t)((i * 31 + 5) % (n_vocab - 3));
+    struct sched_req *r;
+    sched_req_new(doc, 400, &r);
+    r->sp = (struct sample_params){.temperature = 0, .top_p = 1, .repeat_penalty = 1};
+    r->max_tokens = 1;
+    double t0 = now_s();
+    sched_submit(s, r);
+    for (bool done = false; !done;) {
+      pthread_mutex_lock(&mu);
+      while (!notified) pthread_cond_wait(&cv, &mu);
+      notified = 0;
+      pthread_mutex_unlock(&mu);
+      struct sched_event ev[16];
+      uint32_t k;
+      while ((k = sched_drain(s, ev, 16)) > 0)
+        for (uint32_t i = 0; i < k; i++) done |= ev[i].done;
+    }
+    ttft[pass] = r->t_first - t0;
+    if (pass) printf("time to first token, 400-token prompt: cold %.1f ms, %u tokens from the "
+                     "prefix cache %.1f ms\n", ttft[0] * 1e3, r->cached_tokens, ttft[1] * 1e3);
+    sched_req_free(r);
+  }
   struct sched_stats st;
   sched_get_stats(s, &st);
-  printf("steps %llu, largest batch %llu tokens, preemptions %llu\n",
+  printf("steps %llu, largest batch %llu tokens, preemptions %llu, prefix hits %llu of %llu "
+         "blocks\n",
          (unsigned long long)st.steps, (unsigned long long)st.batch_tokens_max,
-         (unsigned long long)st.preemptions);
+         (unsigned long long)st.preemptions, (unsigned long long)st.kv.hits,
+         (unsigned long long)st.kv.lookups);
   sched_free(s); /* frees the engine */
   gpu_device_free(dev);
   gpu_instance_free(inst);
