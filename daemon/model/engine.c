@@ -399,6 +399,13 @@ uint32_t engine_max_step_tokens(const struct engine *e) {
   return e->max_tokens;
 }
 
+/* Every open sequence is on the engine's list, so engine_free() can give back what clients left. */
+static void eng_seq_link(struct engine *e, struct engine_seq *s) {
+  s->next = e->seqs;
+  if (e->seqs) e->seqs->prev = s;
+  e->seqs = s;
+}
+
 int engine_seq_new(struct engine *e, struct engine_seq **ret) {
   struct engine_seq *s = calloc(1, sizeof *s);
   if (!s) return KVD_ENOMEM;
@@ -407,9 +414,7 @@ int engine_seq_new(struct engine *e, struct engine_seq **ret) {
     free(s);
     return rc;
   }
-  s->next = e->seqs;
-  if (e->seqs) e->seqs->prev = s;
-  e->seqs = s;
+  eng_seq_link(e, s);
   *ret = s;
   return 0;
 }
@@ -432,9 +437,7 @@ int engine_seq_new_prefix(struct engine *e, const int32_t *tokens, uint32_t n_to
     free(s);
     return rc;
   }
-  s->next = e->seqs;
-  if (e->seqs) e->seqs->prev = s;
-  e->seqs = s;
+  eng_seq_link(e, s);
   *ret = s;
   return 0;
 }
@@ -468,9 +471,7 @@ int engine_seq_fork(struct engine *e, const struct engine_seq *src, struct engin
     free(s);
     return rc;
   }
-  s->next = e->seqs;
-  if (e->seqs) e->seqs->prev = s;
-  e->seqs = s;
+  eng_seq_link(e, s);
   *ret = s;
   return 0;
 }
