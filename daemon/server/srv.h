@@ -22,6 +22,10 @@
 #include "scheduler.h"
 #include "tok.h"
 
+/* Generate requests that may wait for their first token per model before new ones get KVD_EBUSY
+ * (each connection is also capped at IPC_MAX_INFLIGHT requests). */
+#define SRV_MAX_QUEUED 256
+
 struct srv;
 struct srv_conn;
 struct srv_gen;

@@ -444,6 +444,16 @@ void srv_gen_start(struct srv_conn *c, const struct ipc_msg *msg) {
                     (int)gp.model_len, gp.model ? gp.model : "");
     return;
   }
+  /* A queue, not a backlog: past SRV_MAX_QUEUED requests waiting for their first token on this
+   * model, new ones are told to come back rather than left to wait minutes. */
+  uint32_t queued = 0;
+  for (struct srv_conn *o = c->srv->conns; o; o = o->next)
+    for (struct srv_gen *q = o->gens; q; q = q->next) queued += q->m == m && q->n_seen == 0;
+  if (queued >= SRV_MAX_QUEUED) {
+    srv_reply_error(c, msg->id, KVD_EBUSY, "%u requests are already waiting for %s; try again",
+                    queued, m->name);
+    return;
+  }
   char *text = NULL;
   size_t text_len = 0;
   rc = gen_prompt_text(m, &gp, &text, &text_len, &e);

@@ -280,3 +280,127 @@ KT_TEST(shared_prefix_is_prefilled_once_and_output_is_unchanged) {
   gguf_close(f2);
   FIXTURE_CHECK_VALIDATION();
 }
+
+/* Randomised schedule: requests arrive while others run (random gaps), prompts of mixed lengths
+ * that partly share prefixes, a pool small enough to force preemption, some requests cancelled
+ * mid-way and forked sessions. Every request that completes must produce exactly its solo
+ * output, a cancelled one a prefix of it, and the pool must end with nothing in use. */
+KT_TEST(randomised_schedule_stress_equals_solo) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = NULL, *fs = NULL;
+  struct sched *s = new_sched(&f, 14, 24);
+  struct sched *solo_s = new_sched(&fs, 64, 0);
+  if (!s && !f) KT_SKIP("stories260K.gguf not found");
+  KT_ASSERT(s && solo_s);
+  enum { N = 10, GEN = 24 };
+  static int32_t prompts[N][40];
+  uint32_t plen[N];
+  int32_t common[20];
+  common[0] = 1;
+  for (int j = 1; j < 20; j++) common[j] = (int32_t)kt_rand_range(3, 511);
+  for (int i = 0; i < N; i++) {
+    plen[i] = kt_rand_range(4, 40);
+    bool share = kt_rand_range(0, 1);
+    for (uint32_t j = 0; j < plen[i]; j++)
+      prompts[i][j] = share && j < 20 ? common[j] : (j == 0 ? 1 : (int32_t)kt_rand_range(3, 511));
+  }
+  static struct out solo[N], got[N];
+  memset(solo, 0, sizeof solo);
+  memset(got, 0, sizeof got);
+  struct sched_req *reqs[N];
+  for (int i = 0; i < N; i++) {
+    reqs[i] = greedy_req(prompts[i], plen[i], GEN);
+    sched_submit(solo_s, reqs[i]);
+    run_until_done(solo_s, &reqs[i], &solo[i], 1);
+    sched_req_free(reqs[i]);
+  }
+  bool cancel_me[N] = {false};
+  cancel_me[kt_rand_range(0, N - 1)] = true;
+  cancel_me[kt_rand_range(0, N - 1)] = true;
+  int submitted = 0, left = N;
+  while (left > 0) {
+    /* Arrivals: 0..2 new requests between event batches. */
+    for (uint32_t k = kt_rand_range(0, 2); k > 0 && submitted < N; k--, submitted++) {
+      reqs[submitted] = greedy_req(prompts[submitted], plen[submitted], GEN);
+      sched_submit(s, reqs[submitted]);
+    }
+    if (submitted == 0) continue;
+    pthread_mutex_lock(&mu);
+    while (!notified) pthread_cond_wait(&cv, &mu);
+    notified = 0;
+    pthread_mutex_unlock(&mu);
+    struct sched_event ev[64];
+    uint32_t k;
+    while ((k = sched_drain(s, ev, 64)) > 0)
+      for (uint32_t e = 0; e < k; e++) {
+        int j = 0;
+        while (reqs[j] != ev[e].req) j++;
+        if (ev[e].done) {
+          got[j].done = true;
+          got[j].finish = ev[e].finish;
+          left--;
+        } else {
+          got[j].ids[got[j].n++] = ev[e].token;
+          if (cancel_me[j] && got[j].n == 3) sched_cancel(reqs[j]);
+        }
+      }
+  }
+  for (int i = 0; i < N; i++) {
+    if (cancel_me[i]) {
+      KT_CHECK(got[i].finish == SCHED_FINISH_CANCELLED || got[i].finish == SCHED_FINISH_LENGTH);
+      KT_CHECK(got[i].n <= solo[i].n);
+    } else {
+      KT_CHECK_EQ(got[i].finish, SCHED_FINISH_LENGTH);
+      KT_CHECK_EQ(got[i].n, solo[i].n);
+    }
+    KT_CHECK_MSG(memcmp(got[i].ids, solo[i].ids, got[i].n * 4) == 0, "request %d differs", i);
+    sched_req_free(reqs[i]);
+  }
+  /* A forked session continues exactly like its source would. */
+  struct sched_session *a, *b;
+  KT_ASSERT_OK(sched_session_new(s, &a));
+  struct out o1 = {0}, o2 = {0}, o3 = {0};
+  struct sched_req *r1 = greedy_req(prompts[0], plen[0], 6);
+  r1->session = a;
+  sched_submit(s, r1);
+  run_until_done(s, &r1, &o1, 1);
+  KT_ASSERT_OK(sched_session_fork(s, a, &b));
+  int32_t more[] = {300, 301};
+  struct sched_req *r2 = greedy_req(more, 2, 5), *r3 = greedy_req(more, 2, 5);
+  r2->session = a;
+  r3->session = b;
+  sched_submit(s, r2);
+  sched_submit(s, r3);
+  struct sched_req *pair[2] = {r2, r3};
+  static struct out outs[2];
+  memset(outs, 0, sizeof outs);
+  run_until_done(s, pair, outs, 2);
+  o2 = outs[0];
+  o3 = outs[1];
+  KT_CHECK_EQ(o2.n, o3.n);
+  KT_CHECK(memcmp(o2.ids, o3.ids, o2.n * 4) == 0);
+  sched_req_free(r1);
+  sched_req_free(r2);
+  sched_req_free(r3);
+  sched_session_free(s, a);
+  sched_session_free(s, b);
+  /* A last request makes the engine thread apply the frees and publish. */
+  struct out o4 = {0};
+  struct sched_req *r4 = greedy_req(prompts[1], 1, 1);
+  sched_submit(s, r4);
+  run_until_done(s, &r4, &o4, 1);
+  sched_req_free(r4);
+  struct sched_stats st;
+  sched_get_stats(s, &st);
+  kt_log("stress: %llu steps, %llu preemptions, prefix hits %llu/%llu",
+         (unsigned long long)st.steps, (unsigned long long)st.preemptions,
+         (unsigned long long)st.kv.hits, (unsigned long long)st.kv.lookups);
+  KT_CHECK_EQ(st.kv.used, 0);
+  KT_CHECK_EQ(st.kv.free + st.kv.cached, st.kv.total);
+  sched_free(s);
+  sched_free(solo_s);
+  gguf_close(f);
+  gguf_close(fs);
+  FIXTURE_CHECK_VALIDATION();
+}
