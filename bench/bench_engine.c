@@ -37,7 +37,8 @@ int main(int argc, char **argv) {
   struct gpu_instance *inst;
   struct gpu_device *dev;
   int rc = gpu_instance_new(&(struct gpu_instance_opts){0}, &inst);
-  if (rc == 0) rc = gpu_device_new(inst, &(struct gpu_device_opts){.select = getenv("KVD_DEVICE")}, &dev);
+  if (rc == 0)
+    rc = gpu_device_new(inst, &(struct gpu_device_opts){.select = getenv("KVD_DEVICE")}, &dev);
   if (rc < 0) {
     fprintf(stderr, "device: %s (%s)\n", kvd_strerror(rc), gpu_error_detail());
     return 1;
@@ -61,7 +62,8 @@ int main(int argc, char **argv) {
   float *lg = malloc(hp->n_vocab * sizeof *lg);
   srand(7);
   toks[0] = hp->bos_id >= 0 ? hp->bos_id : 1;
-  for (uint32_t i = 1; i < n_prompt + n_gen; i++) toks[i] = 3 + rand() % (int)(hp->n_vocab - 3);
+  for (uint32_t i = 1; i < n_prompt + n_gen; i++)
+    toks[i] = 3 + rand() % (int)(hp->n_vocab - 3);
 
   /* Warm-up: the first steps compile nothing (pipelines exist) but fault in memory. */
   struct engine_seq *s;
@@ -76,7 +78,8 @@ int main(int argc, char **argv) {
   double prefill = now_s() - t0;
   /* Decode n_gen tokens one step each with the KV cache. */
   t0 = now_s();
-  for (uint32_t i = 0; i < n_gen && rc == 0; i++) rc = step(e, s, &toks[n_prompt + i], 1, lg);
+  for (uint32_t i = 0; i < n_gen && rc == 0; i++)
+    rc = step(e, s, &toks[n_prompt + i], 1, lg);
   double decode = now_s() - t0;
   engine_seq_free(e, s);
   if (rc < 0) {
@@ -112,7 +115,8 @@ int main(int argc, char **argv) {
   const struct gpu_timing *tm;
   uint32_t n = engine_last_timings(e, &tm);
   double total = 0;
-  for (uint32_t i = 0; i < n; i++) total += tm[i].ns;
+  for (uint32_t i = 0; i < n; i++)
+    total += tm[i].ns;
   printf("one decode step: %u dispatches, %.3f ms of GPU time\n", n, total * 1e-6);
   /* Sum by label, in order of first appearance. */
   const char *labels[64];
@@ -120,7 +124,8 @@ int main(int argc, char **argv) {
   int counts[64], nl = 0;
   for (uint32_t i = 0; i < n; i++) {
     int j = 0;
-    while (j < nl && strcmp(labels[j], tm[i].label) != 0) j++;
+    while (j < nl && strcmp(labels[j], tm[i].label) != 0)
+      j++;
     if (j == nl && nl < 64) {
       labels[nl] = tm[i].label;
       sums[nl] = 0;

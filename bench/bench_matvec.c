@@ -20,7 +20,8 @@ static void cpu_matvec(const float *w, const float *x, float *y, uint32_t rows, 
   for (uint32_t r = 0; r < rows; r++) {
     float acc = 0;
     const float *row = w + (size_t)r * cols;
-    for (uint32_t c = 0; c < cols; c++) acc += row[c] * x[c];
+    for (uint32_t c = 0; c < cols; c++)
+      acc += row[c] * x[c];
     y[r] = acc;
   }
 }
@@ -30,8 +31,11 @@ static int bench_gpu(struct gpu_device *dev, const char *shader, uint32_t wg, st
                      int iters) {
   struct gpu_pipeline *pipe;
   struct gpu_cmd *cmd;
-  struct gpu_pipeline_desc d = {.shader = shader, .n_buffers = 3,
-                                .push_size = sizeof(struct pc_matvec), .n_spec = 1, .spec = {wg},
+  struct gpu_pipeline_desc d = {.shader = shader,
+                                .n_buffers = 3,
+                                .push_size = sizeof(struct pc_matvec),
+                                .n_spec = 1,
+                                .spec = {wg},
                                 .local_size = {wg, 1, 1}};
   int rc = gpu_pipeline_new(dev, &d, &pipe);
   if (rc < 0) return rc;
@@ -78,8 +82,10 @@ int main(int argc, char **argv) {
   float *w = malloc(nw * 4), *x = malloc(cols * 4), *y = malloc(rows * 4);
   if (!w || !x || !y) return 1;
   srand(1);
-  for (size_t i = 0; i < nw; i++) w[i] = (float)rand() / (float)RAND_MAX - 0.5f;
-  for (uint32_t i = 0; i < cols; i++) x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+  for (size_t i = 0; i < nw; i++)
+    w[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+  for (uint32_t i = 0; i < cols; i++)
+    x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
 
   printf("f32 mat-vec %u x %u (%.1f MiB of weights), %d iterations\n", rows, cols,
          (double)nw * 4 / (1 << 20), iters);

@@ -46,7 +46,8 @@ static void run(struct sched *s, int n, uint32_t gen, uint32_t n_vocab, struct r
     plen[i] = 16 + (uint32_t)(i * 37 % 100); /* 16..115 tokens */
     int32_t toks[128];
     toks[0] = 1;
-    for (uint32_t j = 1; j < plen[i]; j++) toks[j] = 3 + (int32_t)((i * 131 + j * 17) % (n_vocab - 3));
+    for (uint32_t j = 1; j < plen[i]; j++)
+      toks[j] = 3 + (int32_t)((i * 131 + j * 17) % (n_vocab - 3));
     sched_req_new(toks, plen[i], &reqs[i]);
     reqs[i]->sp = (struct sample_params){.temperature = 0, .top_p = 1, .repeat_penalty = 1};
     reqs[i]->max_tokens = gen;
@@ -57,7 +58,8 @@ static void run(struct sched *s, int n, uint32_t gen, uint32_t n_vocab, struct r
   uint64_t waste_n = 0, tokens = 0;
   while (left > 0) {
     pthread_mutex_lock(&mu);
-    while (!notified) pthread_cond_wait(&cv, &mu);
+    while (!notified)
+      pthread_cond_wait(&cv, &mu);
     notified = 0;
     pthread_mutex_unlock(&mu);
     struct sched_event ev[64];
@@ -65,7 +67,8 @@ static void run(struct sched *s, int n, uint32_t gen, uint32_t n_vocab, struct r
     while ((k = sched_drain(s, ev, 64)) > 0) {
       for (uint32_t e = 0; e < k; e++) {
         int i = 0;
-        while (reqs[i] != ev[e].req) i++;
+        while (reqs[i] != ev[e].req)
+          i++;
         if (ev[e].done) {
           left--;
         } else {
@@ -77,7 +80,8 @@ static void run(struct sched *s, int n, uint32_t gen, uint32_t n_vocab, struct r
       struct sched_stats st;
       sched_get_stats(s, &st);
       uint64_t held = 0;
-      for (int i = 0; i < n; i++) held += got[i] < gen ? plen[i] + got[i] : 0;
+      for (int i = 0; i < n; i++)
+        held += got[i] < gen ? plen[i] + got[i] : 0;
       uint64_t slots = (uint64_t)st.kv.used * st.kv.block_size;
       if (slots && held <= slots) {
         waste_sum += (double)(slots - held) / (double)slots;
@@ -88,9 +92,11 @@ static void run(struct sched *s, int n, uint32_t gen, uint32_t n_vocab, struct r
   out->seconds = now_s() - t0;
   out->tokens = tokens;
   out->ttft_mean = 0;
-  for (int i = 0; i < n; i++) out->ttft_mean += first[i] / n;
+  for (int i = 0; i < n; i++)
+    out->ttft_mean += first[i] / n;
   out->waste_mean = waste_n ? waste_sum / (double)waste_n : 0;
-  for (int i = 0; i < n; i++) sched_req_free(reqs[i]);
+  for (int i = 0; i < n; i++)
+    sched_req_free(reqs[i]);
 }
 
 int main(int argc, char **argv) {
@@ -108,16 +114,18 @@ int main(int argc, char **argv) {
   struct gpu_instance *inst;
   struct gpu_device *dev;
   int rc = gpu_instance_new(&(struct gpu_instance_opts){0}, &inst);
-  if (rc == 0) rc = gpu_device_new(inst, &(struct gpu_device_opts){.select = getenv("KVD_DEVICE")}, &dev);
+  if (rc == 0)
+    rc = gpu_device_new(inst, &(struct gpu_device_opts){.select = getenv("KVD_DEVICE")}, &dev);
   struct engine *e = NULL;
   struct model_error merr = {{0}};
   if (rc == 0)
-    rc = engine_new(dev, f, &(struct engine_opts){.n_blocks = 2048, .max_step_tokens = 256,
-                                                  .max_logits = 32}, &e, &merr);
+    rc = engine_new(
+        dev, f, &(struct engine_opts){.n_blocks = 2048, .max_step_tokens = 256, .max_logits = 32},
+        &e, &merr);
   struct sched *s = NULL;
   if (rc == 0)
-    rc = sched_new(e, &(struct sched_opts){.step_tokens = 256, .max_running = 32,
-                                           .notify = on_notify}, &s);
+    rc = sched_new(
+        e, &(struct sched_opts){.step_tokens = 256, .max_running = 32, .notify = on_notify}, &s);
   if (rc < 0) {
     fprintf(stderr, "setup: %s (%s %s)\n", kvd_strerror(rc), merr.msg, gpu_error_detail());
     return 1;
@@ -137,10 +145,13 @@ int main(int argc, char **argv) {
    * (a shared system prompt or document) and a new tail, served from the prefix cache. */
   static int32_t doc[400];
   doc[0] = 1;
-  for (int i = 1; i < 400; i++) doc[i] = 3 + (int32_t)((i * 7919) % (n_vocab - 3));
+  for (int i = 1; i < 400; i++)
+    doc[i] = 3 + (int32_t)((i * 7919) % (n_vocab - 3));
   double ttft[2];
   for (int pass = 0; pass < 2; pass++) {
-    if (pass) for (int i = 384; i < 400; i++) doc[i] = 3 + (int32_t)((i * 31 + 5) % (n_vocab - 3));
+    if (pass)
+      for (int i = 384; i < 400; i++)
+        doc[i] = 3 + (int32_t)((i * 31 + 5) % (n_vocab - 3));
     struct sched_req *r;
     sched_req_new(doc, 400, &r);
     r->sp = (struct sample_params){.temperature = 0, .top_p = 1, .repeat_penalty = 1};
@@ -149,17 +160,21 @@ int main(int argc, char **argv) {
     sched_submit(s, r);
     for (bool done = false; !done;) {
       pthread_mutex_lock(&mu);
-      while (!notified) pthread_cond_wait(&cv, &mu);
+      while (!notified)
+        pthread_cond_wait(&cv, &mu);
       notified = 0;
       pthread_mutex_unlock(&mu);
       struct sched_event ev[16];
       uint32_t k;
       while ((k = sched_drain(s, ev, 16)) > 0)
-        for (uint32_t i = 0; i < k; i++) done |= ev[i].done;
+        for (uint32_t i = 0; i < k; i++)
+          done |= ev[i].done;
     }
     ttft[pass] = r->t_first - t0;
-    if (pass) printf("time to first token, 400-token prompt: cold %.1f ms, %u tokens from the "
-                     "prefix cache %.1f ms\n", ttft[0] * 1e3, r->cached_tokens, ttft[1] * 1e3);
+    if (pass)
+      printf("time to first token, 400-token prompt: cold %.1f ms, %u tokens from the "
+             "prefix cache %.1f ms\n",
+             ttft[0] * 1e3, r->cached_tokens, ttft[1] * 1e3);
     sched_req_free(r);
   }
   struct sched_stats st;

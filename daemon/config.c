@@ -12,9 +12,9 @@ enum opt_type { OPT_BOOL, OPT_STR, OPT_INT };
 struct opt {
   const char *flag; /* long flag without the dashes */
   enum opt_type type;
-  size_t offset;       /* field in struct kvd_config */
-  const char *def;     /* default, as text */
-  const char *env;     /* environment variable, or NULL */
+  size_t offset;   /* field in struct kvd_config */
+  const char *def; /* default, as text */
+  const char *env; /* environment variable, or NULL */
   const char *help;
 };
 
@@ -73,8 +73,7 @@ static int opt_set(struct kvd_config *cfg, const struct opt *o, const char *val,
     char *end;
     long v = val ? strtol(val, &end, 10) : 0;
     if (!val || *end || end == val) {
-      fprintf(stderr, "kvd: %s: --%s expects a number, got \"%s\"\n", src, o->flag,
-              val ? val : "");
+      fprintf(stderr, "kvd: %s: --%s expects a number, got \"%s\"\n", src, o->flag, val ? val : "");
       return KVD_EINVAL;
     }
     *(int *)field = (int)v;
@@ -144,9 +143,12 @@ int config_load(struct kvd_config *cfg, int argc, char **argv) {
   if (!file) {
     const char *sys = config_pre_scan(argc, argv, "system");
     const char *xdg = getenv("XDG_CONFIG_HOME"), *home = getenv("HOME");
-    if (sys && strcmp(sys, "0") != 0) file = "/etc/kvd/kvd.conf";
-    else if (xdg && *xdg) snprintf(buf, sizeof buf, "%s/kvd/kvd.conf", xdg), file = buf;
-    else if (home && *home) snprintf(buf, sizeof buf, "%s/.config/kvd/kvd.conf", home), file = buf;
+    if (sys && strcmp(sys, "0") != 0)
+      file = "/etc/kvd/kvd.conf";
+    else if (xdg && *xdg)
+      snprintf(buf, sizeof buf, "%s/kvd/kvd.conf", xdg), file = buf;
+    else if (home && *home)
+      snprintf(buf, sizeof buf, "%s/.config/kvd/kvd.conf", home), file = buf;
   }
   if (rc == 0 && file) {
     int line = ini_parse(file, config_ini_cb, cfg);
@@ -193,8 +195,10 @@ int config_load(struct kvd_config *cfg, int argc, char **argv) {
   if (rc == 0 && !cfg->socket) {
     const char *run = getenv("XDG_RUNTIME_DIR");
     char path[1024];
-    if (cfg->system || !run || !*run) snprintf(path, sizeof path, "/run/kvd/kvd.sock");
-    else snprintf(path, sizeof path, "%s/kvd/kvd.sock", run);
+    if (cfg->system || !run || !*run)
+      snprintf(path, sizeof path, "/run/kvd/kvd.sock");
+    else
+      snprintf(path, sizeof path, "%s/kvd/kvd.sock", run);
     rc = opt_set(cfg, opt_find("socket", 6), path, "default");
   }
   if (rc == 0 && (cfg->max_clients < 1 || cfg->step_tokens < 1 || cfg->max_seqs < 1 ||
@@ -229,7 +233,8 @@ void config_destroy(struct kvd_config *cfg) {
 }
 
 void config_print_help(FILE *out) {
-  fprintf(out, "usage: kvd [OPTIONS]\n\nkvd: a local LLM inference daemon on Vulkan.\n\noptions:\n");
+  fprintf(out,
+          "usage: kvd [OPTIONS]\n\nkvd: a local LLM inference daemon on Vulkan.\n\noptions:\n");
   for (size_t i = 0; i < N_OPTS; i++) {
     char left[64];
     snprintf(left, sizeof left, "--%s%s", opts[i].flag,
@@ -254,11 +259,25 @@ int config_parse_budget(const char *s, uint64_t *ret_bytes, double *ret_fraction
   }
   double mul = 1;
   switch (*end) {
-  case 'k': case 'K': mul = 1024.0; end++; break;
-  case 'm': case 'M': mul = 1024.0 * 1024; end++; break;
-  case 'g': case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
-  case '\0': break;
-  default: return KVD_EINVAL;
+  case 'k':
+  case 'K':
+    mul = 1024.0;
+    end++;
+    break;
+  case 'm':
+  case 'M':
+    mul = 1024.0 * 1024;
+    end++;
+    break;
+  case 'g':
+  case 'G':
+    mul = 1024.0 * 1024 * 1024;
+    end++;
+    break;
+  case '\0':
+    break;
+  default:
+    return KVD_EINVAL;
   }
   if (*end == 'i' || *end == 'B') end++;
   if (*end == 'B') end++;

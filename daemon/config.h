@@ -15,22 +15,22 @@ struct kvd_config {
   bool list_devices;
   char *model_info; /* print a GGUF file's metadata, tensors and hyperparameters, then exit */
   /* serving */
-  char *config;      /* config file read (NULL: the default paths, when present) */
-  bool system;       /* system service: /run/kvd/kvd.sock, /etc/kvd/kvd.conf */
-  char *socket;      /* socket path */
+  char *config;       /* config file read (NULL: the default paths, when present) */
+  bool system;        /* system service: /run/kvd/kvd.sock, /etc/kvd/kvd.conf */
+  char *socket;       /* socket path */
   char *socket_group; /* group allowed to connect (mode 0660), else 0600 */
-  char *model;       /* model to load at start */
-  char *model_name;  /* its name for clients (default: file name without .gguf) */
+  char *model;        /* model to load at start */
+  char *model_name;   /* its name for clients (default: file name without .gguf) */
   int max_clients;
-  int step_tokens;   /* tokens per engine step (chunked prefill budget) */
-  int max_seqs;      /* requests decoding at once */
+  int step_tokens; /* tokens per engine step (chunked prefill budget) */
+  int max_seqs;    /* requests decoding at once */
   /* device and memory */
-  char *device;      /* index or name substring; NULL = discrete > integrated > virtual > CPU */
-  bool validate;     /* Vulkan validation layers */
-  char *cache_dir;   /* pipeline cache folder */
-  char *kv_budget;   /* KV cache bytes ("512M", "2G") or a share of free memory ("50%") */
-  int block_size;    /* KV block size in tokens */
-  int log_level;     /* syslog levels: 3 err .. 7 debug */
+  char *device;    /* index or name substring; NULL = discrete > integrated > virtual > CPU */
+  bool validate;   /* Vulkan validation layers */
+  char *cache_dir; /* pipeline cache folder */
+  char *kv_budget; /* KV cache bytes ("512M", "2G") or a share of free memory ("50%") */
+  int block_size;  /* KV block size in tokens */
+  int log_level;   /* syslog levels: 3 err .. 7 debug */
 };
 
 /* Fills cfg; returns 0, or a negative code after printing what was wrong to stderr. */

@@ -3,7 +3,13 @@
 #ifndef KVD_LOG_H
 #define KVD_LOG_H
 
-enum { LOG_LVL_ERR = 3, LOG_LVL_WARNING = 4, LOG_LVL_NOTICE = 5, LOG_LVL_INFO = 6, LOG_LVL_DEBUG = 7 };
+enum {
+  LOG_LVL_ERR = 3,
+  LOG_LVL_WARNING = 4,
+  LOG_LVL_NOTICE = 5,
+  LOG_LVL_INFO = 6,
+  LOG_LVL_DEBUG = 7
+};
 
 void log_set_level(int level);
 void log_msg(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

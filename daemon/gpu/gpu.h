@@ -58,7 +58,7 @@ struct gpu_caps {
   char driver_info[256];
 
   uint32_t subgroup_size;
-  uint32_t subgroup_ops; /* gpu_subgroup_op bits usable in compute shaders */
+  uint32_t subgroup_ops;               /* gpu_subgroup_op bits usable in compute shaders */
   uint32_t subgroup_min, subgroup_max; /* VK_EXT_subgroup_size_control range, else both = size */
 
   bool fp16_arith;      /* shaderFloat16 */
@@ -80,8 +80,8 @@ struct gpu_caps {
   uint64_t max_alloc_size;
   uint64_t min_storage_align; /* minStorageBufferOffsetAlignment */
   uint32_t max_alloc_count;
-  bool timestamps;         /* compute queue can write timestamps */
-  float timestamp_period;  /* ns per tick */
+  bool timestamps;        /* compute queue can write timestamps */
+  float timestamp_period; /* ns per tick */
 
   uint32_t n_heaps;
   struct gpu_heap heaps[GPU_MAX_HEAPS];
@@ -139,8 +139,8 @@ enum gpu_mem_kind {
 };
 
 struct gpu_mem_stats {
-  uint64_t allocated;    /* bytes in live buffers */
-  uint64_t reserved;     /* bytes of VkDeviceMemory held in blocks */
+  uint64_t allocated; /* bytes in live buffers */
+  uint64_t reserved;  /* bytes of VkDeviceMemory held in blocks */
   uint32_t n_blocks;
   uint32_t n_buffers;
   uint64_t device_local; /* reserved bytes on device-local heaps */
@@ -167,10 +167,10 @@ int gpu_buffer_download(struct gpu_device *dev, struct gpu_buffer *src, uint64_t
 
 /* ---- pipelines ---- */
 struct gpu_pipeline_desc {
-  const char *shader;     /* variant name in the embedded registry */
-  uint32_t n_buffers;     /* storage buffers at bindings 0..n-1 */
-  uint32_t push_size;     /* bytes of the push-constant struct */
-  uint32_t n_spec;        /* specialization constants 0..n_spec-1, all 32-bit */
+  const char *shader; /* variant name in the embedded registry */
+  uint32_t n_buffers; /* storage buffers at bindings 0..n-1 */
+  uint32_t push_size; /* bytes of the push-constant struct */
+  uint32_t n_spec;    /* specialization constants 0..n_spec-1, all 32-bit */
   uint32_t spec[GPU_MAX_SPEC];
   uint32_t local_size[3]; /* the workgroup size the spec constants give (checked at dispatch) */
 };

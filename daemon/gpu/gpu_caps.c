@@ -13,7 +13,8 @@ bool gpu__has_extension(VkPhysicalDevice phys, const char *name) {
   if (!props) return false;
   bool found = false;
   if (vkEnumerateDeviceExtensionProperties(phys, NULL, &n, props) == VK_SUCCESS)
-    for (uint32_t i = 0; i < n && !found; i++) found = strcmp(props[i].extensionName, name) == 0;
+    for (uint32_t i = 0; i < n && !found; i++)
+      found = strcmp(props[i].extensionName, name) == 0;
   free(props);
   return found;
 }
@@ -48,8 +49,8 @@ int gpu__caps_read(struct gpu_instance *inst, VkPhysicalDevice phys, struct gpu_
   bool sg_ctl = base.apiVersion >= VK_API_VERSION_1_3 ||
                 gpu__has_extension(phys, VK_EXT_SUBGROUP_SIZE_CONTROL_EXTENSION_NAME);
 
-  VkPhysicalDeviceSubgroupProperties sg = {.sType =
-                                               VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES};
+  VkPhysicalDeviceSubgroupProperties sg = {
+      .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES};
   VkPhysicalDeviceMaintenance3Properties m3 = {
       .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MAINTENANCE_3_PROPERTIES, .pNext = &sg};
   VkPhysicalDeviceDriverProperties drv = {.sType =
@@ -106,8 +107,8 @@ int gpu__caps_read(struct gpu_instance *inst, VkPhysicalDevice phys, struct gpu_
   }
 
   /* Features: Vulkan 1.2 devices report them in the core structs, older ones in the KHR ones. */
-  VkPhysicalDeviceVulkan11Features f11 = {.sType =
-                                              VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES};
+  VkPhysicalDeviceVulkan11Features f11 = {
+      .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES};
   VkPhysicalDeviceVulkan12Features f12 = {
       .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES, .pNext = &f11};
   VkPhysicalDevice16BitStorageFeatures s16 = {
@@ -198,8 +199,8 @@ static void caps_print_bytes(FILE *out, const char *label, uint64_t v) {
 }
 
 void gpu_caps_print(const struct gpu_caps *c, uint32_t index, FILE *out) {
-  static const char *sg_names[] = {"basic",   "vote",    "arithmetic", "ballot",
-                                   "shuffle", "shuffle_relative", "clustered", "quad"};
+  static const char *sg_names[] = {
+      "basic", "vote", "arithmetic", "ballot", "shuffle", "shuffle_relative", "clustered", "quad"};
   fprintf(out, "device %u: %s\n", index, c->name);
   fprintf(out, "  %-22s %s\n", "type", gpu_device_type_name(c->type));
   fprintf(out, "  %-22s 0x%04x / 0x%04x\n", "vendor / device id", c->vendor_id, c->device_id);

@@ -37,8 +37,8 @@ int gpu_cmd_new(struct gpu_device *dev, struct gpu_cmd **ret) {
       .flags = VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT,
       .queueFamilyIndex = dev->queue_family,
   };
-  int rc = gpu__check(vkCreateCommandPool(dev->device, &pci, NULL, &cmd->pool),
-                      "vkCreateCommandPool");
+  int rc =
+      gpu__check(vkCreateCommandPool(dev->device, &pci, NULL, &cmd->pool), "vkCreateCommandPool");
   if (rc < 0) goto fail;
   VkCommandBufferAllocateInfo ai = {
       .sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO,
@@ -57,8 +57,7 @@ int gpu_cmd_new(struct gpu_device *dev, struct gpu_cmd **ret) {
         .queryType = VK_QUERY_TYPE_TIMESTAMP,
         .queryCount = 2 * MAX_TIMED,
     };
-    rc = gpu__check(vkCreateQueryPool(dev->device, &qci, NULL, &cmd->queries),
-                    "vkCreateQueryPool");
+    rc = gpu__check(vkCreateQueryPool(dev->device, &qci, NULL, &cmd->queries), "vkCreateQueryPool");
     if (rc < 0) goto fail;
   }
   *ret = cmd;
@@ -72,7 +71,8 @@ void gpu_cmd_free(struct gpu_cmd *cmd) {
   if (!cmd) return;
   VkDevice d = cmd->dev->device;
   if (cmd->pending) vkWaitForFences(d, 1, &cmd->fence, VK_TRUE, UINT64_MAX);
-  for (uint32_t i = 0; i < cmd->n_pools; i++) vkDestroyDescriptorPool(d, cmd->pools[i], NULL);
+  for (uint32_t i = 0; i < cmd->n_pools; i++)
+    vkDestroyDescriptorPool(d, cmd->pools[i], NULL);
   if (cmd->queries) vkDestroyQueryPool(d, cmd->queries, NULL);
   if (cmd->fence) vkDestroyFence(d, cmd->fence, NULL);
   if (cmd->pool) vkDestroyCommandPool(d, cmd->pool, NULL);
@@ -83,7 +83,8 @@ int gpu_cmd_begin(struct gpu_cmd *cmd) {
   if (cmd->pending || cmd->recording)
     return gpu__fail(KVD_EINVAL, "gpu_cmd_begin: previous submission not finished");
   VkDevice d = cmd->dev->device;
-  for (uint32_t i = 0; i < cmd->n_pools; i++) vkResetDescriptorPool(d, cmd->pools[i], 0);
+  for (uint32_t i = 0; i < cmd->n_pools; i++)
+    vkResetDescriptorPool(d, cmd->pools[i], 0);
   cmd->cur_pool = 0;
   cmd->n_timed = 0;
   cmd->n_timings = 0;
@@ -149,14 +150,15 @@ int gpu_cmd_dispatch(struct gpu_cmd *cmd, const struct gpu_pipeline *pipe,
   if (!cmd->recording) return gpu__fail(KVD_EINVAL, "gpu_cmd_dispatch outside begin/submit");
   if (n_bindings != pipe->n_buffers || push_size != pipe->push_size)
     return cmd_record_error(
-        cmd, gpu__fail(KVD_EINVAL, "dispatch '%s': %u bindings / %u push bytes, pipeline wants %u / %u",
-                       pipe->name, n_bindings, push_size, pipe->n_buffers, pipe->push_size));
+        cmd,
+        gpu__fail(KVD_EINVAL, "dispatch '%s': %u bindings / %u push bytes, pipeline wants %u / %u",
+                  pipe->name, n_bindings, push_size, pipe->n_buffers, pipe->push_size));
   uint32_t g[3] = {gx, gy, gz};
   for (int i = 0; i < 3; i++)
     if (g[i] == 0 || g[i] > c->max_wg_count[i])
-      return cmd_record_error(
-          cmd, gpu__fail(KVD_E_LIMIT, "dispatch '%s': workgroup count[%d]=%u outside 1..%u",
-                         pipe->name, i, g[i], c->max_wg_count[i]));
+      return cmd_record_error(cmd, gpu__fail(KVD_E_LIMIT,
+                                             "dispatch '%s': workgroup count[%d]=%u outside 1..%u",
+                                             pipe->name, i, g[i], c->max_wg_count[i]));
 
   VkDescriptorBufferInfo infos[GPU_MAX_BINDINGS];
   VkWriteDescriptorSet writes[GPU_MAX_BINDINGS];
@@ -169,20 +171,23 @@ int gpu_cmd_dispatch(struct gpu_cmd *cmd, const struct gpu_pipeline *pipe,
     uint64_t range = b->range ? b->range : (b->offset < size ? size - b->offset : 0);
     if (b->offset >= size || range > size - b->offset)
       return cmd_record_error(
-          cmd, gpu__fail(KVD_ERANGE, "dispatch '%s': binding %u [%llu, +%llu) outside buffer of %llu",
-                         pipe->name, i, (unsigned long long)b->offset,
-                         (unsigned long long)range, (unsigned long long)size));
+          cmd,
+          gpu__fail(KVD_ERANGE, "dispatch '%s': binding %u [%llu, +%llu) outside buffer of %llu",
+                    pipe->name, i, (unsigned long long)b->offset, (unsigned long long)range,
+                    (unsigned long long)size));
     if (range > c->max_storage_range)
       return cmd_record_error(
-          cmd, gpu__fail(KVD_E_LIMIT, "dispatch '%s': binding %u range %llu > maxStorageBufferRange %llu",
-                         pipe->name, i, (unsigned long long)range,
-                         (unsigned long long)c->max_storage_range));
+          cmd,
+          gpu__fail(KVD_E_LIMIT,
+                    "dispatch '%s': binding %u range %llu > maxStorageBufferRange %llu", pipe->name,
+                    i, (unsigned long long)range, (unsigned long long)c->max_storage_range));
     if (c->min_storage_align && b->offset % c->min_storage_align)
       return cmd_record_error(
           cmd, gpu__fail(KVD_EINVAL, "dispatch '%s': binding %u offset %llu not aligned to %llu",
                          pipe->name, i, (unsigned long long)b->offset,
                          (unsigned long long)c->min_storage_align));
-    infos[i] = (VkDescriptorBufferInfo){.buffer = b->buf->buffer, .offset = b->offset, .range = range};
+    infos[i] =
+        (VkDescriptorBufferInfo){.buffer = b->buf->buffer, .offset = b->offset, .range = range};
     writes[i] = (VkWriteDescriptorSet){
         .sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET,
         .dstSet = set,
@@ -294,14 +299,15 @@ int gpu_cmd_wait(struct gpu_cmd *cmd) {
   cmd->n_timings = 0;
   if (cmd->n_timed) {
     uint64_t ts[2 * MAX_TIMED];
-    VkResult r = vkGetQueryPoolResults(cmd->dev->device, cmd->queries, 0, 2 * cmd->n_timed,
-                                       sizeof ts, ts, sizeof ts[0],
-                                       VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT);
+    VkResult r =
+        vkGetQueryPoolResults(cmd->dev->device, cmd->queries, 0, 2 * cmd->n_timed, sizeof ts, ts,
+                              sizeof ts[0], VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT);
     if (r == VK_SUCCESS) {
       double period = cmd->dev->caps.timestamp_period;
       for (uint32_t i = 0; i < cmd->n_timed; i++) {
         cmd->timings[i].label = cmd->labels[i];
-        cmd->timings[i].ns = ts[2 * i + 1] >= ts[2 * i] ? (double)(ts[2 * i + 1] - ts[2 * i]) * period : 0;
+        cmd->timings[i].ns =
+            ts[2 * i + 1] >= ts[2 * i] ? (double)(ts[2 * i + 1] - ts[2 * i]) * period : 0;
       }
       cmd->n_timings = cmd->n_timed;
     }

@@ -50,7 +50,8 @@ static int device_cache_open(struct gpu_device *dev, const char *dir) {
     VkPhysicalDeviceProperties p;
     vkGetPhysicalDeviceProperties(dev->phys, &p);
     char uuid[2 * VK_UUID_SIZE + 1];
-    for (unsigned i = 0; i < VK_UUID_SIZE; i++) snprintf(uuid + 2 * i, 3, "%02x", p.pipelineCacheUUID[i]);
+    for (unsigned i = 0; i < VK_UUID_SIZE; i++)
+      snprintf(uuid + 2 * i, 3, "%02x", p.pipelineCacheUUID[i]);
     snprintf(dev->cache_path, sizeof dev->cache_path, "%s/pipelines-%04x-%04x-%s.bin", dir,
              p.vendorID, p.deviceID, uuid);
     data = device_read_file(dev->cache_path, &size);
@@ -112,7 +113,7 @@ int gpu_device_new(struct gpu_instance *inst, const struct gpu_device_opts *opts
     free(dev);
     return KVD_ENOMEM;
   }
-  pthread_mutex_init(&dev->mem_lock, NULL);   /* default attributes: cannot fail on Linux */
+  pthread_mutex_init(&dev->mem_lock, NULL); /* default attributes: cannot fail on Linux */
   pthread_mutex_init(&dev->queue_lock, NULL);
   dev->inst = inst;
   dev->phys = inst->phys[index];
@@ -131,7 +132,8 @@ int gpu_device_new(struct gpu_instance *inst, const struct gpu_device_opts *opts
   /* Prefer a compute-only family (async compute on discrete GPUs), else any with compute. */
   int64_t family = -1;
   for (uint32_t i = 0; i < n_fams && family < 0; i++)
-    if ((fams[i].queueFlags & VK_QUEUE_COMPUTE_BIT) && !(fams[i].queueFlags & VK_QUEUE_GRAPHICS_BIT))
+    if ((fams[i].queueFlags & VK_QUEUE_COMPUTE_BIT) &&
+        !(fams[i].queueFlags & VK_QUEUE_GRAPHICS_BIT))
       family = i;
   for (uint32_t i = 0; i < n_fams && family < 0; i++)
     if (fams[i].queueFlags & VK_QUEUE_COMPUTE_BIT) family = i;
@@ -150,8 +152,8 @@ int gpu_device_new(struct gpu_instance *inst, const struct gpu_device_opts *opts
 
   /* Turn on exactly the optional features the caps found, so shaders may rely on them. */
   bool v12 = dev->caps.api_version >= VK_API_VERSION_1_2;
-  VkPhysicalDeviceVulkan11Features f11 = {.sType =
-                                              VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES};
+  VkPhysicalDeviceVulkan11Features f11 = {
+      .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES};
   VkPhysicalDeviceVulkan12Features f12 = {
       .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES, .pNext = &f11};
   VkPhysicalDevice16BitStorageFeatures s16 = {

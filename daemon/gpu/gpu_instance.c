@@ -17,7 +17,8 @@ static bool instance_has_layer(const char *name) {
   if (!props) return false;
   bool found = false;
   if (vkEnumerateInstanceLayerProperties(&n, props) == VK_SUCCESS)
-    for (uint32_t i = 0; i < n && !found; i++) found = strcmp(props[i].layerName, name) == 0;
+    for (uint32_t i = 0; i < n && !found; i++)
+      found = strcmp(props[i].layerName, name) == 0;
   free(props);
   return found;
 }
@@ -29,7 +30,8 @@ static bool instance_has_extension(const char *name) {
   if (!props) return false;
   bool found = false;
   if (vkEnumerateInstanceExtensionProperties(NULL, &n, props) == VK_SUCCESS)
-    for (uint32_t i = 0; i < n && !found; i++) found = strcmp(props[i].extensionName, name) == 0;
+    for (uint32_t i = 0; i < n && !found; i++)
+      found = strcmp(props[i].extensionName, name) == 0;
   free(props);
   return found;
 }
@@ -67,8 +69,10 @@ int gpu_instance_new(const struct gpu_instance_opts *opts, struct gpu_instance *
   uint32_t n_layers = 0;
   if (opts && opts->validate) {
     if (!instance_has_layer(VALIDATION_LAYER)) {
-      rc = gpu__fail(KVD_ENOTSUP, "validation requested but %s is not installed "
-                                  "(Debian: vulkan-validationlayers)", VALIDATION_LAYER);
+      rc = gpu__fail(KVD_ENOTSUP,
+                     "validation requested but %s is not installed "
+                     "(Debian: vulkan-validationlayers)",
+                     VALIDATION_LAYER);
       goto fail;
     }
     layers[n_layers++] = VALIDATION_LAYER;
@@ -187,7 +191,8 @@ static bool name_contains(const char *hay, const char *needle) {
   size_t n = strlen(needle);
   for (const char *p = hay; *p; p++) {
     size_t i = 0;
-    while (i < n && p[i] && tolower((unsigned char)p[i]) == tolower((unsigned char)needle[i])) i++;
+    while (i < n && p[i] && tolower((unsigned char)p[i]) == tolower((unsigned char)needle[i]))
+      i++;
     if (i == n) return true;
   }
   return n == 0;

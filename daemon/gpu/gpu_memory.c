@@ -32,7 +32,8 @@ static void memory_release_block(struct gpu_device *dev, uint32_t index) {
 
 void gpu__memory_destroy(struct gpu_device *dev) {
   struct gpu_memory *m = &dev->mem;
-  for (uint32_t i = 0; i < m->n_blocks; i++) memory_release_block(dev, i);
+  for (uint32_t i = 0; i < m->n_blocks; i++)
+    memory_release_block(dev, i);
   free(m->blocks);
   m->blocks = NULL;
   m->n_blocks = m->cap_blocks = 0;
@@ -65,15 +66,15 @@ static int memory_new_block(struct gpu_device *dev, uint32_t type, uint64_t size
                             uint32_t *ret_index) {
   struct gpu_memory *m = &dev->mem;
   if (m->limit && m->reserved + size > m->limit)
-    return gpu__fail(KVD_E_DEVICE_OOM,
-                     "device memory limit: %llu bytes reserved + %llu requested > limit %llu",
-                     (unsigned long long)m->reserved, (unsigned long long)size,
-                     (unsigned long long)m->limit);
+    return gpu__fail(
+        KVD_E_DEVICE_OOM, "device memory limit: %llu bytes reserved + %llu requested > limit %llu",
+        (unsigned long long)m->reserved, (unsigned long long)size, (unsigned long long)m->limit);
   if (dev->caps.max_alloc_size && size > dev->caps.max_alloc_size)
     return gpu__fail(KVD_E_LIMIT, "allocation of %llu bytes exceeds maxMemoryAllocationSize %llu",
                      (unsigned long long)size, (unsigned long long)dev->caps.max_alloc_size);
   uint32_t live = 0;
-  for (uint32_t i = 0; i < m->n_blocks; i++) live += m->blocks[i] != NULL;
+  for (uint32_t i = 0; i < m->n_blocks; i++)
+    live += m->blocks[i] != NULL;
   if (dev->caps.max_alloc_count && live >= dev->caps.max_alloc_count)
     return gpu__fail(KVD_E_DEVICE_OOM, "maxMemoryAllocationCount (%u) reached",
                      dev->caps.max_alloc_count);
@@ -149,7 +150,8 @@ static int memory_place(struct gpu_device *dev, uint32_t type, uint64_t size, ui
   }
   uint64_t block_size = dedicated ? size : m->block_size;
   /* Near the limit, a smaller block that fits this buffer beats failing. */
-  if (!dedicated && m->limit && m->reserved + block_size > m->limit && m->reserved + size <= m->limit)
+  if (!dedicated && m->limit && m->reserved + block_size > m->limit &&
+      m->reserved + size <= m->limit)
     block_size = size;
   uint32_t index = 0;
   int rc = memory_new_block(dev, type, block_size, dedicated, &index);

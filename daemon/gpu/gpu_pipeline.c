@@ -35,7 +35,8 @@ int gpu_pipeline_new(struct gpu_device *dev, const struct gpu_pipeline_desc *des
   p->dev = dev;
   p->n_buffers = desc->n_buffers;
   p->push_size = desc->push_size;
-  for (int i = 0; i < 3; i++) p->local_size[i] = desc->local_size[i] ? desc->local_size[i] : 1;
+  for (int i = 0; i < 3; i++)
+    p->local_size[i] = desc->local_size[i] ? desc->local_size[i] : 1;
   snprintf(p->name, sizeof p->name, "%s", desc->shader);
 
   VkDescriptorSetLayoutBinding binds[GPU_MAX_BINDINGS];
@@ -78,8 +79,7 @@ int gpu_pipeline_new(struct gpu_device *dev, const struct gpu_pipeline_desc *des
 
   VkSpecializationMapEntry entries[GPU_MAX_SPEC];
   for (uint32_t i = 0; i < desc->n_spec; i++)
-    entries[i] = (VkSpecializationMapEntry){
-        .constantID = i, .offset = i * 4, .size = 4};
+    entries[i] = (VkSpecializationMapEntry){.constantID = i, .offset = i * 4, .size = 4};
   VkSpecializationInfo spec = {
       .mapEntryCount = desc->n_spec,
       .pMapEntries = entries,

@@ -27,7 +27,8 @@ void gpu_range_destroy(struct gpu_range *r) {
 static int range_reserve(struct gpu_range *r, uint32_t n) {
   if (n <= r->cap_free) return 0;
   uint32_t cap = r->cap_free * 2;
-  while (cap < n) cap *= 2;
+  while (cap < n)
+    cap *= 2;
   struct gpu_range_span *p = realloc(r->free, cap * sizeof *p);
   if (!p) return KVD_ENOMEM;
   r->free = p;
@@ -80,7 +81,8 @@ int gpu_range_free(struct gpu_range *r, uint64_t offset, uint64_t size) {
   if (size == 0 || offset > r->size || size > r->size - offset) return KVD_EINVAL;
   /* First free span that starts after the freed range. */
   uint32_t i = 0;
-  while (i < r->n_free && r->free[i].offset < offset) i++;
+  while (i < r->n_free && r->free[i].offset < offset)
+    i++;
   /* A double free or overlap would corrupt the list: refuse it. */
   if (i > 0 && r->free[i - 1].offset + r->free[i - 1].size > offset) return KVD_EINVAL;
   if (i < r->n_free && offset + size > r->free[i].offset) return KVD_EINVAL;

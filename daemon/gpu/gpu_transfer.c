@@ -52,8 +52,8 @@ int gpu_buffer_upload(struct gpu_device *dev, struct gpu_buffer *dst, uint64_t o
   pthread_mutex_lock(&dev->xfer_lock);
   rc = transfer_prepare(dev, size);
   for (uint64_t done = 0; rc == 0 && done < size;) {
-    uint64_t n = size - done < gpu_buffer_size(dev->staging) ? size - done
-                                                             : gpu_buffer_size(dev->staging);
+    uint64_t n =
+        size - done < gpu_buffer_size(dev->staging) ? size - done : gpu_buffer_size(dev->staging);
     memcpy(dev->staging->mapped, (const uint8_t *)src + done, n);
     rc = transfer_copy(dev, dev->staging, 0, dst, offset + done, n);
     done += n;
@@ -73,8 +73,8 @@ int gpu_buffer_download(struct gpu_device *dev, struct gpu_buffer *src, uint64_t
   pthread_mutex_lock(&dev->xfer_lock);
   rc = transfer_prepare(dev, size);
   for (uint64_t done = 0; rc == 0 && done < size;) {
-    uint64_t n = size - done < gpu_buffer_size(dev->staging) ? size - done
-                                                             : gpu_buffer_size(dev->staging);
+    uint64_t n =
+        size - done < gpu_buffer_size(dev->staging) ? size - done : gpu_buffer_size(dev->staging);
     rc = transfer_copy(dev, src, offset + done, dev->staging, 0, n);
     if (rc == 0) memcpy((uint8_t *)dst + done, dev->staging->mapped, n);
     done += n;

@@ -11,18 +11,22 @@ int attn_init(struct attn_kernels *a, struct gpu_device *dev) {
   memset(a, 0, sizeof *a);
   /* 64 invocations: two wavefronts on NVIDIA, one on AMD, eight lavapipe subgroups. */
   a->wg = 64;
-  while (a->wg > c->max_wg_invocations) a->wg /= 2;
+  while (a->wg > c->max_wg_invocations)
+    a->wg /= 2;
   a->chunk = 256;
   a->max_hd = 256;
   int rc = gpu_pipeline_new(dev,
-                            &(struct gpu_pipeline_desc){.shader = "kv_write", .n_buffers = 5,
+                            &(struct gpu_pipeline_desc){.shader = "kv_write",
+                                                        .n_buffers = 5,
                                                         .push_size = sizeof(struct pc_kv_write),
-                                                        .n_spec = 1, .spec = {a->wg},
+                                                        .n_spec = 1,
+                                                        .spec = {a->wg},
                                                         .local_size = {a->wg, 1, 1}},
                             &a->write);
   if (rc == 0)
     rc = gpu_pipeline_new(dev,
-                          &(struct gpu_pipeline_desc){.shader = "attn_paged", .n_buffers = 7,
+                          &(struct gpu_pipeline_desc){.shader = "attn_paged",
+                                                      .n_buffers = 7,
                                                       .push_size = sizeof(struct pc_attn),
                                                       .n_spec = 3,
                                                       .spec = {a->wg, a->chunk, a->max_hd},
@@ -30,9 +34,11 @@ int attn_init(struct attn_kernels *a, struct gpu_device *dev) {
                           &a->paged);
   if (rc == 0)
     rc = gpu_pipeline_new(dev,
-                          &(struct gpu_pipeline_desc){.shader = "attn_merge", .n_buffers = 2,
+                          &(struct gpu_pipeline_desc){.shader = "attn_merge",
+                                                      .n_buffers = 2,
                                                       .push_size = sizeof(struct pc_attn),
-                                                      .n_spec = 1, .spec = {a->wg},
+                                                      .n_spec = 1,
+                                                      .spec = {a->wg},
                                                       .local_size = {a->wg, 1, 1}},
                           &a->merge);
   if (rc < 0) attn_destroy(a);
@@ -52,7 +58,8 @@ uint32_t attn_pick_splits(const struct attn_kernels *a, uint32_t max_kv, uint32_
    * workgroups run, but never below 32 positions per split, where the merge costs more than it
    * saves. Prefill batches have pairs enough and get one split (no partials memory). */
   uint32_t want = 1;
-  while (n_pairs * want < 64 && max_kv / (want * 2) >= 32) want *= 2;
+  while (n_pairs * want < 64 && max_kv / (want * 2) >= 32)
+    want *= 2;
   return want;
 }
 
@@ -67,8 +74,11 @@ int attn_record_write(const struct attn_kernels *a, struct gpu_cmd *cmd, struct 
                       struct gpu_binding v_cache, struct gpu_binding slots, uint32_t n_tokens,
                       uint32_t n_head_kv, uint32_t head_dim, uint32_t block_size,
                       uint32_t src_stride) {
-  struct pc_kv_write pc = {.n_tokens = n_tokens, .n_head_kv = n_head_kv, .head_dim = head_dim,
-                           .block_size = block_size, .src_stride = src_stride};
+  struct pc_kv_write pc = {.n_tokens = n_tokens,
+                           .n_head_kv = n_head_kv,
+                           .head_dim = head_dim,
+                           .block_size = block_size,
+                           .src_stride = src_stride};
   uint64_t total = (uint64_t)n_tokens * n_head_kv * head_dim;
   uint64_t groups = (total + a->wg - 1) / a->wg;
   if (groups > 65535) groups = 65535; /* grid-stride covers the rest */
@@ -81,8 +91,7 @@ int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct 
                 struct gpu_binding q, struct gpu_binding k_cache, struct gpu_binding v_cache,
                 struct gpu_binding tok_info, struct gpu_binding tables, struct gpu_binding out,
                 struct gpu_binding partial) {
-  if (s->head_dim > a->max_hd || s->n_head_kv == 0 || s->n_head % s->n_head_kv ||
-      s->n_splits == 0)
+  if (s->head_dim > a->max_hd || s->n_head_kv == 0 || s->n_head % s->n_head_kv || s->n_splits == 0)
     return KVD_EINVAL;
   uint32_t chunk = (s->max_kv + s->n_splits - 1) / s->n_splits;
   struct pc_attn pc = {
@@ -97,8 +106,8 @@ int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct 
       .scale = 1.0f / sqrtf((float)s->head_dim),
   };
   /* Without splits the partials binding is unused but must still be a valid buffer. */
-  struct gpu_binding b[7] = {q, k_cache, v_cache, tok_info, tables, out,
-                             s->n_splits > 1 ? partial : out};
+  struct gpu_binding b[7] = {
+      q, k_cache, v_cache, tok_info, tables, out, s->n_splits > 1 ? partial : out};
   int rc = gpu_cmd_dispatch(cmd, a->paged, b, 7, &pc, sizeof pc, s->n_head, s->n_tokens,
                             s->n_splits, "attn_paged");
   if (rc < 0 || s->n_splits == 1) return rc;

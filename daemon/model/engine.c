@@ -23,8 +23,8 @@ struct eng_matrix {
 };
 
 struct eng_layer {
-  struct gpu_buffer *attn_norm, *ffn_norm;           /* (n_embd) f32 */
-  struct gpu_buffer *q_bias, *k_bias, *v_bias;       /* f32 or NULL */
+  struct gpu_buffer *attn_norm, *ffn_norm;     /* (n_embd) f32 */
+  struct gpu_buffer *q_bias, *k_bias, *v_bias; /* f32 or NULL */
   struct eng_matrix *q, *k, *v, *o, *gate, *up, *down;
   struct gpu_buffer *k_cache, *v_cache; /* (n_blocks, n_head_kv, block_size, head_dim) f32 */
 };
@@ -84,8 +84,8 @@ static uint64_t align_up(uint64_t v, uint64_t a) {
 }
 
 static int eng_fail(struct model_error *err, int rc, const char *what) {
-  if (err) snprintf(err->msg, sizeof err->msg, "%s: %s (%s)", what, kvd_strerror(rc),
-                    gpu_error_detail());
+  if (err)
+    snprintf(err->msg, sizeof err->msg, "%s: %s (%s)", what, kvd_strerror(rc), gpu_error_detail());
   return rc;
 }
 
@@ -117,8 +117,8 @@ static int eng_wkern(struct engine *e, enum dtype t) {
 }
 
 /* Uploads a matrix once: tied embeddings and classifiers share one buffer. */
-static int eng_matrix(struct engine *e, const struct gguf_tensor *t, uint64_t *done,
-                      uint64_t total, const struct engine_opts *o, struct eng_matrix **ret) {
+static int eng_matrix(struct engine *e, const struct gguf_tensor *t, uint64_t *done, uint64_t total,
+                      const struct engine_opts *o, struct eng_matrix **ret) {
   for (uint32_t i = 0; i < e->n_mats; i++)
     if (e->mats[i].t == t) {
       *ret = &e->mats[i];
@@ -146,8 +146,8 @@ static int eng_matrix(struct engine *e, const struct gguf_tensor *t, uint64_t *d
   }
   m->t = t;
   m->type = t->type;
-  m->m = (struct wkern_matrix){.buf = m->buf, .offset = 0, .rows = (uint32_t)t->ne[1],
-                               .cols = (uint32_t)t->ne[0]};
+  m->m = (struct wkern_matrix){
+      .buf = m->buf, .offset = 0, .rows = (uint32_t)t->ne[1], .cols = (uint32_t)t->ne[0]};
   e->n_mats++;
   *done += t->nbytes;
   if (o->progress) o->progress(o->progress_ud, *done, total);
@@ -176,9 +176,12 @@ static int eng_upload_weights(struct engine *e, const struct engine_opts *o) {
     struct eng_layer *el = &e->layers[l];
     rc = eng_upload_vector(e, ml->attn_norm, "attn_norm", &el->attn_norm);
     if (rc == 0) rc = eng_upload_vector(e, ml->ffn_norm, "ffn_norm", &el->ffn_norm);
-    if (rc == 0 && ml->attn_q_bias) rc = eng_upload_vector(e, ml->attn_q_bias, "q_bias", &el->q_bias);
-    if (rc == 0 && ml->attn_k_bias) rc = eng_upload_vector(e, ml->attn_k_bias, "k_bias", &el->k_bias);
-    if (rc == 0 && ml->attn_v_bias) rc = eng_upload_vector(e, ml->attn_v_bias, "v_bias", &el->v_bias);
+    if (rc == 0 && ml->attn_q_bias)
+      rc = eng_upload_vector(e, ml->attn_q_bias, "q_bias", &el->q_bias);
+    if (rc == 0 && ml->attn_k_bias)
+      rc = eng_upload_vector(e, ml->attn_k_bias, "k_bias", &el->k_bias);
+    if (rc == 0 && ml->attn_v_bias)
+      rc = eng_upload_vector(e, ml->attn_v_bias, "v_bias", &el->v_bias);
     if (rc == 0) rc = eng_matrix(e, ml->attn_q, &done, total, o, &el->q);
     if (rc == 0) rc = eng_matrix(e, ml->attn_k, &done, total, o, &el->k);
     if (rc == 0) rc = eng_matrix(e, ml->attn_v, &done, total, o, &el->v);
@@ -197,7 +200,8 @@ static uint64_t eng_free_device_memory(struct engine *e) {
   uint64_t best = 0;
   for (uint32_t i = 0; i < c->n_heaps; i++) {
     if (!c->heaps[i].device_local) continue;
-    uint64_t avail = c->heaps[i].budget > c->heaps[i].usage ? c->heaps[i].budget - c->heaps[i].usage : 0;
+    uint64_t avail =
+        c->heaps[i].budget > c->heaps[i].usage ? c->heaps[i].budget - c->heaps[i].usage : 0;
     if (avail > best) best = avail;
   }
   return best;
@@ -217,14 +221,15 @@ static int eng_alloc_kv(struct engine *e, const struct engine_opts *o, struct mo
   } else if (!budget) {
     double frac = o->kv_fraction > 0 ? o->kv_fraction : DEFAULT_KV_FRACTION;
     budget = kv_budget_fraction(eng_free_device_memory(e), frac);
-    uint64_t useful = (uint64_t)KV_MAX_FULL_SEQS * e->hp.n_ctx_train * geom.token_bytes * 2 *
-                      geom.n_layer;
+    uint64_t useful =
+        (uint64_t)KV_MAX_FULL_SEQS * e->hp.n_ctx_train * geom.token_bytes * 2 * geom.n_layer;
     if (budget > useful) budget = useful;
   }
   int rc = kv_plan_pool(&geom, budget, c->max_storage_range, c->min_storage_align, &e->plan);
   if (rc < 0) {
-    if (err) snprintf(err->msg, sizeof err->msg, "KV cache: a budget of %llu bytes: %s",
-                      (unsigned long long)budget, kvd_strerror(rc));
+    if (err)
+      snprintf(err->msg, sizeof err->msg, "KV cache: a budget of %llu bytes: %s",
+               (unsigned long long)budget, kvd_strerror(rc));
     return rc;
   }
   if (o->n_blocks && e->plan.n_blocks > o->n_blocks) {
@@ -233,7 +238,8 @@ static int eng_alloc_kv(struct engine *e, const struct engine_opts *o, struct mo
   }
   rc = kv_pool_init(&e->pool, e->plan.n_blocks, geom.block_size);
   for (uint32_t l = 0; l < e->hp.n_layer && rc == 0; l++) {
-    rc = gpu_buffer_new(e->dev, e->plan.buffer_bytes, GPU_MEM_DEVICE, "kv K", &e->layers[l].k_cache);
+    rc =
+        gpu_buffer_new(e->dev, e->plan.buffer_bytes, GPU_MEM_DEVICE, "kv K", &e->layers[l].k_cache);
     if (rc == 0)
       rc = gpu_buffer_new(e->dev, e->plan.buffer_bytes, GPU_MEM_DEVICE, "kv V",
                           &e->layers[l].v_cache);
@@ -315,7 +321,8 @@ int engine_new(struct gpu_device *dev, const struct gguf_file *f, const struct e
     eng_fail(err, rc, "creating the element-wise kernels");
     goto fail;
   }
-  e->rope = (struct ops_rope_cfg){.n_rot = e->hp.n_rot, .mode = e->hp.rope_mode,
+  e->rope = (struct ops_rope_cfg){.n_rot = e->hp.n_rot,
+                                  .mode = e->hp.rope_mode,
                                   .freq_base = e->hp.rope_freq_base,
                                   .freq_scale = e->hp.rope_freq_scale};
   rc = ops_rope_prepare(&e->ops, &e->rope);
@@ -326,8 +333,9 @@ int engine_new(struct gpu_device *dev, const struct gguf_file *f, const struct e
   }
   if (e->hp.head_dim > e->attn.max_hd) {
     rc = KVD_E_UNSUPPORTED;
-    if (err) snprintf(err->msg, sizeof err->msg, "head_dim %u is above the attention kernel's %u",
-                      e->hp.head_dim, e->attn.max_hd);
+    if (err)
+      snprintf(err->msg, sizeof err->msg, "head_dim %u is above the attention kernel's %u",
+               e->hp.head_dim, e->attn.max_hd);
     goto fail;
   }
   rc = eng_upload_weights(e, opts);
@@ -352,20 +360,24 @@ fail:
 
 void engine_free(struct engine *e) {
   if (!e) return;
-  while (e->seqs) engine_seq_free(e, e->seqs);
+  while (e->seqs)
+    engine_seq_free(e, e->seqs);
   gpu_cmd_free(e->cmd);
-  struct gpu_buffer *bufs[] = {e->x, e->xn, e->q, e->k, e->v, e->att, e->gate,
+  struct gpu_buffer *bufs[] = {e->x,  e->xn, e->q,      e->k,       e->v,    e->att,        e->gate,
                                e->up, e->xl, e->logits, e->partial, e->step, e->output_norm};
-  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) gpu_buffer_free(bufs[i]);
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+    gpu_buffer_free(bufs[i]);
   if (e->layers) {
     for (uint32_t l = 0; l < e->hp.n_layer; l++) {
       struct eng_layer *el = &e->layers[l];
       struct gpu_buffer *lb[] = {el->attn_norm, el->ffn_norm, el->q_bias, el->k_bias,
                                  el->v_bias,    el->k_cache,  el->v_cache};
-      for (size_t i = 0; i < sizeof lb / sizeof lb[0]; i++) gpu_buffer_free(lb[i]);
+      for (size_t i = 0; i < sizeof lb / sizeof lb[0]; i++)
+        gpu_buffer_free(lb[i]);
     }
   }
-  for (uint32_t i = 0; i < e->n_mats; i++) gpu_buffer_free(e->mats[i].buf);
+  for (uint32_t i = 0; i < e->n_mats; i++)
+    gpu_buffer_free(e->mats[i].buf);
   for (int t = 0; t < DTYPE_MAX; t++)
     if (e->wk[t]) {
       wkern_destroy(e->wk[t]);
@@ -421,8 +433,10 @@ int engine_seq_new(struct engine *e, struct engine_seq **ret) {
 
 void engine_seq_free(struct engine *e, struct engine_seq *s) {
   if (!s) return;
-  if (s->prev) s->prev->next = s->next;
-  else e->seqs = s->next;
+  if (s->prev)
+    s->prev->next = s->next;
+  else
+    e->seqs = s->next;
   if (s->next) s->next->prev = s->prev;
   kv_seq_free(&e->pool, s->kv);
   free(s);
@@ -512,8 +526,8 @@ static int eng_record(struct engine *e, uint32_t n_tok, uint32_t n_logits,
       rc = gpu_cmd_copy(cmd, e->layers[l].k_cache, copies[c].src_block * bb, e->layers[l].k_cache,
                         copies[c].dst_block * bb, bb);
       if (rc == 0)
-        rc = gpu_cmd_copy(cmd, e->layers[l].v_cache, copies[c].src_block * bb,
-                          e->layers[l].v_cache, copies[c].dst_block * bb, bb);
+        rc = gpu_cmd_copy(cmd, e->layers[l].v_cache, copies[c].src_block * bb, e->layers[l].v_cache,
+                          copies[c].dst_block * bb, bb);
     }
 
   struct wkern_act xa = act(e->x, hp->n_embd);
@@ -530,9 +544,14 @@ static int eng_record(struct engine *e, uint32_t n_tok, uint32_t n_logits,
     rc = gpu_buffer_new(e->dev, pbytes, GPU_MEM_DEVICE, "attention partials", &e->partial);
     if (rc == 0) e->partial_bytes = pbytes;
   }
-  struct attn_shape ash = {.n_tokens = n_tok, .n_head = hp->n_head, .n_head_kv = hp->n_head_kv,
-                           .head_dim = hp->head_dim, .block_size = e->pool.block_size,
-                           .q_stride = e->q_dim, .n_splits = splits, .max_kv = max_kv};
+  struct attn_shape ash = {.n_tokens = n_tok,
+                           .n_head = hp->n_head,
+                           .n_head_kv = hp->n_head_kv,
+                           .head_dim = hp->head_dim,
+                           .block_size = e->pool.block_size,
+                           .q_stride = e->q_dim,
+                           .n_splits = splits,
+                           .max_kv = max_kv};
   struct gpu_binding pos = bind_at(st, L->pos, (uint64_t)n_tok * 4);
   for (uint32_t l = 0; l < hp->n_layer && rc == 0; l++) {
     struct eng_layer *el = &e->layers[l];
@@ -553,8 +572,7 @@ static int eng_record(struct engine *e, uint32_t n_tok, uint32_t n_logits,
     if (rc == 0)
       rc = ops_rope(&e->ops, cmd, bind(e->q), pos, n_tok, hp->n_head, hp->head_dim, 0, &e->rope);
     if (rc == 0)
-      rc = ops_rope(&e->ops, cmd, bind(e->k), pos, n_tok, hp->n_head_kv, hp->head_dim, 0,
-                    &e->rope);
+      rc = ops_rope(&e->ops, cmd, bind(e->k), pos, n_tok, hp->n_head_kv, hp->head_dim, 0, &e->rope);
     gpu_cmd_barrier(cmd);
     if (rc == 0)
       rc = attn_record_write(&e->attn, cmd, bind(e->k), bind(e->v), bind(el->k_cache),
@@ -570,8 +588,8 @@ static int eng_record(struct engine *e, uint32_t n_tok, uint32_t n_logits,
     if (rc == 0) rc = eng_mul(e, el->o, e->att, e->x, n_tok, true);
     gpu_cmd_barrier(cmd);
     if (rc == 0)
-      rc = ops_rmsnorm(&e->ops, cmd, bind(e->x), bind(el->ffn_norm), bind(e->xn), n_tok,
-                       hp->n_embd, hp->rms_eps);
+      rc = ops_rmsnorm(&e->ops, cmd, bind(e->x), bind(el->ffn_norm), bind(e->xn), n_tok, hp->n_embd,
+                       hp->rms_eps);
     gpu_cmd_barrier(cmd);
     if (rc == 0) rc = eng_mul(e, el->gate, e->xn, e->gate, n_tok, false);
     if (rc == 0) rc = eng_mul(e, el->up, e->xn, e->up, n_tok, false);
@@ -647,8 +665,10 @@ int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items
     rc = kv_seq_reserve(&e->pool, kv, items[done].n_tokens);
     if (rc == 0) {
       int c = kv_seq_prepare_write(&e->pool, kv, len, &copies[n_copies]);
-      if (c == 1) n_copies++;
-      else if (c < 0) rc = c;
+      if (c == 1)
+        n_copies++;
+      else if (c < 0)
+        rc = c;
     }
     e->seq_ptrs[done] = kv;
   }
@@ -658,10 +678,12 @@ int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items
   uint8_t *map = rc == 0 ? gpu_buffer_map(e->step) : NULL;
   if (rc == 0 && !map) rc = KVD_E_VULKAN;
   if (rc == 0) {
-    int n = kv_mirror_write(e->seq_ptrs, n_items, e->tables_host, e->lay.tables_cap,
-                            e->offsets_host);
-    if (n < 0) rc = n;
-    else memcpy(map + e->lay.tables, e->tables_host, (size_t)n * 4);
+    int n =
+        kv_mirror_write(e->seq_ptrs, n_items, e->tables_host, e->lay.tables_cap, e->offsets_host);
+    if (n < 0)
+      rc = n;
+    else
+      memcpy(map + e->lay.tables, e->tables_host, (size_t)n * 4);
   }
   uint32_t logit_rows[DEFAULT_MAX_LOGITS * 4], max_kv = 0;
   uint32_t *lrows = e->max_logits <= DEFAULT_MAX_LOGITS * 4 ? logit_rows : NULL;
@@ -692,8 +714,8 @@ int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items
   if (copies != copies_small) free(copies);
   if (rc < 0) {
     /* Give back what this step reserved; committed tokens stay as they were. */
-    for (uint32_t i = 0; i < done; i++) kv_seq_truncate(&e->pool, items[i].seq->kv,
-                                                        items[i].seq->kv->len);
+    for (uint32_t i = 0; i < done; i++)
+      kv_seq_truncate(&e->pool, items[i].seq->kv, items[i].seq->kv->len);
     return rc;
   }
   const float *lg = gpu_buffer_map(e->logits);

@@ -64,8 +64,7 @@ int engine_seq_new_prefix(struct engine *e, const int32_t *tokens, uint32_t n_to
                           struct engine_seq **ret, uint32_t *ret_cached);
 /* Makes the sequence's full blocks findable by later requests; history holds the ids of
  * positions [0, n). Call after each step (see kv.h). */
-int engine_seq_register(struct engine *e, struct engine_seq *s, const int32_t *history,
-                        uint32_t n);
+int engine_seq_register(struct engine *e, struct engine_seq *s, const int32_t *history, uint32_t n);
 uint32_t engine_seq_len(const struct engine_seq *s);
 /* Blocks a step of n new tokens on s would take now (admission control), and blocks an
  * allocation can take now (free plus evictable cached ones). */
@@ -91,7 +90,6 @@ int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items
 
 /* GPU time of the last step's dispatches, by label, for benchmarks (see gpu_cmd_timings). */
 uint32_t engine_last_timings(const struct engine *e, const struct gpu_timing **ret);
-
 
 /* ---- one-shot generation (tests, benchmarks, kvd's simple paths) ---- */
 

@@ -23,7 +23,8 @@ int engine_generate(struct engine *e, const int32_t *prompt, uint32_t n_prompt, 
   struct engine_seq *seq = NULL;
   float *logits = malloc(hp->n_vocab * sizeof(float));
   int32_t *hist = malloc(((size_t)n_prompt + max_new + 1) * sizeof(int32_t));
-  int rc = (logits && hist) ? sampler_new(hp->n_vocab, params ? params : &greedy, &smp) : KVD_ENOMEM;
+  int rc =
+      (logits && hist) ? sampler_new(hp->n_vocab, params ? params : &greedy, &smp) : KVD_ENOMEM;
   if (rc == 0) rc = engine_seq_new(e, &seq);
   uint32_t n_gen = 0;
   double t0 = gen_now(), t1 = t0;
@@ -31,13 +32,16 @@ int engine_generate(struct engine *e, const int32_t *prompt, uint32_t n_prompt, 
   for (uint32_t done = 0; rc == 0 && done < n_prompt;) {
     uint32_t n = n_prompt - done;
     if (n > engine_max_step_tokens(e)) n = engine_max_step_tokens(e);
-    struct engine_item it = {.seq = seq, .tokens = prompt + done, .n_tokens = n,
+    struct engine_item it = {.seq = seq,
+                             .tokens = prompt + done,
+                             .n_tokens = n,
                              .logits = done + n == n_prompt ? logits : NULL};
     rc = engine_forward(e, &it, 1);
     done += n;
   }
   t1 = gen_now();
-  for (uint32_t i = 0; rc == 0 && i < n_prompt; i++) hist[i] = prompt[i];
+  for (uint32_t i = 0; rc == 0 && i < n_prompt; i++)
+    hist[i] = prompt[i];
   while (rc == 0 && n_gen < max_new) {
     int32_t tok = sampler_sample(smp, logits, hist, n_prompt + n_gen);
     if (tok < 0) {
@@ -53,8 +57,9 @@ int engine_generate(struct engine *e, const int32_t *prompt, uint32_t n_prompt, 
     rc = engine_forward(e, &it, 1);
   }
   double t2 = gen_now();
-  if (stats) *stats = (struct engine_gen_stats){.n_prompt = n_prompt, .n_generated = n_gen,
-                                                .prefill_s = t1 - t0, .decode_s = t2 - t1};
+  if (stats)
+    *stats = (struct engine_gen_stats){
+        .n_prompt = n_prompt, .n_generated = n_gen, .prefill_s = t1 - t0, .decode_s = t2 - t1};
   engine_seq_free(e, seq);
   sampler_free(smp);
   free(logits);

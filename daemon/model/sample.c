@@ -20,14 +20,19 @@ struct sampler {
 };
 
 void sample_params_default(struct sample_params *p) {
-  *p = (struct sample_params){.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f,
-                              .repeat_penalty = 1.0f, .penalty_last_n = 64, .seed = 0};
+  *p = (struct sample_params){.temperature = 0.8f,
+                              .top_k = 40,
+                              .top_p = 0.95f,
+                              .min_p = 0.05f,
+                              .repeat_penalty = 1.0f,
+                              .penalty_last_n = 64,
+                              .seed = 0};
 }
 
 int sample_params_check(const struct sample_params *p) {
   if (!(p->temperature >= 0) || !(p->top_p > 0 && p->top_p <= 1) ||
-      !(p->min_p >= 0 && p->min_p <= 1) || !(p->repeat_penalty > 0) ||
-      !isfinite(p->freq_penalty) || !isfinite(p->presence_penalty) || !isfinite(p->temperature))
+      !(p->min_p >= 0 && p->min_p <= 1) || !(p->repeat_penalty > 0) || !isfinite(p->freq_penalty) ||
+      !isfinite(p->presence_penalty) || !isfinite(p->temperature))
     return KVD_EINVAL;
   return 0;
 }
@@ -67,7 +72,8 @@ int sampler_new(uint32_t n_vocab, const struct sample_params *p, struct sampler 
     return KVD_ENOMEM;
   }
   uint64_t x = p->seed;
-  for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
+  for (int i = 0; i < 4; i++)
+    s->rng[i] = splitmix64(&x);
   *ret = s;
   return 0;
 }
@@ -112,13 +118,15 @@ int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history,
     return best;
   }
   uint32_t n = s->n_vocab;
-  for (uint32_t i = 0; i < n; i++) s->cands[i] = (struct cand){logits[i], (int32_t)i};
+  for (uint32_t i = 0; i < n; i++)
+    s->cands[i] = (struct cand){logits[i], (int32_t)i};
   /* A full sort is O(V log V); fine at these vocabulary sizes next to a forward pass. */
   qsort(s->cands, n, sizeof *s->cands, cand_desc);
   if (p->top_k && p->top_k < n) n = p->top_k;
   /* Probabilities at temperature 1 decide the top-p / min-p cut, as users expect from llama.cpp. */
   double mx = s->cands[0].logit, sum = 0;
-  for (uint32_t i = 0; i < n; i++) sum += exp((double)s->cands[i].logit - mx);
+  for (uint32_t i = 0; i < n; i++)
+    sum += exp((double)s->cands[i].logit - mx);
   if (p->top_p < 1.0f) {
     double acc = 0;
     uint32_t keep = n;
@@ -134,11 +142,13 @@ int32_t sampler_sample(struct sampler *s, float *logits, const int32_t *history,
   if (p->min_p > 0.0f) {
     /* p_i / p_best = exp(l_i - l_best) */
     uint32_t keep = 1;
-    while (keep < n && exp((double)s->cands[keep].logit - mx) >= p->min_p) keep++;
+    while (keep < n && exp((double)s->cands[keep].logit - mx) >= p->min_p)
+      keep++;
     n = keep;
   }
   double total = 0;
-  for (uint32_t i = 0; i < n; i++) total += exp(((double)s->cands[i].logit - mx) / p->temperature);
+  for (uint32_t i = 0; i < n; i++)
+    total += exp(((double)s->cands[i].logit - mx) / p->temperature);
   double u = (double)(rng_next(s->rng) >> 11) * (1.0 / 9007199254740992.0) * total;
   for (uint32_t i = 0; i < n; i++) {
     u -= exp(((double)s->cands[i].logit - mx) / p->temperature);
@@ -152,7 +162,9 @@ void sample_log_softmax(const float *logits, float *out, size_t n) {
   for (size_t i = 1; i < n; i++)
     if (logits[i] > mx) mx = logits[i];
   double sum = 0;
-  for (size_t i = 0; i < n; i++) sum += exp((double)logits[i] - mx);
+  for (size_t i = 0; i < n; i++)
+    sum += exp((double)logits[i] - mx);
   double lse = mx + log(sum);
-  for (size_t i = 0; i < n; i++) out[i] = (float)((double)logits[i] - lse);
+  for (size_t i = 0; i < n; i++)
+    out[i] = (float)((double)logits[i] - lse);
 }

@@ -8,13 +8,13 @@
 #include <stdint.h>
 
 struct sample_params {
-  float temperature;      /* <= 0: greedy (argmax, lowest id on ties) */
-  uint32_t top_k;         /* 0 = off */
-  float top_p;            /* 1 = off */
-  float min_p;            /* 0 = off: drop tokens below min_p * p(best) */
-  float repeat_penalty;   /* 1 = off: CTRL-style divide positive / multiply negative logits */
-  float freq_penalty;     /* 0 = off: minus count * freq_penalty */
-  float presence_penalty; /* 0 = off: minus presence_penalty once a token appeared */
+  float temperature;       /* <= 0: greedy (argmax, lowest id on ties) */
+  uint32_t top_k;          /* 0 = off */
+  float top_p;             /* 1 = off */
+  float min_p;             /* 0 = off: drop tokens below min_p * p(best) */
+  float repeat_penalty;    /* 1 = off: CTRL-style divide positive / multiply negative logits */
+  float freq_penalty;      /* 0 = off: minus count * freq_penalty */
+  float presence_penalty;  /* 0 = off: minus presence_penalty once a token appeared */
   uint32_t penalty_last_n; /* how many recent tokens the penalties look at (0 = all) */
   uint64_t seed;
 };

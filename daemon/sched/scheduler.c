@@ -10,10 +10,10 @@
 struct inbox_item;
 
 struct sched_session {
-  struct engine_seq *seq; /* engine thread only; NULL until the first request */
+  struct engine_seq *seq;       /* engine thread only; NULL until the first request */
   struct inbox_item *free_item; /* allocated up front so closing a session cannot fail */
-  int32_t pending;        /* last sampled token, not yet run through the model; -1 = none */
-  _Atomic uint32_t len;   /* history tokens, pending included */
+  int32_t pending;              /* last sampled token, not yet run through the model; -1 = none */
+  _Atomic uint32_t len;         /* history tokens, pending included */
 };
 
 /* The inbox keeps requests and session commands in one FIFO so a fork or a free is applied
@@ -94,8 +94,10 @@ void sched_cancel(struct sched_req *r) {
 
 static void sched_push_inbox(struct sched *s, struct inbox_item *it) {
   pthread_mutex_lock(&s->lock);
-  if (s->in_tail) s->in_tail->next = it;
-  else s->in_head = it;
+  if (s->in_tail)
+    s->in_tail->next = it;
+  else
+    s->in_head = it;
   s->in_tail = it;
   pthread_cond_signal(&s->wake);
   pthread_mutex_unlock(&s->lock);
@@ -191,7 +193,8 @@ static void sched_emit(struct sched *s, const struct sched_event *ev) {
 uint32_t sched_drain(struct sched *s, struct sched_event *out, uint32_t cap) {
   pthread_mutex_lock(&s->lock);
   uint32_t n = s->ev_count < cap ? s->ev_count : cap;
-  for (uint32_t i = 0; i < n; i++) out[i] = s->events[(s->ev_head + i) % s->ev_cap];
+  for (uint32_t i = 0; i < n; i++)
+    out[i] = s->events[(s->ev_head + i) % s->ev_cap];
   s->ev_head = n ? (s->ev_head + n) % s->ev_cap : s->ev_head;
   s->ev_count -= n;
   pthread_mutex_unlock(&s->lock);
@@ -215,7 +218,8 @@ static void list_remove(struct sched_req **head, struct sched_req *r) {
 
 static void list_append(struct sched_req **head, struct sched_req *r) {
   struct sched_req **p = head;
-  while (*p) p = &(*p)->next_req;
+  while (*p)
+    p = &(*p)->next_req;
   r->next_req = NULL;
   *p = r;
 }
@@ -296,8 +300,10 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
 static void sched_logprobs(const float *logits, uint32_t n_vocab, int32_t tok, uint32_t k,
                            struct sched_event *ev) {
   double mx = logits[0], sum = 0;
-  for (uint32_t i = 1; i < n_vocab; i++) mx = fmax(mx, logits[i]);
-  for (uint32_t i = 0; i < n_vocab; i++) sum += exp((double)logits[i] - mx);
+  for (uint32_t i = 1; i < n_vocab; i++)
+    mx = fmax(mx, logits[i]);
+  for (uint32_t i = 0; i < n_vocab; i++)
+    sum += exp((double)logits[i] - mx);
   double lse = mx + log(sum);
   ev->logprob = (float)((double)logits[tok] - lse);
   ev->n_top = 0;
@@ -305,7 +311,8 @@ static void sched_logprobs(const float *logits, uint32_t n_vocab, int32_t tok, u
     int32_t best = -1;
     for (uint32_t i = 0; i < n_vocab; i++) {
       bool taken = false;
-      for (uint32_t q = 0; q < j && !taken; q++) taken = ev->top_id[q] == (int32_t)i;
+      for (uint32_t q = 0; q < j && !taken; q++)
+        taken = ev->top_id[q] == (int32_t)i;
       if (!taken && (best < 0 || logits[i] > logits[best])) best = (int32_t)i;
     }
     ev->top_id[j] = best;
@@ -360,7 +367,8 @@ static int sched_reserve_items(struct sched *s, uint32_t n) {
 
 static uint32_t list_len(const struct sched_req *r) {
   uint32_t n = 0;
-  for (; r; r = r->next_req) n++;
+  for (; r; r = r->next_req)
+    n++;
   return n;
 }
 
@@ -438,11 +446,11 @@ static bool sched_step(struct sched *s) {
   }
   uint32_t n_decode = n;
   struct sched_req *blocked = NULL;
-  for (struct sched_req *r = s->waiting, *next; r && budget && n_run < s->o.max_running;
-       r = next) {
+  for (struct sched_req *r = s->waiting, *next; r && budget && n_run < s->o.max_running; r = next) {
     next = r->next_req;
     int arc = 0;
-    if (!r->admitted) arc = sched_admit(s, r);
+    if (!r->admitted)
+      arc = sched_admit(s, r);
     else if (!r->seq) { /* resuming after preemption: its own blocks may still be cached */
       uint32_t cached = 0;
       arc = engine_seq_new_prefix(s->e, r->tokens, r->n_tokens, &r->seq, &cached);

@@ -51,9 +51,9 @@ struct sched_req {
   struct engine_seq *seq;
   struct sampler *smp;
   float *logits;
-  float *scratch; /* unpenalised logits for log-probs */
+  float *scratch;           /* unpenalised logits for log-probs */
   struct inbox_item *inbox; /* preallocated queue link */
-  int32_t *hist; /* prompt then generated ids, for the penalties */
+  int32_t *hist;            /* prompt then generated ids, for the penalties */
   uint32_t n_hist, cap_hist;
   uint32_t n_prefilled; /* prompt tokens already run (or found in the prefix cache) */
   uint32_t n_prefix;    /* of those, the ones the prefix cache supplied at admission */

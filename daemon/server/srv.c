@@ -21,7 +21,8 @@ static void srv_on_signal(uv_signal_t *h, int signum) {
   struct srv *s = h->data;
   if (s->draining) {
     log_warn("second %s: exiting without waiting", strsignal(signum));
-    for (struct srv_conn *c = s->conns; c; c = c->next) srv_conn_close(c);
+    for (struct srv_conn *c = s->conns; c; c = c->next)
+      srv_conn_close(c);
     return;
   }
   log_info("%s: draining in-flight requests, then exiting", strsignal(signum));
@@ -38,8 +39,8 @@ int srv_init(struct srv *s, uv_loop_t *loop, const struct kvd_config *cfg) {
     log_err("Vulkan instance: %s (%s)", kvd_strerror(rc), gpu_error_detail());
     return rc;
   }
-  rc = gpu_device_new(s->inst, &(struct gpu_device_opts){.select = cfg->device,
-                                                         .cache_dir = cfg->cache_dir},
+  rc = gpu_device_new(s->inst,
+                      &(struct gpu_device_opts){.select = cfg->device, .cache_dir = cfg->cache_dir},
                       &s->dev);
   if (rc < 0) {
     log_err("Vulkan device: %s (%s)", kvd_strerror(rc), gpu_error_detail());

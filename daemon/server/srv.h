@@ -41,8 +41,8 @@ struct srv_model {
   struct sched *sched;
   uv_async_t async;
   bool async_open;
-  uint32_t n_active;  /* generate requests not yet DONE, sessions open */
-  bool unloading;     /* refuse new work; freed when n_active reaches 0 */
+  uint32_t n_active; /* generate requests not yet DONE, sessions open */
+  bool unloading;    /* refuse new work; freed when n_active reaches 0 */
   struct srv_model *next;
 };
 
@@ -65,8 +65,8 @@ struct srv_conn {
   struct ipc_w w;
   char client[IPC_MAX_NAME_BYTES + 1];
   uint32_t protocol;
-  uint32_t inflight;      /* requests awaiting a response */
-  struct srv_gen *gens;   /* generate requests of this connection */
+  uint32_t inflight;    /* requests awaiting a response */
+  struct srv_gen *gens; /* generate requests of this connection */
   struct srv_session *sessions;
   uint32_t n_sessions, next_session_id;
   bool closing;

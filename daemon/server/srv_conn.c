@@ -144,8 +144,7 @@ static void conn_on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf
       srv_reply_error(c, err.id, err.code, "%s", err.message);
       continue;
     }
-    log_info("client %llu: %s; closing the connection", (unsigned long long)c->serial,
-             err.message);
+    log_info("client %llu: %s; closing the connection", (unsigned long long)c->serial, err.message);
     srv_conn_close(c);
     return;
   }
@@ -158,8 +157,10 @@ static void conn_start_reading(struct srv_conn *c) {
 static void conn_on_close(uv_handle_t *h) {
   struct srv_conn *c = h->data;
   struct srv *s = c->srv;
-  if (c->prev) c->prev->next = c->next;
-  else s->conns = c->next;
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    s->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   s->n_conns--;
   ipc_dec_destroy(&c->dec);

@@ -19,7 +19,7 @@ struct gen_lp {
 };
 
 struct srv_gen {
-  struct srv_gen *next; /* in conn->gens */
+  struct srv_gen *next;  /* in conn->gens */
   struct srv_conn *conn; /* NULL once the client is gone */
   struct srv_model *m;
   struct srv_session *sess;
@@ -45,7 +45,8 @@ struct srv_gen {
 };
 
 static void gen_free(struct srv_gen *g) {
-  for (size_t i = 0; i < g->n_stops; i++) free(g->stops[i]);
+  for (size_t i = 0; i < g->n_stops; i++)
+    free(g->stops[i]);
   free(g->stops);
   free(g->piece);
   free(g->text);
@@ -58,7 +59,8 @@ static void gen_free(struct srv_gen *g) {
 static int gen_append(struct srv_gen *g, const char *p, size_t n) {
   if (g->len + n + 1 > g->cap) {
     size_t cap = g->cap ? g->cap * 2 : 256;
-    while (cap < g->len + n + 1) cap *= 2;
+    while (cap < g->len + n + 1)
+      cap *= 2;
     char *t = realloc(g->text, cap);
     if (!t) return KVD_ENOMEM;
     g->text = t;
@@ -76,7 +78,8 @@ static size_t gen_safe_end(const struct srv_gen *g, bool final) {
   if (final || g->max_stop == 0) return g->len;
   size_t hold = g->max_stop - 1;
   size_t end = g->len > hold ? g->len - hold : 0;
-  while (end > g->sent && end < g->len && ((unsigned char)g->text[end] & 0xC0) == 0x80) end--;
+  while (end > g->sent && end < g->len && ((unsigned char)g->text[end] & 0xC0) == 0x80)
+    end--;
   return end < g->sent ? g->sent : end;
 }
 
@@ -91,7 +94,8 @@ static void gen_send_chunk(struct srv_gen *g, bool final) {
   ipc_w_kv_str(&c->w, "text", g->text ? g->text + g->sent : "", end - g->sent);
   ipc_w_key(&c->w, "tokens");
   ipc_w_array(&c->w, g->n_chunk_tok);
-  for (uint32_t i = 0; i < g->n_chunk_tok; i++) ipc_w_u64(&c->w, (uint64_t)g->chunk_tok[i]);
+  for (uint32_t i = 0; i < g->n_chunk_tok; i++)
+    ipc_w_u64(&c->w, (uint64_t)g->chunk_tok[i]);
   ipc_w_close(&c->w);
   if (ipc_w_end(&c->w) == 0) {
     g->sent = end;
@@ -253,8 +257,7 @@ static void gen_on_done(struct srv_gen *g, const struct sched_event *ev) {
   if (!g->answered) {
     if (ev->finish == SCHED_FINISH_ERROR && g->req->n_generated == 0) {
       g->answered = true;
-      if (g->conn)
-        srv_reply_error(g->conn, g->id, ev->error, "%s", kvd_strerror(ev->error));
+      if (g->conn) srv_reply_error(g->conn, g->id, ev->error, "%s", kvd_strerror(ev->error));
     } else {
       gen_send_result(g, ev->finish, ev->error);
     }
@@ -276,8 +279,10 @@ static void gen_on_done(struct srv_gen *g, const struct sched_event *ev) {
 void srv_gen_event(struct srv_model *model, const struct sched_event *ev) {
   (void)model;
   struct srv_gen *g = ev->req->ud;
-  if (ev->done) gen_on_done(g, ev);
-  else gen_on_token(g, ev);
+  if (ev->done)
+    gen_on_done(g, ev);
+  else
+    gen_on_token(g, ev);
 }
 
 void srv_gen_cancel_id(struct srv_conn *c, uint32_t id, bool *ret_found) {
@@ -354,8 +359,10 @@ static int gen_read_params(const msgpack_object *p, struct gen_params *gp, struc
   if (rc == 1) gp->sp.presence_penalty = (float)d;
   uint64_t seed;
   if ((rc = ipc_get_u64(p, "seed", &seed, e)) < 0) return rc;
-  if (rc == 1) gp->sp.seed = seed;
-  else gp->sp.seed = (uint64_t)(srv_now() * 1e6); /* fresh text each call unless asked */
+  if (rc == 1)
+    gp->sp.seed = seed;
+  else
+    gp->sp.seed = (uint64_t)(srv_now() * 1e6); /* fresh text each call unless asked */
   if ((rc = ipc_get_bool(p, "stream", &gp->stream, e)) < 0) return rc;
   if ((rc = ipc_get_u32(p, "logprobs", &gp->logprobs, e)) < 0) return rc;
   if (gp->logprobs > IPC_MAX_LOGPROBS)
@@ -369,8 +376,9 @@ static int gen_read_params(const msgpack_object *p, struct gen_params *gp, struc
       return ipc_err_set(e, KVD_E2BIG, "stop strings are 1 to %d bytes", IPC_MAX_STOP_BYTES);
   }
   if (sample_params_check(&gp->sp) < 0)
-    return ipc_err_set(e, KVD_ERANGE, "sampling parameters out of range (temperature >= 0, "
-                                      "0 < top_p <= 1, 0 <= min_p <= 1, repeat_penalty > 0)");
+    return ipc_err_set(e, KVD_ERANGE,
+                       "sampling parameters out of range (temperature >= 0, "
+                       "0 < top_p <= 1, 0 <= min_p <= 1, repeat_penalty > 0)");
   return 0;
 }
 
@@ -439,8 +447,8 @@ void srv_gen_start(struct srv_conn *c, const struct ipc_msg *msg) {
   }
   struct srv_model *m = sess ? sess->m : srv_model_find(c->srv, gp.model, gp.model_len);
   if (!m || m->unloading) {
-    srv_reply_error(c, msg->id, KVD_E_NO_MODEL, gp.model ? "no model named %.*s is loaded"
-                                                         : "no model is loaded%.*s",
+    srv_reply_error(c, msg->id, KVD_E_NO_MODEL,
+                    gp.model ? "no model named %.*s is loaded" : "no model is loaded%.*s",
                     (int)gp.model_len, gp.model ? gp.model : "");
     return;
   }
@@ -448,7 +456,8 @@ void srv_gen_start(struct srv_conn *c, const struct ipc_msg *msg) {
    * model, new ones are told to come back rather than left to wait minutes. */
   uint32_t queued = 0;
   for (struct srv_conn *o = c->srv->conns; o; o = o->next)
-    for (struct srv_gen *q = o->gens; q; q = q->next) queued += q->m == m && q->n_seen == 0;
+    for (struct srv_gen *q = o->gens; q; q = q->next)
+      queued += q->m == m && q->n_seen == 0;
   if (queued >= SRV_MAX_QUEUED) {
     srv_reply_error(c, msg->id, KVD_EBUSY, "%u requests are already waiting for %s; try again",
                     queued, m->name);
@@ -551,8 +560,8 @@ void srv_gen_write_status(struct srv *s, struct ipc_w *w, uint32_t *ret_queued,
       ipc_w_kv_u64(w, "prompt_tokens", g->prompt_tokens);
       ipc_w_kv_u64(w, "completion_tokens", g->n_seen);
       double dec = g->n_seen ? now - g->t_first_seen : 0;
-      ipc_w_kv_f64(w, "prefill_ms", g->n_seen ? (g->t_first_seen - g->t_recv) * 1e3
-                                              : (now - g->t_recv) * 1e3);
+      ipc_w_kv_f64(w, "prefill_ms",
+                   g->n_seen ? (g->t_first_seen - g->t_recv) * 1e3 : (now - g->t_recv) * 1e3);
       ipc_w_kv_f64(w, "decode_ms", dec * 1e3);
       ipc_w_kv_f64(w, "tokens_per_s", dec > 0 ? (g->n_seen - 1) / dec : 0);
       ipc_w_close(w);

@@ -36,7 +36,8 @@ static void m_hello(struct srv_conn *c, const struct ipc_msg *msg) {
   static const char *caps[] = {"stream", "logprobs", "sessions", "chat", "cancel"};
   ipc_w_key(&c->w, "capabilities");
   ipc_w_array(&c->w, 5);
-  for (int i = 0; i < 5; i++) ipc_w_cstr(&c->w, caps[i]);
+  for (int i = 0; i < 5; i++)
+    ipc_w_cstr(&c->w, caps[i]);
   if (m) ipc_w_kv_cstr(&c->w, "model", m->name);
   ipc_w_close(&c->w);
   ipc_w_end(&c->w);
@@ -75,7 +76,8 @@ static void write_model(struct ipc_w *w, const struct srv_model *m) {
 
 static uint32_t count_models(const struct srv *s) {
   uint32_t n = 0;
-  for (const struct srv_model *m = s->models; m; m = m->next) n++;
+  for (const struct srv_model *m = s->models; m; m = m->next)
+    n++;
   return n;
 }
 
@@ -150,7 +152,8 @@ static void m_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_kv_u64(w, "running", running);
   ipc_w_key(w, "models");
   ipc_w_array(w, count_models(s));
-  for (struct srv_model *m = s->models; m; m = m->next) write_model(w, m);
+  for (struct srv_model *m = s->models; m; m = m->next)
+    write_model(w, m);
   uint32_t q, r;
   ipc_w_key(w, "requests");
   srv_gen_write_status(s, w, &q, &r);
@@ -178,7 +181,8 @@ static void m_models_list(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_map(&c->w, 1);
   ipc_w_key(&c->w, "models");
   ipc_w_array(&c->w, count_models(c->srv));
-  for (struct srv_model *m = c->srv->models; m; m = m->next) write_model(&c->w, m);
+  for (struct srv_model *m = c->srv->models; m; m = m->next)
+    write_model(&c->w, m);
   ipc_w_end(&c->w);
   srv_reply_done(c);
 }
@@ -248,9 +252,9 @@ static struct srv_model *model_param(struct srv_conn *c, const struct ipc_msg *m
   }
   struct srv_model *m = srv_model_find(c->srv, name, len);
   if (!m || m->unloading)
-    srv_reply_error(c, msg->id, KVD_E_NO_MODEL, name ? "no model named %.*s is loaded"
-                                                    : "no model is loaded%.*s",
-                    (int)len, name ? name : "");
+    srv_reply_error(c, msg->id, KVD_E_NO_MODEL,
+                    name ? "no model named %.*s is loaded" : "no model is loaded%.*s", (int)len,
+                    name ? name : "");
   return m && !m->unloading ? m : NULL;
 }
 
@@ -281,7 +285,8 @@ static void m_tokenize(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_map(&c->w, 1);
   ipc_w_key(&c->w, "tokens");
   ipc_w_array(&c->w, (uint32_t)n);
-  for (int i = 0; i < n; i++) ipc_w_u64(&c->w, (uint64_t)ids[i]);
+  for (int i = 0; i < n; i++)
+    ipc_w_u64(&c->w, (uint64_t)ids[i]);
   free(ids);
   ipc_w_end(&c->w);
   srv_reply_done(c);
@@ -446,8 +451,10 @@ void srv_sessions_close_all(struct srv_conn *c) {
     c->sessions = ss->next;
     c->n_sessions--;
     ss->conn = NULL;
-    if (ss->busy) ss->closing = true;
-    else srv_session_release(ss);
+    if (ss->busy)
+      ss->closing = true;
+    else
+      srv_session_release(ss);
   }
 }
 

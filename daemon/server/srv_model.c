@@ -17,7 +17,8 @@ static void model_on_async(uv_async_t *a) {
   /* The last request's end may free the model (an unload, or the drain at exit): m->sched is
    * NULL from then on and nothing of it is left to drain. */
   while (m->sched && (n = sched_drain(m->sched, ev, 64)) > 0)
-    for (uint32_t i = 0; i < n && m->sched; i++) srv_gen_event(m, &ev[i]);
+    for (uint32_t i = 0; i < n && m->sched; i++)
+      srv_gen_event(m, &ev[i]);
 }
 
 static void model_notify(void *ud) {
@@ -40,8 +41,10 @@ static void model_free_now(struct srv_model *m) {
   tok_free(m->tok);
   gguf_close(m->f);
   free(m->path);
-  if (m->async_open) uv_close((uv_handle_t *)&m->async, model_on_close);
-  else free(m);
+  if (m->async_open)
+    uv_close((uv_handle_t *)&m->async, model_on_close);
+  else
+    free(m);
 }
 
 /* The slow part, safe off the loop thread: file, tokenizer, weights upload, KV pool. */
@@ -121,8 +124,10 @@ int srv_model_load(struct srv *s, const char *path, const char *name, struct srv
   if (!m) return KVD_ENOMEM;
   m->srv = s;
   m->path = strdup(path);
-  if (name && *name) snprintf(m->name, sizeof m->name, "%s", name);
-  else model_default_name(path, m->name, sizeof m->name);
+  if (name && *name)
+    snprintf(m->name, sizeof m->name, "%s", name);
+  else
+    model_default_name(path, m->name, sizeof m->name);
   if (srv_model_find(s, m->name, strlen(m->name))) {
     snprintf(err, errlen, "a model named %s is already loaded", m->name);
     free(m->path);
@@ -206,8 +211,10 @@ static void load_after_cb(uv_work_t *req, int status) {
     w->rc = KVD_EEXIST;
     snprintf(w->err, sizeof w->err, "a model named %s is already loaded", w->m->name);
   }
-  if (w->rc == 0) w->rc = model_start(s, w->m, w->e, w->err, sizeof w->err);
-  else engine_free(w->e);
+  if (w->rc == 0)
+    w->rc = model_start(s, w->m, w->e, w->err, sizeof w->err);
+  else
+    engine_free(w->e);
   struct srv_conn *c = conn_by_serial(s, w->conn_serial);
   if (w->rc < 0) {
     log_warn("models.load: %s", w->err);
@@ -235,8 +242,10 @@ void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, con
   }
   m->srv = c->srv;
   m->path = strdup(path);
-  if (name && *name) snprintf(m->name, sizeof m->name, "%s", name);
-  else model_default_name(path, m->name, sizeof m->name);
+  if (name && *name)
+    snprintf(m->name, sizeof m->name, "%s", name);
+  else
+    model_default_name(path, m->name, sizeof m->name);
   w->req.data = w;
   w->srv = c->srv;
   w->conn_serial = c->serial;

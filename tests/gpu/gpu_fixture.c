@@ -64,7 +64,8 @@ int fixture_dispatch(const struct gpu_pipeline_desc *desc, struct gpu_buffer *co
   struct gpu_cmd *cmd = NULL;
   struct gpu_binding bind[GPU_MAX_BINDINGS];
   if (n > GPU_MAX_BINDINGS) return -22;
-  for (uint32_t i = 0; i < n; i++) bind[i] = (struct gpu_binding){bufs[i], 0, 0};
+  for (uint32_t i = 0; i < n; i++)
+    bind[i] = (struct gpu_binding){bufs[i], 0, 0};
   int rc = gpu_pipeline_new(d, desc, &pipe);
   if (rc == 0) rc = gpu_cmd_new(d, &cmd);
   if (rc == 0) rc = gpu_cmd_begin(cmd);

@@ -29,7 +29,7 @@ double fixture_rel_err(const float *got, const float *want, size_t n, double flo
 
 /* Every GPU test ends with this: a validation error anywhere fails the test that caused it. */
 #define FIXTURE_CHECK_VALIDATION()                                                                 \
-  KT_ASSERT_MSG(fixture_validation_errors() == 0, "%u Vulkan validation errors",                  \
+  KT_ASSERT_MSG(fixture_validation_errors() == 0, "%u Vulkan validation errors",                   \
                 fixture_validation_errors())
 
 #endif

@@ -33,8 +33,10 @@ static void run_case(const struct case_ *c) {
   float *q = malloc((size_t)c->n_tokens * qd * 4), *want = malloc((size_t)c->n_tokens * qd * 4);
   float *kcont = malloc((size_t)c->max_kv * kvd * 4), *vcont = malloc((size_t)c->max_kv * kvd * 4);
   float *scores = malloc(c->max_kv * 4);
-  KT_ASSERT(n_kv && perm && tables && tok_info && kc && vc && q && want && kcont && vcont && scores);
-  for (uint32_t i = 0; i < n_blocks; i++) perm[i] = i;
+  KT_ASSERT(n_kv && perm && tables && tok_info && kc && vc && q && want && kcont && vcont &&
+            scores);
+  for (uint32_t i = 0; i < n_blocks; i++)
+    perm[i] = i;
   for (uint32_t i = n_blocks - 1; i > 0; i--) { /* shuffle: physical order != logical order */
     uint32_t j = kt_rand_range(0, i), t = perm[i];
     perm[i] = perm[j];
@@ -63,11 +65,16 @@ static void run_case(const struct case_ *c) {
     ref_attention_one(want + (size_t)t * qd, q + (size_t)t * qd, kcont, vcont, n_kv[t], c->n_head,
                       c->n_head_kv, hd, scores);
   }
-  uint32_t splits = c->force_splits ? c->force_splits
-                                    : attn_pick_splits(&ak, max_kv, c->n_tokens * c->n_head);
-  struct attn_shape s = {.n_tokens = c->n_tokens, .n_head = c->n_head, .n_head_kv = c->n_head_kv,
-                         .head_dim = hd, .block_size = c->block_size, .q_stride = qd,
-                         .n_splits = splits, .max_kv = max_kv};
+  uint32_t splits =
+      c->force_splits ? c->force_splits : attn_pick_splits(&ak, max_kv, c->n_tokens * c->n_head);
+  struct attn_shape s = {.n_tokens = c->n_tokens,
+                         .n_head = c->n_head,
+                         .n_head_kv = c->n_head_kv,
+                         .head_dim = hd,
+                         .block_size = c->block_size,
+                         .q_stride = qd,
+                         .n_splits = splits,
+                         .max_kv = max_kv};
   uint64_t pbytes = attn_partial_bytes(c->n_tokens, c->n_head, hd, splits);
   struct gpu_buffer *bq = fixture_upload(q, (size_t)c->n_tokens * qd * 4);
   struct gpu_buffer *bk = fixture_upload(kc, cache_n * 4);
@@ -93,7 +100,8 @@ static void run_case(const struct case_ *c) {
   free(got);
   gpu_cmd_free(cmd);
   struct gpu_buffer *all[] = {bq, bk, bv, bi, bt, bo, bp};
-  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) gpu_buffer_free(all[i]);
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+    gpu_buffer_free(all[i]);
   attn_destroy(&ak);
   free(n_kv), free(perm), free(tables), free(tok_info), free(kc), free(vc), free(q), free(want);
   free(kcont), free(vcont), free(scores);
@@ -122,10 +130,10 @@ KT_TEST(batched_tokens_with_different_lengths_and_gqa_ratios) {
 KT_TEST(long_context_online_softmax_splits_and_merges) {
   FIXTURE_DEVICE(dev);
   (void)dev;
-  run_case(&(struct case_){8, 4, 8, 16, 1, 1000, 0}); /* > chunk: splits required */
-  run_case(&(struct case_){4, 2, 64, 16, 2, 700, 7}); /* forced odd split count */
-  run_case(&(struct case_){4, 2, 16, 16, 3, 40, 8});  /* some splits empty for short tokens */
-  run_case(&(struct case_){2, 1, 32, 16, 2, 900, 1}); /* one split over several score chunks */
+  run_case(&(struct case_){8, 4, 8, 16, 1, 1000, 0});  /* > chunk: splits required */
+  run_case(&(struct case_){4, 2, 64, 16, 2, 700, 7});  /* forced odd split count */
+  run_case(&(struct case_){4, 2, 16, 16, 3, 40, 8});   /* some splits empty for short tokens */
+  run_case(&(struct case_){2, 1, 32, 16, 2, 900, 1});  /* one split over several score chunks */
   run_case(&(struct case_){2, 2, 200, 16, 1, 300, 2}); /* head_dim > workgroup: 4 values each */
   FIXTURE_CHECK_VALIDATION();
 }
@@ -141,7 +149,8 @@ KT_TEST(kv_write_scatters_into_block_slots) {
   uint32_t slots[T];
   /* Distinct random slots. */
   uint32_t all[NB * BS];
-  for (uint32_t i = 0; i < NB * BS; i++) all[i] = i;
+  for (uint32_t i = 0; i < NB * BS; i++)
+    all[i] = i;
   for (uint32_t i = 0; i < T; i++) {
     uint32_t j = kt_rand_range(i, NB * BS - 1), t = all[i];
     all[i] = all[j];
@@ -151,7 +160,8 @@ KT_TEST(kv_write_scatters_into_block_slots) {
   size_t cache_n = (size_t)NB * BS * HKV * HD;
   float *zero = calloc(cache_n, 4);
   struct gpu_buffer *bk = fixture_upload(k, sizeof k), *bv = fixture_upload(v, sizeof v);
-  struct gpu_buffer *ck = fixture_upload(zero, cache_n * 4), *cv = fixture_upload(zero, cache_n * 4);
+  struct gpu_buffer *ck = fixture_upload(zero, cache_n * 4),
+                    *cv = fixture_upload(zero, cache_n * 4);
   struct gpu_buffer *bs = fixture_upload(slots, sizeof slots);
   struct gpu_cmd *cmd;
   KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
@@ -169,16 +179,19 @@ KT_TEST(kv_write_scatters_into_block_slots) {
     for (uint32_t h = 0; h < HKV; h++)
       for (uint32_t d = 0; d < HD; d++) {
         size_t dst = (((size_t)(slots[t] / BS) * HKV + h) * BS + slots[t] % BS) * HD + d;
-        mismatches += gk[dst] != k[t * STRIDE + h * HD + d] || gv[dst] != v[t * STRIDE + h * HD + d];
+        mismatches +=
+            gk[dst] != k[t * STRIDE + h * HD + d] || gv[dst] != v[t * STRIDE + h * HD + d];
         written++;
       }
-  for (size_t i = 0; i < cache_n; i++) nonzero += gk[i] != 0;
+  for (size_t i = 0; i < cache_n; i++)
+    nonzero += gk[i] != 0;
   KT_CHECK_EQ(mismatches, 0);
   KT_CHECK_EQ(nonzero, written); /* nothing outside the slots was touched */
   free(gk), free(gv), free(zero);
   gpu_cmd_free(cmd);
   struct gpu_buffer *bufs[] = {bk, bv, ck, cv, bs};
-  for (int i = 0; i < 5; i++) gpu_buffer_free(bufs[i]);
+  for (int i = 0; i < 5; i++)
+    gpu_buffer_free(bufs[i]);
   attn_destroy(&ak);
   FIXTURE_CHECK_VALIDATION();
 }

@@ -116,7 +116,8 @@ static void check_case(struct engine *e, const cJSON *c, bool logprobs, double t
     checked++;
   }
   KT_CHECK(checked > 0);
-  KT_CHECK_MSG(worst < tol, "max %s error %.3g over %u positions", logprobs ? "|d logprob|" : "rel logit", worst, checked);
+  KT_CHECK_MSG(worst < tol, "max %s error %.3g over %u positions",
+               logprobs ? "|d logprob|" : "rel logit", worst, checked);
   kt_log("%u/%u ids, max %s error %.3g over %u positions", cap->n, n_want,
          logprobs ? "|d logprob|" : "rel logit", worst, checked);
   free(cap);
@@ -137,7 +138,8 @@ static void check_stories(const char *rel, double tol) {
   struct engine *e = new_engine(f, &(struct engine_opts){.n_blocks = 64});
   KT_ASSERT(e);
   const cJSON *c;
-  cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(ref, "cases")) check_case(e, c, false, tol);
+  cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(ref, "cases"))
+      check_case(e, c, false, tol);
   struct kv_pool_stats st;
   engine_kv_stats(e, &st);
   KT_CHECK_EQ(st.free, st.total); /* every generation gave its blocks back */
@@ -192,8 +194,8 @@ static int feed(struct engine *e, struct engine_seq *s, const int32_t *toks, uin
                 uint32_t chunk, float *out) {
   for (uint32_t done = 0; done < n;) {
     uint32_t k = n - done < chunk ? n - done : chunk;
-    struct engine_item it = {.seq = s, .tokens = toks + done, .n_tokens = k,
-                             .logits = done + k == n ? out : NULL};
+    struct engine_item it = {
+        .seq = s, .tokens = toks + done, .n_tokens = k, .logits = done + k == n ? out : NULL};
     int rc = engine_forward(e, &it, 1);
     if (rc < 0) return rc;
     done += k;
@@ -203,8 +205,10 @@ static int feed(struct engine *e, struct engine_seq *s, const int32_t *toks, uin
 
 static double logits_err(const float *got, const float *want, uint32_t n) {
   double mx = 0, worst = 0;
-  for (uint32_t i = 0; i < n; i++) mx = fmax(mx, fabs(want[i]));
-  for (uint32_t i = 0; i < n; i++) worst = fmax(worst, fabs(got[i] - want[i]) / fmax(mx, 1e-6));
+  for (uint32_t i = 0; i < n; i++)
+    mx = fmax(mx, fabs(want[i]));
+  for (uint32_t i = 0; i < n; i++)
+    worst = fmax(worst, fabs(got[i] - want[i]) / fmax(mx, 1e-6));
   return worst;
 }
 
@@ -246,7 +250,8 @@ KT_TEST(chunked_prefill_equals_one_step_prefill) {
   struct engine *e = new_engine(f, &(struct engine_opts){.block_size = 8, .n_blocks = 64});
   KT_ASSERT(e);
   int32_t toks[100];
-  for (int i = 0; i < 100; i++) toks[i] = (int32_t)kt_rand_range(3, 511);
+  for (int i = 0; i < 100; i++)
+    toks[i] = (int32_t)kt_rand_range(3, 511);
   float a[512], b[512], c[512];
   struct engine_seq *s1, *s2, *s3;
   KT_ASSERT_OK(engine_seq_new(e, &s1));
@@ -292,7 +297,8 @@ KT_TEST(batched_decode_of_8_sequences_equals_solo_runs) {
   for (int i = 0; i < S; i++) {
     plen[i] = kt_rand_range(1, 40);
     prompts[i][0] = 1;
-    for (uint32_t j = 1; j < plen[i]; j++) prompts[i][j] = (int32_t)kt_rand_range(3, 511);
+    for (uint32_t j = 1; j < plen[i]; j++)
+      prompts[i][j] = (int32_t)kt_rand_range(3, 511);
     solo_greedy(e, prompts[i], plen[i], N, solo[i]);
   }
   struct kv_pool_stats before;
@@ -319,7 +325,8 @@ KT_TEST(batched_decode_of_8_sequences_equals_solo_runs) {
   }
   for (int i = 0; i < S; i++)
     KT_CHECK_MSG(memcmp(solo[i], batched[i], sizeof solo[i]) == 0, "sequence %d differs", i);
-  for (int i = 0; i < S; i++) engine_seq_free(e, seqs[i]);
+  for (int i = 0; i < S; i++)
+    engine_seq_free(e, seqs[i]);
   struct kv_pool_stats after;
   engine_kv_stats(e, &after);
   KT_CHECK_EQ(after.free, before.free);
@@ -337,7 +344,8 @@ KT_TEST(fork_shares_blocks_and_copies_on_write) {
   struct engine *e = new_engine(f, &(struct engine_opts){.block_size = 8, .n_blocks = 32});
   KT_ASSERT(e);
   int32_t prompt[13], a_tok = 300, b_tok = 400;
-  for (int i = 0; i < 13; i++) prompt[i] = (int32_t)kt_rand_range(3, 511);
+  for (int i = 0; i < 13; i++)
+    prompt[i] = (int32_t)kt_rand_range(3, 511);
   float la[512], lb[512], want_a[512], want_b[512];
   /* The solo answers: the prompt then one different token each. */
   int32_t pa[14], pb[14];
@@ -388,7 +396,8 @@ KT_TEST(exhausted_pool_is_a_typed_error_and_changes_nothing) {
   struct engine *e = new_engine(f, &(struct engine_opts){.block_size = 16, .n_blocks = 4});
   KT_ASSERT(e);
   int32_t toks[80];
-  for (int i = 0; i < 80; i++) toks[i] = (int32_t)kt_rand_range(3, 511);
+  for (int i = 0; i < 80; i++)
+    toks[i] = (int32_t)kt_rand_range(3, 511);
   struct engine_seq *a, *b;
   KT_ASSERT_OK(engine_seq_new(e, &a));
   KT_ASSERT_OK(engine_seq_new(e, &b));

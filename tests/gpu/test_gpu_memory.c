@@ -22,7 +22,8 @@ KT_TEST(suballocations_are_aligned_and_share_blocks) {
   /* 16 small buffers fit one default block: sub-allocation, not one VkDeviceMemory each. */
   KT_CHECK(st.n_blocks < 16);
   KT_CHECK_EQ(st.n_buffers, 16);
-  for (int i = 0; i < 16; i++) gpu_buffer_free(b[i]);
+  for (int i = 0; i < 16; i++)
+    gpu_buffer_free(b[i]);
   gpu_memory_stats(dev, &st);
   KT_CHECK_EQ(st.n_buffers, 0);
   KT_CHECK_EQ(st.allocated, 0);
@@ -59,8 +60,8 @@ KT_TEST(exhaustion_returns_device_oom) {
   struct gpu_instance *inst;
   KT_ASSERT_OK(gpu_instance_new(&(struct gpu_instance_opts){.validate = true}, &inst));
   struct gpu_device *dev;
-  int rc = gpu_device_new(inst, &(struct gpu_device_opts){.mem_limit = 4 << 20,
-                                                          .block_size = 1 << 20}, &dev);
+  int rc = gpu_device_new(
+      inst, &(struct gpu_device_opts){.mem_limit = 4 << 20, .block_size = 1 << 20}, &dev);
   if (rc < 0) gpu_instance_free(inst);
   KT_ASSERT_OK(rc);
   struct gpu_buffer *bufs[64];
@@ -74,7 +75,8 @@ KT_TEST(exhaustion_returns_device_oom) {
   struct gpu_buffer *big;
   KT_CHECK_EQ(gpu_buffer_new(dev, 8 << 20, GPU_MEM_DEVICE, "too big", &big), KVD_E_DEVICE_OOM);
   /* Memory comes back: after freeing, the same requests succeed again. */
-  for (int i = 0; i < n; i++) gpu_buffer_free(bufs[i]);
+  for (int i = 0; i < n; i++)
+    gpu_buffer_free(bufs[i]);
   struct gpu_buffer *again;
   KT_CHECK_EQ(gpu_buffer_new(dev, 256 << 10, GPU_MEM_DEVICE, "again", &again), 0);
   if (!kt__failed()) gpu_buffer_free(again);
@@ -87,7 +89,8 @@ KT_TEST(exhaustion_returns_device_oom) {
 static void roundtrip(struct gpu_device *dev, enum gpu_mem_kind kind, uint64_t size) {
   uint8_t *src = malloc(size), *dst = malloc(size);
   KT_ASSERT(src && dst);
-  for (uint64_t i = 0; i < size; i++) src[i] = (uint8_t)kt_rand_u64();
+  for (uint64_t i = 0; i < size; i++)
+    src[i] = (uint8_t)kt_rand_u64();
   struct gpu_buffer *b;
   int rc = gpu_buffer_new(dev, size + 64, kind, "roundtrip", &b);
   if (rc < 0) {

@@ -34,7 +34,8 @@ static void run_until_done(struct sched *s, struct sched_req **reqs, struct out 
   int left = n;
   while (left > 0) {
     pthread_mutex_lock(&mu);
-    while (!notified) pthread_cond_wait(&cv, &mu);
+    while (!notified)
+      pthread_cond_wait(&cv, &mu);
     notified = 0;
     pthread_mutex_unlock(&mu);
     struct sched_event ev[64];
@@ -42,7 +43,8 @@ static void run_until_done(struct sched *s, struct sched_req **reqs, struct out 
     while ((k = sched_drain(s, ev, 64)) > 0)
       for (uint32_t i = 0; i < k; i++) {
         int j = 0;
-        while (j < n && reqs[j] != ev[i].req) j++;
+        while (j < n && reqs[j] != ev[i].req)
+          j++;
         if (j == n) continue;
         if (ev[i].done) {
           outs[j].done = true;
@@ -94,14 +96,16 @@ KT_TEST(sixteen_concurrent_requests_equal_their_solo_runs) {
   for (int i = 0; i < N; i++) {
     plen[i] = kt_rand_range(1, 48);
     prompts[i][0] = 1;
-    for (uint32_t j = 1; j < plen[i]; j++) prompts[i][j] = (int32_t)kt_rand_range(3, 511);
+    for (uint32_t j = 1; j < plen[i]; j++)
+      prompts[i][j] = (int32_t)kt_rand_range(3, 511);
   }
   for (int i = 0; i < N; i++) { /* one at a time */
     reqs[i] = greedy_req(prompts[i], plen[i], GEN);
     sched_submit(s, reqs[i]);
     run_until_done(s, &reqs[i], &solo[i], 1);
   }
-  for (int i = 0; i < N; i++) sched_req_free(reqs[i]);
+  for (int i = 0; i < N; i++)
+    sched_req_free(reqs[i]);
   for (int i = 0; i < N; i++) { /* all at once */
     reqs[i] = greedy_req(prompts[i], plen[i], GEN);
     sched_submit(s, reqs[i]);
@@ -194,7 +198,8 @@ KT_TEST(preemption_under_a_tiny_pool_keeps_every_output_exact) {
   for (int i = 0; i < N; i++) {
     plen[i] = kt_rand_range(8, 24);
     prompts[i][0] = 1;
-    for (uint32_t j = 1; j < plen[i]; j++) prompts[i][j] = (int32_t)kt_rand_range(3, 511);
+    for (uint32_t j = 1; j < plen[i]; j++)
+      prompts[i][j] = (int32_t)kt_rand_range(3, 511);
     reqs[i] = greedy_req(prompts[i], plen[i], GEN);
     sched_submit(s, reqs[i]);
     run_until_done(s, &reqs[i], &solo[i], 1);
@@ -219,7 +224,8 @@ KT_TEST(preemption_under_a_tiny_pool_keeps_every_output_exact) {
   KT_CHECK_EQ(st.kv.free + st.kv.cached, st.kv.total);
   /* A prompt larger than the whole pool is refused up front, not left waiting. */
   static int32_t big[200];
-  for (int i = 0; i < 200; i++) big[i] = (int32_t)kt_rand_range(3, 511);
+  for (int i = 0; i < 200; i++)
+    big[i] = (int32_t)kt_rand_range(3, 511);
   struct out o = {0};
   struct sched_req *r = greedy_req(big, 200, 4);
   sched_submit(s, r);
@@ -241,9 +247,12 @@ KT_TEST(shared_prefix_is_prefilled_once_and_output_is_unchanged) {
   /* A "system prompt" of 100 tokens shared by two requests with different tails. */
   int32_t a[110], b[108];
   a[0] = b[0] = 1;
-  for (int i = 1; i < 100; i++) a[i] = b[i] = (int32_t)kt_rand_range(3, 511);
-  for (int i = 100; i < 110; i++) a[i] = (int32_t)kt_rand_range(3, 511);
-  for (int i = 100; i < 108; i++) b[i] = (int32_t)kt_rand_range(3, 511);
+  for (int i = 1; i < 100; i++)
+    a[i] = b[i] = (int32_t)kt_rand_range(3, 511);
+  for (int i = 100; i < 110; i++)
+    a[i] = (int32_t)kt_rand_range(3, 511);
+  for (int i = 100; i < 108; i++)
+    b[i] = (int32_t)kt_rand_range(3, 511);
   struct out oa = {0}, ob = {0}, ob_cold = {0};
   struct sched_req *ra = greedy_req(a, 110, 8);
   sched_submit(s, ra);
@@ -298,7 +307,8 @@ KT_TEST(randomised_schedule_stress_equals_solo) {
   uint32_t plen[N];
   int32_t common[20];
   common[0] = 1;
-  for (int j = 1; j < 20; j++) common[j] = (int32_t)kt_rand_range(3, 511);
+  for (int j = 1; j < 20; j++)
+    common[j] = (int32_t)kt_rand_range(3, 511);
   for (int i = 0; i < N; i++) {
     plen[i] = kt_rand_range(4, 40);
     bool share = kt_rand_range(0, 1);
@@ -327,7 +337,8 @@ KT_TEST(randomised_schedule_stress_equals_solo) {
     }
     if (submitted == 0) continue;
     pthread_mutex_lock(&mu);
-    while (!notified) pthread_cond_wait(&cv, &mu);
+    while (!notified)
+      pthread_cond_wait(&cv, &mu);
     notified = 0;
     pthread_mutex_unlock(&mu);
     struct sched_event ev[64];
@@ -335,7 +346,8 @@ KT_TEST(randomised_schedule_stress_equals_solo) {
     while ((k = sched_drain(s, ev, 64)) > 0)
       for (uint32_t e = 0; e < k; e++) {
         int j = 0;
-        while (reqs[j] != ev[e].req) j++;
+        while (reqs[j] != ev[e].req)
+          j++;
         if (ev[e].done) {
           got[j].done = true;
           got[j].finish = ev[e].finish;

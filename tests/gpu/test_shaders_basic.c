@@ -16,7 +16,8 @@ struct bufset {
   struct gpu_buffer *b[3];
 };
 
-static int upload_new(struct gpu_device *dev, const float *data, size_t n, struct gpu_buffer **ret) {
+static int upload_new(struct gpu_device *dev, const float *data, size_t n,
+                      struct gpu_buffer **ret) {
   int rc = gpu_buffer_new(dev, n * sizeof(float), GPU_MEM_DEVICE, "test input", ret);
   if (rc < 0) return rc;
   if (data) rc = gpu_buffer_upload(dev, *ret, 0, data, n * sizeof(float));
@@ -44,7 +45,8 @@ static int run3(struct gpu_device *dev, const struct gpu_pipeline_desc *desc, co
     if (rc == 0) rc = gpu_cmd_wait(cmd);
   }
   if (rc == 0) rc = gpu_buffer_download(dev, bufs[2], 0, out, nout * sizeof(float));
-  for (int i = 0; i < 3; i++) gpu_buffer_free(bufs[i]);
+  for (int i = 0; i < 3; i++)
+    gpu_buffer_free(bufs[i]);
   gpu_cmd_free(cmd);
   gpu_pipeline_free(pipe);
   return rc;
@@ -59,16 +61,20 @@ KT_TEST(vec_add_matches_cpu) {
     KT_ASSERT(a && b && c);
     kt_rand_fill(a, n, -10, 10);
     kt_rand_fill(b, n, -10, 10);
-    struct gpu_pipeline_desc d = {.shader = "vec_add", .n_buffers = 3,
-                                  .push_size = sizeof(struct pc_vec_add), .n_spec = 1,
-                                  .spec = {64}, .local_size = {64, 1, 1}};
+    struct gpu_pipeline_desc d = {.shader = "vec_add",
+                                  .n_buffers = 3,
+                                  .push_size = sizeof(struct pc_vec_add),
+                                  .n_spec = 1,
+                                  .spec = {64},
+                                  .local_size = {64, 1, 1}};
     struct pc_vec_add pc = {.n = n};
     /* Fewer groups than needed on purpose: the grid-stride loop must cover the rest. */
     uint32_t groups = (n + 63) / 64;
     if (groups > 1000) groups = 1000;
     int rc = run3(dev, &d, a, n, b, n, c, n, &pc, groups, 1);
     bool ok = rc == 0;
-    for (uint32_t i = 0; ok && i < n; i++) ok = c[i] == a[i] + b[i]; /* exact in f32 */
+    for (uint32_t i = 0; ok && i < n; i++)
+      ok = c[i] == a[i] + b[i]; /* exact in f32 */
     free(a);
     free(b);
     free(c);
@@ -94,17 +100,20 @@ static double matvec_err(const float *w, const float *x, const float *y, uint32_
 }
 
 static void check_matvec(struct gpu_device *dev, const char *shader, uint32_t wg) {
-  static const uint32_t shapes[][2] = {{1, 1}, {7, 33}, {64, 64}, {129, 1000}, {511, 4097},
-                                       {3000, 70}};
+  static const uint32_t shapes[][2] = {{1, 1},      {7, 33},     {64, 64},
+                                       {129, 1000}, {511, 4097}, {3000, 70}};
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
     uint32_t rows = shapes[s][0], cols = shapes[s][1];
     float *w = malloc((size_t)rows * cols * 4), *x = malloc(cols * 4), *y = malloc(rows * 4);
     KT_ASSERT(w && x && y);
     kt_rand_fill(w, (size_t)rows * cols, -1, 1);
     kt_rand_fill(x, cols, -1, 1);
-    struct gpu_pipeline_desc d = {.shader = shader, .n_buffers = 3,
-                                  .push_size = sizeof(struct pc_matvec), .n_spec = 1,
-                                  .spec = {wg}, .local_size = {wg, 1, 1}};
+    struct gpu_pipeline_desc d = {.shader = shader,
+                                  .n_buffers = 3,
+                                  .push_size = sizeof(struct pc_matvec),
+                                  .n_spec = 1,
+                                  .spec = {wg},
+                                  .local_size = {wg, 1, 1}};
     struct pc_matvec pc = {.rows = rows, .cols = cols};
     uint32_t gx, gy;
     gpu_grid_2d(dev, rows, &gx, &gy);
@@ -140,8 +149,8 @@ KT_TEST(matvec_f32_subgroup_matches_cpu) {
 
 KT_TEST(matmul_f32_matches_cpu) {
   FIXTURE_DEVICE(dev);
-  static const uint32_t shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {32, 32, 16}, {33, 65, 17},
-                                       {100, 37, 250}, {17, 300, 129}};
+  static const uint32_t shapes[][3] = {{1, 1, 1},    {5, 7, 3},      {32, 32, 16},
+                                       {33, 65, 17}, {100, 37, 250}, {17, 300, 129}};
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
     uint32_t m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
     float *x = malloc((size_t)m * k * 4), *w = malloc((size_t)n * k * 4),
@@ -149,12 +158,15 @@ KT_TEST(matmul_f32_matches_cpu) {
     KT_ASSERT(x && w && y);
     kt_rand_fill(x, (size_t)m * k, -1, 1);
     kt_rand_fill(w, (size_t)n * k, -1, 1);
-    struct gpu_pipeline_desc d = {.shader = "matmul_f32", .n_buffers = 3,
-                                  .push_size = sizeof(struct pc_matmul), .n_spec = 3,
-                                  .spec = {2, 2, 16}, .local_size = {16, 16, 1}};
+    struct gpu_pipeline_desc d = {.shader = "matmul_f32",
+                                  .n_buffers = 3,
+                                  .push_size = sizeof(struct pc_matmul),
+                                  .n_spec = 3,
+                                  .spec = {2, 2, 16},
+                                  .local_size = {16, 16, 1}};
     struct pc_matmul pc = {.m = m, .n = n, .k = k};
-    int rc = run3(dev, &d, w, (size_t)n * k, x, (size_t)m * k, y, (size_t)m * n, &pc,
-                  (n + 31) / 32, (m + 31) / 32);
+    int rc = run3(dev, &d, w, (size_t)n * k, x, (size_t)m * k, y, (size_t)m * n, &pc, (n + 31) / 32,
+                  (m + 31) / 32);
     double worst = 0;
     for (uint32_t i = 0; rc == 0 && i < m; i++) {
       for (uint32_t j = 0; j < n; j++) {
@@ -180,9 +192,12 @@ KT_TEST(matmul_f32_matches_cpu) {
 KT_TEST(dispatch_limits_are_checked_before_the_device_sees_them) {
   FIXTURE_DEVICE(dev);
   const struct gpu_caps *c = gpu_device_caps(dev);
-  struct gpu_pipeline_desc d = {.shader = "vec_add", .n_buffers = 3,
-                                .push_size = sizeof(struct pc_vec_add), .n_spec = 1,
-                                .spec = {64}, .local_size = {64, 1, 1}};
+  struct gpu_pipeline_desc d = {.shader = "vec_add",
+                                .n_buffers = 3,
+                                .push_size = sizeof(struct pc_vec_add),
+                                .n_spec = 1,
+                                .spec = {64},
+                                .local_size = {64, 1, 1}};
   struct gpu_pipeline *pipe;
   KT_ASSERT_OK(gpu_pipeline_new(dev, &d, &pipe));
   struct gpu_cmd *cmd;
@@ -200,8 +215,8 @@ KT_TEST(dispatch_limits_are_checked_before_the_device_sees_them) {
   /* A refused dispatch poisons the recording: submitting it is an error, not a partial step. */
   KT_CHECK(gpu_cmd_submit(cmd) < 0);
   struct gpu_pipeline *none;
-  KT_CHECK_EQ(gpu_pipeline_new(dev, &(struct gpu_pipeline_desc){.shader = "no_such_shader"},
-                               &none), KVD_ENOENT);
+  KT_CHECK_EQ(gpu_pipeline_new(dev, &(struct gpu_pipeline_desc){.shader = "no_such_shader"}, &none),
+              KVD_ENOENT);
   struct gpu_pipeline_desc huge = d;
   huge.spec[0] = c->max_wg_invocations + 1;
   huge.local_size[0] = c->max_wg_invocations + 1;
@@ -223,9 +238,12 @@ KT_TEST(many_dispatches_in_one_submission_with_barriers) {
     x[i] = (float)i;
     b[i] = 1.0f;
   }
-  struct gpu_pipeline_desc d = {.shader = "vec_add", .n_buffers = 3,
-                                .push_size = sizeof(struct pc_vec_add), .n_spec = 1,
-                                .spec = {64}, .local_size = {64, 1, 1}};
+  struct gpu_pipeline_desc d = {.shader = "vec_add",
+                                .n_buffers = 3,
+                                .push_size = sizeof(struct pc_vec_add),
+                                .n_spec = 1,
+                                .spec = {64},
+                                .local_size = {64, 1, 1}};
   struct gpu_pipeline *pipe;
   struct gpu_cmd *cmd;
   struct gpu_buffer *bx[2], *bb;
@@ -245,7 +263,8 @@ KT_TEST(many_dispatches_in_one_submission_with_barriers) {
   KT_ASSERT_OK(gpu_cmd_wait(cmd));
   KT_ASSERT_OK(gpu_buffer_download(dev, bx[STEPS % 2], 0, out, N * 4));
   bool ok = true;
-  for (int i = 0; i < N; i++) ok = ok && out[i] == (float)(i + STEPS);
+  for (int i = 0; i < N; i++)
+    ok = ok && out[i] == (float)(i + STEPS);
   KT_CHECK(ok);
   const struct gpu_timing *t;
   uint32_t nt = gpu_cmd_timings(cmd, &t);

@@ -95,7 +95,8 @@ float kt_rand_float(float lo, float hi) {
 }
 
 void kt_rand_fill(float *dst, size_t n, float lo, float hi) {
-  for (size_t i = 0; i < n; i++) dst[i] = kt_rand_float(lo, hi);
+  for (size_t i = 0; i < n; i++)
+    dst[i] = kt_rand_float(lo, hi);
 }
 
 uint32_t kt_rand_range(uint32_t lo, uint32_t hi) {
@@ -148,7 +149,8 @@ static int kt_rm_cb(const char *path, const struct stat *sb, int flag, struct FT
 int main(int argc, char **argv) {
   const char *filter = argc > 1 ? argv[1] : getenv("KT_FILTER");
   const char *seed_env = getenv("KT_SEED");
-  kt_seed = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+  kt_seed =
+      seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
   if (kt_seed == 0) kt_seed = 1;
   int selected = 0;
   for (int i = 0; i < kt_count; i++)

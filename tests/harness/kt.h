@@ -1,8 +1,8 @@
 /* kt: kvd's tiny test harness.
  *
- * Tests register themselves with KT_TEST(name) { ... } and the harness prints TAP (one `ok`/`not ok`
- * line per test), which meson's `protocol: 'tap'` reads and tools/test_summary.py totals into the
- * final `N passed, N failed` line. Random inputs are fresh every run: the seed is printed and
+ * Tests register themselves with KT_TEST(name) { ... } and the harness prints TAP (one `ok`/`not
+ * ok` line per test), which meson's `protocol: 'tap'` reads and tools/test_summary.py totals into
+ * the final `N passed, N failed` line. Random inputs are fresh every run: the seed is printed and
  * KT_SEED=N replays it. KT_FILTER=substr (or argv[1]) runs a subset. */
 #ifndef KT_H
 #define KT_H
@@ -91,7 +91,8 @@ int kt__strcmp(const char *a, const char *b);
     kt__skip(__FILE__, __LINE__, __VA_ARGS__);                                                     \
     return;                                                                                        \
   } while (0)
-void kt__skip(const char *file, int line, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void kt__skip(const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* Deterministic per-run PRNG (xorshift64*), seeded once per test from the run seed. */
 uint64_t kt_rand_u64(void);

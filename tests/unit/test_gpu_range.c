@@ -89,7 +89,8 @@ KT_TEST(random_churn_never_overlaps) {
       KT_CHECK_EQ(rc, 0);
       KT_CHECK_EQ(o % align, 0);
       KT_CHECK(o + n <= SIZE);
-      for (uint64_t k = 0; k < n; k++) KT_CHECK(shadow[o + k] == 0);
+      for (uint64_t k = 0; k < n; k++)
+        KT_CHECK(shadow[o + k] == 0);
       memset(shadow + o, 1, n);
       off[i] = o;
       len[i] = n;

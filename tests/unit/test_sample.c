@@ -46,8 +46,10 @@ KT_TEST(same_seed_same_tokens_other_seed_other_tokens) {
 KT_TEST(draw_follows_the_softmax_distribution) {
   float logits[4] = {1.0f, 0.0f, -1.0f, 0.5f};
   double z = 0, prob[4];
-  for (int i = 0; i < 4; i++) z += exp(logits[i]);
-  for (int i = 0; i < 4; i++) prob[i] = exp(logits[i]) / z;
+  for (int i = 0; i < 4; i++)
+    z += exp(logits[i]);
+  for (int i = 0; i < 4; i++)
+    prob[i] = exp(logits[i]) / z;
   struct sample_params p = plain(1.0f);
   p.seed = kt_rand_u64();
   struct sampler *s;
@@ -67,12 +69,17 @@ KT_TEST(draw_follows_the_softmax_distribution) {
 KT_TEST(truncations_keep_only_the_allowed_tokens) {
   enum { V = 100 };
   float base[V];
-  for (int i = 0; i < V; i++) base[i] = (float)(V - i) * 0.1f; /* token 0 best */
-  struct { uint32_t top_k; float top_p, min_p; int32_t max_id; } cases[] = {
-      {1, 1.0f, 0.0f, 0},   /* top-k 1 is greedy whatever the temperature */
+  for (int i = 0; i < V; i++)
+    base[i] = (float)(V - i) * 0.1f; /* token 0 best */
+  struct {
+    uint32_t top_k;
+    float top_p, min_p;
+    int32_t max_id;
+  } cases[] = {
+      {1, 1.0f, 0.0f, 0}, /* top-k 1 is greedy whatever the temperature */
       {5, 1.0f, 0.0f, 4},
-      {0, 1e-6f, 0.0f, 0},  /* a tiny top-p keeps only the best */
-      {0, 1.0f, 0.8f, 2},   /* exp(-0.1 k) >= 0.8 for k <= 2 */
+      {0, 1e-6f, 0.0f, 0}, /* a tiny top-p keeps only the best */
+      {0, 1.0f, 0.8f, 2},  /* exp(-0.1 k) >= 0.8 for k <= 2 */
   };
   for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
     struct sample_params p = plain(5.0f); /* hot: would wander far without the cut */
@@ -130,6 +137,7 @@ KT_TEST(log_softmax_sums_to_one) {
   kt_rand_fill(l, 7, -30, 30);
   sample_log_softmax(l, out, 7);
   double sum = 0;
-  for (int i = 0; i < 7; i++) sum += exp(out[i]);
+  for (int i = 0; i < 7; i++)
+    sum += exp(out[i]);
   KT_CHECK(fabs(sum - 1) < 1e-6);
 }
