@@ -339,6 +339,12 @@ static void random_round_trip(const char *rel, unsigned dflags) {
       text[i] = kt_rand_range(0, 3) == 0 ? (char)kt_rand_range(0, 255)
                                          : alphabet[kt_rand_range(0, sizeof alphabet - 2)];
     }
+    /* Random bytes can spell U+2581 themselves (E2 96 + a random 0x81): SPM decodes that as a
+     * space by design, so such an input says nothing about the round trip. Draw again. */
+    if (memmem(text, len, "\xE2\x96\x81", 3)) {
+      iter--;
+      continue;
+    }
     int32_t *ids = NULL;
     int n = encode(fx.t, text, len, 0, &ids);
     KT_ASSERT(n >= 0);
