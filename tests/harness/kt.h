@@ -93,6 +93,13 @@ int kt__strcmp(const char *a, const char *b);
   } while (0)
 void kt__skip(const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* A skip that is reported (TAP "# SKIP", counted as skipped) even under CI=true: only for a test
+ * known to be unreliable, with the reason, until it is fixed. KT_RUN_SKIPPED=1 runs it anyway. */
+#define KT_SKIP_KNOWN(...)                                                                         \
+  do {                                                                                             \
+    if (kt__skip_known(__VA_ARGS__)) return;                                                       \
+  } while (0)
+bool kt__skip_known(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* Deterministic per-run PRNG (xorshift64*), seeded once per test from the run seed. */
 uint64_t kt_rand_u64(void);
