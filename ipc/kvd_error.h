@@ -50,11 +50,16 @@ enum kvd_error {
 #undef KVD__ERR_ENUM
 };
 
+/* These three are part of libkvd's public API as well as the daemon's: declared with default
+ * visibility (the project builds with -fvisibility=hidden) so the shared library exports the one
+ * definition in ipc/error.c rather than a second copy of the table. */
+#define KVD__ERROR_API __attribute__((visibility("default")))
+
 /* Human-readable text for a code; unknown codes get a generic string (never NULL). */
-const char *kvd_strerror(int code);
+KVD__ERROR_API const char *kvd_strerror(int code);
 /* The stable code sent on the wire for an internal code; 999 for anything unknown. */
-int kvd_error_to_wire(int code);
+KVD__ERROR_API int kvd_error_to_wire(int code);
 /* The internal code for a wire code; KVD_EPROTO for anything unknown. */
-int kvd_error_from_wire(int wire);
+KVD__ERROR_API int kvd_error_from_wire(int wire);
 
 #endif
