@@ -73,6 +73,7 @@ struct engine {
   struct eng_step_layout lay;
   uint32_t *tables_host;
   uint32_t *offsets_host;
+  uint32_t *logit_rows; /* (max_logits) token rows whose logits a step returns */
   const struct kv_seq **seq_ptrs;
   uint32_t cap_items;
 
@@ -294,6 +295,8 @@ static int eng_alloc_activations(struct engine *e) {
     int rc = gpu_buffer_new(e->dev, a[i].bytes, a[i].kind, a[i].name, a[i].buf);
     if (rc < 0) return rc;
   }
+  e->logit_rows = malloc(e->max_logits * sizeof *e->logit_rows);
+  if (!e->logit_rows) return KVD_ENOMEM;
   /* Tables: every sequence in a full step could span the whole context. */
   uint64_t per_seq = e->hp.n_ctx_train / e->pool.block_size + 2;
   return eng_layout_step(e, per_seq * 8);
@@ -390,6 +393,7 @@ void engine_free(struct engine *e) {
   free(e->layers);
   free(e->tables_host);
   free(e->offsets_host);
+  free(e->logit_rows);
   free(e->seq_ptrs);
   model_weights_free(e->w);
   free(e);
@@ -685,9 +689,8 @@ int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items
     else
       memcpy(map + e->lay.tables, e->tables_host, (size_t)n * 4);
   }
-  uint32_t logit_rows[DEFAULT_MAX_LOGITS * 4], max_kv = 0;
-  uint32_t *lrows = e->max_logits <= DEFAULT_MAX_LOGITS * 4 ? logit_rows : NULL;
-  if (rc == 0 && !lrows) rc = KVD_E2BIG;
+  uint32_t max_kv = 0;
+  uint32_t *lrows = e->logit_rows;
   uint32_t *ids = (uint32_t *)(map ? map + e->lay.ids : NULL);
   uint32_t *pos = (uint32_t *)(map ? map + e->lay.pos : NULL);
   uint32_t *slots = (uint32_t *)(map ? map + e->lay.slots : NULL);
