@@ -133,7 +133,6 @@ void srv_models_free(struct srv *s);
 void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name);
 
 /* srv_gen.c */
-void srv_gen_start(struct srv_conn *c, const struct ipc_msg *m);
 void srv_gen_event(struct srv_model *model, const struct sched_event *ev);
 void srv_gen_cancel_id(struct srv_conn *c, uint32_t id, bool *ret_found);
 void srv_gen_write_status(struct srv *s, struct ipc_w *w, uint32_t *ret_queued,
@@ -145,7 +144,26 @@ void srv_gen_detach_all(struct srv_conn *c);
 
 /* srv_methods.c */
 void srv_dispatch(struct srv_conn *c, struct ipc_msg *m);
+/* The optional "model" param's model, or an error reply and NULL. */
+struct srv_model *srv_model_param(struct srv_conn *c, const struct ipc_msg *msg);
+
+/* srv_session.c */
 void srv_session_release(struct srv_session *ss);
 void srv_sessions_close_all(struct srv_conn *c);
+
+/* Method handlers, one per request method of ipc/api.json, named srv_h_<method> with the dots
+ * as underscores. Each answers exactly once (now, or later for generate and models.load). */
+void srv_h_hello(struct srv_conn *c, const struct ipc_msg *msg);         /* srv_methods.c */
+void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg);        /* srv_methods.c */
+void srv_h_models_list(struct srv_conn *c, const struct ipc_msg *msg);   /* srv_methods.c */
+void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg);   /* srv_model.c */
+void srv_h_models_unload(struct srv_conn *c, const struct ipc_msg *msg); /* srv_model.c */
+void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg);      /* srv_gen.c */
+void srv_h_cancel(struct srv_conn *c, const struct ipc_msg *msg);        /* srv_methods.c */
+void srv_h_tokenize(struct srv_conn *c, const struct ipc_msg *msg);      /* srv_methods.c */
+void srv_h_detokenize(struct srv_conn *c, const struct ipc_msg *msg);    /* srv_methods.c */
+void srv_h_session_open(struct srv_conn *c, const struct ipc_msg *msg);  /* srv_session.c */
+void srv_h_session_close(struct srv_conn *c, const struct ipc_msg *msg); /* srv_session.c */
+void srv_h_session_fork(struct srv_conn *c, const struct ipc_msg *msg);  /* srv_session.c */
 
 #endif

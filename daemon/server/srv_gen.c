@@ -419,7 +419,7 @@ static int gen_prompt_text(struct srv_model *m, const struct gen_params *gp, cha
   return rc;
 }
 
-void srv_gen_start(struct srv_conn *c, const struct ipc_msg *msg) {
+void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
   struct gen_params gp;
   int rc = gen_read_params(msg->params, &gp, &e);

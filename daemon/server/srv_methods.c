@@ -1,4 +1,4 @@
-/* The method handlers other than generate: hello, status, models, tokenize, sessions, cancel. */
+/* The method handlers hello, status, models.list, cancel, tokenize, detokenize, and the dispatch. */
 #include "srv.h"
 
 #include "kvd_config.h"
@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void m_hello(struct srv_conn *c, const struct ipc_msg *msg) {
+void srv_h_hello(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
   uint32_t proto = 0;
   const char *client = NULL;
@@ -81,7 +81,7 @@ static uint32_t count_models(const struct srv *s) {
   return n;
 }
 
-static void m_status(struct srv_conn *c, const struct ipc_msg *msg) {
+void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
   struct srv *s = c->srv;
   struct ipc_w *w = &c->w;
   ipc_w_result(w, msg->id);
@@ -176,7 +176,7 @@ static void m_status(struct srv_conn *c, const struct ipc_msg *msg) {
   srv_reply_done(c);
 }
 
-static void m_models_list(struct srv_conn *c, const struct ipc_msg *msg) {
+void srv_h_models_list(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_result(&c->w, msg->id);
   ipc_w_map(&c->w, 1);
   ipc_w_key(&c->w, "models");
@@ -187,46 +187,7 @@ static void m_models_list(struct srv_conn *c, const struct ipc_msg *msg) {
   srv_reply_done(c);
 }
 
-static void m_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
-  struct ipc_err e = {0};
-  const char *path = NULL, *name = NULL;
-  size_t plen, nlen;
-  if (ipc_get_str(msg->params, "path", &path, &plen, &e) < 0 ||
-      ipc_get_str(msg->params, "name", &name, &nlen, &e) < 0) {
-    srv_reply_error(c, msg->id, e.code, "%s", e.message);
-    return;
-  }
-  if (name && nlen > IPC_MAX_NAME_BYTES) {
-    srv_reply_error(c, msg->id, KVD_E2BIG, "model names are at most %d bytes", IPC_MAX_NAME_BYTES);
-    return;
-  }
-  /* Strings from the decoder are NUL-terminated. */
-  srv_model_load_async(c, msg->id, path, name);
-}
-
-static void m_models_unload(struct srv_conn *c, const struct ipc_msg *msg) {
-  struct ipc_err e = {0};
-  const char *name;
-  size_t len;
-  if (ipc_get_str(msg->params, "name", &name, &len, &e) != 1) {
-    srv_reply_error(c, msg->id, e.code ? e.code : KVD_EINVAL, "%s", e.message);
-    return;
-  }
-  struct srv_model *m = srv_model_find(c->srv, name, len);
-  if (!m) {
-    srv_reply_error(c, msg->id, KVD_E_NO_MODEL, "no model named %.*s is loaded", (int)len, name);
-    return;
-  }
-  log_info("unloading model %s", m->name);
-  ipc_w_result(&c->w, msg->id);
-  ipc_w_map(&c->w, 1);
-  ipc_w_kv_str(&c->w, "name", name, len);
-  ipc_w_end(&c->w);
-  srv_model_unload(m);
-  srv_reply_done(c);
-}
-
-static void m_cancel(struct srv_conn *c, const struct ipc_msg *msg) {
+void srv_h_cancel(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
   uint32_t id;
   if (ipc_get_u32(msg->params, "id", &id, &e) != 1) {
@@ -242,7 +203,7 @@ static void m_cancel(struct srv_conn *c, const struct ipc_msg *msg) {
   srv_reply_done(c);
 }
 
-static struct srv_model *model_param(struct srv_conn *c, const struct ipc_msg *msg) {
+struct srv_model *srv_model_param(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
   const char *name = NULL;
   size_t len = 0;
@@ -258,7 +219,7 @@ static struct srv_model *model_param(struct srv_conn *c, const struct ipc_msg *m
   return m && !m->unloading ? m : NULL;
 }
 
-static void m_tokenize(struct srv_conn *c, const struct ipc_msg *msg) {
+void srv_h_tokenize(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
   const char *text;
   size_t len;
@@ -269,7 +230,7 @@ static void m_tokenize(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, e.code ? e.code : KVD_EINVAL, "%s", e.message);
     return;
   }
-  struct srv_model *m = model_param(c, msg);
+  struct srv_model *m = srv_model_param(c, msg);
   if (!m) return;
   unsigned flags = (add ? TOK_ADD_SPECIAL : 0) | (parse ? TOK_PARSE_SPECIAL : 0);
   int n = tok_encode(m->tok, text, len, flags, NULL, 0);
@@ -292,7 +253,7 @@ static void m_tokenize(struct srv_conn *c, const struct ipc_msg *msg) {
   srv_reply_done(c);
 }
 
-static void m_detokenize(struct srv_conn *c, const struct ipc_msg *msg) {
+void srv_h_detokenize(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
   const msgpack_object *items;
   size_t n;
@@ -300,7 +261,7 @@ static void m_detokenize(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, e.code ? e.code : KVD_EINVAL, "%s", e.message);
     return;
   }
-  struct srv_model *m = model_param(c, msg);
+  struct srv_model *m = srv_model_param(c, msg);
   if (!m) return;
   int32_t *ids = malloc((n ? n : 1) * sizeof *ids);
   if (!ids) {
@@ -333,131 +294,6 @@ static void m_detokenize(struct srv_conn *c, const struct ipc_msg *msg) {
   srv_reply_done(c);
 }
 
-/* ---- sessions ---- */
-
-static struct srv_session *session_find(struct srv_conn *c, const struct ipc_msg *msg) {
-  struct ipc_err e = {0};
-  uint32_t id;
-  if (ipc_get_u32(msg->params, "session", &id, &e) != 1) {
-    srv_reply_error(c, msg->id, e.code ? e.code : KVD_EINVAL, "%s", e.message);
-    return NULL;
-  }
-  for (struct srv_session *ss = c->sessions; ss; ss = ss->next)
-    if (ss->id == id && !ss->closing) return ss;
-  srv_reply_error(c, msg->id, KVD_ENOENT, "no session %u on this connection", id);
-  return NULL;
-}
-
-static void session_reply(struct srv_conn *c, uint32_t msgid, uint32_t session) {
-  ipc_w_result(&c->w, msgid);
-  ipc_w_map(&c->w, 1);
-  ipc_w_kv_u64(&c->w, "session", session);
-  ipc_w_end(&c->w);
-  srv_reply_done(c);
-}
-
-static struct srv_session *session_add(struct srv_conn *c, struct srv_model *m,
-                                       struct sched_session *ss) {
-  struct srv_session *s = calloc(1, sizeof *s);
-  if (!s) return NULL;
-  s->id = c->next_session_id++;
-  s->conn = c;
-  s->m = m;
-  s->ss = ss;
-  s->next = c->sessions;
-  c->sessions = s;
-  c->n_sessions++;
-  m->n_active++;
-  return s;
-}
-
-static void m_session_open(struct srv_conn *c, const struct ipc_msg *msg) {
-  struct srv_model *m = model_param(c, msg);
-  if (!m) return;
-  if (c->n_sessions >= IPC_MAX_SESSIONS) {
-    srv_reply_error(c, msg->id, KVD_EBUSY, "at most %d sessions per connection", IPC_MAX_SESSIONS);
-    return;
-  }
-  struct sched_session *ss;
-  struct srv_session *s = NULL;
-  if (sched_session_new(m->sched, &ss) == 0 && !(s = session_add(c, m, ss)))
-    sched_session_free(m->sched, ss);
-  if (!s) {
-    srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
-    return;
-  }
-  session_reply(c, msg->id, s->id);
-}
-
-static void m_session_fork(struct srv_conn *c, const struct ipc_msg *msg) {
-  struct srv_session *src = session_find(c, msg);
-  if (!src) return;
-  if (src->busy) {
-    srv_reply_error(c, msg->id, KVD_EBUSY, "session %u is generating", src->id);
-    return;
-  }
-  if (c->n_sessions >= IPC_MAX_SESSIONS) {
-    srv_reply_error(c, msg->id, KVD_EBUSY, "at most %d sessions per connection", IPC_MAX_SESSIONS);
-    return;
-  }
-  struct sched_session *ss;
-  struct srv_session *s = NULL;
-  if (sched_session_fork(src->m->sched, src->ss, &ss) == 0 && !(s = session_add(c, src->m, ss)))
-    sched_session_free(src->m->sched, ss);
-  if (!s) {
-    srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
-    return;
-  }
-  s->started = src->started;
-  session_reply(c, msg->id, s->id);
-}
-
-/* Frees a session now (nothing of it runs): its KV goes back on the engine thread. */
-void srv_session_release(struct srv_session *ss) {
-  struct srv_conn *c = ss->conn;
-  if (c) {
-    for (struct srv_session **p = &c->sessions; *p; p = &(*p)->next)
-      if (*p == ss) {
-        *p = ss->next;
-        break;
-      }
-    c->n_sessions--;
-  }
-  sched_session_free(ss->m->sched, ss->ss);
-  srv_model_release(ss->m);
-  free(ss);
-}
-
-static void session_close(struct srv_session *ss) {
-  if (ss->busy) {
-    ss->closing = true; /* its generate is cancelled by the caller; freed when it ends */
-    return;
-  }
-  srv_session_release(ss);
-}
-
-static void m_session_close(struct srv_conn *c, const struct ipc_msg *msg) {
-  struct srv_session *ss = session_find(c, msg);
-  if (!ss) return;
-  uint32_t id = ss->id;
-  if (ss->busy) srv_gen_cancel_session(c, ss);
-  session_close(ss);
-  session_reply(c, msg->id, id);
-}
-
-void srv_sessions_close_all(struct srv_conn *c) {
-  while (c->sessions) {
-    struct srv_session *ss = c->sessions;
-    c->sessions = ss->next;
-    c->n_sessions--;
-    ss->conn = NULL;
-    if (ss->busy)
-      ss->closing = true;
-    else
-      srv_session_release(ss);
-  }
-}
-
 void srv_dispatch(struct srv_conn *c, struct ipc_msg *m) {
   struct ipc_err e = {0};
   if (m->method_id == IPC_M_UNKNOWN) {
@@ -472,40 +308,40 @@ void srv_dispatch(struct srv_conn *c, struct ipc_msg *m) {
   }
   switch (m->method_id) {
   case IPC_M_HELLO:
-    m_hello(c, m);
+    srv_h_hello(c, m);
     break;
   case IPC_M_STATUS:
-    m_status(c, m);
+    srv_h_status(c, m);
     break;
   case IPC_M_MODELS_LIST:
-    m_models_list(c, m);
+    srv_h_models_list(c, m);
     break;
   case IPC_M_MODELS_LOAD:
-    m_models_load(c, m);
+    srv_h_models_load(c, m);
     break;
   case IPC_M_MODELS_UNLOAD:
-    m_models_unload(c, m);
+    srv_h_models_unload(c, m);
     break;
   case IPC_M_GENERATE:
-    srv_gen_start(c, m);
+    srv_h_generate(c, m);
     break;
   case IPC_M_CANCEL:
-    m_cancel(c, m);
+    srv_h_cancel(c, m);
     break;
   case IPC_M_TOKENIZE:
-    m_tokenize(c, m);
+    srv_h_tokenize(c, m);
     break;
   case IPC_M_DETOKENIZE:
-    m_detokenize(c, m);
+    srv_h_detokenize(c, m);
     break;
   case IPC_M_SESSION_OPEN:
-    m_session_open(c, m);
+    srv_h_session_open(c, m);
     break;
   case IPC_M_SESSION_CLOSE:
-    m_session_close(c, m);
+    srv_h_session_close(c, m);
     break;
   case IPC_M_SESSION_FORK:
-    m_session_fork(c, m);
+    srv_h_session_fork(c, m);
     break;
   default:
     /* generate.chunk is a notification the server sends, not a request it answers. */

@@ -257,3 +257,44 @@ void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, con
     srv_reply_error(c, id, KVD_ENOMEM, NULL);
   }
 }
+
+/* ---- the models.load and models.unload handlers ---- */
+
+void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct ipc_err e = {0};
+  const char *path = NULL, *name = NULL;
+  size_t plen, nlen;
+  if (ipc_get_str(msg->params, "path", &path, &plen, &e) < 0 ||
+      ipc_get_str(msg->params, "name", &name, &nlen, &e) < 0) {
+    srv_reply_error(c, msg->id, e.code, "%s", e.message);
+    return;
+  }
+  if (name && nlen > IPC_MAX_NAME_BYTES) {
+    srv_reply_error(c, msg->id, KVD_E2BIG, "model names are at most %d bytes", IPC_MAX_NAME_BYTES);
+    return;
+  }
+  /* Strings from the decoder are NUL-terminated. */
+  srv_model_load_async(c, msg->id, path, name);
+}
+
+void srv_h_models_unload(struct srv_conn *c, const struct ipc_msg *msg) {
+  struct ipc_err e = {0};
+  const char *name;
+  size_t len;
+  if (ipc_get_str(msg->params, "name", &name, &len, &e) != 1) {
+    srv_reply_error(c, msg->id, e.code ? e.code : KVD_EINVAL, "%s", e.message);
+    return;
+  }
+  struct srv_model *m = srv_model_find(c->srv, name, len);
+  if (!m) {
+    srv_reply_error(c, msg->id, KVD_E_NO_MODEL, "no model named %.*s is loaded", (int)len, name);
+    return;
+  }
+  log_info("unloading model %s", m->name);
+  ipc_w_result(&c->w, msg->id);
+  ipc_w_map(&c->w, 1);
+  ipc_w_kv_str(&c->w, "name", name, len);
+  ipc_w_end(&c->w);
+  srv_model_unload(m);
+  srv_reply_done(c);
+}

@@ -2,6 +2,7 @@
  * full logits against the CPU reference across many KV block boundaries, batched decode equal to
  * solo runs, chunked prefill, fork with copy-on-write, and the pool's counters. */
 #include "engine.h"
+#include "generate.h"
 #include "gpu_fixture.h"
 #include "kvd_error.h"
 #include "ref.h"

@@ -1,5 +1,5 @@
 /* The one-shot generation path: one sequence, prefill then decode, on the engine's step API. */
-#include "engine.h"
+#include "generate.h"
 
 #include "kvd_error.h"
 #include "sample.h"

@@ -9,8 +9,8 @@
  * no per-token copies of weights or KV.
  *
  * Not thread-safe: one thread (the engine thread in the daemon) drives an engine. */
-#ifndef KVD_MODEL_ENGINE_H
-#define KVD_MODEL_ENGINE_H
+#ifndef KVD_ENGINE_ENGINE_H
+#define KVD_ENGINE_ENGINE_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -90,26 +90,5 @@ int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items
 
 /* GPU time of the last step's dispatches, by label, for benchmarks (see gpu_cmd_timings). */
 uint32_t engine_last_timings(const struct engine *e, const struct gpu_timing **ret);
-
-/* ---- one-shot generation (tests, benchmarks, kvd's simple paths) ---- */
-
-/* Called with each generated token and the logits it was chosen from (n_vocab floats); return
- * nonzero to stop. */
-typedef int (*engine_token_fn)(void *ud, int32_t token, const float *logits, uint32_t n_vocab);
-
-struct sample_params;
-
-struct engine_gen_stats {
-  uint32_t n_prompt, n_generated;
-  double prefill_s, decode_s; /* wall time of the prefill steps and of the decode steps */
-};
-
-/* Runs prompt (n_prompt >= 1 ids) on a fresh sequence in chunks of at most max_step_tokens, then
- * samples up to max_new tokens (params NULL = greedy), stopping at the model's EOS or BOS (not
- * passed to on_token) or when on_token asks. Returns the number of tokens generated or a negative
- * code. stats may be NULL. */
-int engine_generate(struct engine *e, const int32_t *prompt, uint32_t n_prompt, uint32_t max_new,
-                    const struct sample_params *params, engine_token_fn on_token, void *ud,
-                    struct engine_gen_stats *stats);
 
 #endif
