@@ -120,7 +120,7 @@ void srv_conn_close(struct srv_conn *c);
 void srv_reply_error(struct srv_conn *c, uint32_t id, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 /* Ends a request whose successful response was just written into c->w. */
-void srv_reply_done(struct srv_conn *c);
+void srv_reply_done(struct srv_conn *c, uint32_t id);
 
 /* srv_model.c */
 int srv_model_load(struct srv *s, const char *path, const char *name, struct srv_model **ret,

@@ -92,10 +92,11 @@ void srv_reply_error(struct srv_conn *c, uint32_t id, int code, const char *fmt,
   c->srv->stats.errors++;
   ipc_w_error(&c->w, id, code, text);
   ipc_w_end(&c->w);
-  srv_reply_done(c);
+  srv_reply_done(c, id);
 }
 
-void srv_reply_done(struct srv_conn *c) {
+void srv_reply_done(struct srv_conn *c, uint32_t id) {
+  (void)id;
   if (c->inflight) c->inflight--;
   srv_conn_flush(c);
 }

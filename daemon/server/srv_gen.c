@@ -173,7 +173,7 @@ static void gen_send_result(struct srv_gen *g, enum sched_finish f, int error) {
     srv_reply_error(c, g->id, rc, "cannot encode the result");
     return;
   }
-  srv_reply_done(c);
+  srv_reply_done(c, g->id);
   c->srv->stats.generated_tokens += r->n_generated;
   c->srv->stats.prompt_tokens += g->prompt_tokens;
   c->srv->stats.cached_tokens += r->cached_tokens;

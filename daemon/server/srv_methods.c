@@ -41,7 +41,7 @@ void srv_h_hello(struct srv_conn *c, const struct ipc_msg *msg) {
   if (m) ipc_w_kv_cstr(&c->w, "model", m->name);
   ipc_w_close(&c->w);
   ipc_w_end(&c->w);
-  srv_reply_done(c);
+  srv_reply_done(c, msg->id);
 }
 
 static void write_model(struct ipc_w *w, const struct srv_model *m) {
@@ -173,7 +173,7 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, KVD_ENOMEM, "cannot encode status");
     return;
   }
-  srv_reply_done(c);
+  srv_reply_done(c, msg->id);
 }
 
 void srv_h_models_list(struct srv_conn *c, const struct ipc_msg *msg) {
@@ -184,7 +184,7 @@ void srv_h_models_list(struct srv_conn *c, const struct ipc_msg *msg) {
   for (struct srv_model *m = c->srv->models; m; m = m->next)
     write_model(&c->w, m);
   ipc_w_end(&c->w);
-  srv_reply_done(c);
+  srv_reply_done(c, msg->id);
 }
 
 void srv_h_cancel(struct srv_conn *c, const struct ipc_msg *msg) {
@@ -200,7 +200,7 @@ void srv_h_cancel(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_map(&c->w, 1);
   ipc_w_kv_bool(&c->w, "cancelled", found);
   ipc_w_end(&c->w);
-  srv_reply_done(c);
+  srv_reply_done(c, msg->id);
 }
 
 struct srv_model *srv_model_param(struct srv_conn *c, const struct ipc_msg *msg) {
@@ -250,7 +250,7 @@ void srv_h_tokenize(struct srv_conn *c, const struct ipc_msg *msg) {
     ipc_w_u64(&c->w, (uint64_t)ids[i]);
   free(ids);
   ipc_w_end(&c->w);
-  srv_reply_done(c);
+  srv_reply_done(c, msg->id);
 }
 
 void srv_h_detokenize(struct srv_conn *c, const struct ipc_msg *msg) {
@@ -291,7 +291,7 @@ void srv_h_detokenize(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_kv_str(&c->w, "text", text ? text : "", (size_t)len);
   free(text);
   ipc_w_end(&c->w);
-  srv_reply_done(c);
+  srv_reply_done(c, msg->id);
 }
 
 void srv_dispatch(struct srv_conn *c, struct ipc_msg *m) {

@@ -226,7 +226,7 @@ static void load_after_cb(uv_work_t *req, int status) {
     ipc_w_kv_cstr(&c->w, "name", w->m->name);
     ipc_w_close(&c->w);
     ipc_w_end(&c->w);
-    srv_reply_done(c);
+    srv_reply_done(c, w->id);
   }
   free(w);
   srv_maybe_finish(s);
@@ -296,5 +296,5 @@ void srv_h_models_unload(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_kv_str(&c->w, "name", name, len);
   ipc_w_end(&c->w);
   srv_model_unload(m);
-  srv_reply_done(c);
+  srv_reply_done(c, msg->id);
 }

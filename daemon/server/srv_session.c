@@ -26,7 +26,7 @@ static void session_reply(struct srv_conn *c, uint32_t msgid, uint32_t session) 
   ipc_w_map(&c->w, 1);
   ipc_w_kv_u64(&c->w, "session", session);
   ipc_w_end(&c->w);
-  srv_reply_done(c);
+  srv_reply_done(c, msgid);
 }
 
 static struct srv_session *session_add(struct srv_conn *c, struct srv_model *m,
