@@ -77,9 +77,20 @@ int srv_init(struct srv *s, uv_loop_t *loop, const struct kvd_config *cfg) {
   return 0;
 }
 
+/* Idle when no generation is live, attached or not: a client that left mid-drain leaves its
+ * requests detached (in no connection's list) but still running on the engine thread, holding
+ * their model (n_active). What n_active may still count is idle sessions of open connections,
+ * which closing the connections releases. */
 static bool srv_idle(const struct srv *s) {
   for (const struct srv_conn *c = s->conns; c; c = c->next)
     if (c->gens) return false;
+  for (const struct srv_model *m = s->models; m; m = m->next) {
+    uint32_t idle_sessions = 0;
+    for (const struct srv_conn *c = s->conns; c; c = c->next)
+      for (const struct srv_session *ss = c->sessions; ss; ss = ss->next)
+        idle_sessions += ss->m == m && !ss->busy;
+    if (m->n_active > idle_sessions) return false;
+  }
   return true;
 }
 
