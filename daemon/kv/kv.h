@@ -13,10 +13,12 @@
  * Per step, for a sequence about to write n tokens at positions [len, len + n):
  *
  *   kv_seq_reserve(pool, seq, n)                    blocks for the new tokens, all or nothing
- *   kv_seq_prepare_write(pool, seq, seq->len, &cp)  the one block that may be shared is the one
+ *   kv_seq_plan_write(pool, seq, seq->len, &cp)     the one block that may be shared is the one
  *                                                   holding `len`; 1 = record the copy cp first
- *   ... the forward pass writes K/V at kv_seq_slot(seq, pos) for each new pos ...
- *   kv_seq_commit(seq, n)
+ *   ... the forward pass writes K/V at kv_seq_slot(seq, pos) for each new pos (cp.dst_block in
+ *       place of cp.src_block when a copy was planned) ...
+ *   kv_seq_commit_copy(pool, seq, &cp) if planned, kv_seq_commit(seq, n)
+ *   (on failure: kv_seq_cancel_copy(pool, &cp) and kv_seq_truncate(pool, seq, len))
  *
  * kv_seq_step_blocks() says how many blocks those calls will take, for admission control against
  * kv_pool_available() (free plus evictable cached blocks, not just the free list).
@@ -73,7 +75,7 @@ struct kv_pool {
   uint32_t n_free;
   uint32_t high_water;     /* most blocks ever in use at once */
   uint64_t alloc_failures; /* requests refused for lack of blocks (counted once per request) */
-  uint64_t cow_copies;     /* blocks copied by kv_seq_prepare_write */
+  uint64_t cow_copies;     /* copy-on-write copies committed (kv_seq_commit_copy) */
 
   /* Prefix cache, see the top of this file and kv_prefix.c. */
   uint64_t *keys;     /* (n_blocks) chain key of a block's content, valid when KV_BLOCK_KEYED */
@@ -191,13 +193,14 @@ struct kv_seq {
 };
 
 /* Which block to copy before writing (copy-on-write): in every (layer, K|V) buffer, block
- * src_block's bytes go to dst_block. Copying the whole block (block_bytes) is always right; only
- * its first n_tokens positions (per KV head) hold this sequence's tokens, should a partial copy
- * ever pay. */
+ * src_block's bytes go to dst_block, which then replaces it at table entry `index`. Copying the
+ * whole block (block_bytes) is always right; only its first n_tokens positions (per KV head) hold
+ * this sequence's tokens, should a partial copy ever pay. */
 struct kv_copy {
   uint32_t src_block;
   uint32_t dst_block;
   uint32_t n_tokens; /* rows of src that hold this sequence's tokens; the rest need no copy */
+  uint32_t index;    /* the logical block (table entry) the copy is for */
 };
 
 /* Where one token's K/V lives: position `offset` of block `block`; the kv_write shader takes it
@@ -228,27 +231,47 @@ int kv_seq_reserve(struct kv_pool *pool, struct kv_seq *seq, uint32_t n_new_toke
 int kv_seq_commit(struct kv_seq *seq, uint32_t n);
 /* Rewinds to n tokens (n <= len), unref'ing every block wholly past n, reserved ones included
  * (registered ones become cached). A block cut in the middle stays, keyed and registered if it
- * was; writing into it again goes through kv_seq_prepare_write, which copies it if shared and
+ * was; writing into it again goes through kv_seq_plan_write, which copies it if shared and
  * otherwise drops its key. */
 int kv_seq_truncate(struct kv_pool *pool, struct kv_seq *seq, uint32_t n);
 /* A new sequence sharing every block that holds src's committed tokens (reference counts go up,
  * nothing is copied). Blocks src reserved past len are not shared: they hold nothing yet. */
 int kv_seq_fork(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq **ret_dst);
 
-/* Before writing position pos: if the block holding it is shared (reference count > 1), takes a
- * fresh block, puts it in the table in its place, drops this sequence's reference to the old one
- * and returns 1 with *ret_copy saying what the engine must copy first. Returns 0 when the block
- * is already this sequence's alone (nothing to copy, *ret_copy untouched); if that block was keyed
- * its key is dropped (unregistered), as its content is about to change. KVD_ERANGE if pos is past
- * the reserved capacity; KVD_E_KV_EXHAUSTED (nothing changed) if no block is available.
+/* Copy-on-write in two phases, for a step that can still fail after it is planned (the engine's
+ * forward pass: the copies and the writes run on the device, after host-side work that may fail):
+ *
+ *   kv_seq_plan_write(pool, seq, pos, &cp)   before writing pos: 1 if pos's block is shared
+ *                                            (reference count > 1): a fresh block is taken
+ *                                            (reference count 1, in no table) and cp says what to
+ *                                            copy into it; seq's table is NOT changed. The step
+ *                                            then writes pos's block's tokens into cp.dst_block
+ *                                            (the table mirror and slots it uploads say so).
+ *   kv_seq_commit_copy(pool, seq, &cp)       the step ran: table[cp.index] = cp.dst_block and
+ *                                            seq's reference to cp.src_block is dropped
+ *   kv_seq_cancel_copy(pool, &cp)            the step failed: cp.dst_block goes back to the pool
+ *                                            and seq's table is exactly as before the plan
+ *
+ * so a failure between plan and commit never leaves a never-filled block in a table. plan
+ * returns 0 when the block is already this sequence's alone (nothing to copy, *ret_copy
+ * untouched); if that block was keyed its key is dropped (unregistered) right away, as its
+ * content is about to change. KVD_ERANGE if pos is past the reserved capacity;
+ * KVD_E_KV_EXHAUSTED (nothing changed) if no block is available. Every copy planned for a step
+ * is committed or cancelled before the next plan on the same sequence.
  *
  * Why registered blocks are never written in place: only blocks full within len are keyed, and
  * the engine writes at positions >= len, so it calls this for len's block, which is partial or
  * new, hence never keyed, unless the sequence was truncated into a keyed block. Then a shared one
  * is copied here like any shared block, and one held alone is unkeyed before the write. */
+int kv_seq_plan_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,
+                      struct kv_copy *ret_copy);
+void kv_seq_commit_copy(struct kv_pool *pool, struct kv_seq *seq, const struct kv_copy *cp);
+void kv_seq_cancel_copy(struct kv_pool *pool, const struct kv_copy *cp);
+/* Plan and commit at once, for a caller with nothing that can fail between the copy and the
+ * write (the table points at the fresh block on return): same results as kv_seq_plan_write. */
 int kv_seq_prepare_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,
                          struct kv_copy *ret_copy);
-/* Blocks that reserve(n_new_tokens) + prepare_write(len) would take right now; the step fits
+/* Blocks that reserve(n_new_tokens) + plan_write(len) would take right now; the step fits
  * if the sum over a batch is at most kv_pool_available(). */
 uint32_t kv_seq_step_blocks(const struct kv_pool *pool, const struct kv_seq *seq,
                             uint32_t n_new_tokens);

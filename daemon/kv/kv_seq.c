@@ -119,8 +119,8 @@ int kv_seq_fork(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq **
   return 0;
 }
 
-int kv_seq_prepare_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,
-                         struct kv_copy *ret_copy) {
+int kv_seq_plan_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,
+                      struct kv_copy *ret_copy) {
   assert(pool->block_size == seq->block_size);
   uint32_t bs = seq->block_size;
   uint32_t i = pos / bs;
@@ -128,12 +128,15 @@ int kv_seq_prepare_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,
   uint32_t old = seq->table[i];
   if (kv_pool_refcount(pool, old) <= 1) {
     /* Only this sequence sees the block, and its content is about to change: a key naming the
-     * old content must go (kv.h says when this happens). */
+     * old content must go (kv.h says when this happens). Done now, not at commit: a device that
+     * fails half-way through the step may already have written into the block. */
     if (pool->flags[old]) kv__prefix_forget(pool, old);
     if (seq->n_hashed > i) seq->n_hashed = i;
     return 0;
   }
 
+  /* The fresh block is the step's until commit: no table holds it, so a step that fails hands
+   * it back (kv_seq_cancel_copy) and every sequence still reads the original. */
   uint32_t fresh;
   int rc = kv_pool_alloc(pool, &fresh);
   if (rc < 0) return rc;
@@ -141,15 +144,35 @@ int kv_seq_prepare_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,
   uint32_t start = i * bs;
   uint32_t rows = seq->len > start ? seq->len - start : 0;
   if (rows > bs) rows = bs;
-  seq->table[i] = fresh;
-  /* Block i now differs from the keyed original, and so does the history of every later one. */
-  if (seq->n_hashed > i) seq->n_hashed = i;
-  /* Cannot free it: it had another owner, which keeps reading the original. */
-  kv_pool_unref(pool, old);
-  pool->cow_copies++;
   ret_copy->src_block = old;
   ret_copy->dst_block = fresh;
   ret_copy->n_tokens = rows;
+  ret_copy->index = i;
+  return 1;
+}
+
+void kv_seq_commit_copy(struct kv_pool *pool, struct kv_seq *seq, const struct kv_copy *cp) {
+  assert(cp->index < seq->n_blocks && seq->table[cp->index] == cp->src_block);
+  seq->table[cp->index] = cp->dst_block;
+  /* Block i now differs from the keyed original, and so does the history of every later one. */
+  if (seq->n_hashed > cp->index) seq->n_hashed = cp->index;
+  /* Cannot free it: it had another owner when planned, which keeps reading the original (if that
+   * owner swapped in its own copy in the same step, this is the last reference and it goes). */
+  kv_pool_unref(pool, cp->src_block);
+  pool->cow_copies++;
+}
+
+void kv_seq_cancel_copy(struct kv_pool *pool, const struct kv_copy *cp) {
+  kv_pool_unref(pool, cp->dst_block);
+}
+
+int kv_seq_prepare_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,
+                         struct kv_copy *ret_copy) {
+  struct kv_copy cp;
+  int rc = kv_seq_plan_write(pool, seq, pos, &cp);
+  if (rc != 1) return rc;
+  kv_seq_commit_copy(pool, seq, &cp);
+  *ret_copy = cp;
   return 1;
 }
 

@@ -269,7 +269,7 @@ KT_TEST(fork_shares_and_copy_on_write_splits) {
   /* a appends at 10: the block holding it is shared, so it is copied first. */
   KT_CHECK_EQ(kv_seq_step_blocks(&pool, a, 1), 1);
   uint32_t old = a->table[2];
-  struct kv_copy cp = {0, 0, 0};
+  struct kv_copy cp = {0, 0, 0, 0};
   KT_ASSERT_EQ(kv_seq_prepare_write(&pool, a, 10, &cp), 1);
   KT_CHECK_EQ(cp.src_block, old);
   KT_CHECK_EQ(cp.dst_block, a->table[2]);
@@ -312,6 +312,65 @@ KT_TEST(fork_shares_and_copy_on_write_splits) {
   KT_CHECK_EQ(kv_pool_refcount(&pool, a1), 1); /* b still holds it */
   kv_seq_free(&pool, b);
   check_stats(&pool, 8, 8);
+  kv_pool_destroy(&pool);
+}
+
+/* Copy-on-write in two phases: planning takes the fresh block but leaves the table alone, so a
+ * step that fails between plan and commit leaves a forked sequence reading exactly what it read
+ * (before, the swap happened at once and a failed step left a never-filled block in the table). */
+KT_TEST(copy_on_write_is_two_phase) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 8, 4));
+  struct kv_seq *a = seq_with(&pool, 6); /* blocks 0 1, the second half full */
+  KT_ASSERT(a);
+  struct kv_seq *b;
+  KT_ASSERT_OK(kv_seq_fork(&pool, a, &b));
+  uint32_t shared = a->table[1];
+  check_stats(&pool, 6, 2);
+
+  /* Plan a's write at 6, then the step fails: the table, the refcounts and the pool are as
+   * before. */
+  KT_ASSERT_OK(kv_seq_reserve(&pool, a, 1));
+  struct kv_copy cp = {0};
+  KT_ASSERT_EQ(kv_seq_plan_write(&pool, a, 6, &cp), 1);
+  KT_CHECK_EQ(cp.src_block, shared);
+  KT_CHECK_EQ(cp.index, 1);
+  KT_CHECK_EQ(cp.n_tokens, 2);
+  KT_CHECK(cp.dst_block != shared);
+  KT_CHECK_EQ(a->table[1], shared); /* not swapped until commit */
+  KT_CHECK_EQ(kv_pool_refcount(&pool, shared), 2);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, cp.dst_block), 1);
+  check_stats(&pool, 5, 3);
+  kv_seq_cancel_copy(&pool, &cp);
+  KT_ASSERT_OK(kv_seq_truncate(&pool, a, 6));
+  KT_CHECK_EQ(a->table[1], shared);
+  KT_CHECK_EQ(b->table[1], shared);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, shared), 2);
+  check_stats(&pool, 6, 3);
+  struct kv_pool_stats st;
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.cow_copies, 0); /* a cancelled copy is no copy */
+
+  /* Both sharers write in one step: each plans its own copy (the step counted both), and after
+   * both commit the original has no holder left. */
+  KT_CHECK_EQ(kv_seq_step_blocks(&pool, a, 1) + kv_seq_step_blocks(&pool, b, 1), 2);
+  struct kv_copy ca, cb;
+  KT_ASSERT_EQ(kv_seq_plan_write(&pool, a, 6, &ca), 1);
+  KT_ASSERT_EQ(kv_seq_plan_write(&pool, b, 6, &cb), 1);
+  KT_CHECK(ca.dst_block != cb.dst_block);
+  kv_seq_commit_copy(&pool, a, &ca);
+  kv_seq_commit_copy(&pool, b, &cb);
+  KT_CHECK_EQ(a->table[1], ca.dst_block);
+  KT_CHECK_EQ(b->table[1], cb.dst_block);
+  KT_CHECK_EQ(kv_pool_refcount(&pool, shared), 0);
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.cow_copies, 2);
+  /* Now private: nothing more to plan. */
+  KT_CHECK_EQ(kv_seq_plan_write(&pool, a, 6, &cp), 0);
+
+  kv_seq_free(&pool, a);
+  kv_seq_free(&pool, b);
+  check_stats(&pool, 8, 4);
   kv_pool_destroy(&pool);
 }
 
@@ -655,6 +714,29 @@ KT_TEST(stress_against_shadow_model) {
           KT_CHECK_EQ(q->n_blocks, blocks);
           KT_CHECK_EQ(st.pool.n_free, before);
           KT_CHECK(step > before);
+        } else if (kt_rand_range(0, 3) == 0) {
+          /* A step that fails after planning (the engine's host side, or the device half-way):
+           * whatever it wrote went only into blocks no table holds yet, and the cancel and the
+           * rewind give them back with every table as it was. */
+          KT_ASSERT_OK(rc);
+          struct kv_copy cp;
+          int planned = kv_seq_plan_write(&st.pool, q, len, &cp);
+          KT_ASSERT(planned >= 0 || planned == KVD_E_KV_EXHAUSTED);
+          for (uint32_t k = 0; k < n && planned >= 0; k++) {
+            struct kv_slot sl;
+            KT_ASSERT_OK(kv_seq_slot(q, len + k, &sl));
+            if (planned == 1 && (len + k) / bs == cp.index) sl.block = cp.dst_block;
+            KT_CHECK_EQ(kv_pool_refcount(&st.pool, sl.block), 1);
+            st.mem[kv_slot_index(sl, bs)] = 0xdeadu; /* never read back by anyone */
+          }
+          if (planned == 1) kv_seq_cancel_copy(&st.pool, &cp);
+          KT_ASSERT_OK(kv_seq_truncate(&st.pool, q, len));
+          KT_CHECK_EQ(q->len, len);
+          /* Blocks an earlier abandoned append left reserved go too. */
+          uint32_t whole = (len + bs - 1) / bs;
+          KT_CHECK_EQ(q->n_blocks, whole);
+          KT_CHECK_EQ(st.pool.n_free, before + (blocks - whole));
+          st.ops[5]++;
         } else {
           KT_ASSERT_OK(rc);
           KT_ASSERT(st_fit(ss, len + n));
@@ -721,11 +803,12 @@ KT_TEST(stress_against_shadow_model) {
     KT_CHECK_EQ(stats.used, 0);
     for (uint32_t b = 0; b < nb; b++)
       KT_CHECK_EQ(st.pool.refs[b], 0);
-    kt_log("round %d: %u blocks of %u, %llu appends, %llu forks, %llu rewrites, %llu truncates, "
-           "%llu frees, %llu copies, %llu refusals, high water %u",
-           round, nb, bs, (unsigned long long)st.ops[0], (unsigned long long)st.ops[1],
-           (unsigned long long)st.ops[2], (unsigned long long)st.ops[3],
-           (unsigned long long)st.ops[4], (unsigned long long)stats.cow_copies,
+    kt_log("round %d: %u blocks of %u, %llu appends, %llu failed steps, %llu forks, %llu "
+           "rewrites, %llu truncates, %llu frees, %llu copies, %llu refusals, high water %u",
+           round, nb, bs, (unsigned long long)st.ops[0], (unsigned long long)st.ops[5],
+           (unsigned long long)st.ops[1], (unsigned long long)st.ops[2],
+           (unsigned long long)st.ops[3], (unsigned long long)st.ops[4],
+           (unsigned long long)stats.cow_copies,
            (unsigned long long)stats.alloc_failures, stats.high_water);
     free(st.mem);
     free(st.refs);
