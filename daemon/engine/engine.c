@@ -194,21 +194,8 @@ static int eng_upload_weights(struct engine *e, const struct engine_opts *o) {
   return rc;
 }
 
-/* Free device-local memory as the driver reports it (or heap size less what kvd holds). */
-static uint64_t eng_free_device_memory(struct engine *e) {
-  gpu_device_update_budget(e->dev);
-  const struct gpu_caps *c = gpu_device_caps(e->dev);
-  uint64_t best = 0;
-  for (uint32_t i = 0; i < c->n_heaps; i++) {
-    if (!c->heaps[i].device_local) continue;
-    uint64_t avail =
-        c->heaps[i].budget > c->heaps[i].usage ? c->heaps[i].budget - c->heaps[i].usage : 0;
-    if (avail > best) best = avail;
-  }
-  return best;
-}
-
-static int eng_alloc_kv(struct engine *e, const struct engine_opts *o, struct model_error *err) {
+static int eng_alloc_kv_locked(struct engine *e, const struct engine_opts *o,
+                               struct model_error *err) {
   const struct gpu_caps *c = gpu_device_caps(e->dev);
   struct kv_geometry geom = {
       .n_layer = e->hp.n_layer,
@@ -221,7 +208,7 @@ static int eng_alloc_kv(struct engine *e, const struct engine_opts *o, struct mo
              2 * geom.n_layer * c->min_storage_align;
   } else if (!budget) {
     double frac = o->kv_fraction > 0 ? o->kv_fraction : DEFAULT_KV_FRACTION;
-    budget = kv_budget_fraction(eng_free_device_memory(e), frac);
+    budget = kv_budget_fraction(gpu_device_free_memory(e->dev), frac);
     uint64_t useful =
         (uint64_t)KV_MAX_FULL_SEQS * e->hp.n_ctx_train * geom.token_bytes * 2 * geom.n_layer;
     if (budget > useful) budget = useful;
@@ -246,6 +233,15 @@ static int eng_alloc_kv(struct engine *e, const struct engine_opts *o, struct mo
                           &e->layers[l].v_cache);
   }
   return rc < 0 ? eng_fail(err, rc, "allocating the KV cache") : 0;
+}
+
+/* The KV cache takes a share of the free device memory: measured and allocated under the
+ * device's budget lock, so a model loading at the same time measures what this one left. */
+static int eng_alloc_kv(struct engine *e, const struct engine_opts *o, struct model_error *err) {
+  gpu_device_budget_lock(e->dev);
+  int rc = eng_alloc_kv_locked(e, o, err);
+  gpu_device_budget_unlock(e->dev);
+  return rc;
 }
 
 static int eng_layout_step(struct engine *e, uint64_t tables_cap) {

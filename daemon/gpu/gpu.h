@@ -40,8 +40,8 @@ enum gpu_subgroup_op {
 
 struct gpu_heap {
   uint64_t size;
-  uint64_t budget; /* VK_EXT_memory_budget, else size */
-  uint64_t usage;  /* VK_EXT_memory_budget (all processes), else what kvd allocated */
+  uint64_t budget; /* VK_EXT_memory_budget, else size; capped by the device's mem_limit */
+  uint64_t usage;  /* VK_EXT_memory_budget (all processes), at least what kvd reserved */
   bool device_local;
 };
 
@@ -84,6 +84,8 @@ struct gpu_caps {
   float timestamp_period; /* ns per tick */
 
   uint32_t n_heaps;
+  /* budget and usage as they were when the caps were read: gpu_device_heaps() has the current
+   * ones (the caps struct is shared by threads and never changes after gpu_device_new). */
   struct gpu_heap heaps[GPU_MAX_HEAPS];
   bool unified_memory; /* a device-local type is also host-visible (UMA, ReBAR, CPU) */
 };
@@ -125,8 +127,20 @@ int gpu_device_new(struct gpu_instance *inst, const struct gpu_device_opts *opts
 /* Saves the pipeline cache, then releases everything. Buffers and pipelines must be freed first. */
 void gpu_device_free(struct gpu_device *dev);
 const struct gpu_caps *gpu_device_caps(const struct gpu_device *dev);
-/* Refreshes the heap budget/usage numbers of the caps struct (memory budget query). */
-void gpu_device_update_budget(struct gpu_device *dev);
+/* The current budget and usage of every heap, one consistent snapshot taken under the device's
+ * memory lock (so kvd's own reservations in it match the allocator's), the device's mem_limit
+ * applied: budget - usage never exceeds what the limit still allows. Thread-safe. Returns the
+ * number of heaps written to ret. */
+uint32_t gpu_device_heaps(struct gpu_device *dev, struct gpu_heap ret[GPU_MAX_HEAPS]);
+/* The largest budget - usage over the device-local heaps of gpu_device_heaps(). */
+uint64_t gpu_device_free_memory(struct gpu_device *dev);
+/* Several threads may size allocations by the free memory at once (two models loading on libuv's
+ * threadpool): each would see the same free memory and together take it twice. Whoever measures
+ * free memory to decide how much to allocate holds this lock from the measurement until the
+ * allocations are made, so the next one measures what is left. Never held while waiting for
+ * anything else; buffer allocation and freeing work (and are thread-safe) without it. */
+void gpu_device_budget_lock(struct gpu_device *dev);
+void gpu_device_budget_unlock(struct gpu_device *dev);
 
 void gpu_caps_print(const struct gpu_caps *caps, uint32_t index, FILE *out);
 const char *gpu_device_type_name(enum gpu_device_type t);

@@ -115,6 +115,7 @@ int gpu_device_new(struct gpu_instance *inst, const struct gpu_device_opts *opts
   }
   pthread_mutex_init(&dev->mem_lock, NULL); /* default attributes: cannot fail on Linux */
   pthread_mutex_init(&dev->queue_lock, NULL);
+  pthread_mutex_init(&dev->budget_lock, NULL);
   dev->inst = inst;
   dev->phys = inst->phys[index];
   rc = gpu__caps_read(inst, dev->phys, &dev->caps);
@@ -211,6 +212,7 @@ void gpu_device_free(struct gpu_device *dev) {
   pthread_mutex_destroy(&dev->xfer_lock);
   pthread_mutex_destroy(&dev->mem_lock);
   pthread_mutex_destroy(&dev->queue_lock);
+  pthread_mutex_destroy(&dev->budget_lock);
   free(dev);
 }
 
@@ -218,14 +220,51 @@ const struct gpu_caps *gpu_device_caps(const struct gpu_device *dev) {
   return &dev->caps;
 }
 
-void gpu_device_update_budget(struct gpu_device *dev) {
-  struct gpu_caps fresh;
-  if (gpu__caps_read(dev->inst, dev->phys, &fresh) < 0) return;
-  for (uint32_t i = 0; i < dev->caps.n_heaps && i < fresh.n_heaps; i++) {
-    dev->caps.heaps[i].budget = fresh.heaps[i].budget;
-    dev->caps.heaps[i].usage =
-        dev->caps.memory_budget ? fresh.heaps[i].usage : dev->mem.heap_reserved[i];
+uint32_t gpu_device_heaps(struct gpu_device *dev, struct gpu_heap ret[GPU_MAX_HEAPS]) {
+  const struct gpu_memory *m = &dev->mem;
+  VkPhysicalDeviceMemoryBudgetPropertiesEXT budget = {
+      .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MEMORY_BUDGET_PROPERTIES_EXT};
+  VkPhysicalDeviceMemoryProperties2 mem = {
+      .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MEMORY_PROPERTIES_2,
+      .pNext = dev->caps.memory_budget ? &budget : NULL};
+  uint32_t n = dev->caps.n_heaps;
+  /* Queried under the allocator's lock: no allocation lands between the driver's numbers and
+   * kvd's, so the two agree and a concurrent load cannot be half counted. */
+  pthread_mutex_lock(&dev->mem_lock);
+  vkGetPhysicalDeviceMemoryProperties2(dev->phys, &mem);
+  uint64_t room = m->limit ? (m->limit > m->reserved ? m->limit - m->reserved : 0) : UINT64_MAX;
+  for (uint32_t i = 0; i < n; i++) {
+    struct gpu_heap h = dev->caps.heaps[i];
+    h.budget = dev->caps.memory_budget ? budget.heapBudget[i] : h.size;
+    h.usage = dev->caps.memory_budget ? budget.heapUsage[i] : 0;
+    /* A driver may report its usage late; what kvd holds is used in any case. */
+    if (h.usage < m->heap_reserved[i]) h.usage = m->heap_reserved[i];
+    if (room != UINT64_MAX && h.budget > h.usage && h.budget - h.usage > room)
+      h.budget = h.usage + room;
+    ret[i] = h;
   }
+  pthread_mutex_unlock(&dev->mem_lock);
+  return n;
+}
+
+uint64_t gpu_device_free_memory(struct gpu_device *dev) {
+  struct gpu_heap heaps[GPU_MAX_HEAPS];
+  uint32_t n = gpu_device_heaps(dev, heaps);
+  uint64_t best = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    if (!heaps[i].device_local) continue;
+    uint64_t avail = heaps[i].budget > heaps[i].usage ? heaps[i].budget - heaps[i].usage : 0;
+    if (avail > best) best = avail;
+  }
+  return best;
+}
+
+void gpu_device_budget_lock(struct gpu_device *dev) {
+  pthread_mutex_lock(&dev->budget_lock);
+}
+
+void gpu_device_budget_unlock(struct gpu_device *dev) {
+  pthread_mutex_unlock(&dev->budget_lock);
 }
 
 void gpu__name_object(struct gpu_device *dev, VkObjectType type, uint64_t handle,

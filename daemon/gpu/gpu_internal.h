@@ -69,6 +69,9 @@ struct gpu_device {
    * allocator's lists and the queue (vkQueueSubmit needs external synchronisation) are locked. */
   pthread_mutex_t mem_lock;
   pthread_mutex_t queue_lock;
+  /* Held across "measure free memory, then allocate a share of it" (gpu_device_budget_lock);
+   * taken before mem_lock, never while holding it. */
+  pthread_mutex_t budget_lock;
   struct gpu_cmd *xfer_cmd;
   struct gpu_buffer *staging;
 };
