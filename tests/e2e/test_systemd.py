@@ -55,7 +55,14 @@ def t_socket_activation_and_notify():
     log = open(os.path.join(tmp, 'log'), 'wb')
     # --socket names a path nobody listens on: kvd must use the descriptor it is handed instead.
     # systemd-socket-activate passes on only the variables it is told to.
-    proc = subprocess.Popen(['systemd-socket-activate', '-l', sock_path,
+    # The sanitizer settings and the test preload (tests/support/keep_loaded.c) must reach kvd too,
+    # or an ASan build reports lavapipe's unloaded globals as leaks and exits non-zero.
+    passed = []
+    for var in ('LD_PRELOAD', 'ASAN_OPTIONS', 'UBSAN_OPTIONS', 'LSAN_OPTIONS', 'VK_ICD_FILENAMES',
+                'VK_DRIVER_FILES', 'VK_INSTANCE_LAYERS', 'KVD_VALIDATE', 'CI'):
+        if var in os.environ:
+            passed += ['-E', f'{var}={os.environ[var]}']
+    proc = subprocess.Popen(['systemd-socket-activate', '-l', sock_path, *passed,
                              '-E', f'NOTIFY_SOCKET={notify_path}', KVD, '--model', MODEL,
                              '--socket', os.path.join(tmp, 'unused.sock'), '--config', '/dev/null',
                              '--cache-dir', os.path.join(tmp, 'cache')],
