@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -230,20 +231,95 @@ int kvctl_generate(struct kvd_client *c, const struct kvctl_opts *o, const char 
 
 /* ---- Chat ---------------------------------------------------------------------------------- */
 
+/* After a line is entered on a terminal, input that arrives within this long belongs to the same
+ * paste: nobody types Enter and the next key within 15 ms, but a terminal may write a long paste
+ * in several pieces. */
+#define PASTE_GRACE_MS 15
+
+static const char chat_help[] =
+    "  /help           this list\n"
+    "  /reset          forget the conversation: a new session (the --system prompt is sent again)\n"
+    "  /quit, /exit    leave (so does Ctrl-D on an empty line)\n"
+    "  //TEXT          send /TEXT (a line starting with one / is a command)\n"
+    "Ctrl-C cancels the answer being written, or drops the line being typed. Lines pasted\n"
+    "together are one turn.\n";
+
+static const char *prompt_text = "> ";
+
 static char *chat_prompt(EditLine *el) {
   (void)el;
-  return (char *)"> ";
+  return (char *)prompt_text;
+}
+
+/* The terminal between two el_gets() calls. libedit puts the terminal in canonical mode when
+ * el_gets() returns and prints the prompt of the next one before it leaves canonical mode; a
+ * Ctrl-D typed in canonical mode (during an answer, or just after the prompt appears) becomes
+ * the kernel's end-of-file mark, which libedit then reads as a NUL byte: the Ctrl-D is lost, and
+ * libedit's handling of the NUL took the next Ctrl-D as a literal character, so the user could no
+ * longer leave. Between reads kvctl keeps the terminal non-canonical and silent (keys typed ahead
+ * wait as bytes, shown by libedit when it reads them) with signals on, so Ctrl-C still cancels. */
+struct chat_tty {
+  bool saved;
+  struct termios orig;
+};
+
+static void chat_tty_between_reads(struct chat_tty *t) {
+  if (!t->saved) return;
+  struct termios raw = t->orig;
+  raw.c_lflag &= ~(tcflag_t)(ICANON | ECHO | ECHOK | ECHONL | IEXTEN);
+  raw.c_lflag |= ISIG;
+  raw.c_cc[VMIN] = 1;
+  raw.c_cc[VTIME] = 0;
+  tcsetattr(STDIN_FILENO, TCSANOW, &raw);
+}
+
+static void chat_tty_restore(struct chat_tty *t) {
+  if (t->saved) tcsetattr(STDIN_FILENO, TCSANOW, &t->orig);
+}
+
+/* Whether more input is waiting (or arrives within PASTE_GRACE_MS). */
+static bool input_pending(void) {
+  struct pollfd pf = {.fd = STDIN_FILENO, .events = POLLIN};
+  int n;
+  while ((n = poll(&pf, 1, PASTE_GRACE_MS)) < 0 && errno == EINTR) {
+  }
+  return n > 0 && (pf.revents & POLLIN);
+}
+
+/* A growable string. */
+struct text {
+  char *s;
+  size_t len, cap;
+};
+
+static bool text_append(struct text *t, const char *sep, const char *s) {
+  size_t a = strlen(sep), b = strlen(s);
+  if (t->cap - t->len < a + b + 1) {
+    size_t cap = t->cap ? t->cap : 256;
+    while (cap - t->len < a + b + 1)
+      cap *= 2;
+    char *p = realloc(t->s, cap);
+    if (!p) return false;
+    t->s = p;
+    t->cap = cap;
+  }
+  memcpy(t->s + t->len, sep, a);
+  memcpy(t->s + t->len + a, s, b + 1);
+  t->len += a + b;
+  return true;
 }
 
 /* The next line of input without its newline: from libedit on a terminal, else plain stdin.
  * NULL at the end of input; *interrupted when Ctrl-C came instead of a line. */
-static char *read_turn(EditLine *el, char **buf, size_t *cap, bool *interrupted) {
+static char *read_line(EditLine *el, struct chat_tty *tty, char **buf, size_t *cap,
+                       bool *interrupted) {
   sig_atomic_t seen = sig_count;
   *interrupted = false;
   const char *line;
   if (el) {
     int count;
     line = el_gets(el, &count);
+    chat_tty_between_reads(tty);
   } else {
     errno = 0;
     line = getline(buf, cap, stdin) < 0 ? NULL : *buf;
@@ -287,6 +363,7 @@ int kvctl_chat(struct kvd_client *c, const struct kvctl_opts *o) {
   EditLine *el = NULL;
   History *hist = NULL;
   HistEvent ev;
+  struct chat_tty term = {0};
   if (tty) {
     el = el_init("kvctl", stdin, stdout, stderr);
     hist = history_init();
@@ -296,7 +373,9 @@ int kvctl_chat(struct kvd_client *c, const struct kvctl_opts *o) {
       el_set(el, EL_PROMPT, chat_prompt);
       el_set(el, EL_EDITOR, "emacs");
       el_source(el, NULL); /* the user's ~/.editrc */
-      fprintf(stderr, "kvctl chat with %s; /reset starts over, /quit or Ctrl-D leaves.\n",
+      term.saved = tcgetattr(STDIN_FILENO, &term.orig) == 0;
+      chat_tty_between_reads(&term);
+      fprintf(stderr, "kvctl chat with %s; /help lists the commands, /quit or Ctrl-D leaves.\n",
               o->gen.model ? o->gen.model
                            : (kvd_client_default_model(c) ? kvd_client_default_model(c)
                                                           : "the default model"));
@@ -310,10 +389,12 @@ int kvctl_chat(struct kvd_client *c, const struct kvctl_opts *o) {
 
   char *buf = NULL;
   size_t cap = 0;
-  bool first = true;
-  for (;;) {
+  struct text turn = {0};
+  bool first = true, eof = false;
+  while (!eof) {
     bool interrupted;
-    char *line = read_turn(el, &buf, &cap, &interrupted);
+    prompt_text = "> ";
+    char *line = read_line(el, &term, &buf, &cap, &interrupted);
     if (interrupted) {
       if (!el) { /* a script's Ctrl-C (or SIGTERM) */
         code = KVCTL_EINTR;
@@ -327,19 +408,53 @@ int kvctl_chat(struct kvd_client *c, const struct kvctl_opts *o) {
       break;
     }
     if (!line[0]) continue;
-    if (!strcmp(line, "/quit") || !strcmp(line, "/exit")) break;
     if (hist) history(hist, &ev, H_ENTER, line);
-    if (!strcmp(line, "/reset")) {
-      kvd_session_close(c, session);
-      if ((code = open_session(c, o, &session))) break;
-      first = true;
+    /* A line starting with one / is a command, never sent; // sends the rest from its second /. */
+    if (line[0] == '/' && line[1] != '/') {
+      if (!strcmp(line, "/quit") || !strcmp(line, "/exit")) break;
+      if (!strcmp(line, "/help")) {
+        fprintf(stderr, "Commands:\n%s", chat_help);
+      } else if (!strcmp(line, "/reset")) {
+        kvd_session_close(c, session);
+        if ((code = open_session(c, o, &session))) break;
+        first = true;
+        fprintf(stderr, "[new session: the conversation starts over]\n");
+      } else {
+        fprintf(stderr, "kvctl: unknown command '%s' (nothing sent); /help lists the commands\n",
+                line);
+      }
       continue;
+    }
+    turn.len = 0;
+    bool ok = text_append(&turn, "", line[0] == '/' ? line + 1 : line);
+    /* On a terminal the lines of a paste arrive together: the ones already waiting join this
+     * turn, so a pasted paragraph is one message, not one per line. Piped input stays one turn
+     * per line, which is what a script means. */
+    while (ok && el && input_pending()) {
+      prompt_text = "... ";
+      line = read_line(el, &term, &buf, &cap, &interrupted);
+      if (interrupted) break;
+      if (!line) {
+        eof = true; /* send what came, then leave */
+        break;
+      }
+      if (hist && line[0]) history(hist, &ev, H_ENTER, line);
+      ok = text_append(&turn, "\n", line);
+    }
+    if (interrupted) {
+      fputc('\n', stdout);
+      continue;
+    }
+    if (!ok) {
+      fprintf(stderr, "kvctl: out of memory\n");
+      code = KVCTL_EFAIL;
+      break;
     }
     /* The session holds the history on the server: send only the new turn. */
     struct kvd_message msgs[2];
     size_t n = 0;
     if (first && o->system) msgs[n++] = (struct kvd_message){"system", o->system};
-    msgs[n++] = (struct kvd_message){"user", line};
+    msgs[n++] = (struct kvd_message){"user", turn.s};
     struct kvd_gen_params p = o->gen;
     p.prompt = NULL;
     p.messages = msgs;
@@ -356,8 +471,10 @@ int kvctl_chat(struct kvd_client *c, const struct kvctl_opts *o) {
     code = KVCTL_OK; /* on a terminal an error ends the turn, not the chat */
   }
   free(buf);
+  free(turn.s);
   if (kvd_client_connected(c)) kvd_session_close(c, session);
   if (el) el_end(el);
   if (hist) history_end(hist);
+  chat_tty_restore(&term);
   return code;
 }

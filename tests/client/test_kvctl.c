@@ -313,6 +313,8 @@ KT_TEST(kvctl_usage_errors_exit_2) {
   run(&p, NULL, help);
   CHECK_CODE(p, 0);
   KT_CHECK(strstr(p.stdout_buf, "Exit status") && strstr(p.stdout_buf, "--socket"));
+  KT_CHECK_MSG(strstr(p.stdout_buf, "  5  the connection to kvd was lost"), "help: %s",
+               p.stdout_buf);
 }
 
 static void script_unload_error(struct fake *f) {
@@ -438,6 +440,71 @@ KT_TEST(kvctl_chat_keeps_one_session) {
   FAKE_OK(f);
   CHECK_CODE(p, 0);
   KT_CHECK_MSG(!strcmp(p.stdout_buf, "A1\nA2\n"), "stdout: [%s]", p.stdout_buf);
+}
+
+/* Answers session.open with session id. */
+static void reply_session(struct fake *f, const char *method, uint64_t id) {
+  struct ipc_msg *m = fake_expect(f, method);
+  if (!m) return;
+  if (!strcmp(method, "session.close") && !u64_is(m->params, "session", id))
+    fake_fail(f, "closed the wrong session");
+  ipc_w_result(&f->w, m->id);
+  ipc_w_map(&f->w, 1);
+  ipc_w_kv_u64(&f->w, "session", id);
+  fake_send(f);
+  ipc_msg_free(m);
+}
+
+/* One generate in session `session` whose last message is the user's `content` (after the
+ * system prompt when `system`); answers `answer`. */
+static void expect_turn(struct fake *f, uint64_t session, const char *system, const char *content,
+                        const char *answer) {
+  struct ipc_msg *m = fake_expect(f, "generate");
+  if (!m) return;
+  const msgpack_object *msgs = NULL;
+  size_t n = 0;
+  ipc_get_maps(m->params, "messages", &msgs, &n, NULL);
+  size_t n_want = system ? 2 : 1;
+  if (!u64_is(m->params, "session", session) || n != n_want ||
+      (system && !str_is(&msgs[0], "content", system)) || !str_is(&msgs[n - 1], "role", "user") ||
+      !str_is(&msgs[n - 1], "content", content)) {
+    const char *got = NULL;
+    if (n) ipc_get_str(&msgs[n - 1], "content", &got, NULL, NULL);
+    fake_fail(f, "want [%s] in session %llu, got %zu messages, last [%s]", content,
+              (unsigned long long)session, n, got ? got : "?");
+  }
+  fake_chunk(f, m->id, answer, 1);
+  fake_gen_result(f, m->id, "", "stop", 1);
+  ipc_msg_free(m);
+}
+
+/* /help and an unknown command send nothing; //x sends /x; /reset closes the session and
+ * opens a new one, where the system prompt is sent again. */
+static void script_chat_commands(struct fake *f) {
+  fake_hello(f);
+  reply_session(f, "session.open", 1);
+  expect_turn(f, 1, "Sys.", "hi", "A1");
+  expect_turn(f, 1, NULL, "/etc is a folder", "A2");
+  reply_session(f, "session.close", 1);
+  reply_session(f, "session.open", 2);
+  expect_turn(f, 2, "Sys.", "again", "A3");
+  reply_session(f, "session.close", 2);
+}
+
+KT_TEST(kvctl_chat_commands) {
+  struct fake f;
+  struct proc p;
+  KT_ASSERT(fake_start(&f, script_chat_commands, NULL) == 0);
+  const char *args[] = {"-s", f.path, "--system", "Sys.", "chat", NULL};
+  run(&p, "/help\n/nope\nhi\n//etc is a folder\n/reset\nagain\n/quit\nnot sent\n", args);
+  FAKE_OK(f);
+  CHECK_CODE(p, 0);
+  KT_CHECK_MSG(!strcmp(p.stdout_buf, "A1\nA2\nA3\n"), "stdout: [%s]", p.stdout_buf);
+  KT_CHECK_MSG(strstr(p.stderr_buf, "/reset") && strstr(p.stderr_buf, "/quit") &&
+                   strstr(p.stderr_buf, "/help"),
+               "no help: %s", p.stderr_buf);
+  KT_CHECK_MSG(strstr(p.stderr_buf, "unknown command '/nope'"), "stderr: %s", p.stderr_buf);
+  KT_CHECK_MSG(strstr(p.stderr_buf, "[new session"), "no /reset confirmation: %s", p.stderr_buf);
 }
 
 static void script_commands(struct fake *f) {
