@@ -8,7 +8,37 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'ipc'))
+import api_check  # noqa: E402  (what api.json declares, checked on everything kvd sends)
 import peer  # noqa: E402  (the spec-only msgpack-rpc client)
+
+API_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'ipc', 'api.json')
+_checker = None
+
+
+def api_checker():
+    """One Checker for ipc/api.json, shared by every connection of the test."""
+    global _checker
+    if _checker is None:
+        _checker = api_check.Checker(API_JSON)
+    return _checker
+
+
+def _warn_drift(problems):
+    """KVD_API_CHECK=warn: report drift on stderr (and append it to $KVD_API_CHECK_LOG) instead of
+    failing, to see all of it in one run."""
+    for p in problems:
+        print(f'api drift: {p}', file=sys.stderr, flush=True)
+    if os.environ.get('KVD_API_CHECK_LOG'):
+        with open(os.environ['KVD_API_CHECK_LOG'], 'a', encoding='utf-8') as f:
+            f.writelines(f'{p}\n' for p in problems)
+
+
+def connect(path, timeout=60.0):
+    """A peer on path whose every response and notification is checked against api.json: drift
+    fails the call that read it (peer.ApiDrift), unless KVD_API_CHECK=warn."""
+    warn = os.environ.get('KVD_API_CHECK') == 'warn'
+    return peer.Peer.connect(path, timeout=timeout, check=api_checker(),
+                             on_drift=_warn_drift if warn else peer.raise_drift)
 
 
 class Daemon:
@@ -39,7 +69,7 @@ class Daemon:
                 time.sleep(0.05)
 
     def connect(self, timeout=60.0):
-        return peer.Peer.connect(self.socket, timeout=timeout)
+        return connect(self.socket, timeout)
 
     def read_log(self):
         if not self.log.closed:

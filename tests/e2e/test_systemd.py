@@ -13,7 +13,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from daemon import Tap, peer  # noqa: E402
+from daemon import Tap, connect  # noqa: E402
 
 KVD, UNITS, SHARED = os.path.abspath(sys.argv[1]), sys.argv[2], sys.argv[3]
 MODEL = os.path.join(SHARED, 'models', 'stories260K.gguf')
@@ -71,7 +71,7 @@ def t_socket_activation_and_notify():
         deadline = time.monotonic() + 30
         while True:  # the path appears a moment before systemd-socket-activate listens on it
             try:
-                p = peer.Peer.connect(sock_path, timeout=120)
+                p = connect(sock_path, timeout=120)  # checked against api.json
                 break
             except OSError:
                 check(time.monotonic() < deadline and proc.poll() is None, 'no activation socket')

@@ -8,6 +8,10 @@ byte stream, which is how test_peer.py checks it against the C decoder without a
         p.call('hello', protocol=1, client='test')
         r = p.call('generate', prompt='Once', max_tokens=8, stream=True)
         text = ''.join(c['text'] for c in p.chunks_for(r.msgid))
+
+With check=api_check.Checker('ipc/api.json') every response and notification that arrives is
+also checked against api.json's declarations (tests/e2e do this); a problem raises ApiDrift.
+Without it the peer needs nothing but PROTOCOL.md and msgpack.
 """
 import os
 import socket
@@ -37,6 +41,18 @@ class KvdError(Exception):
 
 class ProtocolError(Exception):
     """The server sent something PROTOCOL.md does not allow."""
+
+
+class ApiDrift(AssertionError):
+    """The server sent something api.json does not declare; problems lists what (api_check)."""
+
+    def __init__(self, problems):
+        super().__init__('kvd answered what api.json does not say: ' + '; '.join(problems))
+        self.problems = problems
+
+
+def raise_drift(problems):
+    raise ApiDrift(problems)
 
 
 class Message:
@@ -137,21 +153,33 @@ class Decoder:
 
 
 class Peer:
-    """One connection to kvd (or any socket-like object with sendall/recv)."""
+    """One connection to kvd (or any socket-like object with sendall/recv).
 
-    def __init__(self, sock):
+    check: None, or an object with response(method, error, result) and notification(method,
+    params) returning lists of problems (tests/ipc/api_check.py's Checker); each message is
+    checked as it arrives and on_drift(problems) is called for any (default: raise ApiDrift, so
+    the call or wait that read it fails)."""
+
+    def __init__(self, sock, check=None, on_drift=raise_drift):
         self.sock = sock
+        self.check = check
+        self.on_drift = on_drift
+        self.methods = {}        # msgid -> method of requests in flight (only with check)
         self.decoder = Decoder()
         self.next_id = 1
         self.notifications = []  # notifications not yet claimed, in arrival order
         self.responses = {}      # msgid -> Message, responses not yet claimed
 
     @classmethod
-    def connect(cls, path=None, timeout=30.0):
+    def connect(cls, path=None, timeout=30.0, check=None, on_drift=raise_drift):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
-        s.connect(path or default_socket_path())
-        return cls(s)
+        try:
+            s.connect(path or default_socket_path())
+        except OSError:
+            s.close()
+            raise
+        return cls(s, check, on_drift)
 
     def close(self):
         self.sock.close()
@@ -170,6 +198,8 @@ class Peer:
         if msgid is None:
             msgid = self.next_id
             self.next_id = (self.next_id + 1) & 0xffffffff or 1
+        if self.check is not None:
+            self.methods[msgid] = method
         self.send_raw(encode_request(msgid, method, params))
         return msgid
 
@@ -182,13 +212,21 @@ class Peer:
         data = self.sock.recv(65536)
         if not data:
             raise ConnectionError('kvd closed the connection')
+        problems = []
         for m in self.decoder.feed(data):
             if m.kind == RESPONSE:
                 self.responses[m.msgid] = m
+                if self.check is not None:
+                    problems += self.check.response(self.methods.pop(m.msgid, None), m.error,
+                                                    m.result)
             elif m.kind == NOTIFICATION:
                 self.notifications.append(m)
+                if self.check is not None:
+                    problems += self.check.notification(m.method, m.params)
             else:
                 raise ProtocolError(f'the server sent a request: {m!r}')
+        if problems:  # after every message is stored, so the peer stays usable
+            self.on_drift(problems)
 
     def read_message(self, timeout=30.0):
         """The next message that arrives (a response or a notification), for tests that check
