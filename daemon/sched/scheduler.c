@@ -2,6 +2,7 @@
 
 #include "kvd_error.h"
 
+#include <assert.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,9 +35,14 @@ struct sched {
   pthread_mutex_t lock;
   pthread_cond_t wake;
   bool stop;
+  bool kick; /* something the engine thread waits for happened (cancel, drained events) */
   struct inbox_item *in_head, *in_tail;
-  struct sched_event *events; /* ring, grown when full */
+  /* The event ring: ev_cap >= ev_reserved (SCHED_EV_WINDOW per submitted request whose DONE has
+   * not been drained) >= ev_count, so emitting always finds a slot. Grown only in sched_submit. */
+  struct sched_event *events;
   uint32_t ev_head, ev_count, ev_cap;
+  uint64_t ev_reserved;
+  atomic_bool out_blocked;  /* a running request was left out of a step for its full window */
   struct sched_stats stats; /* published copy, under lock */
 
   /* engine thread only */
@@ -73,6 +79,10 @@ int sched_req_new(const int32_t *tokens, uint32_t n_tokens, struct sched_req **r
   r->next = -1;
   sample_params_default(&r->sp);
   atomic_init(&r->cancel, false);
+  atomic_init(&r->ev_out, 0);
+  atomic_init(&r->pub_state, SCHED_STATE_QUEUED);
+  atomic_init(&r->pub_cached, 0);
+  atomic_init(&r->pub_queue_us, 0);
   *ret = r;
   return 0;
 }
@@ -90,6 +100,12 @@ void sched_req_free(struct sched_req *r) {
 
 void sched_cancel(struct sched_req *r) {
   atomic_store(&r->cancel, true);
+  struct sched *s = r->sched;
+  if (!s) return; /* never submitted */
+  pthread_mutex_lock(&s->lock);
+  s->kick = true;
+  pthread_cond_signal(&s->wake);
+  pthread_mutex_unlock(&s->lock);
 }
 
 static void sched_push_inbox(struct sched *s, struct inbox_item *it) {
@@ -103,14 +119,48 @@ static void sched_push_inbox(struct sched *s, struct inbox_item *it) {
   pthread_mutex_unlock(&s->lock);
 }
 
-void sched_submit(struct sched *s, struct sched_req *r) {
+/* Makes room for `need` events in the ring; under s->lock. */
+static int sched_ring_reserve(struct sched *s, uint64_t need) {
+  if (need <= s->ev_cap) return 0;
+  if (need > UINT32_MAX / 2) return KVD_ENOMEM;
+  uint32_t cap = s->ev_cap ? s->ev_cap : 256;
+  while (cap < need)
+    cap *= 2;
+  struct sched_event *n = malloc((size_t)cap * sizeof *n);
+  if (!n) return KVD_ENOMEM;
+  for (uint32_t i = 0; i < s->ev_count; i++)
+    n[i] = s->events[(s->ev_head + i) % s->ev_cap];
+  free(s->events);
+  s->events = n;
+  s->ev_head = 0;
+  s->ev_cap = cap;
+  return 0;
+}
+
+int sched_submit(struct sched *s, struct sched_req *r) {
   r->t_submit = sched_now();
-  /* The inbox item was allocated with the request, so submitting cannot fail. */
+  pthread_mutex_lock(&s->lock);
+  int rc = sched_ring_reserve(s, s->ev_reserved + SCHED_EV_WINDOW);
+  if (rc < 0) {
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+  }
+  s->ev_reserved += SCHED_EV_WINDOW;
+  r->sched = s;
+  atomic_store(&r->ev_out, 0);
+  /* The inbox item was allocated with the request, so nothing else can fail. */
   struct inbox_item *it = r->inbox;
   r->inbox = NULL;
   it->kind = INBOX_REQ;
   it->req = r;
-  sched_push_inbox(s, it);
+  if (s->in_tail)
+    s->in_tail->next = it;
+  else
+    s->in_head = it;
+  s->in_tail = it;
+  pthread_cond_signal(&s->wake);
+  pthread_mutex_unlock(&s->lock);
+  return 0;
 }
 
 int sched_session_new(struct sched *s, struct sched_session **ret) {
@@ -160,43 +210,39 @@ uint32_t sched_session_len(const struct sched_session *ss) {
 
 /* ---- engine thread ---- */
 
+/* Never fails, sleeps or drops: the request's slots were reserved by sched_submit, and a
+ * request is stepped only with room for one token and its DONE (sched_has_room). */
 static void sched_emit(struct sched *s, const struct sched_event *ev) {
   pthread_mutex_lock(&s->lock);
-  if (s->ev_count == s->ev_cap) {
-    uint32_t cap = s->ev_cap ? s->ev_cap * 2 : 64;
-    struct sched_event *n = malloc(cap * sizeof *n);
-    if (!n) {
-      /* Cannot grow: drop token events rather than block the engine; DONE must get through. */
-      pthread_mutex_unlock(&s->lock);
-      if (!ev->done) return;
-      for (;;) {
-        pthread_mutex_lock(&s->lock);
-        if (s->ev_count < s->ev_cap) break;
-        pthread_mutex_unlock(&s->lock);
-        struct timespec ts = {0, 1000000};
-        nanosleep(&ts, NULL);
-      }
-    } else {
-      for (uint32_t i = 0; i < s->ev_count; i++)
-        n[i] = s->events[(s->ev_head + i) % (s->ev_cap ? s->ev_cap : 1)];
-      free(s->events);
-      s->events = n;
-      s->ev_head = 0;
-      s->ev_cap = cap;
-    }
-  }
+  assert(s->ev_count < s->ev_cap);
   s->events[(s->ev_head + s->ev_count) % s->ev_cap] = *ev;
   s->ev_count++;
+  atomic_fetch_add(&ev->req->ev_out, 1);
   pthread_mutex_unlock(&s->lock);
+}
+
+/* Whether a running request may take part in a step: its token and a DONE must fit its window. */
+static bool sched_has_room(struct sched *s, struct sched_req *r) {
+  if (atomic_load(&r->ev_out) + 2 <= SCHED_EV_WINDOW) return true;
+  /* Set before looking again, so a drain in between either is seen here or sees the flag. */
+  atomic_store(&s->out_blocked, true);
+  return atomic_load(&r->ev_out) + 2 <= SCHED_EV_WINDOW;
 }
 
 uint32_t sched_drain(struct sched *s, struct sched_event *out, uint32_t cap) {
   pthread_mutex_lock(&s->lock);
   uint32_t n = s->ev_count < cap ? s->ev_count : cap;
-  for (uint32_t i = 0; i < n; i++)
+  for (uint32_t i = 0; i < n; i++) {
     out[i] = s->events[(s->ev_head + i) % s->ev_cap];
+    atomic_fetch_sub(&out[i].req->ev_out, 1);
+    if (out[i].done) s->ev_reserved -= SCHED_EV_WINDOW; /* the engine is done with it */
+  }
   s->ev_head = n ? (s->ev_head + n) % s->ev_cap : s->ev_head;
   s->ev_count -= n;
+  if (n && atomic_exchange(&s->out_blocked, false)) {
+    s->kick = true;
+    pthread_cond_signal(&s->wake);
+  }
   pthread_mutex_unlock(&s->lock);
   return n;
 }
@@ -253,8 +299,14 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
   r->logits = malloc(hp->n_vocab * sizeof(float));
   if (r->logprobs) r->scratch = malloc(hp->n_vocab * sizeof(float));
   if (r->logprobs && !r->scratch) return KVD_ENOMEM;
-  r->cap_hist = r->n_tokens + 1 + (r->max_tokens ? r->max_tokens : hp->n_ctx_train);
-  r->hist = malloc(r->cap_hist * sizeof(int32_t));
+  /* The history never holds more than the context (prompt, then what is generated; a preempted
+   * request's prompt is its history so far): max_tokens comes from the wire, so it only shortens
+   * that, computed in 64 bits (n_tokens + 1 + 2^32-1 used to wrap to a tiny buffer). */
+  uint64_t cap = (uint64_t)r->n_tokens + 1 + (r->max_tokens ? r->max_tokens : hp->n_ctx_train);
+  if (cap > (uint64_t)hp->n_ctx_train + 1) cap = (uint64_t)hp->n_ctx_train + 1;
+  if (cap < (uint64_t)r->n_tokens + 1) cap = (uint64_t)r->n_tokens + 1;
+  r->cap_hist = (uint32_t)cap;
+  r->hist = malloc((size_t)cap * sizeof(int32_t));
   if (!r->logits || !r->hist) return KVD_ENOMEM;
   if (r->session) {
     if (!r->session->seq) {
@@ -283,20 +335,32 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
   }
   r->cached_tokens = engine_seq_len(r->seq);
   if (r->n_tokens == 0) return KVD_EINVAL;
+  /* What the sequence will hold once the prompt is in: a session's history plus the new prompt;
+   * for a one-shot request the prefix-cache tokens are part of its own prompt (n_tokens), so
+   * they are not counted again. */
+  uint64_t total = r->session ? (uint64_t)r->cached_tokens + r->n_tokens : r->n_tokens;
   /* A prompt that cannot fit even with the whole pool to itself is refused at once. */
   struct kv_pool_stats kv;
   engine_kv_stats(s->e, &kv);
-  if (((uint64_t)r->cached_tokens + r->n_tokens + kv.block_size) / kv.block_size > kv.total)
-    return KVD_E_KV_EXHAUSTED;
-  if ((uint64_t)r->cached_tokens + r->n_tokens >= hp->n_ctx_train) return KVD_E_CONTEXT;
+  if ((total + kv.block_size) / kv.block_size > kv.total) return KVD_E_KV_EXHAUSTED;
+  if (total >= hp->n_ctx_train) return KVD_E_CONTEXT;
   memcpy(r->hist, r->tokens, r->n_tokens * sizeof(int32_t));
   r->n_hist = r->n_tokens;
   r->admitted = true;
   r->t_start = sched_now();
+  atomic_store(&r->pub_cached, r->cached_tokens);
+  atomic_store(&r->pub_queue_us, (uint64_t)((r->t_start - r->t_submit) * 1e6));
+  atomic_store(&r->pub_state, SCHED_STATE_PREFILL);
   return 0;
 }
 
-/* The top-k log-probabilities of a token event. */
+/* Whether id a ranks above id b: the higher logit, the lower id on a tie. */
+static bool logit_above(const float *logits, int32_t a, int32_t b) {
+  return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+}
+
+/* The top-k log-probabilities of a token event: one pass over the vocabulary with a k-entry
+ * min-heap (O(V log k) on the engine thread; k <= SCHED_MAX_TOP), then the k sorted. */
 static void sched_logprobs(const float *logits, uint32_t n_vocab, int32_t tok, uint32_t k,
                            struct sched_event *ev) {
   double mx = logits[0], sum = 0;
@@ -306,19 +370,50 @@ static void sched_logprobs(const float *logits, uint32_t n_vocab, int32_t tok, u
     sum += exp((double)logits[i] - mx);
   double lse = mx + log(sum);
   ev->logprob = (float)((double)logits[tok] - lse);
-  ev->n_top = 0;
-  for (uint32_t j = 0; j < k && j < SCHED_MAX_TOP && j < n_vocab; j++) {
-    int32_t best = -1;
-    for (uint32_t i = 0; i < n_vocab; i++) {
-      bool taken = false;
-      for (uint32_t q = 0; q < j && !taken; q++)
-        taken = ev->top_id[q] == (int32_t)i;
-      if (!taken && (best < 0 || logits[i] > logits[best])) best = (int32_t)i;
+  if (k > SCHED_MAX_TOP) k = SCHED_MAX_TOP;
+  if (k > n_vocab) k = n_vocab;
+  int32_t *h = ev->top_id; /* heap[0] is the lowest-ranked of those kept */
+  uint32_t n = 0;
+  for (uint32_t i = 0; i < n_vocab; i++) {
+    int32_t id = (int32_t)i;
+    uint32_t at;
+    if (n < k) { /* sift up */
+      at = n++;
+      while (at > 0 && logit_above(logits, h[(at - 1) / 2], id)) {
+        h[at] = h[(at - 1) / 2];
+        at = (at - 1) / 2;
+      }
+      h[at] = id;
+      continue;
     }
-    ev->top_id[j] = best;
-    ev->top_logprob[j] = (float)((double)logits[best] - lse);
-    ev->n_top = j + 1;
+    if (!k || !logit_above(logits, id, h[0])) continue;
+    at = 0; /* replace the root, sift down */
+    for (;;) {
+      uint32_t c = 2 * at + 1;
+      if (c >= n) break;
+      if (c + 1 < n && logit_above(logits, h[c], h[c + 1])) c++;
+      if (!logit_above(logits, id, h[c])) break;
+      h[at] = h[c];
+      at = c;
+    }
+    h[at] = id;
   }
+  for (uint32_t i = 1; i < n; i++) { /* best first */
+    int32_t id = h[i];
+    uint32_t j = i;
+    for (; j > 0 && logit_above(logits, id, h[j - 1]); j--)
+      h[j] = h[j - 1];
+    h[j] = id;
+  }
+  for (uint32_t j = 0; j < n; j++)
+    ev->top_logprob[j] = (float)((double)logits[h[j]] - lse);
+  ev->n_top = n;
+}
+
+static bool sched_is_eog(const struct sched_req *r, int32_t tok) {
+  for (uint32_t i = 0; i < r->n_eog; i++)
+    if (r->eog[i] == tok) return true;
+  return false;
 }
 
 /* Samples after a step that produced this request's logits; false when it ended. */
@@ -335,7 +430,7 @@ static bool sched_sample(struct sched *s, struct sched_req *r, struct sched_req 
   }
   if (!r->t_first) r->t_first = sched_now();
   r->next = tok;
-  if (tok == hp->eos_id || tok == hp->bos_id) {
+  if (sched_is_eog(r, tok)) {
     sched_finish_from(s, list, r, SCHED_FINISH_STOP, 0);
     return false;
   }
@@ -430,6 +525,21 @@ static void sched_preempt(struct sched *s, struct sched_req *r) {
   s->local.preemptions++;
 }
 
+/* Takes the blocks of the newest waiting one-shot request holding any (a half-run prompt, or
+ * prefix blocks it pinned), other than keep: it starts over from the prefix cache when it runs
+ * again. False when none holds blocks. */
+static bool sched_reclaim_waiting(struct sched *s, const struct sched_req *keep) {
+  struct sched_req *newest = NULL;
+  for (struct sched_req *r = s->waiting; r; r = r->next_req)
+    if (r != keep && r->seq && !r->session) newest = r;
+  if (!newest) return false;
+  engine_seq_free(s->e, newest->seq);
+  newest->seq = NULL;
+  newest->n_prefilled = newest->n_prefix = 0;
+  s->local.preemptions++;
+  return true;
+}
+
 /* One step: every running request's next token, then prompt chunks first come first served
  * while the token budget lasts. Returns false when there was nothing to run. */
 static bool sched_step(struct sched *s) {
@@ -438,8 +548,10 @@ static bool sched_step(struct sched *s) {
   if (sched_reserve_items(s, n_run + list_len(s->waiting)) < 0) return false;
   /* Blocks this step will take, so prompts are admitted only while they fit: a prompt that would
    * push running requests out is left waiting rather than admitted and preempted in turn. */
-  uint32_t reserved = 0, available = engine_kv_available(s->e);
-  for (struct sched_req *r = s->running; r && budget; r = r->next_req, budget--) {
+  uint32_t reserved = 0;
+  for (struct sched_req *r = s->running; r && budget; r = r->next_req) {
+    if (!sched_has_room(s, r)) continue; /* its reader is behind: it waits for a drain */
+    budget--;
     s->items[n] = (struct engine_item){r->seq, &r->next, 1, r->logits};
     s->item_req[n++] = r;
     reserved += engine_seq_step_blocks(s->e, r->seq, 1);
@@ -465,7 +577,9 @@ static bool sched_step(struct sched *s) {
     uint32_t left = r->n_tokens - r->n_prefilled;
     uint32_t chunk = left < budget ? left : budget;
     uint32_t need = engine_seq_step_blocks(s->e, r->seq, chunk);
-    if (reserved + need > available) {
+    /* Measured now, not at the start of the step: a prefix this admission pinned was counted as
+     * evictable until it was pinned. */
+    if (reserved + need > engine_kv_available(s->e)) {
       /* No room now. A prompt that has computed nothing gives its shared prefix blocks back
        * (they stay cached) instead of pinning them while it waits; first come, first served. */
       if (!r->session && r->n_prefilled == r->n_prefix) {
@@ -485,8 +599,10 @@ static bool sched_step(struct sched *s) {
   }
   if (n == 0) {
     if (blocked && blocked == s->waiting && !s->running) {
-      /* Nothing runs and the first prompt still does not fit (sessions hold the rest): it would
-       * wait forever, so it ends now with a clear error. */
+      /* Nothing runs and the first prompt does not fit: requests behind it give their blocks
+       * back first. If none holds any (sessions hold the rest) it would wait forever, so it ends
+       * now with a clear error. */
+      if (sched_reclaim_waiting(s, blocked)) return true;
       blocked->next = -1;
       sched_finish_from(s, &s->waiting, blocked, SCHED_FINISH_ERROR, KVD_E_KV_EXHAUSTED);
       return true;
@@ -505,19 +621,13 @@ static bool sched_step(struct sched *s) {
     /* Even the running requests do not fit: preempt the newest one that can be recomputed (its
      * blocks go back, its tokens are kept, it resumes first). Session requests are not preempted
      * (their history lives only in their KV); if only they remain, the newest ends in an error. */
-    struct sched_req *victim = NULL, *last = NULL, *partial = NULL;
-    /* A half-prefilled prompt holds blocks too: it gives them back first (newest first). */
-    for (struct sched_req *r = s->waiting; r; r = r->next_req)
-      if (r->seq && !r->session && r->n_prefilled > r->n_prefix) partial = r;
+    struct sched_req *victim = NULL, *last = NULL;
     for (struct sched_req *r = s->running; r; r = r->next_req) {
       last = r;
       if (!r->session) victim = r;
     }
-    if (partial) {
-      engine_seq_free(s->e, partial->seq);
-      partial->seq = NULL;
-      partial->n_prefilled = partial->n_prefix = 0;
-      s->local.preemptions++;
+    /* Waiting prompts holding blocks (half-run, or a pinned prefix) give them back first. */
+    if (sched_reclaim_waiting(s, NULL)) {
     } else if (victim && (victim != s->running || victim->next_req)) {
       sched_preempt(s, victim);
     } else if (last) {
@@ -559,6 +669,7 @@ static bool sched_step(struct sched *s) {
     /* The prompt is in: from now on the request decodes. */
     list_remove(&s->waiting, r);
     list_append(&s->running, r);
+    atomic_store(&r->pub_state, SCHED_STATE_DECODE);
     sched_sample(s, r, &s->running);
   }
   if (tokens > s->local.batch_tokens_max) s->local.batch_tokens_max = tokens;
@@ -597,20 +708,16 @@ static void *sched_main(void *arg) {
     bool ran = sched_step(s);
     sched_publish(s);
     if (s->o.notify) s->o.notify(s->o.notify_ud);
+    pthread_mutex_lock(&s->lock);
     if (!ran) {
-      /* Waiting requests that cannot run now (none should, but never spin): sleep until the loop
-       * sends something, or a moment passes for a cancel flag to be seen. */
-      struct timespec ts;
-      clock_gettime(CLOCK_REALTIME, &ts);
-      ts.tv_nsec += 20 * 1000000;
-      if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-      }
-      pthread_mutex_lock(&s->lock);
-      if (!s->in_head && !s->stop) pthread_cond_timedwait(&s->wake, &s->lock, &ts);
-      pthread_mutex_unlock(&s->lock);
+      /* Nothing can run now (readers behind, or memory held by sessions): sleep until the loop
+       * sends something, cancels, or drains events. Each of those sets kick under the lock, so
+       * none is missed between the step and this wait. */
+      while (!s->kick && !s->in_head && !s->stop)
+        pthread_cond_wait(&s->wake, &s->lock);
     }
+    s->kick = false;
+    pthread_mutex_unlock(&s->lock);
   }
   sched_publish(s);
   if (s->o.notify) s->o.notify(s->o.notify_ud);
@@ -634,8 +741,12 @@ int sched_new(struct engine *e, const struct sched_opts *opts, struct sched **re
     free(s);
     return KVD_ENOMEM;
   }
+  atomic_init(&s->out_blocked, false);
   sched_publish(s);
   if (pthread_create(&s->thread, NULL, sched_main, s) != 0) {
+    /* A constructor that fails takes nothing: the engine stays the caller's (sched_free would
+     * free it, and the caller frees it too). */
+    s->e = NULL;
     sched_free(s);
     return KVD_EAGAIN;
   }
@@ -655,7 +766,7 @@ void sched_free(struct sched *s) {
   } else {
     sched_take_inbox(s, s->in_head);
   }
-  engine_free(s->e);
+  if (s->e) engine_free(s->e);
   pthread_cond_destroy(&s->wake);
   pthread_mutex_destroy(&s->lock);
   free(s->events);

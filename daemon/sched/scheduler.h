@@ -24,6 +24,10 @@
 #include "sample.h"
 
 #define SCHED_MAX_TOP 20 /* most alternatives reported per token (IPC_MAX_LOGPROBS) */
+/* Event slots reserved per request at submission: a request with this many events not yet
+ * drained is left out of steps until the loop drains (backpressure on a slow reader), so the
+ * engine thread never allocates, sleeps or drops an event to emit one. */
+#define SCHED_EV_WINDOW 64
 
 enum sched_finish {
   SCHED_FINISH_STOP,      /* the model's end-of-generation token */
@@ -31,6 +35,8 @@ enum sched_finish {
   SCHED_FINISH_CANCELLED, /* sched_cancel(), a client gone, or a stop string (the loop knows) */
   SCHED_FINISH_ERROR,     /* see the event's error */
 };
+
+enum sched_state { SCHED_STATE_QUEUED, SCHED_STATE_PREFILL, SCHED_STATE_DECODE };
 
 /* A conversation's KV on the engine thread: its sequence persists between requests. */
 struct sched_session;
@@ -44,8 +50,19 @@ struct sched_req {
   struct sample_params sp;
   uint32_t max_tokens;
   uint32_t logprobs; /* alternatives per token to report, <= SCHED_MAX_TOP */
-  void *ud;          /* the loop's request */
+  /* Ids that end the generation (the vocabulary's end-of-generation set: eos, <|eot_id|>,
+   * <|im_end|>, <end_of_turn>...); not copied, must outlive the request. None: the request runs
+   * to max_tokens or the context. */
+  const int32_t *eog;
+  uint32_t n_eog;
+  void *ud; /* the loop's request */
   atomic_bool cancel;
+  struct sched *sched;     /* set by sched_submit, so sched_cancel can wake the engine thread */
+  _Atomic uint32_t ev_out; /* its events queued and not yet drained (<= SCHED_EV_WINDOW) */
+  /* Published by the engine thread for status (any thread may read them). */
+  _Atomic uint32_t pub_state;    /* enum sched_state */
+  _Atomic uint32_t pub_cached;   /* cached_tokens once admitted */
+  _Atomic uint64_t pub_queue_us; /* from sched_submit to admission */
 
   /* Engine-thread state (read by the loop only after DONE). */
   struct engine_seq *seq;
@@ -106,8 +123,11 @@ struct engine *sched_engine(struct sched *s); /* for read-only facts (hparams) *
 /* A request: tokens are copied. The loop keeps ownership; see the header comment. */
 int sched_req_new(const int32_t *tokens, uint32_t n_tokens, struct sched_req **ret);
 void sched_req_free(struct sched_req *r); /* only when not submitted, or after its DONE */
-void sched_submit(struct sched *s, struct sched_req *r);
-/* Asks a submitted request to end (DONE with SCHED_FINISH_CANCELLED follows). Any thread. */
+/* Hands r to the engine thread after reserving its event slots; KVD_ENOMEM (and r stays the
+ * caller's, never submitted) when they cannot be reserved. */
+int sched_submit(struct sched *s, struct sched_req *r);
+/* Asks a submitted request to end (DONE with SCHED_FINISH_CANCELLED follows) and wakes the engine
+ * thread. Any thread; only between sched_submit and the request's DONE. */
 void sched_cancel(struct sched_req *r);
 
 /* Pops up to cap events in order; returns how many. Loop thread. */

@@ -387,6 +387,9 @@ static void mark_eog(struct tok *t) {
     t->flags[id] |= TOK__F_EOG;
     if (t->eot < 0 && i < n_eot_names) t->eot = id;
   }
+  t->n_eog = 0;
+  for (uint32_t id = 0; id < t->n_vocab && t->n_eog < TOK_MAX_EOG; id++)
+    if (t->flags[id] & TOK__F_EOG) t->eog[t->n_eog++] = (int32_t)id;
 }
 
 int tok_new(const struct gguf_file *f, struct tok **ret, char *err, size_t errlen) {
@@ -516,6 +519,11 @@ bool tok_add_bos(const struct tok *t) {
 }
 bool tok_add_eos(const struct tok *t) {
   return t->add_eos && t->eos >= 0;
+}
+
+uint32_t tok_eog_ids(const struct tok *t, const int32_t **ret) {
+  *ret = t->eog;
+  return t->n_eog;
 }
 
 bool tok_is_eog(const struct tok *t, int32_t id) {

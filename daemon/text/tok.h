@@ -82,6 +82,10 @@ bool tok_add_eos(const struct tok *t);
 /* True for EOS, EOT and other end-of-generation control tokens (<|eot_id|>, <|im_end|>,
  * <end_of_turn>, <|endoftext|>, <|eom_id|>): the scheduler stops a sequence on these. */
 bool tok_is_eog(const struct tok *t, int32_t id);
+/* The whole end-of-generation set, for a request to carry (at most TOK_MAX_EOG ids, ascending;
+ * lives as long as t). Returns how many. */
+#define TOK_MAX_EOG 16
+uint32_t tok_eog_ids(const struct tok *t, const int32_t **ret);
 /* The token's type, or TOK_TYPE_UNDEFINED for an id out of range. */
 enum tok_type tok_token_type(const struct tok *t, int32_t id);
 /* The token's vocabulary text (SPM keeps ▁, BPE keeps the mapped code points): NUL-terminated,

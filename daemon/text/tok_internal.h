@@ -44,6 +44,8 @@ struct tok {
   uint32_t hash_mask;
 
   int32_t bos, eos, eot, unk, pad;
+  int32_t eog[TOK_MAX_EOG]; /* every id flagged TOK__F_EOG, ascending */
+  uint32_t n_eog;
   bool add_bos, add_eos;
   bool add_space_prefix; /* SPM: prepend ▁ to the text (and drop it again on decode) */
 

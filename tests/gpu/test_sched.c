@@ -5,7 +5,9 @@
 #include "gpu_fixture.h"
 #include "kvd_error.h"
 #include "scheduler.h"
+#include "synth.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +25,7 @@ static void on_notify(void *ud) {
 }
 
 struct out {
-  int32_t ids[256];
+  int32_t ids[2048];
   uint32_t n;
   bool done;
   enum sched_finish finish;
@@ -50,7 +52,7 @@ static void run_until_done(struct sched *s, struct sched_req **reqs, struct out 
           outs[j].done = true;
           outs[j].finish = ev[i].finish;
           left--;
-        } else if (outs[j].n < 256) {
+        } else if (outs[j].n < 2048) {
           outs[j].ids[outs[j].n++] = ev[i].token;
         }
       }
@@ -68,6 +70,27 @@ static struct sched *new_sched(struct gguf_file **f, uint32_t n_blocks, uint32_t
   struct sched *s;
   if (sched_new(e, &(struct sched_opts){.step_tokens = step_tokens, .notify = on_notify}, &s) < 0)
     return NULL;
+  return s;
+}
+
+/* A scheduler over a synthetic model with a short context (the real tiny model's 2048 makes
+ * run-to-the-context tests slow on a CPU device). *data is the file, freed after gguf_close. */
+static struct sched *new_sched_ctx(uint32_t ctx, uint32_t n_blocks, struct gguf_file **f,
+                                   void **data) {
+  struct synth_params sp;
+  synth_params_default(&sp);
+  sp.ctx = ctx;
+  size_t size;
+  struct gguf_error gerr;
+  *f = NULL;
+  if (synth_write_mem(&sp, data, &size) < 0) return NULL;
+  if (gguf_open_memory(*data, size, f, &gerr) < 0) return NULL;
+  struct engine *e;
+  struct model_error err;
+  if (engine_new(fixture_device(), *f, &(struct engine_opts){.n_blocks = n_blocks}, &e, &err) < 0)
+    return NULL;
+  struct sched *s;
+  if (sched_new(e, &(struct sched_opts){.notify = on_notify}, &s) < 0) return NULL;
   return s;
 }
 
@@ -414,5 +437,270 @@ KT_TEST(randomised_schedule_stress_equals_solo) {
   sched_free(solo_s);
   gguf_close(f);
   gguf_close(fs);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Defect: max_tokens near 2^32 wrapped the history size in sched_admit (n_tokens + 1 + max_tokens
+ * in 32 bits): a buffer smaller than the prompt (heap overflow) or, with 2^32-1 exactly, one that
+ * holds only the prompt, so preempted requests resumed from a truncated history. Any max_tokens
+ * past the context must behave as 0 (run to the context), also under preemption. */
+KT_TEST(max_tokens_near_2_32_runs_to_the_context_like_0) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = NULL, *ft = NULL;
+  void *d = NULL, *dt = NULL;
+  const uint32_t n_ctx = 160, bs = KV_BLOCK_SIZE_DEFAULT;
+  struct sched *big = new_sched_ctx(n_ctx, 256, &f, &d);
+  KT_ASSERT(big);
+  enum { N = 3 };
+  static int32_t prompts[N][256];
+  uint32_t plen[N];
+  for (int i = 0; i < N; i++) {
+    plen[i] = kt_rand_range(n_ctx / 2 - 16, n_ctx / 2);
+    prompts[i][0] = 1;
+    for (uint32_t j = 1; j < plen[i]; j++)
+      prompts[i][j] = (int32_t)kt_rand_range(3, 511);
+  }
+  static struct out ref[N], got[N];
+  memset(ref, 0, sizeof ref);
+  struct sched_req *reqs[N];
+  for (int i = 0; i < N; i++) {
+    reqs[i] = greedy_req(prompts[i], plen[i], 0);
+    sched_submit(big, reqs[i]);
+    run_until_done(big, &reqs[i], &ref[i], 1);
+    sched_req_free(reqs[i]);
+    KT_CHECK_EQ(ref[i].finish, SCHED_FINISH_LENGTH);
+    KT_CHECK(ref[i].n > 0);
+  }
+  const uint32_t huge[] = {4294967295u, 4294967290u, 4294967295u - plen[2]};
+  for (int h = 0; h < 3; h++) { /* each value on one prompt */
+    memset(got, 0, sizeof got);
+    for (int i = h; i == h; i++) {
+      reqs[i] = greedy_req(prompts[i], plen[i], huge[h]);
+      sched_submit(big, reqs[i]);
+      run_until_done(big, &reqs[i], &got[i], 1);
+      KT_CHECK_EQ(got[i].finish, SCHED_FINISH_LENGTH);
+      KT_CHECK_EQ(got[i].n, ref[i].n);
+      KT_CHECK_MSG(memcmp(got[i].ids, ref[i].ids, ref[i].n * 4) == 0, "max_tokens %u, request %d",
+                   huge[h], i);
+      sched_req_free(reqs[i]);
+    }
+  }
+  /* All three at once on a pool that holds one and a half of them: they are preempted and
+   * resumed from their history, which must hold every token. */
+  struct sched *tight = new_sched_ctx(n_ctx, n_ctx * 3 / 2 / bs, &ft, &dt);
+  KT_ASSERT(tight);
+  memset(got, 0, sizeof got);
+  for (int i = 0; i < N; i++) {
+    reqs[i] = greedy_req(prompts[i], plen[i], 4294967295u);
+    sched_submit(tight, reqs[i]);
+  }
+  run_until_done(tight, reqs, got, N);
+  struct sched_stats st;
+  sched_get_stats(tight, &st);
+  KT_CHECK(st.preemptions > 0);
+  for (int i = 0; i < N; i++) {
+    KT_CHECK_EQ(got[i].finish, SCHED_FINISH_LENGTH);
+    KT_CHECK_EQ(got[i].n, ref[i].n);
+    KT_CHECK_MSG(memcmp(got[i].ids, ref[i].ids, ref[i].n * 4) == 0, "preempted request %d", i);
+    sched_req_free(reqs[i]);
+  }
+  sched_free(tight);
+  sched_free(big);
+  gguf_close(ft);
+  gguf_close(f);
+  free(dt);
+  free(d);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Defect: once a prompt's prefix was cached, its cached tokens were counted twice against the
+ * context and the pool, so a prompt over half the context worked cold and failed warm. */
+KT_TEST(a_prompt_over_half_the_context_works_warm_as_cold) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = NULL;
+  void *d = NULL;
+  const uint32_t n_ctx = 256;
+  struct sched *s = new_sched_ctx(n_ctx, 64, &f, &d);
+  KT_ASSERT(s);
+  static int32_t prompt[256];
+  const uint32_t n = n_ctx / 2 + 1 + kt_rand_range(0, 40);
+  prompt[0] = 1;
+  for (uint32_t j = 1; j < n; j++)
+    prompt[j] = (int32_t)kt_rand_range(3, 511);
+  static struct out cold, warm;
+  memset(&cold, 0, sizeof cold);
+  memset(&warm, 0, sizeof warm);
+  struct sched_req *r = greedy_req(prompt, n, 6);
+  sched_submit(s, r);
+  run_until_done(s, &r, &cold, 1);
+  sched_req_free(r);
+  KT_CHECK_EQ(cold.finish, SCHED_FINISH_LENGTH);
+  r = greedy_req(prompt, n, 6);
+  sched_submit(s, r);
+  run_until_done(s, &r, &warm, 1);
+  KT_CHECK(r->cached_tokens >= n / 2); /* the prefix cache really supplied most of it */
+  KT_CHECK_EQ(warm.finish, SCHED_FINISH_LENGTH);
+  KT_CHECK_EQ(warm.n, cold.n);
+  KT_CHECK(memcmp(warm.ids, cold.ids, cold.n * 4) == 0);
+  sched_req_free(r);
+  sched_free(s);
+  gguf_close(f);
+  free(d);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Defect: with many clients on a small pool, some requests ended with KVD_E_KV_EXHAUSTED while
+ * waiting requests still held blocks. Rule: a request that fits the pool alone never fails for
+ * lack of KV; it waits or is preempted. 64 requests on a 63-block pool all finish with the text
+ * they get on a pool with room for all of them. */
+KT_TEST(sixty_four_requests_on_a_63_block_pool_all_finish) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = NULL, *fr = NULL;
+  struct sched *s = new_sched(&f, 63, 0);
+  if (!s && !f) KT_SKIP("stories260K.gguf not found");
+  struct sched *roomy = new_sched(&fr, 1024, 0);
+  KT_ASSERT(s && roomy);
+  enum { N = 64 };
+  static int32_t prompts[N][48];
+  uint32_t plen[N], gen[N];
+  int32_t common[32];
+  common[0] = 1;
+  for (int j = 1; j < 32; j++)
+    common[j] = (int32_t)kt_rand_range(3, 511);
+  for (int i = 0; i < N; i++) {
+    plen[i] = kt_rand_range(4, 48);
+    gen[i] = kt_rand_range(8, 64);
+    bool share = kt_rand_range(0, 2) == 0; /* some share a prefix (cached blocks in play) */
+    for (uint32_t j = 0; j < plen[i]; j++)
+      prompts[i][j] = share && j < 32 ? common[j] : (j == 0 ? 1 : (int32_t)kt_rand_range(3, 511));
+  }
+  static struct out ref[N], got[N];
+  memset(ref, 0, sizeof ref);
+  memset(got, 0, sizeof got);
+  struct sched_req *reqs[N];
+  for (int i = 0; i < N; i++) {
+    reqs[i] = greedy_req(prompts[i], plen[i], gen[i]);
+    sched_submit(roomy, reqs[i]);
+  }
+  run_until_done(roomy, reqs, ref, N);
+  for (int i = 0; i < N; i++) {
+    KT_CHECK_EQ(ref[i].finish, SCHED_FINISH_LENGTH);
+    sched_req_free(reqs[i]);
+    reqs[i] = greedy_req(prompts[i], plen[i], gen[i]);
+    sched_submit(s, reqs[i]);
+  }
+  run_until_done(s, reqs, got, N);
+  struct sched_stats st;
+  sched_get_stats(s, &st);
+  kt_log("63 blocks, 64 requests: %llu preemptions, %llu steps", (unsigned long long)st.preemptions,
+         (unsigned long long)st.steps);
+  int failed = 0;
+  for (int i = 0; i < N; i++) {
+    if (got[i].finish != SCHED_FINISH_LENGTH) failed++;
+    KT_CHECK_MSG(got[i].finish == SCHED_FINISH_LENGTH, "request %d ended %d", i, got[i].finish);
+    KT_CHECK_EQ(got[i].n, ref[i].n);
+    KT_CHECK_MSG(memcmp(got[i].ids, ref[i].ids, got[i].n * 4) == 0, "request %d differs", i);
+    sched_req_free(reqs[i]);
+  }
+  KT_CHECK_EQ(failed, 0);
+  KT_CHECK_EQ(st.kv.used, 0);
+  sched_free(roomy);
+  sched_free(s);
+  gguf_close(fr);
+  gguf_close(f);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* A request stops on any id of the end-of-generation set it carries (not only eos: chat models
+ * end turns with <|eot_id|>, <|im_end|>, <end_of_turn>), without emitting it; with no set it runs
+ * to max_tokens. */
+KT_TEST(request_stops_on_its_end_of_generation_set) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = NULL;
+  struct sched *s = new_sched(&f, 64, 0);
+  if (!s && !f) KT_SKIP("stories260K.gguf not found");
+  KT_ASSERT(s);
+  int32_t prompt[12];
+  prompt[0] = 1;
+  for (int j = 1; j < 12; j++)
+    prompt[j] = (int32_t)kt_rand_range(3, 511);
+  static struct out ref, got;
+  memset(&ref, 0, sizeof ref);
+  struct sched_req *r = greedy_req(prompt, 12, 16);
+  sched_submit(s, r);
+  run_until_done(s, &r, &ref, 1);
+  sched_req_free(r);
+  KT_ASSERT_EQ(ref.finish, SCHED_FINISH_LENGTH);
+  KT_ASSERT_EQ(ref.n, 16);
+  uint32_t at = kt_rand_range(2, 12);
+  uint32_t first = 0; /* where that id first appears */
+  while (ref.ids[first] != ref.ids[at])
+    first++;
+  int32_t eog[3] = {600000, ref.ids[at], -7}; /* ids never sampled around it */
+  memset(&got, 0, sizeof got);
+  r = greedy_req(prompt, 12, 16);
+  r->eog = eog;
+  r->n_eog = 3;
+  sched_submit(s, r);
+  run_until_done(s, &r, &got, 1);
+  KT_CHECK_EQ(got.finish, SCHED_FINISH_STOP);
+  KT_CHECK_EQ(got.n, first);
+  KT_CHECK(memcmp(got.ids, ref.ids, first * 4) == 0);
+  sched_req_free(r);
+  sched_free(s);
+  gguf_close(f);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* The top-k log-probs (a heap over the vocabulary) come out best first, ties to the lower id,
+ * the first is the greedy token's own, and they are a part of one distribution. */
+KT_TEST(logprobs_top_k_are_the_k_best_in_order) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = NULL;
+  struct sched *s = new_sched(&f, 64, 0);
+  if (!s && !f) KT_SKIP("stories260K.gguf not found");
+  KT_ASSERT(s);
+  int32_t prompt[8] = {1, 300, 301, 302, 303, 304, 305, 306};
+  struct sched_req *r = greedy_req(prompt, 8, 6);
+  r->logprobs = SCHED_MAX_TOP;
+  sched_submit(s, r);
+  int left = 1, events = 0;
+  while (left) {
+    pthread_mutex_lock(&mu);
+    while (!notified)
+      pthread_cond_wait(&cv, &mu);
+    notified = 0;
+    pthread_mutex_unlock(&mu);
+    struct sched_event ev[16];
+    uint32_t k;
+    while ((k = sched_drain(s, ev, 16)) > 0)
+      for (uint32_t i = 0; i < k; i++) {
+        if (ev[i].done) {
+          left = 0;
+          continue;
+        }
+        events++;
+        KT_CHECK_EQ(ev[i].n_top, SCHED_MAX_TOP);
+        KT_CHECK_EQ(ev[i].top_id[0], ev[i].token); /* greedy: the best is the one taken */
+        KT_CHECK(fabsf(ev[i].top_logprob[0] - ev[i].logprob) < 1e-6f);
+        for (uint32_t j = 1; j < ev[i].n_top; j++)
+          KT_CHECK(ev[i].top_logprob[j] < ev[i].top_logprob[j - 1] ||
+                   (ev[i].top_logprob[j] == ev[i].top_logprob[j - 1] &&
+                    ev[i].top_id[j] > ev[i].top_id[j - 1]));
+        float sum = 0;
+        for (uint32_t j = 0; j < ev[i].n_top; j++)
+          sum += expf(ev[i].top_logprob[j]);
+        KT_CHECK(sum <= 1.0001f && sum > 0.0f);
+      }
+  }
+  KT_CHECK_EQ(events, 6);
+  sched_req_free(r);
+  sched_free(s);
+  gguf_close(f);
   FIXTURE_CHECK_VALIDATION();
 }
