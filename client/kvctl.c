@@ -318,8 +318,15 @@ static int cmd_models(struct kvd_client *c, const struct kvctl_opts *o) {
 }
 
 static int cmd_load(struct kvd_client *c, const struct kvctl_opts *o, const char *path) {
-  /* kvd wants an absolute path; it runs on this machine, so resolve ours. */
-  char *abs = realpath(path, NULL);
+  /* kvd wants an absolute path; it runs on this machine, so make ours absolute. Not realpath():
+   * a symlink's own name is the model's default name (second.gguf -> "second"), as the user
+   * typed it. */
+  char *abs = NULL;
+  if (path[0] != '/') {
+    char cwd[4096];
+    size_t n = getcwd(cwd, sizeof cwd) ? strlen(cwd) + strlen(path) + 2 : 0;
+    if (n && (abs = malloc(n))) snprintf(abs, n, "%s/%s", cwd, path);
+  }
   struct kvd_model_info *m;
   int rc = kvd_models_load(c, abs ? abs : path, o->name, &m);
   free(abs);

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 enum opt_type { OPT_BOOL, OPT_STR, OPT_INT };
 
@@ -195,11 +196,22 @@ int config_load(struct kvd_config *cfg, int argc, char **argv) {
   if (rc == 0 && !cfg->socket) {
     const char *run = getenv("XDG_RUNTIME_DIR");
     char path[1024];
-    if (cfg->system || !run || !*run)
+    if (cfg->system || ((!run || !*run) && geteuid() == 0)) {
       snprintf(path, sizeof path, "/run/kvd/kvd.sock");
-    else
+      rc = opt_set(cfg, opt_find("socket", 6), path, "default");
+    } else if ((!run || !*run) && !cfg->help && !cfg->version && !cfg->list_devices &&
+               !cfg->model_info) {
+      /* A user's kvd must not quietly take the system path (it cannot create /run/kvd, or it
+       * would serve there as if it were the service). */
+      fprintf(stderr, "kvd: XDG_RUNTIME_DIR is not set, so there is no per-user socket folder: "
+                      "give --socket PATH, or --system for /run/kvd/kvd.sock\n");
+      rc = KVD_EINVAL;
+    } else if (!run || !*run) {
+      rc = 0; /* a mode that serves nothing needs no socket */
+    } else {
       snprintf(path, sizeof path, "%s/kvd/kvd.sock", run);
-    rc = opt_set(cfg, opt_find("socket", 6), path, "default");
+      rc = opt_set(cfg, opt_find("socket", 6), path, "default");
+    }
   }
   if (rc == 0 && (cfg->max_clients < 1 || cfg->step_tokens < 1 || cfg->max_seqs < 1 ||
                   cfg->block_size < 1 || cfg->block_size > 4096)) {

@@ -325,6 +325,38 @@ not_str:
   return KVD_EINVAL;
 }
 
+/* Whether p[0..n) is well-formed UTF-8 (RFC 3629: shortest forms, no surrogates, <= U+10FFFF). */
+static bool utf8_valid(const char *s, size_t n) {
+  const unsigned char *p = (const unsigned char *)s;
+  for (size_t i = 0; i < n;) {
+    unsigned c = p[i];
+    size_t len = c < 0x80             ? 1
+                 : (c & 0xe0) == 0xc0 ? 2
+                 : (c & 0xf0) == 0xe0 ? 3
+                 : (c & 0xf8) == 0xf0 ? 4
+                                      : 0;
+    if (!len || i + len > n) return false;
+    uint32_t cp = len == 1 ? c : c & (0x7fu >> len);
+    for (size_t k = 1; k < len; k++) {
+      if ((p[i + k] & 0xc0) != 0x80) return false;
+      cp = cp << 6 | (p[i + k] & 0x3fu);
+    }
+    static const uint32_t min[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < min[len] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
+    i += len;
+  }
+  return true;
+}
+
+static bool notification_well_formed(const msgpack_object *method, const msgpack_object *params) {
+  bool name = (method->type == MSGPACK_OBJECT_STR && method->via.str.size <= IPC_MAX_METHOD_LEN) ||
+              (method->type == MSGPACK_OBJECT_BIN && method->via.bin.size <= IPC_MAX_METHOD_LEN &&
+               utf8_valid(method->via.bin.ptr, method->via.bin.size));
+  return name && params->type == MSGPACK_OBJECT_ARRAY &&
+         (params->via.array.size == 0 ||
+          (params->via.array.size == 1 && params->via.array.ptr[0].type == MSGPACK_OBJECT_MAP));
+}
+
 /* Checks the msgpack-rpc shape of root and fills m; a negative code with err->message if wrong. */
 static int shape(struct ipc_msg *m, const msgpack_object *root, struct ipc_dec_err *err) {
   const msgpack_object *a = root->via.array.ptr;
@@ -348,26 +380,55 @@ static int shape(struct ipc_msg *m, const msgpack_object *root, struct ipc_dec_e
     if (n != 3) return BAD(KVD_EPROTO, "a notification is [2, method, params]: got %u elements", n);
     break;
   }
-  if (m->type != IPC_NOTIFICATION) {
-    if (a[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a[1].via.u64 > UINT32_MAX)
-      return BAD(KVD_EPROTO, "msgid must be an unsigned 32-bit integer");
-    m->id = (uint32_t)a[1].via.u64;
-  }
   if (m->type == IPC_RESPONSE) {
-    if (a[2].type != MSGPACK_OBJECT_NIL && a[2].type != MSGPACK_OBJECT_MAP)
-      return BAD(KVD_EPROTO, "a response's error must be nil or a map {code, message}");
+    /* kvd sends no requests, so a response is never awaited: whatever its msgid and error slot
+     * hold, it is passed up to be ignored, not a reason to hang up (clients such as pynvim's
+     * session answer what they think were requests). */
+    m->id = a[1].type == MSGPACK_OBJECT_POSITIVE_INTEGER && a[1].via.u64 <= UINT32_MAX
+                ? (uint32_t)a[1].via.u64
+                : 0;
     m->error = a[2].type == MSGPACK_OBJECT_NIL ? NULL : &a[2];
     m->result = &a[3];
     m->method_id = IPC_M_UNKNOWN;
     return 0;
   }
+  if (m->type != IPC_NOTIFICATION) {
+    if (a[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a[1].via.u64 > UINT32_MAX)
+      return BAD(KVD_EPROTO, "msgid must be an unsigned 32-bit integer");
+    m->id = (uint32_t)a[1].via.u64;
+  }
   method = &a[m->type == IPC_REQUEST ? 2 : 1];
   params = &a[m->type == IPC_REQUEST ? 3 : 2];
-  if (method->type != MSGPACK_OBJECT_STR) return BAD(KVD_EPROTO, "method must be a string");
-  if (method->via.str.size > IPC_MAX_METHOD_LEN)
+  if (m->type == IPC_NOTIFICATION && !notification_well_formed(method, params)) {
+    /* Clients have nothing to notify in protocol 1 and kvd ignores what they send, so a
+     * notification of the right length passes whatever it holds: pynvim's session announces
+     * itself with [2, "nvim_set_client_info", [5 positional args]], and hanging up on that
+     * would refuse the client before its first request. It comes up as an unknown method. */
+    m->method_id = IPC_M_UNKNOWN;
+    m->method = NULL;
+    m->method_len = 0;
+    m->params = NULL;
+    return 0;
+  }
+  /* A method name may come as bin when it is valid UTF-8: msgpack libraries that predate the
+   * str/bin split (pynvim's, among others) send names that way, and neovim accepts them. */
+  const char *name;
+  uint32_t name_len;
+  if (method->type == MSGPACK_OBJECT_STR) {
+    name = method->via.str.ptr;
+    name_len = method->via.str.size;
+  } else if (method->type == MSGPACK_OBJECT_BIN) {
+    name = method->via.bin.ptr;
+    name_len = method->via.bin.size;
+  } else {
+    return BAD(KVD_EPROTO, "method must be a string");
+  }
+  if (name_len > IPC_MAX_METHOD_LEN)
     return BAD(KVD_E2BIG, "method name over %d bytes", IPC_MAX_METHOD_LEN);
-  m->method = method->via.str.ptr;
-  m->method_len = method->via.str.size;
+  if (method->type == MSGPACK_OBJECT_BIN && !utf8_valid(name, name_len))
+    return BAD(KVD_EPROTO, "method must be a string (a bin method name must be UTF-8)");
+  m->method = name;
+  m->method_len = name_len;
   m->method_id = ipc_method_lookup(m->method, m->method_len);
   /* A request for a notification's name (or the reverse) is no method at all: the dispatcher
    * then needs no second check. */

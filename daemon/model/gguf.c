@@ -421,12 +421,12 @@ static int gguf__parse_header(struct gguf__cur *c, struct gguf_file *f) {
                       (unsigned long long)c->size);
   uint32_t magic = (uint32_t)gguf__le(c->base, 4);
   if (magic != GGUF_MAGIC_LE) {
-    char q[8];
-    gguf__quote(q, sizeof q, (const char *)c->base, 4);
+    /* Not a GGUF file: nothing of it goes into the message (the daemon may have been asked to
+     * open a file its client cannot read, and errors travel back to that client). */
     if (memcmp(c->base, "lmgg", 4) == 0 || memcmp(c->base, "fmgg", 4) == 0 ||
         memcmp(c->base, "tjgg", 4) == 0)
-      return gguf__fail(c, 0, "legacy GGML/GGMF/GGJT file (magic '%s'): convert it to GGUF", q);
-    return gguf__fail(c, 0, "bad magic '%s' (0x%08x), not a GGUF file", q, magic);
+      return gguf__fail(c, 0, "legacy GGML/GGMF/GGJT file: convert it to GGUF");
+    return gguf__fail(c, 0, "bad magic, not a GGUF file");
   }
   c->pos = 4;
   uint32_t version;
@@ -762,7 +762,9 @@ int gguf_open(const char *path, struct gguf_file **ret, struct gguf_error *err) 
     snprintf(err->msg, sizeof err->msg, "invalid arguments");
     return KVD_EINVAL;
   }
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  /* O_NONBLOCK: opening a FIFO or a device must not wait for a writer (it would hold a loader
+   * thread forever); anything but a regular file is refused right after. */
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (fd < 0) {
     int e = errno;
     snprintf(err->msg, sizeof err->msg, "cannot open: %s", strerror(e));

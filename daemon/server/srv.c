@@ -29,6 +29,13 @@ static void srv_on_signal(uv_signal_t *h, int signum) {
   srv_drain(s);
 }
 
+static void srv_on_hup(uv_signal_t *h, int signum) {
+  (void)h;
+  (void)signum;
+  log_info("SIGHUP: ignored (kvd reads its configuration once, at start: restart it to apply "
+           "a change)");
+}
+
 int srv_init(struct srv *s, uv_loop_t *loop, const struct kvd_config *cfg) {
   memset(s, 0, sizeof *s);
   s->loop = loop;
@@ -62,12 +69,16 @@ int srv_init(struct srv *s, uv_loop_t *loop, const struct kvd_config *cfg) {
   }
   uv_signal_init(loop, &s->sig_term);
   uv_signal_init(loop, &s->sig_int);
+  uv_signal_init(loop, &s->sig_hup);
   s->signals = true;
   rc = srv_listen(s);
   if (rc < 0) return rc;
-  s->sig_term.data = s->sig_int.data = s;
+  s->sig_term.data = s->sig_int.data = s->sig_hup.data = s;
   uv_signal_start(&s->sig_term, srv_on_signal, SIGTERM);
   uv_signal_start(&s->sig_int, srv_on_signal, SIGINT);
+  /* SIGHUP (a closed terminal, `systemctl reload`, a habit) must not kill the daemon and leave
+   * its socket behind: it is logged and otherwise ignored. */
+  uv_signal_start(&s->sig_hup, srv_on_hup, SIGHUP);
   /* A client that vanishes mid-write must not kill the daemon. */
   signal(SIGPIPE, SIG_IGN);
   char status[160];
@@ -108,6 +119,7 @@ void srv_maybe_finish(struct srv *s) {
   if (s->signals) {
     uv_close((uv_handle_t *)&s->sig_term, NULL);
     uv_close((uv_handle_t *)&s->sig_int, NULL);
+    uv_close((uv_handle_t *)&s->sig_hup, NULL);
     s->signals = false;
   }
   if (s->models) srv_models_free(s);
@@ -115,8 +127,7 @@ void srv_maybe_finish(struct srv *s) {
 
 void srv_abort(struct srv *s) {
   s->draining = true;
-  if (s->own_socket) unlink(s->cfg->socket);
-  s->own_socket = false;
+  srv_listen_unlink(s);
   srv_maybe_finish(s);
 }
 
@@ -127,7 +138,7 @@ void srv_drain(struct srv *s) {
   if (s->listening) {
     uv_close((uv_handle_t *)&s->listener, NULL);
     s->listening = false;
-    if (s->own_socket) unlink(s->cfg->socket);
+    srv_listen_unlink(s);
   }
   srv_maybe_finish(s);
 }

@@ -12,6 +12,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <uv.h>
 
 #include "chat.h"
@@ -85,7 +86,9 @@ struct srv {
   uv_pipe_t listener;
   bool listening;
   bool own_socket; /* we bound the path (not socket activation): unlink it when done */
-  uv_signal_t sig_term, sig_int;
+  dev_t sock_dev;  /* ... if it is still that socket */
+  ino_t sock_ino;
+  uv_signal_t sig_term, sig_int, sig_hup;
   bool signals; /* the signal handles are initialised */
   struct gpu_instance *inst;
   struct gpu_device *dev;
@@ -110,6 +113,7 @@ double srv_now(void);
 
 /* srv_listen.c */
 int srv_listen(struct srv *s);
+void srv_listen_unlink(struct srv *s); /* the socket we bound, if it is still the one there */
 
 /* srv_conn.c */
 void srv_conn_accept(struct srv *s);
@@ -135,6 +139,8 @@ void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, con
 /* srv_gen.c */
 void srv_gen_event(struct srv_model *model, const struct sched_event *ev);
 void srv_gen_cancel_id(struct srv_conn *c, uint32_t id, bool *ret_found);
+/* Requests waiting to start and started (prefill or decode), as status reports them. */
+void srv_gen_count(struct srv *s, uint32_t *ret_queued, uint32_t *ret_running);
 void srv_gen_write_status(struct srv *s, struct ipc_w *w, uint32_t *ret_queued,
                           uint32_t *ret_running);
 void srv_gen_cancel_session(struct srv_conn *c, struct srv_session *ss);

@@ -27,7 +27,8 @@ struct srv_gen {
   struct sched_req *req;
   bool stream;
   uint32_t logprobs;
-  char **stops;
+  char **stops; /* may hold NUL bytes: compared by length (stop_len), never as C strings */
+  size_t *stop_len;
   size_t n_stops, max_stop;
   struct tok_stream ts;
   char *piece; /* tok_stream_bound() bytes */
@@ -48,6 +49,7 @@ static void gen_free(struct srv_gen *g) {
   for (size_t i = 0; i < g->n_stops; i++)
     free(g->stops[i]);
   free(g->stops);
+  free(g->stop_len);
   free(g->piece);
   free(g->text);
   free(g->chunk_tok);
@@ -198,7 +200,9 @@ static bool gen_check_stops(struct srv_gen *g, size_t added) {
   from = from > g->max_stop ? from - g->max_stop : 0;
   size_t best = SIZE_MAX;
   for (size_t i = 0; i < g->n_stops; i++) {
-    const char *hit = strstr(g->text + from, g->stops[i]);
+    /* By length on both sides: a stop string or generated text with a NUL byte (a <0x00> token)
+     * must neither match at once nor hide what follows it. */
+    const char *hit = memmem(g->text + from, g->len - from, g->stops[i], g->stop_len[i]);
     if (hit && (size_t)(hit - g->text) < best) best = (size_t)(hit - g->text);
   }
   if (best == SIZE_MAX) return false;
@@ -502,12 +506,14 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
   }
   free(ids);
   g->stops = gp.n_stops ? calloc(gp.n_stops, sizeof *g->stops) : NULL;
-  for (size_t i = 0; i < gp.n_stops && g->stops; i++) {
+  g->stop_len = gp.n_stops ? calloc(gp.n_stops, sizeof *g->stop_len) : NULL;
+  for (size_t i = 0; i < gp.n_stops && g->stops && g->stop_len; i++) {
     size_t len = gp.stops[i].via.str.size;
     g->stops[i] = malloc(len + 1);
     if (!g->stops[i]) break;
     memcpy(g->stops[i], gp.stops[i].via.str.ptr, len);
     g->stops[i][len] = '\0';
+    g->stop_len[i] = len;
     g->n_stops = i + 1;
     if (len > g->max_stop) g->max_stop = len;
   }
@@ -528,8 +534,14 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
   g->req->sp = gp.sp;
   g->req->max_tokens = gp.max_tokens ? gp.max_tokens : hp->n_ctx_train;
   g->req->logprobs = gp.logprobs;
+  g->req->n_eog = tok_eog_ids(m->tok, &g->req->eog); /* the model's tokenizer outlives g */
   g->req->session = sess ? sess->ss : NULL;
   g->req->ud = g;
+  if (sched_submit(m->sched, g->req) < 0) { /* the session is as it was */
+    gen_free(g);
+    srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
+    return;
+  }
   if (sess) {
     sess->busy = true;
     sess->started = true;
@@ -537,31 +549,54 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
   g->next = c->gens;
   c->gens = g;
   m->n_active++;
-  sched_submit(m->sched, g->req);
 }
 
 /* The requests array of `status`: what the loop knows, without reading engine-thread state. */
+void srv_gen_count(struct srv *s, uint32_t *ret_queued, uint32_t *ret_running) {
+  uint32_t n = 0, queued = 0;
+  for (struct srv_conn *c = s->conns; c; c = c->next)
+    for (struct srv_gen *g = c->gens; g; g = g->next) {
+      n++;
+      queued += g->n_seen == 0 && atomic_load(&g->req->pub_state) == SCHED_STATE_QUEUED;
+    }
+  *ret_queued = queued;
+  *ret_running = n - queued;
+}
+
 void srv_gen_write_status(struct srv *s, struct ipc_w *w, uint32_t *ret_queued,
                           uint32_t *ret_running) {
   uint32_t n = 0, queued = 0;
   for (struct srv_conn *c = s->conns; c; c = c->next)
     for (struct srv_gen *g = c->gens; g; g = g->next) {
       n++;
-      queued += g->n_seen == 0;
+      queued += g->n_seen == 0 && atomic_load(&g->req->pub_state) == SCHED_STATE_QUEUED;
     }
   ipc_w_array(w, n);
   double now = srv_now();
   for (struct srv_conn *c = s->conns; c; c = c->next)
     for (struct srv_gen *g = c->gens; g; g = g->next) {
+      /* What the engine thread published (atomics), and what the loop saw itself. */
+      uint32_t st = atomic_load(&g->req->pub_state);
+      if (g->n_seen) st = SCHED_STATE_DECODE;
+      static const char *const states[] = {"queued", "prefill", "decode"};
+      double queue_ms = st == SCHED_STATE_QUEUED
+                            ? (now - g->t_recv) * 1e3
+                            : (double)atomic_load(&g->req->pub_queue_us) * 1e-3;
+      double t_start = g->t_recv + queue_ms * 1e-3;
       ipc_w_map_open(w);
       ipc_w_kv_u64(w, "id", g->id);
+      ipc_w_kv_u64(w, "connection", c->serial); /* ids are per connection */
+      if (c->client[0]) ipc_w_kv_cstr(w, "client", c->client);
       ipc_w_kv_cstr(w, "model", g->m->name);
-      ipc_w_kv_cstr(w, "state", g->n_seen ? "decode" : "prefill");
+      ipc_w_kv_cstr(w, "state", states[st]);
       ipc_w_kv_u64(w, "prompt_tokens", g->prompt_tokens);
       ipc_w_kv_u64(w, "completion_tokens", g->n_seen);
+      ipc_w_kv_u64(w, "cached_tokens", atomic_load(&g->req->pub_cached));
+      ipc_w_kv_f64(w, "queue_ms", queue_ms);
       double dec = g->n_seen ? now - g->t_first_seen : 0;
+      double pre_end = g->n_seen ? g->t_first_seen : now;
       ipc_w_kv_f64(w, "prefill_ms",
-                   g->n_seen ? (g->t_first_seen - g->t_recv) * 1e3 : (now - g->t_recv) * 1e3);
+                   st == SCHED_STATE_QUEUED || pre_end < t_start ? 0 : (pre_end - t_start) * 1e3);
       ipc_w_kv_f64(w, "decode_ms", dec * 1e3);
       ipc_w_kv_f64(w, "tokens_per_s", dec > 0 ? (g->n_seen - 1) / dec : 0);
       ipc_w_close(w);

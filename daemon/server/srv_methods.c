@@ -1,12 +1,15 @@
-/* The method handlers hello, status, models.list, cancel, tokenize, detokenize, and the dispatch. */
+/* The method handlers hello, status, models.list, cancel, tokenize, detokenize, and the dispatch.
+ */
 #include "srv.h"
 
 #include "kvd_config.h"
 #include "kvd_error.h"
 #include "log.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 void srv_h_hello(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
@@ -44,7 +47,18 @@ void srv_h_hello(struct srv_conn *c, const struct ipc_msg *msg) {
   srv_reply_done(c, msg->id);
 }
 
-static void write_model(struct ipc_w *w, const struct srv_model *m) {
+/* The process's resident memory (weights being read, staging, every buffer): what a user sees
+ * in top. 0 where /proc is not there. */
+static uint64_t host_resident_bytes(void) {
+  FILE *f = fopen("/proc/self/statm", "re");
+  unsigned long long size = 0, resident = 0;
+  int n = f ? fscanf(f, "%llu %llu", &size, &resident) : 0;
+  if (f) fclose(f);
+  long page = sysconf(_SC_PAGESIZE);
+  return n == 2 && page > 0 ? (uint64_t)resident * (uint64_t)page : 0;
+}
+
+static void write_model(struct ipc_w *w, const struct srv_model *m, bool is_default) {
   const struct model_hparams *hp = engine_hparams(sched_engine(m->sched));
   struct sched_stats st;
   sched_get_stats(m->sched, &st);
@@ -71,6 +85,7 @@ static void write_model(struct ipc_w *w, const struct srv_model *m) {
   ipc_w_kv_u64(w, "batch_tokens_max", st.batch_tokens_max);
   ipc_w_kv_u64(w, "preemptions", st.preemptions);
   ipc_w_kv_f64(w, "last_step_ms", st.last_step_ms);
+  ipc_w_kv_bool(w, "default", is_default);
   ipc_w_close(w);
 }
 
@@ -106,8 +121,8 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_kv_u64(w, "memory_used", ms.reserved);
   ipc_w_close(w);
   /* KV: summed over the loaded models' pools. */
-  uint64_t bt = 0, total = 0, used = 0, free_ = 0, hw = 0, fails = 0, kv_bytes = 0, waiting = 0,
-           running = 0, cached = 0, lookups = 0, hits = 0, evictions = 0, preemptions = 0;
+  uint64_t bt = 0, total = 0, used = 0, free_ = 0, hw = 0, fails = 0, kv_bytes = 0, cached = 0,
+           lookups = 0, hits = 0, evictions = 0, preemptions = 0;
   for (struct srv_model *m = s->models; m; m = m->next) {
     struct sched_stats st;
     sched_get_stats(m->sched, &st);
@@ -122,13 +137,12 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
     hits += st.kv.hits;
     evictions += st.kv.evictions;
     preemptions += st.preemptions;
-    waiting += st.waiting;
-    running += st.running;
     kv_bytes += (uint64_t)st.kv.total * st.kv.block_size *
                 engine_kv_bytes_per_token(sched_engine(m->sched));
   }
   ipc_w_key(w, "memory");
   ipc_w_map_open(w);
+  ipc_w_kv_u64(w, "host", host_resident_bytes());
   ipc_w_kv_u64(w, "device", ms.reserved);
   ipc_w_kv_u64(w, "kv", kv_bytes);
   ipc_w_kv_u64(w, "weights", ms.allocated > kv_bytes ? ms.allocated - kv_bytes : 0);
@@ -148,12 +162,15 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_kv_u64(w, "high_water", hw);
   ipc_w_kv_u64(w, "alloc_failures", fails);
   ipc_w_close(w);
-  ipc_w_kv_u64(w, "queue_depth", waiting);
-  ipc_w_kv_u64(w, "running", running);
+  /* From the same snapshot as the requests array (the engine's own counters lag it). */
+  uint32_t n_queued, n_started;
+  srv_gen_count(s, &n_queued, &n_started);
+  ipc_w_kv_u64(w, "queue_depth", n_queued);
+  ipc_w_kv_u64(w, "running", n_started);
   ipc_w_key(w, "models");
   ipc_w_array(w, count_models(s));
   for (struct srv_model *m = s->models; m; m = m->next)
-    write_model(w, m);
+    write_model(w, m, m == s->models);
   uint32_t q, r;
   ipc_w_key(w, "requests");
   srv_gen_write_status(s, w, &q, &r);
@@ -182,7 +199,7 @@ void srv_h_models_list(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_key(&c->w, "models");
   ipc_w_array(&c->w, count_models(c->srv));
   for (struct srv_model *m = c->srv->models; m; m = m->next)
-    write_model(&c->w, m);
+    write_model(&c->w, m, m == c->srv->models);
   ipc_w_end(&c->w);
   srv_reply_done(c, msg->id);
 }
@@ -277,11 +294,26 @@ void srv_h_detokenize(struct srv_conn *c, const struct ipc_msg *msg) {
     }
     ids[i] = (int32_t)items[i].via.u64;
   }
-  int len = tok_decode(m->tok, ids, n, 0, NULL, 0);
-  char *text = len > 0 ? malloc((size_t)len) : NULL;
-  if (len > 0 && text) len = tok_decode(m->tok, ids, n, 0, text, (size_t)len);
+  /* The text goes out as a msgpack str, which must be UTF-8: ids can spell any bytes (byte
+   * tokens, half a character), so they go through the streaming detokenizer, which turns what
+   * is not UTF-8 into U+FFFD. Each raw byte becomes at most 3 bytes of output. */
+  int raw = tok_decode(m->tok, ids, n, 0, NULL, 0);
+  size_t bound = tok_stream_bound(m->tok), cap = raw > 0 ? (size_t)raw * 3 + bound + 4 : 0;
+  char *text = raw > 0 ? malloc(cap) : NULL;
+  int len = raw;
+  if (raw > 0 && text) {
+    struct tok_stream ts;
+    tok_stream_init(&ts, m->tok, 0);
+    size_t off = 0;
+    for (size_t i = 0; i < n && len >= 0; i++) {
+      len = tok_stream_feed(&ts, ids[i], text + off, cap - off);
+      if (len > 0) off += (size_t)len;
+    }
+    if (len >= 0) len = tok_stream_flush(&ts, text + off, cap - off);
+    if (len >= 0) len = (int)(off + (size_t)len);
+  }
   free(ids);
-  if (len < 0 || (len > 0 && !text)) {
+  if (len < 0 || (raw > 0 && !text)) {
     free(text);
     srv_reply_error(c, msg->id, len < 0 ? len : KVD_ENOMEM, NULL);
     return;

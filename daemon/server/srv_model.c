@@ -109,8 +109,12 @@ static int model_start(struct srv *s, struct srv_model *m, struct engine *e, cha
     snprintf(err, errlen, "starting the engine thread: %s", kvd_strerror(rc));
     return rc;
   }
-  m->next = s->models;
-  s->models = m;
+  /* Appended: the first model loaded stays the default (api.json, models.load). */
+  struct srv_model **tail = &s->models;
+  while (*tail)
+    tail = &(*tail)->next;
+  m->next = NULL;
+  *tail = m;
   const struct model_hparams *hp = engine_hparams(e);
   log_info("model %s loaded: %s, %u layers, dim %u, vocab %u, chat template %s (%s)", m->name,
            model_arch_name(hp->arch), hp->n_layer, hp->n_embd, hp->n_vocab,
@@ -221,9 +225,13 @@ static void load_after_cb(uv_work_t *req, int status) {
     model_free_now(w->m);
     if (c) srv_reply_error(c, w->id, w->rc, "%s", w->err);
   } else if (c) {
+    const struct model_hparams *hp = engine_hparams(sched_engine(w->m->sched));
     ipc_w_result(&c->w, w->id);
     ipc_w_map_open(&c->w);
     ipc_w_kv_cstr(&c->w, "name", w->m->name);
+    ipc_w_kv_cstr(&c->w, "arch", model_arch_name(hp->arch));
+    ipc_w_kv_u64(&c->w, "n_ctx", hp->n_ctx_train);
+    ipc_w_kv_u64(&c->w, "n_vocab", hp->n_vocab);
     ipc_w_close(&c->w);
     ipc_w_end(&c->w);
     srv_reply_done(c, w->id);
@@ -273,7 +281,14 @@ void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, KVD_E2BIG, "model names are at most %d bytes", IPC_MAX_NAME_BYTES);
     return;
   }
-  /* Strings from the decoder are NUL-terminated. */
+  /* The daemon opens the file with its own rights for whoever asks, so only what a path can
+   * name unambiguously: absolute (no dependence on kvd's working directory). gguf_open then
+   * refuses anything but a regular file, without blocking. Strings from the decoder are
+   * NUL-terminated; one with a NUL inside is not the path it looks like. */
+  if (path[0] != '/' || strlen(path) != plen) {
+    srv_reply_error(c, msg->id, KVD_EINVAL, "path must be an absolute path to a GGUF file");
+    return;
+  }
   srv_model_load_async(c, msg->id, path, name);
 }
 
@@ -288,6 +303,18 @@ void srv_h_models_unload(struct srv_conn *c, const struct ipc_msg *msg) {
   struct srv_model *m = srv_model_find(c->srv, name, len);
   if (!m) {
     srv_reply_error(c, msg->id, KVD_E_NO_MODEL, "no model named %.*s is loaded", (int)len, name);
+    return;
+  }
+  /* Unloading never takes work away from anyone: a model with requests in flight or sessions
+   * open stays until they are done (each owner ends its own). */
+  uint32_t n_sessions = 0;
+  for (struct srv_conn *o = c->srv->conns; o; o = o->next)
+    for (struct srv_session *ss = o->sessions; ss; ss = ss->next)
+      n_sessions += ss->m == m && !ss->closing;
+  if (m->n_active || n_sessions) {
+    srv_reply_error(c, msg->id, KVD_EBUSY,
+                    "model %s is in use (%u requests or sessions); try again when they end",
+                    m->name, m->n_active > n_sessions ? m->n_active : n_sessions);
     return;
   }
   log_info("unloading model %s", m->name);

@@ -130,4 +130,3 @@ void srv_sessions_close_all(struct srv_conn *c) {
       srv_session_release(ss);
   }
 }
-

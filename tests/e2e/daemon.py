@@ -42,9 +42,9 @@ def connect(path, timeout=60.0):
 
 
 class Daemon:
-    def __init__(self, kvd, model, *extra, env=None):
+    def __init__(self, kvd, model, *extra, env=None, socket_path=None):
         self.dir = tempfile.mkdtemp(prefix='kvd-e2e-')
-        self.socket = os.path.join(self.dir, 'kvd.sock')
+        self.socket = socket_path or os.path.join(self.dir, 'kvd.sock')
         self.log_path = os.path.join(self.dir, 'kvd.log')
         args = [kvd, '--socket', self.socket, '--cache-dir', os.path.join(self.dir, 'cache'),
                 '--config', '/dev/null']

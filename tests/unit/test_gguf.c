@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- helpers ---- */
@@ -1540,4 +1541,44 @@ KT_TEST(random_byte_damage_never_crashes) {
   kt_log("%d damaged files accepted (values changed), %d refused", ok, bad);
   free(c);
   free(buf);
+}
+
+/* Defect: loading a FIFO blocked the loader thread forever (open waited for a writer); four of
+ * them wedged every later load. A FIFO, a directory or a device is refused at once. */
+KT_TEST(non_regular_files_are_refused_without_blocking) {
+  char fifo[512];
+  snprintf(fifo, sizeof fifo, "%s/model-fifo.gguf", kt_tmp_dir());
+  unlink(fifo);
+  KT_ASSERT(mkfifo(fifo, 0600) == 0);
+  struct gguf_file *f = NULL;
+  struct gguf_error err;
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  int rc = gguf_open(fifo, &f, &err); /* before the fix: never returns (no writer) */
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  KT_CHECK_EQ(rc, KVD_EINVAL);
+  KT_CHECK(f == NULL);
+  KT_CHECK_MSG(strstr(err.msg, "not a regular file"), "msg: %s", err.msg);
+  KT_CHECK((t1.tv_sec - t0.tv_sec) < 2);
+  unlink(fifo);
+  KT_CHECK_EQ(gguf_open(kt_tmp_dir(), &f, &err), KVD_EINVAL); /* a directory */
+  KT_CHECK_EQ(gguf_open("/dev/null", &f, &err), KVD_EINVAL); /* a device */
+}
+
+/* Defect: a file that is not GGUF had its first bytes quoted in the error, which travels back
+ * to the client: models.load of /etc/shadow answered "bad magic 'root'". */
+KT_TEST(errors_never_quote_a_non_gguf_file) {
+  char path[512];
+  snprintf(path, sizeof path, "%s/secret.txt", kt_tmp_dir());
+  FILE *fp = fopen(path, "w");
+  KT_ASSERT(fp != NULL);
+  fputs("root:$6$s3cr3t:19000:0:99999:7:::\n", fp);
+  fclose(fp);
+  struct gguf_file *f = NULL;
+  struct gguf_error err;
+  KT_CHECK_EQ(gguf_open(path, &f, &err), KVD_E_FORMAT);
+  KT_CHECK_MSG(!strstr(err.msg, "root") && !strstr(err.msg, "s3cr3t") && !strstr(err.msg, "0x"),
+               "msg: %s", err.msg);
+  KT_CHECK(strstr(err.msg, "not a GGUF file") != NULL);
+  unlink(path);
 }

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""End-to-end regressions from the hostile review (issue 9): each case did the wrong thing before
+its fix. Files and paths (a FIFO load wedged kvd, any file's first bytes came back in the error),
+protocol drift that real clients hit (`kvctl load` exited 1, pynvim's stock session was hung up
+on, a client's response closed the connection), unload taking other clients' work away, stop
+strings with NUL, max_tokens near 2^32 over the wire, detokenize sending invalid UTF-8, SIGHUP
+killing kvd, and the exit unlinking a socket that is not kvd's.
+Usage: test_hardening.py KVD KVCTL SHARED_DIR"""
+import grp
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from daemon import Daemon, Tap, peer  # noqa: E402
+
+KVD, KVCTL, SHARED = sys.argv[1], sys.argv[2], sys.argv[3]
+MODEL = os.path.join(SHARED, 'models', 'stories260K.gguf')
+REF = json.load(open(os.path.join(SHARED, 'models', 'stories260K.reference.json')))
+CASE = next(c for c in REF['cases'] if c['prompt'] == 'Once upon a time')
+WANT = CASE['text'][len(CASE['prompt']):]
+N_WANT = len(CASE['generated_ids'])
+CI = os.environ.get('CI') == 'true'
+KVD_EINVAL, KVD_EBUSY, KVD_E_FORMAT = 2, 11, 108
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+def expect_error(p, code, method, **params):
+    try:
+        r = p.call(method, **params)
+    except peer.KvdError as e:
+        check(code is None or e.code == code, f'{method}: want code {code}, got {e}')
+        return e
+    raise AssertionError(f'{method} {params} succeeded: {r}')
+
+
+def t_fifo_load_refused_at_once(d, tmp):
+    fifo = os.path.join(tmp, 'model.gguf')
+    os.mkfifo(fifo)
+    with d.connect() as p:
+        # More than libuv's 4 threadpool threads: before the fix each one blocked a thread in
+        # open() forever and from the fifth on every load hung.
+        for i in range(6):
+            t0 = time.monotonic()
+            e = expect_error(p, KVD_EINVAL, 'models.load', path=fifo, name=f'fifo{i}', timeout=20)
+            check(time.monotonic() - t0 < 10, 'a FIFO load took too long')
+            check('regular file' in e.message, e)
+        # and loading still works
+        r = p.call('models.load', path=MODEL, name='after-fifo', timeout=120)
+        check(r['name'] == 'after-fifo' and r['n_vocab'] == 512, r)
+        p.call('models.unload', name='after-fifo')
+
+
+def t_paths_and_no_file_content_in_errors(d, tmp):
+    secret = os.path.join(tmp, 'shadow')
+    with open(secret, 'w') as f:
+        f.write('root:$6$s3cr3t:19000:0:99999:7:::\n')
+    with d.connect() as p:
+        e = expect_error(p, KVD_E_FORMAT, 'models.load', path=secret, timeout=20)
+        check('root' not in e.message and 's3cr3t' not in e.message, e)
+        e = expect_error(p, KVD_EINVAL, 'models.load', path='models/stories260K.gguf')
+        check('absolute' in e.message, e)
+        expect_error(p, KVD_EINVAL, 'models.load', path=tmp)  # a directory
+
+
+def t_kvctl_load_and_unload_exit_0(d, tmp):
+    link = os.path.join(tmp, 'second.gguf')
+    os.symlink(MODEL, link)
+    out = subprocess.run([KVCTL, '--socket', d.socket, 'load', link], capture_output=True,
+                         timeout=120)
+    check(out.returncode == 0, out)
+    with d.connect() as p:
+        models = p.call('models.list')['models']
+        check([m['name'] for m in models] == ['stories260K', 'second'], models)
+        check([m['default'] for m in models] == [True, False], models)
+        check(p.call('hello', protocol=1)['model'] == 'stories260K', 'default moved')
+    out = subprocess.run([KVCTL, '--socket', d.socket, 'unload', 'second'], capture_output=True,
+                         timeout=60)
+    check(out.returncode == 0, out)
+
+
+def t_unload_refused_while_in_use(d, tmp):
+    with d.connect() as p:
+        p.call('models.load', path=MODEL, name='busy', timeout=120)
+        a = d.connect()
+        s = a.call('session.open', model='busy')['session']
+        e = expect_error(p, KVD_EBUSY, 'models.unload', name='busy')
+        check('in use' in e.message, e)
+        # a generate in flight is not cancelled by someone else's unload
+        msgid = a.send_request('generate', dict(prompt='Once upon a time', model='busy',
+                                                temperature=0, max_tokens=N_WANT))
+        expect_error(p, KVD_EBUSY, 'models.unload', name='busy')
+        m = a.wait(msgid, timeout=120)
+        check(m.error is None and m.result['text'] == WANT, m)
+        a.call('session.close', session=s)
+        a.close()
+        deadline = time.monotonic() + 30
+        while True:  # the closed session goes on the engine thread
+            try:
+                p.call('models.unload', name='busy')
+                break
+            except peer.KvdError as e:
+                check(e.code == KVD_EBUSY and time.monotonic() < deadline, e)
+                time.sleep(0.1)
+        check('busy' not in [m['name'] for m in p.call('models.list')['models']], 'still loaded')
+
+
+def t_stop_string_with_nul(d, tmp):
+    with d.connect() as p:
+        r = p.call('generate', prompt='Once upon a time', temperature=0, max_tokens=N_WANT,
+                   stop=['a\x00b', '\x00'], timeout=120)
+        check(r['text'] == WANT and r['finish_reason'] == 'length', r)
+
+
+def t_max_tokens_near_2_32(d, tmp):
+    with d.connect() as p:
+        n_ctx = p.call('models.list')['models'][0]['n_ctx']
+        prompt = 'Once upon a time there was a little girl. ' * 200
+        keep = n_ctx - 40  # a short run to the end of the context
+        words = prompt.split(' ')
+        while len(p.call('tokenize', text=' '.join(words))['tokens']) > keep:
+            words = words[: len(words) - 8]
+        prompt = ' '.join(words)
+        ref = p.call('generate', prompt=prompt, temperature=0, timeout=300)
+        check(ref['finish_reason'] == 'length', ref)
+        for mt in (4294967295, 4294967290):
+            r = p.call('generate', prompt=prompt, temperature=0, max_tokens=mt, timeout=300)
+            check(r['text'] == ref['text'] and r['finish_reason'] == 'length',
+                  f'max_tokens {mt}: {r["finish_reason"]} {len(r["text"])} vs {len(ref["text"])}')
+        check(p.call('tokenize', text='a')['tokens'][0] == 1, 'still serving')
+
+
+def t_detokenize_is_utf8(d, tmp):
+    with d.connect() as p:
+        # SPM byte tokens: <0xE2> alone is half a character, <0xFF> never UTF-8
+        r = p.call('detokenize', tokens=[3 + 0xE2, 3 + 0x41, 3 + 0xFF])
+        check(r['text'] == '\ufffdA\ufffd', r)
+        r = p.call('detokenize', tokens=[3 + 0xE2, 3 + 0x82, 3 + 0xAC])  # the euro sign, whole
+        check(r['text'] == '\u20ac', r)
+
+
+def t_bin_method_names_and_client_responses(d, tmp):
+    with d.connect() as p:
+        p.send_raw(peer._pack([0, 5, b'tokenize', [{'text': 'a'}]]))
+        m = p.wait(5, timeout=10)
+        check(m.error is None and m.result['tokens'][0] == 1, m)
+        p.send_raw(peer._pack([2, b'nvim_notify', [{}]]))  # a bin notification: ignored
+        p.send_raw(peer._pack([1, 99, 'no such request', None]))  # a response: ignored
+        p.send_raw(peer._pack([1, 'x', 5, 7]))
+        check(p.call('tokenize', text='a')['tokens'][0] == 1, 'connection closed')
+
+
+def t_pynvim_stock_session(d, tmp):
+    try:
+        from pynvim import socket_session  # Debian python3-pynvim (tools/setup.sh)
+    except ImportError:
+        check(not CI, 'pynvim not installed (tools/setup.sh installs python3-pynvim)')
+        return
+    s = socket_session(d.socket)
+    try:
+        r = s.request('hello', {'protocol': 1, 'client': 'pynvim'})
+        check(r['protocol'] == 1 and r['model'] == 'stories260K', r)
+        r = s.request('generate', {'prompt': 'Once upon a time', 'temperature': 0,
+                                   'max_tokens': N_WANT})
+        check(r['text'] == WANT, r)
+    finally:
+        s.close()
+
+
+def t_sighup_and_socket_ownership(d, tmp):
+    sub = os.path.join(tmp, 'own', 'run')
+    sock = os.path.join(sub, 'kvd.sock')
+    group = grp.getgrgid(os.getgid()).gr_name
+    e = Daemon(KVD, MODEL, '--socket-group', group, socket_path=sock)
+    try:
+        st = os.stat(sub)
+        check(stat.S_IMODE(st.st_mode) == 0o750 and st.st_gid == os.getgid(),
+              f'folder mode {oct(st.st_mode)} gid {st.st_gid}: the group cannot reach the socket')
+        check(stat.S_IMODE(os.stat(sock).st_mode) == 0o660, 'socket not 0660')
+        e.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        check(e.proc.poll() is None, f'SIGHUP killed kvd: {e.read_log()}')
+        with e.connect() as p:
+            check(p.call('tokenize', text='a')['tokens'][0] == 1, 'not serving after SIGHUP')
+        check('SIGHUP' in e.read_log(), 'SIGHUP not logged')
+        # Someone replaces the socket while kvd runs: at exit kvd must not remove their file.
+        os.unlink(sock)
+        with open(sock, 'w') as f:
+            f.write('not kvd\n')
+        check(e.stop() == 0, 'exit status')
+        check(os.path.exists(sock), 'kvd unlinked a file that was not its socket')
+    finally:
+        e.stop()
+    # and its own socket it does remove
+    os.unlink(sock)
+    e = Daemon(KVD, MODEL, socket_path=sock)
+    check(e.stop() == 0 and not os.path.exists(sock), 'own socket left behind')
+
+
+def main():
+    tap = Tap()
+    if not os.path.exists(MODEL):
+        tap.skip('hardening', 'models not found')
+        return tap.done()
+    d = Daemon(KVD, MODEL)
+    tmp = tempfile.mkdtemp(prefix='kvd-hard-')
+    try:
+        for name, fn in [
+                ('a FIFO load is refused at once, loads keep working', t_fifo_load_refused_at_once),
+                ('absolute paths only, no file content in errors', t_paths_and_no_file_content_in_errors),
+                ('kvctl load and unload exit 0; the first model stays the default',
+                 t_kvctl_load_and_unload_exit_0),
+                ('models.unload is refused while the model is in use', t_unload_refused_while_in_use),
+                ('a stop string with NUL does not match at once', t_stop_string_with_nul),
+                ('max_tokens near 2^32 runs to the context like 0', t_max_tokens_near_2_32),
+                ('detokenize always answers UTF-8', t_detokenize_is_utf8),
+                ('bin method names work, client responses are ignored',
+                 t_bin_method_names_and_client_responses),
+                ("pynvim's stock socket_session works", t_pynvim_stock_session),
+                ('SIGHUP is survived; only our own socket is unlinked; the socket group reaches it',
+                 t_sighup_and_socket_ownership)]:
+            tap.run(name, fn, d, tmp)
+        rc = d.stop()
+        log = d.read_log()
+        tap.run('clean exit, no sanitizer reports or validation errors',
+                lambda: check(rc == 0 and 'ERROR: AddressSanitizer' not in log and
+                              'runtime error' not in log and 'validation error' not in log,
+                              f'rc {rc}\n{log[-3000:]}'))
+    finally:
+        d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tap.done()
+
+
+sys.exit(main())
