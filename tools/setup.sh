@@ -5,7 +5,7 @@ set -eu
 PKGS="meson ninja-build pkg-config gcc python3 \
   libvulkan-dev glslc mesa-vulkan-drivers vulkan-validationlayers vulkan-tools \
   libuv1-dev libmsgpack-dev libinih-dev libxxhash-dev libedit-dev libpcre2-dev libsystemd-dev \
-  libcjson-dev python3-msgpack python3-pynvim systemd \
+  libcjson-dev python3-msgpack python3-pynvim systemd groff-base man-db \
   clang libfuzzer-14-dev libclang-rt-14-dev"
 
 SUDO=""

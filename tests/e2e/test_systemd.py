@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""systemd integration: the unit files pass `systemd-analyze verify`, the real daemon starts under
+"""systemd integration: the unit files pass `systemd-analyze verify` (with its man page check: the
+pages Documentation= names are the ones this tree installs), the real daemon starts under
 `systemd-socket-activate` on the socket it is handed, and it reports READY=1 and STOPPING=1 over
 $NOTIFY_SOCKET (sd_notify). Usage: test_systemd.py KVD UNIT_BUILD_DIR SHARED_DIR"""
 import os
@@ -32,13 +33,24 @@ def verify(kind):
         # verify checks that ExecStart exists: point it at the binary under test
         text = re.sub(r'^ExecStart=\S+', f'ExecStart={KVD}', text, flags=re.M)
         open(os.path.join(tmp, unit), 'w').write(text)
-    args = ['systemd-analyze', 'verify', '--man=no']
+    args = ['systemd-analyze', 'verify']
+    env = dict(os.environ)
+    if shutil.which('man') or CI:
+        # Documentation=man:kvd(1) must name a page: MANPATH holds the ones meson installs.
+        src = os.environ.get('MESON_SOURCE_ROOT', os.path.join(os.path.dirname(__file__), '..', '..'))
+        man1 = os.path.join(tmp, 'man', 'man1')
+        os.makedirs(man1)
+        for page in ('daemon/kvd.1', 'client/kvctl.1'):
+            shutil.copy(os.path.join(src, page), man1)
+        env['MANPATH'] = os.path.join(tmp, 'man')
+    else:
+        args.append('--man=no')  # no man(1) here (man-db): the pages are checked by tests/pkg
     if kind == 'user':
         args.insert(1, '--user')
     run_dir = tempfile.mkdtemp(prefix='kvd-run-')  # a user manager needs $XDG_RUNTIME_DIR
     out = subprocess.run(args + [os.path.join(tmp, 'kvd.socket'), os.path.join(tmp, 'kvd.service')],
                          capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, XDG_RUNTIME_DIR=run_dir))
+                         env=dict(env, XDG_RUNTIME_DIR=run_dir))
     # Only findings about our files count: the host's own units may carry unrelated warnings.
     ours = [l for l in (out.stdout + out.stderr).splitlines() if tmp in l]
     check(out.returncode == 0 and not ours, f'rc {out.returncode}: {out.stdout}{out.stderr}')

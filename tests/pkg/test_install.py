@@ -34,10 +34,11 @@ def install(root):
 
 
 def t_layout(root):
-    bindir, libdir = under(root, BINDIR), under(root, LIBDIR)
+    bindir, libdir, man1 = under(root, BINDIR), under(root, LIBDIR), under(root, MANDIR + '/man1')
     lib = under(root, 'lib')
     want = [os.path.join(bindir, 'kvd'), os.path.join(bindir, 'kvctl'),
-            os.path.join(libdir, 'libkvd.so.0')]
+            os.path.join(libdir, 'libkvd.so.0'), os.path.join(man1, 'kvd.1'),
+            os.path.join(man1, 'kvctl.1')]
     for kind in ('system', 'user'):
         for unit in ('kvd.service', 'kvd.socket'):
             want.append(os.path.join(lib, 'systemd', kind, unit))
