@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The man pages (daemon/kvd.1, client/kvctl.1) cannot drift from the programs: every option,
 environment variable, command and exit status that `kvd --help` and `kvctl --help` print is in
-the page; groff formats both without a warning; the units' Documentation= names them. Usage: test_man.py KVD KVCTL SOURCE_ROOT"""
+the page; groff formats both without a warning; the units' Documentation= names them; README's
+list of kvctl's exit codes is complete. Usage: test_man.py KVD KVCTL SOURCE_ROOT"""
 import os
 import re
 import shutil
@@ -90,6 +91,15 @@ def t_kvctl_exit_status():
     check(listed == codes, f'kvctl.1 EXIT STATUS lists {listed}, kvctl --help {codes}')
 
 
+def t_readme_exit_codes():
+    codes = exit_codes_of_kvctl()
+    readme = open(os.path.join(SRC, 'README.md')).read()
+    m = re.search(r'`kvctl` exit codes:(.*?)\.(?:\s|$)', readme, re.S)
+    check(m, 'README.md has no "`kvctl` exit codes:" sentence')
+    listed = re.findall(r'(?<![\w.])(\d)(?![\w.])', m.group(1))
+    check(listed == codes, f'README lists kvctl exit codes {listed}, kvctl --help {codes}')
+
+
 def t_groff(name):
     # -ww: every warning; -z: format, print nothing. Warnings go to stderr.
     out = subprocess.run(['groff', '-man', '-Tutf8', '-ww', '-z', PAGES[name]],
@@ -111,6 +121,7 @@ def main():
     tap.run('kvd.1 documents every option of kvd --help', t_kvd_options)
     tap.run('kvctl.1 documents every command and option of kvctl --help', t_kvctl_options)
     tap.run('kvctl.1 lists the exit codes of kvctl --help', t_kvctl_exit_status)
+    tap.run('README lists every kvctl exit code', t_readme_exit_codes)
     for name in PAGES:
         if shutil.which('groff'):
             tap.run(f'{name}.1 formats without groff warnings', t_groff, name)
