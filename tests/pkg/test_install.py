@@ -38,7 +38,7 @@ def t_layout(root):
     lib = under(root, 'lib')
     want = [os.path.join(bindir, 'kvd'), os.path.join(bindir, 'kvctl'),
             os.path.join(libdir, 'libkvd.so.0'), os.path.join(man1, 'kvd.1'),
-            os.path.join(man1, 'kvctl.1')]
+            os.path.join(man1, 'kvctl.1'), os.path.join(lib, 'sysusers.d', 'kvd.conf')]
     for kind in ('system', 'user'):
         for unit in ('kvd.service', 'kvd.socket'):
             want.append(os.path.join(lib, 'systemd', kind, unit))
