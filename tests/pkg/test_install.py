@@ -3,7 +3,8 @@
 folder): the programs, libkvd, the man pages, the systemd units and the sysusers.d file, each where
 the configured prefix says; and the installed kvctl loads the libkvd installed beside it with no
 LD_LIBRARY_PATH (its rpath; issue 9: a custom prefix left kvctl unable to find libkvd.so.0).
-Usage: test_install.py BUILDDIR PREFIX BINDIR LIBDIR MANDIR"""
+Usage: test_install.py MESON BUILDDIR PREFIX BINDIR LIBDIR MANDIR (MESON: the meson that
+configured BUILDDIR, which meson.build's find_program('meson') names)"""
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import tempfile
 
 from tap import Tap, check
 
-BUILD, PREFIX, BINDIR, LIBDIR, MANDIR = sys.argv[1:6]
+MESON, BUILD, PREFIX, BINDIR, LIBDIR, MANDIR = sys.argv[1:7]
 
 
 def under(root, d):
@@ -28,7 +29,7 @@ def clean_env():
 
 
 def install(root):
-    out = subprocess.run(['meson', 'install', '-C', BUILD, '--destdir', root, '--no-rebuild',
+    out = subprocess.run([MESON, 'install', '-C', BUILD, '--destdir', root, '--no-rebuild',
                           '--quiet'], capture_output=True, text=True, timeout=300, env=clean_env())
     check(out.returncode == 0, f'meson install: rc {out.returncode}\n{out.stdout}{out.stderr}')
 
