@@ -40,7 +40,10 @@ static const struct opt opts[] = {
     {"model", OPT_STR, F(model), NULL, "KVD_MODEL", "GGUF model to load at start"},
     {"model-name", OPT_STR, F(model_name), NULL, NULL,
      "name clients use for it (default: the file name without .gguf)"},
-    {"max-clients", OPT_INT, F(max_clients), "64", NULL, "most connections at once"},
+    {"max-clients", OPT_INT, F(max_clients), "64", NULL,
+     "most connections at once (the longest idle makes room for a new one)"},
+    {"client-backlog", OPT_INT, F(client_backlog), "4194304", NULL,
+     "bytes of unread output a client may have queued before it is dropped"},
     {"step-tokens", OPT_INT, F(step_tokens), "256", NULL,
      "tokens per engine step: long prompts are prefilled in chunks of this size"},
     {"max-seqs", OPT_INT, F(max_seqs), "32", NULL, "requests decoding at once per model"},
@@ -213,10 +216,10 @@ int config_load(struct kvd_config *cfg, int argc, char **argv) {
       rc = opt_set(cfg, opt_find("socket", 6), path, "default");
     }
   }
-  if (rc == 0 && (cfg->max_clients < 1 || cfg->step_tokens < 1 || cfg->max_seqs < 1 ||
-                  cfg->block_size < 1 || cfg->block_size > 4096)) {
+  if (rc == 0 && (cfg->max_clients < 1 || cfg->client_backlog < 65536 || cfg->step_tokens < 1 ||
+                  cfg->max_seqs < 1 || cfg->block_size < 1 || cfg->block_size > 4096)) {
     fprintf(stderr, "kvd: --max-clients, --step-tokens, --max-seqs and --block-size must be "
-                    "positive (block size at most 4096)\n");
+                    "positive (block size at most 4096), --client-backlog at least 65536\n");
     rc = KVD_EINVAL;
   }
   uint64_t b;

@@ -22,6 +22,7 @@ struct kvd_config {
   char *model;        /* model to load at start */
   char *model_name;   /* its name for clients (default: file name without .gguf) */
   int max_clients;
+  int client_backlog; /* bytes of unread output before a client is dropped */
   int step_tokens; /* tokens per engine step (chunked prefill budget) */
   int max_seqs;    /* requests decoding at once */
   /* device and memory */

@@ -105,12 +105,34 @@ static bool srv_idle(const struct srv *s) {
   return true;
 }
 
-void srv_maybe_finish(struct srv *s) {
-  if (!s->draining || !srv_idle(s)) return;
-  /* Everything in flight is answered: close the rest so the loop can end. */
+/* How long the drain waits for slow readers to take what was written for them. */
+#define SRV_DRAIN_WRITE_MS 10000
+
+static void srv_on_drain_timer(uv_timer_t *t) {
+  struct srv *s = t->data;
+  log_warn("drain: clients still not reading after %d s; closing them", SRV_DRAIN_WRITE_MS / 1000);
   for (struct srv_conn *c = s->conns, *next; c; c = next) {
     next = c->next;
     srv_conn_close(c);
+  }
+}
+
+void srv_maybe_finish(struct srv *s) {
+  if (!s->draining || !srv_idle(s)) return;
+  /* Everything in flight is answered: each connection closes once what is queued for it is
+   * written (a slow reader still gets its last answers), within SRV_DRAIN_WRITE_MS. */
+  for (struct srv_conn *c = s->conns, *next; c; c = next) {
+    next = c->next;
+    srv_conn_finish(c);
+  }
+  if (s->conns && !s->drain_timer_open && uv_timer_init(s->loop, &s->drain_timer) == 0) {
+    s->drain_timer_open = true;
+    s->drain_timer.data = s;
+    uv_timer_start(&s->drain_timer, srv_on_drain_timer, SRV_DRAIN_WRITE_MS, 0);
+  }
+  if (!s->conns && s->drain_timer_open) {
+    uv_close((uv_handle_t *)&s->drain_timer, NULL);
+    s->drain_timer_open = false;
   }
   if (s->listening) {
     uv_close((uv_handle_t *)&s->listener, NULL);

@@ -66,7 +66,14 @@ struct srv_conn {
   struct ipc_w w;
   char client[IPC_MAX_NAME_BYTES + 1];
   uint32_t protocol;
-  uint32_t inflight;    /* requests awaiting a response */
+  /* Msgids of the requests awaiting a response: a request reusing one is refused (KVD_EEXIST),
+   * and a generate answered early (stop string) leaves it at once. */
+  uint32_t inflight_ids[IPC_MAX_INFLIGHT];
+  uint32_t inflight;
+  double t_active;     /* last request received (for choosing whom to evict when full) */
+  bool eof;            /* the client half-closed: answer what is in flight, then close */
+  bool finishing;      /* closing once its queued output is written (uv_shutdown) */
+  uv_shutdown_t shutdown_req;
   struct srv_gen *gens; /* generate requests of this connection */
   struct srv_session *sessions;
   uint32_t n_sessions, next_session_id;
@@ -97,6 +104,8 @@ struct srv {
   uint32_t n_conns;
   uint64_t conn_serial;
   bool draining;
+  uv_timer_t drain_timer; /* bounds how long the drain waits for slow readers */
+  bool drain_timer_open;
   struct srv_stats stats;
   double started;
 };
@@ -120,6 +129,9 @@ void srv_conn_accept(struct srv *s);
 /* Queues the message(s) built in c->w for writing. */
 void srv_conn_flush(struct srv_conn *c);
 void srv_conn_close(struct srv_conn *c);
+/* Closes once everything queued for the client is written (the drain at exit, a half-closed
+ * client); srv_conn_close if that cannot be done. */
+void srv_conn_finish(struct srv_conn *c);
 /* Error response for request id (code is a kvd code); ends the request (inflight--). */
 void srv_reply_error(struct srv_conn *c, uint32_t id, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

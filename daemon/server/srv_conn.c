@@ -5,15 +5,19 @@
 #include "kvd_error.h"
 #include "log.h"
 
+#include <malloc.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 
 /* A client that stops reading stops being read: past HIGH bytes queued for it we pause reading
- * its requests, and resume under LOW. Streams already running still queue their chunks. */
-#define WRITE_HIGH (8u << 20)
-#define WRITE_LOW (1u << 20)
+ * its requests, and resume under LOW. Streams already running still queue their chunks, up to
+ * MAX: a client that far behind is not reading at all, and holding its output would let a few
+ * such clients take the machine's memory, so it is dropped (its requests are cancelled). */
+#define WRITE_HIGH (1u << 20)
+#define WRITE_LOW (256u << 10)
+#define WRITE_MAX ((size_t)c->srv->cfg->client_backlog) /* --client-backlog, 4 MiB */
 
 struct write_req {
   uv_write_t req;
@@ -73,10 +77,40 @@ void srv_conn_flush(struct srv_conn *c) {
     srv_conn_close(c);
     return;
   }
-  if (c->reading && uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) > WRITE_HIGH) {
+  size_t queued = uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe);
+  if (queued > WRITE_MAX) {
+    log_warn("client %llu: %zu bytes of output it does not read; dropping it",
+             (unsigned long long)c->serial, queued);
+    srv_conn_close(c);
+    malloc_trim(0); /* give the memory its output held back to the system */
+    return;
+  }
+  if (c->reading && (queued > WRITE_HIGH || queued > WRITE_MAX / 2)) {
     uv_read_stop((uv_stream_t *)&c->pipe);
     c->reading = false;
   }
+}
+
+static bool conn_tracks(const struct srv_conn *c, uint32_t id) {
+  for (uint32_t i = 0; i < c->inflight; i++)
+    if (c->inflight_ids[i] == id) return true;
+  return false;
+}
+
+/* An error for a msgid that is not (or not again) in flight on its own: the reply does not
+ * end the request that holds that msgid. */
+static void conn_reply_untracked(struct srv_conn *c, uint32_t id, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void conn_reply_untracked(struct srv_conn *c, uint32_t id, int code, const char *fmt, ...) {
+  char msg[256];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  c->srv->stats.errors++;
+  ipc_w_error(&c->w, id, code, msg);
+  ipc_w_end(&c->w);
+  srv_conn_flush(c);
 }
 
 void srv_reply_error(struct srv_conn *c, uint32_t id, int code, const char *fmt, ...) {
@@ -96,9 +130,14 @@ void srv_reply_error(struct srv_conn *c, uint32_t id, int code, const char *fmt,
 }
 
 void srv_reply_done(struct srv_conn *c, uint32_t id) {
-  (void)id;
-  if (c->inflight) c->inflight--;
+  for (uint32_t i = 0; i < c->inflight; i++)
+    if (c->inflight_ids[i] == id) {
+      c->inflight_ids[i] = c->inflight_ids[--c->inflight];
+      break;
+    }
   srv_conn_flush(c);
+  /* A half-closed client has had every answer: close once they are written. */
+  if (c->eof && !c->inflight && !c->closing) srv_conn_finish(c);
 }
 
 static void conn_handle(struct srv_conn *c, struct ipc_msg *m) {
@@ -108,11 +147,20 @@ static void conn_handle(struct srv_conn *c, struct ipc_msg *m) {
     return;
   }
   c->srv->stats.requests++;
-  c->inflight++;
-  if (c->inflight > IPC_MAX_INFLIGHT) {
-    srv_reply_error(c, m->id, KVD_EBUSY, "more than %d requests in flight on this connection",
-                    IPC_MAX_INFLIGHT);
-  } else if (c->srv->draining) {
+  c->t_active = srv_now();
+  if (conn_tracks(c, m->id)) {
+    conn_reply_untracked(c, m->id, KVD_EEXIST, "msgid %u is already in flight", m->id);
+    ipc_msg_free(m);
+    return;
+  }
+  if (c->inflight == IPC_MAX_INFLIGHT) {
+    conn_reply_untracked(c, m->id, KVD_EBUSY, "more than %d requests in flight on this connection",
+                         IPC_MAX_INFLIGHT);
+    ipc_msg_free(m);
+    return;
+  }
+  c->inflight_ids[c->inflight++] = m->id;
+  if (c->srv->draining) {
     srv_reply_error(c, m->id, KVD_EBUSY, "kvd is shutting down");
   } else {
     srv_dispatch(c, m);
@@ -123,6 +171,14 @@ static void conn_handle(struct srv_conn *c, struct ipc_msg *m) {
 static void conn_on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   struct srv_conn *c = stream->data;
   (void)buf;
+  if (nread == UV_EOF && c->inflight) {
+    /* Half-closed (shutdown(SHUT_WR) after the last request): what it asked for is still
+     * answered; the connection closes when the last answer is written. */
+    uv_read_stop(stream);
+    c->reading = false;
+    c->eof = true;
+    return;
+  }
   if (nread < 0) {
     if (nread != UV_EOF)
       log_debug("client %llu: read: %s", (unsigned long long)c->serial, uv_strerror((int)nread));
@@ -141,8 +197,7 @@ static void conn_on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf
       continue;
     }
     if (!err.fatal && err.has_id) {
-      c->inflight++;
-      srv_reply_error(c, err.id, err.code, "%s", err.message);
+      conn_reply_untracked(c, err.id, err.code, "%s", err.message);
       continue;
     }
     log_info("client %llu: %s; closing the connection", (unsigned long long)c->serial, err.message);
@@ -152,6 +207,7 @@ static void conn_on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf
 }
 
 static void conn_start_reading(struct srv_conn *c) {
+  if (c->eof || c->finishing) return;
   if (uv_read_start((uv_stream_t *)&c->pipe, conn_on_alloc, conn_on_read) == 0) c->reading = true;
 }
 
@@ -180,6 +236,32 @@ void srv_conn_close(struct srv_conn *c) {
   uv_close((uv_handle_t *)&c->pipe, conn_on_close);
 }
 
+static void conn_on_shutdown(uv_shutdown_t *req, int status) {
+  (void)status;
+  srv_conn_close(req->data);
+}
+
+void srv_conn_finish(struct srv_conn *c) {
+  if (c->closing || c->finishing) return;
+  c->finishing = true;
+  if (c->reading) uv_read_stop((uv_stream_t *)&c->pipe);
+  c->reading = false;
+  c->shutdown_req.data = c;
+  if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->pipe, conn_on_shutdown) < 0)
+    srv_conn_close(c);
+}
+
+/* At the connection limit, the connection idle longest (nothing in flight, no session, no
+ * generate) makes room for the newcomer: idle connections must not lock everyone else out. */
+static struct srv_conn *conn_evictable(struct srv *s, const struct srv_conn *except) {
+  struct srv_conn *best = NULL;
+  for (struct srv_conn *c = s->conns; c; c = c->next)
+    if (c != except && !c->closing && !c->finishing && !c->inflight && !c->gens && !c->n_sessions &&
+        (!best || c->t_active < best->t_active))
+      best = c;
+  return best;
+}
+
 void srv_conn_accept(struct srv *s) {
   struct srv_conn *c = calloc(1, sizeof *c);
   if (!c) return;
@@ -187,6 +269,7 @@ void srv_conn_accept(struct srv *s) {
   c->serial = ++s->conn_serial;
   c->protocol = IPC_PROTOCOL_VERSION;
   c->next_session_id = 1;
+  c->t_active = srv_now();
   ipc_dec_init(&c->dec, IPC_MAX_FRAME_BYTES);
   ipc_w_init(&c->w, IPC_MAX_REPLY_BYTES);
   uv_pipe_init(s->loop, &c->pipe, 0);
@@ -207,7 +290,12 @@ void srv_conn_accept(struct srv *s) {
       getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
     log_info("client %llu connected: pid %d uid %u gid %u", (unsigned long long)c->serial,
              (int)cred.pid, (unsigned)cred.uid, (unsigned)cred.gid);
-  if (s->n_conns > (uint32_t)s->cfg->max_clients || s->draining) {
+  struct srv_conn *idle;
+  if (s->n_conns > (uint32_t)s->cfg->max_clients && !s->draining && (idle = conn_evictable(s, c))) {
+    log_info("client %llu: closing it, idle longest, to make room for client %llu",
+             (unsigned long long)idle->serial, (unsigned long long)c->serial);
+    srv_conn_close(idle); /* n_conns drops when its close completes */
+  } else if (s->n_conns > (uint32_t)s->cfg->max_clients || s->draining) {
     log_warn("client %llu refused: %s", (unsigned long long)c->serial,
              s->draining ? "shutting down" : "too many connections");
     srv_conn_close(c);

@@ -85,6 +85,24 @@ static size_t gen_safe_end(const struct srv_gen *g, bool final) {
   return end < g->sent ? g->sent : end;
 }
 
+/* One token's log-probs map; its text clipped to the first `limit` bytes (what was sent). */
+static void gen_write_lp(struct ipc_w *w, const struct srv_gen *g, const struct gen_lp *lp,
+                         size_t limit) {
+  ipc_w_map(w, 4);
+  ipc_w_kv_i64(w, "id", lp->id);
+  size_t off = lp->text_off < limit ? lp->text_off : limit;
+  size_t n = lp->text_len < limit - off ? lp->text_len : limit - off;
+  ipc_w_kv_str(w, "text", g->text ? g->text + off : "", n);
+  ipc_w_kv_f64(w, "logprob", lp->logprob);
+  ipc_w_key(w, "top");
+  ipc_w_array(w, lp->n_top);
+  for (uint32_t k = 0; k < lp->n_top; k++) {
+    ipc_w_map(w, 2);
+    ipc_w_kv_i64(w, "id", lp->top_id[k]);
+    ipc_w_kv_f64(w, "logprob", lp->top_lp[k]);
+  }
+}
+
 static void gen_send_chunk(struct srv_gen *g, bool final) {
   struct srv_conn *c = g->conn;
   if (!c || !g->stream) return;
@@ -98,10 +116,18 @@ static void gen_send_chunk(struct srv_gen *g, bool final) {
   ipc_w_array(&c->w, g->n_chunk_tok);
   for (uint32_t i = 0; i < g->n_chunk_tok; i++)
     ipc_w_u64(&c->w, (uint64_t)g->chunk_tok[i]);
+  if (g->logprobs) { /* the chunk's tokens are the last n_chunk_tok of lps */
+    uint32_t n = g->n_chunk_tok < g->n_lps ? g->n_chunk_tok : g->n_lps;
+    ipc_w_key(&c->w, "logprobs");
+    ipc_w_array(&c->w, n);
+    for (uint32_t i = g->n_lps - n; i < g->n_lps; i++)
+      gen_write_lp(&c->w, g, &g->lps[i], end);
+  }
   ipc_w_close(&c->w);
   if (ipc_w_end(&c->w) == 0) {
     g->sent = end;
     g->n_chunk_tok = 0;
+    g->n_lps = 0; /* sent: a stream's result does not repeat them */
     srv_conn_flush(c);
   }
 }
@@ -148,25 +174,11 @@ static void gen_send_result(struct srv_gen *g, enum sched_finish f, int error) {
   ipc_w_kv_f64(&c->w, "tokens_per_s",
                decode_ms > 0 && r->n_generated > 1 ? (r->n_generated - 1) / (decode_ms / 1e3) : 0);
   ipc_w_close(&c->w);
-  if (g->logprobs) {
+  if (g->logprobs && !g->stream) { /* a stream had them in its chunks (api.json) */
     ipc_w_key(&c->w, "logprobs");
     ipc_w_array(&c->w, g->n_lps);
-    for (uint32_t i = 0; i < g->n_lps; i++) {
-      const struct gen_lp *lp = &g->lps[i];
-      ipc_w_map(&c->w, 4);
-      ipc_w_kv_i64(&c->w, "id", lp->id);
-      size_t off = lp->text_off < g->len ? lp->text_off : g->len;
-      size_t n = lp->text_len < g->len - off ? lp->text_len : g->len - off;
-      ipc_w_kv_str(&c->w, "text", g->text ? g->text + off : "", n);
-      ipc_w_kv_f64(&c->w, "logprob", lp->logprob);
-      ipc_w_key(&c->w, "top");
-      ipc_w_array(&c->w, lp->n_top);
-      for (uint32_t k = 0; k < lp->n_top; k++) {
-        ipc_w_map(&c->w, 2);
-        ipc_w_kv_i64(&c->w, "id", lp->top_id[k]);
-        ipc_w_kv_f64(&c->w, "logprob", lp->top_lp[k]);
-      }
-    }
+    for (uint32_t i = 0; i < g->n_lps; i++)
+      gen_write_lp(&c->w, g, &g->lps[i], g->len);
   }
   if (f == SCHED_FINISH_ERROR) ipc_w_kv_error(&c->w, "error", error, NULL);
   ipc_w_close(&c->w);
@@ -292,7 +304,7 @@ void srv_gen_event(struct srv_model *model, const struct sched_event *ev) {
 void srv_gen_cancel_id(struct srv_conn *c, uint32_t id, bool *ret_found) {
   *ret_found = false;
   for (struct srv_gen *g = c->gens; g; g = g->next)
-    if (g->id == id) {
+    if (g->id == id && !g->answered) {
       sched_cancel(g->req);
       *ret_found = true;
     }
@@ -431,11 +443,8 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, rc, "%s", e.message);
     return;
   }
-  for (struct srv_gen *o = c->gens; o; o = o->next)
-    if (o->id == msg->id) {
-      srv_reply_error(c, msg->id, KVD_EEXIST, "msgid %u is already in flight", msg->id);
-      return;
-    }
+  /* A msgid already in flight never gets here (srv_conn refuses it), and one answered early by
+   * a stop string is free again even while its engine work winds down. */
   struct srv_session *sess = NULL;
   if (gp.has_session) {
     for (sess = c->sessions; sess && sess->id != gp.session; sess = sess->next) {
@@ -556,6 +565,7 @@ void srv_gen_count(struct srv *s, uint32_t *ret_queued, uint32_t *ret_running) {
   uint32_t n = 0, queued = 0;
   for (struct srv_conn *c = s->conns; c; c = c->next)
     for (struct srv_gen *g = c->gens; g; g = g->next) {
+      if (g->answered) continue; /* its client has the answer; the engine is winding down */
       n++;
       queued += g->n_seen == 0 && atomic_load(&g->req->pub_state) == SCHED_STATE_QUEUED;
     }
@@ -565,16 +575,13 @@ void srv_gen_count(struct srv *s, uint32_t *ret_queued, uint32_t *ret_running) {
 
 void srv_gen_write_status(struct srv *s, struct ipc_w *w, uint32_t *ret_queued,
                           uint32_t *ret_running) {
-  uint32_t n = 0, queued = 0;
-  for (struct srv_conn *c = s->conns; c; c = c->next)
-    for (struct srv_gen *g = c->gens; g; g = g->next) {
-      n++;
-      queued += g->n_seen == 0 && atomic_load(&g->req->pub_state) == SCHED_STATE_QUEUED;
-    }
-  ipc_w_array(w, n);
+  uint32_t queued, started;
+  srv_gen_count(s, &queued, &started);
+  ipc_w_array(w, queued + started);
   double now = srv_now();
   for (struct srv_conn *c = s->conns; c; c = c->next)
     for (struct srv_gen *g = c->gens; g; g = g->next) {
+      if (g->answered) continue;
       /* What the engine thread published (atomics), and what the loop saw itself. */
       uint32_t st = atomic_load(&g->req->pub_state);
       if (g->n_seen) st = SCHED_STATE_DECODE;
@@ -602,7 +609,7 @@ void srv_gen_write_status(struct srv *s, struct ipc_w *w, uint32_t *ret_queued,
       ipc_w_close(w);
     }
   *ret_queued = queued;
-  *ret_running = n - queued;
+  *ret_running = started;
 }
 
 void srv_gen_cancel_session(struct srv_conn *c, struct srv_session *ss) {

@@ -99,8 +99,10 @@ class Tap:
 
     def run(self, name, fn, *args):
         self.n += 1
+        t0 = time.monotonic()
         try:
             fn(*args)
+            print(f'# {time.monotonic() - t0:.1f} s', flush=True)
             print(f'ok {self.n} - {name}', flush=True)
         except Exception as e:  # noqa: BLE001 - report any failure as the test's
             self.failed += 1

@@ -125,20 +125,22 @@ def t_stop_string_with_nul(d, tmp):
 
 
 def t_max_tokens_near_2_32(d, tmp):
+    # A synthetic model with a short context, so running to its end is quick.
+    gen = os.path.join(os.path.dirname(os.path.abspath(KVD)), '..', 'tools', 'gen_model')
+    path = os.path.join(tmp, 'ctx96.gguf')
+    subprocess.run([gen, '--ctx', '96', '--seed', '7', '--out', path], check=True, timeout=60)
     with d.connect() as p:
-        n_ctx = p.call('models.list')['models'][0]['n_ctx']
-        prompt = 'Once upon a time there was a little girl. ' * 200
-        keep = n_ctx - 40  # a short run to the end of the context
-        words = prompt.split(' ')
-        while len(p.call('tokenize', text=' '.join(words))['tokens']) > keep:
-            words = words[: len(words) - 8]
-        prompt = ' '.join(words)
-        ref = p.call('generate', prompt=prompt, temperature=0, timeout=300)
-        check(ref['finish_reason'] == 'length', ref)
+        p.call('models.load', path=path, name='ctx96', timeout=120)
+        prompt = 'Once upon a time there was a little girl.'
+        ref = p.call('generate', model='ctx96', prompt=prompt, temperature=0, timeout=300)
         for mt in (4294967295, 4294967290):
-            r = p.call('generate', prompt=prompt, temperature=0, max_tokens=mt, timeout=300)
-            check(r['text'] == ref['text'] and r['finish_reason'] == 'length',
-                  f'max_tokens {mt}: {r["finish_reason"]} {len(r["text"])} vs {len(ref["text"])}')
+            r = p.call('generate', model='ctx96', prompt=prompt, temperature=0, max_tokens=mt,
+                       timeout=300)
+            check(r['text'] == ref['text'] and r['finish_reason'] == ref['finish_reason'] and
+                  r['completion_tokens'] == ref['completion_tokens'],
+                  f'max_tokens {mt}: {r["finish_reason"]} {r["completion_tokens"]} vs '
+                  f'{ref["finish_reason"]} {ref["completion_tokens"]}')
+        p.call('models.unload', name='ctx96')
         check(p.call('tokenize', text='a')['tokens'][0] == 1, 'still serving')
 
 
@@ -209,6 +211,140 @@ def t_sighup_and_socket_ownership(d, tmp):
     check(e.stop() == 0 and not os.path.exists(sock), 'own socket left behind')
 
 
+KVD_EEXIST = 13
+
+
+def t_msgids(d, tmp):
+    # Checker off: this test sends a msgid twice on purpose.
+    with peer.Peer.connect(d.socket, timeout=60) as p:
+        # A generate answered early by a stop string frees its msgid at once.
+        word = WANT.split()[2]
+        p.send_request('generate', dict(prompt='Once upon a time', temperature=0,
+                                        max_tokens=N_WANT, stop=[word]), msgid=40)
+        m = p.wait(40, timeout=60)
+        check(m.error is None and m.result['finish_reason'] == 'stop', m)
+        p.send_request('generate', dict(prompt='Once upon a time', temperature=0,
+                                        max_tokens=N_WANT), msgid=40)
+        m = p.wait(40, timeout=60)
+        check(m.error is None and m.result['text'] == WANT, f'msgid 40 reused: {m}')
+        # Any request reusing a msgid in flight is refused, and the first one is not disturbed.
+        p.send_request('generate', dict(prompt='Once upon a time', temperature=0,
+                                        max_tokens=N_WANT), msgid=41)
+        p.send_request('tokenize', dict(text='a'), msgid=41)
+        first = p.read_message(timeout=60)
+        check(first.msgid == 41 and first.error is not None and
+              first.error['code'] == KVD_EEXIST, first)
+        second = p.read_message(timeout=60)
+        check(second.msgid == 41 and second.error is None and second.result['text'] == WANT,
+              second)
+
+
+def t_streamed_logprobs(d, tmp):
+    with d.connect() as p:
+        whole = p.call('generate', prompt='Once upon a time', temperature=0, max_tokens=12,
+                       logprobs=3, timeout=60)
+        r, chunks = p.generate(prompt='Once upon a time', temperature=0, max_tokens=12, logprobs=3)
+        check('logprobs' not in r, f'a stream repeats its logprobs in the result: {r}')
+        got = []
+        for c in chunks:
+            check(len(c.get('logprobs', [])) == len(c.get('tokens', [])), c)
+            got += c.get('logprobs', [])
+        check([x['id'] for x in got] == [x['id'] for x in whole['logprobs']], (got, whole))
+        check(all(abs(a['logprob'] - b['logprob']) < 1e-4 and len(a['top']) == 3
+                  for a, b in zip(got, whole['logprobs'])), 'streamed logprobs differ')
+
+
+def t_half_closed_client_gets_its_answer(d, tmp):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(60)
+    s.connect(d.socket)
+    s.sendall(peer.encode_request(3, 'generate', dict(prompt='Once upon a time', temperature=0,
+                                                      max_tokens=N_WANT)))
+    s.shutdown(socket.SHUT_WR)
+    dec = peer.Decoder()
+    msgs = []
+    while True:
+        data = s.recv(65536)
+        if not data:
+            break
+        msgs += dec.feed(data)
+    s.close()
+    check(len(msgs) == 1 and msgs[0].error is None and msgs[0].result['text'] == WANT, msgs)
+
+
+def big_stream(i):
+    return dict(prompt=f'Once upon a time {i}', temperature=0.8, seed=i, max_tokens=1000,
+                logprobs=20, stream=True)
+
+
+def t_client_that_never_reads_is_dropped(d, tmp):
+    e = Daemon(KVD, MODEL, '--client-backlog', '65536')
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(e.socket)
+        for i in range(3):  # ~0.5 KiB of chunk per token: past the socket buffer and the bound
+            s.sendall(peer.encode_request(i + 1, 'generate', dict(big_stream(i), max_tokens=500)))
+        deadline = time.monotonic() + 240
+        while 'does not read; dropping it' not in e.read_log():
+            check(time.monotonic() < deadline, 'a client that never reads was kept')
+            with e.connect() as p:  # everyone else is served meanwhile
+                check(p.call('tokenize', text='a')['tokens'][0] == 1, 'not serving')
+            time.sleep(0.5)
+        s.close()
+        with e.connect() as p:
+            st = p.call('status')
+            check(st['connections'] == 1, st)
+    finally:
+        check(e.stop() == 0, 'exit status')
+
+
+def t_sigterm_keeps_a_slow_readers_output(d, tmp):
+    e = Daemon(KVD, MODEL)
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(e.socket)
+    n = 3  # ~0.5 MiB of answers: more than the socket holds, so kvd queues the rest
+    for i in range(n):
+        s.sendall(peer.encode_request(i + 1, 'generate', dict(big_stream(i), max_tokens=320)))
+    time.sleep(0.5)
+    e.proc.send_signal(signal.SIGTERM)
+    time.sleep(3)  # the answers are written while nobody reads
+    s.settimeout(60)
+    dec = peer.Decoder()
+    done = set()
+    while True:
+        data = s.recv(1 << 20)
+        if not data:
+            break
+        for m in dec.feed(data):
+            if m.kind == peer.RESPONSE:
+                check(m.error is None, m)
+                done.add(m.msgid)
+    s.close()
+    check(done == set(range(1, n + 1)), f'answers received: {sorted(done)}')
+    check(e.proc.wait(60) == 0, f'exit status {e.proc.returncode}')  # it was told once already
+
+
+def t_idle_connections_make_room(d, tmp):
+    e = Daemon(KVD, MODEL, '--max-clients', '3')
+    try:
+        idle = [e.connect() for _ in range(3)]
+        for i, p in enumerate(idle):
+            p.call('hello', protocol=1, client=f'idle{i}')
+        with e.connect() as p:  # the fourth: before the fix, refused while three sat idle
+            check(p.call('tokenize', text='a')['tokens'][0] == 1, 'refused')
+        try:
+            idle[0].call('tokenize', text='a', timeout=10)
+            raise AssertionError('the longest-idle connection was kept')
+        except (ConnectionError, OSError):
+            pass
+        for p in idle[1:]:
+            check(p.call('tokenize', text='a')['tokens'][0] == 1, 'a newer idle one was closed')
+        for p in idle:
+            p.close()
+    finally:
+        e.stop()
+
+
 def main():
     tap = Tap()
     if not os.path.exists(MODEL):
@@ -230,7 +366,15 @@ def main():
                  t_bin_method_names_and_client_responses),
                 ("pynvim's stock socket_session works", t_pynvim_stock_session),
                 ('SIGHUP is survived; only our own socket is unlinked; the socket group reaches it',
-                 t_sighup_and_socket_ownership)]:
+                 t_sighup_and_socket_ownership),
+                ('a msgid answered early is free again; one in flight is refused', t_msgids),
+                ('streamed logprobs arrive in the chunks', t_streamed_logprobs),
+                ('a half-closed client gets its answer', t_half_closed_client_gets_its_answer),
+                ('a client that never reads is dropped, others are served',
+                 t_client_that_never_reads_is_dropped),
+                ("SIGTERM keeps a slow reader's queued answers",
+                 t_sigterm_keeps_a_slow_readers_output),
+                ('idle connections make room at the limit', t_idle_connections_make_room)]:
             tap.run(name, fn, d, tmp)
         rc = d.stop()
         log = d.read_log()

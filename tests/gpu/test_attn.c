@@ -106,7 +106,10 @@ static void run_case(const struct case_ *c) {
   free(n_kv), free(perm), free(tables), free(tok_info), free(kc), free(vc), free(q), free(want);
   free(kcont), free(vcont), free(scores);
   KT_ASSERT_OK(rc);
-  KT_ASSERT_MSG(err < 1e-5, "heads %u/%u hd %u bs %u tokens %u kv %u splits %u: rel err %.3g",
+  /* f32 on both sides, summed in different orders (splits merged with online softmax): a few
+   * ulps of the largest value. 1e-5 failed about one random draw in thirty (1.6e-5 seen with
+   * head size 128, 4 splits). */
+  KT_ASSERT_MSG(err < 5e-5, "heads %u/%u hd %u bs %u tokens %u kv %u splits %u: rel err %.3g",
                 c->n_head, c->n_head_kv, hd, c->block_size, c->n_tokens, c->max_kv, splits, err);
 }
 
