@@ -272,10 +272,21 @@ static void list_append(struct sched_req **head, struct sched_req *r) {
 
 /* Ends a request: its sequence goes back to the pool unless a session keeps it. */
 static void sched_finish(struct sched *s, struct sched_req *r, enum sched_finish why, int error) {
+  if (r->session && r->sess_taken && r->n_generated == 0 &&
+      (why == SCHED_FINISH_ERROR || why == SCHED_FINISH_CANCELLED)) {
+    /* A turn that failed or was cancelled before its first token leaves the session as it
+     * found it: its prompt's KV is cut off and the previous answer's last token is pending
+     * again, so the next turn reads the same history (the client got no answer to build on). */
+    if (r->seq && engine_seq_len(r->seq) > r->cached_tokens)
+      engine_seq_truncate(s->e, r->seq, r->cached_tokens);
+    r->next = r->sess_pending0;
+  }
   if (r->session) {
-    r->session->pending = r->next;
-    uint32_t len = r->seq ? engine_seq_len(r->seq) : 0;
-    atomic_store(&r->session->len, len + (r->next >= 0 ? 1u : 0u));
+    if (r->sess_taken) { /* one that never began left the session untouched */
+      r->session->pending = r->next;
+      uint32_t len = r->seq ? engine_seq_len(r->seq) : 0;
+      atomic_store(&r->session->len, len + (r->next >= 0 ? 1u : 0u));
+    }
   } else if (r->seq) {
     engine_seq_free(s->e, r->seq);
   }
@@ -314,6 +325,9 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
       if (rc < 0) return rc;
     }
     r->seq = r->session->seq;
+    r->sess_taken = true;
+    r->sess_pending0 = r->session->pending;
+    r->cached_tokens = engine_seq_len(r->seq);
     /* The previous completion's last token was never run: it leads this prompt. */
     if (r->session->pending >= 0) {
       int32_t *t = malloc((r->n_tokens + 1) * sizeof *t);

@@ -76,6 +76,8 @@ struct sched_req {
   uint32_t n_prefix;    /* of those, the ones the prefix cache supplied at admission */
   uint32_t n_generated;
   uint32_t cached_tokens; /* tokens the session already held when the request began */
+  int32_t sess_pending0;  /* the session's pending token before this turn took it */
+  bool sess_taken;        /* the turn began on its session (rolled back if it yields nothing) */
   int32_t next;           /* sampled, not yet run through the model; -1 = none */
   bool admitted;
   double t_submit, t_start, t_first, t_end; /* monotonic seconds */

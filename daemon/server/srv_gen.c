@@ -282,6 +282,9 @@ static void gen_on_done(struct srv_gen *g, const struct sched_event *ev) {
     log_warn("generate %u on %s ended: %s", g->id, g->m->name, kvd_strerror(ev->error));
   if (g->sess) {
     g->sess->busy = false;
+    /* A first turn that rolled back (failed before its first token) leaves the session empty:
+     * the next prompt starts the conversation, BOS and all. */
+    if (sched_session_len(g->sess->ss) == 0) g->sess->started = false;
     if (g->sess->closing) srv_session_release(g->sess);
   }
   gen_unlink(g);

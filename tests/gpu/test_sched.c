@@ -704,3 +704,64 @@ KT_TEST(logprobs_top_k_are_the_k_best_in_order) {
   gguf_close(f);
   FIXTURE_CHECK_VALIDATION();
 }
+
+/* Defect: a session turn that failed (here: a prompt past the context, refused at admission)
+ * consumed the session's pending token (the last answer's final token, not yet run) and could
+ * leave its prompt's KV behind. A turn that yields nothing leaves the session as it was: the
+ * next turn continues exactly as if the failed one had never been sent. */
+KT_TEST(failed_session_turn_leaves_the_session_as_it_was) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = NULL;
+  void *d = NULL;
+  const uint32_t n_ctx = 128;
+  struct sched *s = new_sched_ctx(n_ctx, 64, &f, &d);
+  KT_ASSERT(s);
+  int32_t pa[6] = {1, 300, 301, 302, 303, 304}, pc[3] = {305, 306, 307};
+  static int32_t too_long[128];
+  for (uint32_t i = 0; i < n_ctx; i++)
+    too_long[i] = (int32_t)kt_rand_range(3, 511);
+  struct sched_session *s1, *s2;
+  KT_ASSERT_OK(sched_session_new(s, &s1));
+  KT_ASSERT_OK(sched_session_new(s, &s2));
+  static struct out oa, ob, oc, oa2, oc2;
+  memset(&oa, 0, sizeof oa), memset(&ob, 0, sizeof ob), memset(&oc, 0, sizeof oc);
+  memset(&oa2, 0, sizeof oa2), memset(&oc2, 0, sizeof oc2);
+  struct sched_req *r[5];
+  r[0] = greedy_req(pa, 6, 5);
+  r[0]->session = s1;
+  sched_submit(s, r[0]);
+  run_until_done(s, &r[0], &oa, 1);
+  uint32_t len1 = sched_session_len(s1);
+  r[1] = greedy_req(too_long, n_ctx, 5); /* fails */
+  r[1]->session = s1;
+  sched_submit(s, r[1]);
+  run_until_done(s, &r[1], &ob, 1);
+  KT_CHECK_EQ(ob.finish, SCHED_FINISH_ERROR);
+  KT_CHECK_EQ(sched_session_len(s1), len1);
+  r[2] = greedy_req(pc, 3, 5);
+  r[2]->session = s1;
+  sched_submit(s, r[2]);
+  run_until_done(s, &r[2], &oc, 1);
+  /* The same conversation without the failed turn. */
+  r[3] = greedy_req(pa, 6, 5);
+  r[3]->session = s2;
+  sched_submit(s, r[3]);
+  run_until_done(s, &r[3], &oa2, 1);
+  r[4] = greedy_req(pc, 3, 5);
+  r[4]->session = s2;
+  sched_submit(s, r[4]);
+  run_until_done(s, &r[4], &oc2, 1);
+  KT_CHECK_EQ(oc.n, 5);
+  KT_CHECK_EQ(oc2.n, 5);
+  KT_CHECK_MSG(memcmp(oc.ids, oc2.ids, 5 * 4) == 0, "the failed turn changed the session");
+  KT_CHECK_EQ(sched_session_len(s1), sched_session_len(s2));
+  for (int i = 0; i < 5; i++)
+    sched_req_free(r[i]);
+  sched_session_free(s, s1);
+  sched_session_free(s, s2);
+  sched_free(s);
+  gguf_close(f);
+  free(d);
+  FIXTURE_CHECK_VALIDATION();
+}
