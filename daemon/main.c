@@ -6,7 +6,7 @@
 #include "kvd_config.h"
 #include "kvd_error.h"
 #include "log.h"
-#include "srv.h"
+#include "daemon.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,20 +72,6 @@ static int main_model_info(const char *path) {
   return 0;
 }
 
-/* The daemon proper: serve until SIGTERM/SIGINT has drained the requests in flight. */
-static int main_serve(const struct kvd_config *cfg) {
-  uv_loop_t loop;
-  if (uv_loop_init(&loop) < 0) return 1;
-  struct srv s;
-  int rc = srv_init(&s, &loop, cfg);
-  if (rc < 0) srv_abort(&s);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  srv_destroy(&s);
-  if (uv_loop_close(&loop) != 0) log_warn("event loop closed with handles still open");
-  if (rc == 0) log_info("stopped");
-  return rc < 0 ? 1 : 0;
-}
-
 int main(int argc, char **argv) {
   struct kvd_config cfg;
   if (config_load(&cfg, argc, argv) < 0) return 2;
@@ -100,7 +86,7 @@ int main(int argc, char **argv) {
   } else if (cfg.model_info) {
     status = main_model_info(cfg.model_info);
   } else {
-    status = main_serve(&cfg);
+    status = daemon_serve(&cfg);
   }
   config_destroy(&cfg);
   return status;

@@ -1,4 +1,5 @@
-/* The server's lifetime: device, startup model, socket, signals, and the drain on SIGTERM. */
+/* The server's lifetime: socket, signals, and the drain on SIGTERM (the device and the startup
+ * model come from daemon.c). */
 #include "srv.h"
 
 #include "kvd_error.h"
@@ -36,37 +37,19 @@ static void srv_on_hup(uv_signal_t *h, int signum) {
            "a change)");
 }
 
-int srv_init(struct srv *s, uv_loop_t *loop, const struct kvd_config *cfg) {
+void srv_init(struct srv *s, uv_loop_t *loop, const struct kvd_config *cfg,
+              const struct srv_device *device) {
   memset(s, 0, sizeof *s);
   s->loop = loop;
   s->cfg = cfg;
+  s->device = *device;
   s->started = srv_now();
-  int rc = gpu_instance_new(&(struct gpu_instance_opts){.validate = cfg->validate}, &s->inst);
-  if (rc < 0) {
-    log_err("Vulkan instance: %s (%s)", kvd_strerror(rc), gpu_error_detail());
-    return rc;
-  }
-  rc = gpu_device_new(s->inst,
-                      &(struct gpu_device_opts){.select = cfg->device, .cache_dir = cfg->cache_dir},
-                      &s->dev);
-  if (rc < 0) {
-    log_err("Vulkan device: %s (%s)", kvd_strerror(rc), gpu_error_detail());
-    return rc;
-  }
-  log_info("device: %s (%s)", gpu_device_caps(s->dev)->name,
-           gpu_device_type_name(gpu_device_caps(s->dev)->type));
-  if (cfg->model) {
-    char err[256] = "";
-    struct srv_model *m;
-    sdn_status("loading model");
-    rc = srv_model_load(s, cfg->model, cfg->model_name, &m, err, sizeof err);
-    if (rc < 0) {
-      log_err("cannot load %s: %s", cfg->model, err[0] ? err : kvd_strerror(rc));
-      return rc;
-    }
-  } else {
-    log_info("no --model given: clients can load one with models.load (kvctl load FILE)");
-  }
+}
+
+int srv_start(struct srv *s) {
+  uv_loop_t *loop = s->loop;
+  const struct kvd_config *cfg = s->cfg;
+  int rc;
   uv_signal_init(loop, &s->sig_term);
   uv_signal_init(loop, &s->sig_int);
   uv_signal_init(loop, &s->sig_hup);
@@ -166,6 +149,5 @@ void srv_drain(struct srv *s) {
 }
 
 void srv_destroy(struct srv *s) {
-  gpu_device_free(s->dev);
-  gpu_instance_free(s->inst);
+  (void)s; /* everything it holds went with the loop; the device is the daemon's */
 }

@@ -18,7 +18,6 @@
 #include "chat.h"
 #include "config.h"
 #include "gguf.h"
-#include "gpu.h"
 #include "ipc.h"
 #include "scheduler.h"
 #include "tok.h"
@@ -30,6 +29,21 @@
 struct srv;
 struct srv_conn;
 struct srv_gen;
+struct gpu_device; /* opaque here: the daemon owns it (daemon.c), models are built on it */
+
+/* What the daemon tells the server about the device it owns: passed through to the engines,
+ * and read for `status`. */
+struct srv_device_mem {
+  uint64_t reserved;  /* device memory kvd holds */
+  uint64_t allocated; /* of which handed out to buffers */
+};
+struct srv_device {
+  struct gpu_device *dev;
+  const char *name;
+  const char *type; /* discrete, integrated, virtual, cpu, other */
+  uint64_t memory_total;
+  void (*memory)(struct gpu_device *dev, struct srv_device_mem *ret);
+};
 
 struct srv_model {
   struct srv *srv;
@@ -70,9 +84,9 @@ struct srv_conn {
    * and a generate answered early (stop string) leaves it at once. */
   uint32_t inflight_ids[IPC_MAX_INFLIGHT];
   uint32_t inflight;
-  double t_active;     /* last request received (for choosing whom to evict when full) */
-  bool eof;            /* the client half-closed: answer what is in flight, then close */
-  bool finishing;      /* closing once its queued output is written (uv_shutdown) */
+  double t_active; /* last request received (for choosing whom to evict when full) */
+  bool eof;        /* the client half-closed: answer what is in flight, then close */
+  bool finishing;  /* closing once its queued output is written (uv_shutdown) */
   uv_shutdown_t shutdown_req;
   struct srv_gen *gens; /* generate requests of this connection */
   struct srv_session *sessions;
@@ -97,8 +111,7 @@ struct srv {
   ino_t sock_ino;
   uv_signal_t sig_term, sig_int, sig_hup;
   bool signals; /* the signal handles are initialised */
-  struct gpu_instance *inst;
-  struct gpu_device *dev;
+  struct srv_device device;
   struct srv_model *models;
   struct srv_conn *conns;
   uint32_t n_conns;
@@ -110,10 +123,15 @@ struct srv {
   double started;
 };
 
-/* srv.c */
-int srv_init(struct srv *s, uv_loop_t *loop, const struct kvd_config *cfg);
+/* srv.c. The daemon (daemon.c) owns the device, then the server: srv_init, the startup model
+ * (srv_model_load), srv_start; the loop runs; srv_destroy; then the device goes. */
+void srv_init(struct srv *s, uv_loop_t *loop, const struct kvd_config *cfg,
+              const struct srv_device *device);
+/* Signals, the socket, READY=1. */
+int srv_start(struct srv *s);
 void srv_destroy(struct srv *s);
-/* After a failed srv_init: closes what it opened; run the loop once more, then srv_destroy. */
+/* After a failed srv_start or model load: closes what was opened; run the loop once more, then
+ * srv_destroy. */
 void srv_abort(struct srv *s);
 /* Starts a drain: no new connections or requests; the loop ends when in-flight work is done. */
 void srv_drain(struct srv *s);
@@ -169,19 +187,10 @@ struct srv_model *srv_model_param(struct srv_conn *c, const struct ipc_msg *msg)
 void srv_session_release(struct srv_session *ss);
 void srv_sessions_close_all(struct srv_conn *c);
 
-/* Method handlers, one per request method of ipc/api.json, named srv_h_<method> with the dots
- * as underscores. Each answers exactly once (now, or later for generate and models.load). */
-void srv_h_hello(struct srv_conn *c, const struct ipc_msg *msg);         /* srv_methods.c */
-void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg);        /* srv_methods.c */
-void srv_h_models_list(struct srv_conn *c, const struct ipc_msg *msg);   /* srv_methods.c */
-void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg);   /* srv_model.c */
-void srv_h_models_unload(struct srv_conn *c, const struct ipc_msg *msg); /* srv_model.c */
-void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg);      /* srv_gen.c */
-void srv_h_cancel(struct srv_conn *c, const struct ipc_msg *msg);        /* srv_methods.c */
-void srv_h_tokenize(struct srv_conn *c, const struct ipc_msg *msg);      /* srv_methods.c */
-void srv_h_detokenize(struct srv_conn *c, const struct ipc_msg *msg);    /* srv_methods.c */
-void srv_h_session_open(struct srv_conn *c, const struct ipc_msg *msg);  /* srv_session.c */
-void srv_h_session_close(struct srv_conn *c, const struct ipc_msg *msg); /* srv_session.c */
-void srv_h_session_fork(struct srv_conn *c, const struct ipc_msg *msg);  /* srv_session.c */
+/* Method handlers, srv_h_<method> (dots as underscores), are declared in the generated
+ * srv_handlers.h, one per request method of ipc/api.json; they live in srv_methods.c (hello,
+ * status, models.list, cancel, tokenize, detokenize), srv_model.c (models.load/unload),
+ * srv_gen.c (generate) and srv_session.c (session.*). */
+#include "srv_handlers.h"
 
 #endif

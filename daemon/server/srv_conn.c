@@ -244,6 +244,9 @@ static void conn_on_shutdown(uv_shutdown_t *req, int status) {
 void srv_conn_finish(struct srv_conn *c) {
   if (c->closing || c->finishing) return;
   c->finishing = true;
+  /* No request can come any more: its sessions go now, while their models are still there
+   * (the drain frees the models next, before the writes complete). */
+  srv_sessions_close_all(c);
   if (c->reading) uv_read_stop((uv_stream_t *)&c->pipe);
   c->reading = false;
   c->shutdown_req.data = c;

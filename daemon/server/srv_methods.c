@@ -104,20 +104,15 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_kv_cstr(w, "version", KVD_VERSION);
   ipc_w_kv_u64(w, "uptime_ms", (uint64_t)((srv_now() - s->started) * 1e3));
   ipc_w_kv_u64(w, "connections", s->n_conns);
-  const struct gpu_caps *caps = gpu_device_caps(s->dev);
-  struct gpu_mem_stats ms;
-  gpu_memory_stats(s->dev, &ms);
-  uint64_t dev_total = 0;
-  for (uint32_t i = 0; i < caps->n_heaps; i++)
-    if (caps->heaps[i].device_local) dev_total += caps->heaps[i].size;
+  struct srv_device_mem ms = {0};
+  if (s->device.memory) s->device.memory(s->device.dev, &ms);
   ipc_w_key(w, "devices");
   ipc_w_array(w, 1);
   ipc_w_map_open(w);
   ipc_w_kv_u64(w, "index", 0);
-  ipc_w_kv_cstr(w, "name", caps->name);
-  static const char *types[] = {"other", "integrated", "discrete", "virtual", "cpu"};
-  ipc_w_kv_cstr(w, "type", types[caps->type]);
-  ipc_w_kv_u64(w, "memory_total", dev_total);
+  ipc_w_kv_cstr(w, "name", s->device.name ? s->device.name : "?");
+  ipc_w_kv_cstr(w, "type", s->device.type ? s->device.type : "other");
+  ipc_w_kv_u64(w, "memory_total", s->device.memory_total);
   ipc_w_kv_u64(w, "memory_used", ms.reserved);
   ipc_w_close(w);
   /* KV: summed over the loaded models' pools. */
@@ -338,46 +333,12 @@ void srv_dispatch(struct srv_conn *c, struct ipc_msg *m) {
     srv_reply_error(c, m->id, rc, "%s", e.message);
     return;
   }
-  switch (m->method_id) {
-  case IPC_M_HELLO:
-    srv_h_hello(c, m);
-    break;
-  case IPC_M_STATUS:
-    srv_h_status(c, m);
-    break;
-  case IPC_M_MODELS_LIST:
-    srv_h_models_list(c, m);
-    break;
-  case IPC_M_MODELS_LOAD:
-    srv_h_models_load(c, m);
-    break;
-  case IPC_M_MODELS_UNLOAD:
-    srv_h_models_unload(c, m);
-    break;
-  case IPC_M_GENERATE:
-    srv_h_generate(c, m);
-    break;
-  case IPC_M_CANCEL:
-    srv_h_cancel(c, m);
-    break;
-  case IPC_M_TOKENIZE:
-    srv_h_tokenize(c, m);
-    break;
-  case IPC_M_DETOKENIZE:
-    srv_h_detokenize(c, m);
-    break;
-  case IPC_M_SESSION_OPEN:
-    srv_h_session_open(c, m);
-    break;
-  case IPC_M_SESSION_CLOSE:
-    srv_h_session_close(c, m);
-    break;
-  case IPC_M_SESSION_FORK:
-    srv_h_session_fork(c, m);
-    break;
-  default:
-    /* generate.chunk is a notification the server sends, not a request it answers. */
+  /* The table is generated from api.json (srv_handlers.c): one handler per request method. */
+  srv_handler_fn h = srv_handlers[m->method_id];
+  if (!h) { /* generate.chunk is a notification the server sends, not a request it answers */
     srv_reply_error(c, m->id, KVD_E_NO_METHOD, "'%.*s' is not a request", (int)m->method_len,
                     m->method);
+    return;
   }
+  h(c, m);
 }

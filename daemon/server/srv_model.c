@@ -75,7 +75,7 @@ static int model_open(struct srv *s, struct srv_model *m, const char *path, stru
       .max_logits = (uint32_t)cfg->max_seqs,
   };
   struct model_error merr = {{0}};
-  rc = engine_new(s->dev, m->f, &eo, ret, &merr);
+  rc = engine_new(s->device.dev, m->f, &eo, ret, &merr);
   if (rc < 0) snprintf(err, errlen, "%s: %s", path, merr.msg[0] ? merr.msg : kvd_strerror(rc));
   return rc;
 }
