@@ -508,7 +508,20 @@ static int eng_mul(struct engine *e, const struct eng_matrix *m, struct gpu_buff
   return wkern_mul(e->wk[m->type], e->cmd, &m->m, &xa, &ya, n_tokens, accumulate);
 }
 
-/* Records the whole forward pass of one step (see engine.h). */
+/* Attention's per-split partial results grow to the largest step seen. */
+static int eng_reserve_partials(struct engine *e, uint32_t n_tok, uint32_t splits) {
+  uint64_t pbytes = attn_partial_bytes(n_tok, e->hp.n_head, e->hp.head_dim, splits);
+  if (pbytes <= e->partial_bytes) return 0;
+  gpu_buffer_free(e->partial);
+  e->partial = NULL;
+  e->partial_bytes = 0;
+  int rc = gpu_buffer_new(e->dev, pbytes, GPU_MEM_DEVICE, "attention partials", &e->partial);
+  if (rc == 0) e->partial_bytes = pbytes;
+  return rc;
+}
+
+/* Records the whole forward pass of one step (see engine.h). Recording errors stick in the
+ * command buffer (gpu.h): no call below is checked, the submit returns the first error. */
 static int eng_record(struct engine *e, uint32_t n_tok, uint32_t n_logits,
                       const uint32_t *logit_rows, uint32_t max_kv, const struct kv_copy *copies,
                       uint32_t n_copies) {
@@ -516,34 +529,28 @@ static int eng_record(struct engine *e, uint32_t n_tok, uint32_t n_logits,
   struct gpu_cmd *cmd = e->cmd;
   struct gpu_buffer *st = e->step;
   const struct eng_step_layout *L = &e->lay;
+
+  /* gpu_cmd_begin refuses while an earlier submission may still run; only after it may the
+   * attention partials buffer be replaced. */
   int rc = gpu_cmd_begin(cmd);
   if (rc < 0) return rc;
+  uint32_t splits = attn_pick_splits(&e->attn, max_kv, n_tok * hp->n_head);
+  gpu_cmd_fail(cmd, eng_reserve_partials(e, n_tok, splits));
 
   /* Copy-on-write: a shared partial block is copied in every layer before anything writes it. */
-  for (uint32_t c = 0; c < n_copies && rc == 0; c++)
-    for (uint32_t l = 0; l < hp->n_layer && rc == 0; l++) {
+  for (uint32_t c = 0; c < n_copies; c++)
+    for (uint32_t l = 0; l < hp->n_layer; l++) {
       uint64_t bb = e->plan.block_bytes;
-      rc = gpu_cmd_copy(cmd, e->layers[l].k_cache, copies[c].src_block * bb, e->layers[l].k_cache,
-                        copies[c].dst_block * bb, bb);
-      if (rc == 0)
-        rc = gpu_cmd_copy(cmd, e->layers[l].v_cache, copies[c].src_block * bb, e->layers[l].v_cache,
-                          copies[c].dst_block * bb, bb);
+      gpu_cmd_copy(cmd, e->layers[l].k_cache, copies[c].src_block * bb, e->layers[l].k_cache,
+                   copies[c].dst_block * bb, bb);
+      gpu_cmd_copy(cmd, e->layers[l].v_cache, copies[c].src_block * bb, e->layers[l].v_cache,
+                   copies[c].dst_block * bb, bb);
     }
 
   struct wkern_act xa = act(e->x, hp->n_embd);
-  if (rc == 0) rc = wkern_embed(e->wk[e->embd->type], cmd, &e->embd->m, st, L->ids, n_tok, &xa);
+  wkern_embed(e->wk[e->embd->type], cmd, &e->embd->m, st, L->ids, n_tok, &xa);
   gpu_cmd_barrier(cmd);
 
-  uint32_t splits = attn_pick_splits(&e->attn, max_kv, n_tok * hp->n_head);
-  uint64_t pbytes = attn_partial_bytes(n_tok, hp->n_head, hp->head_dim, splits);
-  if (rc == 0 && pbytes > e->partial_bytes) {
-    /* Safe to replace: the previous step finished (gpu_cmd_begin waited for nothing pending). */
-    gpu_buffer_free(e->partial);
-    e->partial = NULL;
-    e->partial_bytes = 0;
-    rc = gpu_buffer_new(e->dev, pbytes, GPU_MEM_DEVICE, "attention partials", &e->partial);
-    if (rc == 0) e->partial_bytes = pbytes;
-  }
   struct attn_shape ash = {.n_tokens = n_tok,
                            .n_head = hp->n_head,
                            .n_head_kv = hp->n_head_kv,
@@ -553,67 +560,57 @@ static int eng_record(struct engine *e, uint32_t n_tok, uint32_t n_logits,
                            .n_splits = splits,
                            .max_kv = max_kv};
   struct gpu_binding pos = bind_at(st, L->pos, (uint64_t)n_tok * 4);
-  for (uint32_t l = 0; l < hp->n_layer && rc == 0; l++) {
+  for (uint32_t l = 0; l < hp->n_layer; l++) {
     struct eng_layer *el = &e->layers[l];
-    rc = ops_rmsnorm(&e->ops, cmd, bind(e->x), bind(el->attn_norm), bind(e->xn), n_tok, hp->n_embd,
-                     hp->rms_eps);
+    ops_rmsnorm(&e->ops, cmd, bind(e->x), bind(el->attn_norm), bind(e->xn), n_tok, hp->n_embd,
+                hp->rms_eps);
     gpu_cmd_barrier(cmd);
-    if (rc == 0) rc = eng_mul(e, el->q, e->xn, e->q, n_tok, false);
-    if (rc == 0) rc = eng_mul(e, el->k, e->xn, e->k, n_tok, false);
-    if (rc == 0) rc = eng_mul(e, el->v, e->xn, e->v, n_tok, false);
+    eng_mul(e, el->q, e->xn, e->q, n_tok, false);
+    eng_mul(e, el->k, e->xn, e->k, n_tok, false);
+    eng_mul(e, el->v, e->xn, e->v, n_tok, false);
     gpu_cmd_barrier(cmd);
-    if (rc == 0 && el->q_bias)
-      rc = ops_add_bias(&e->ops, cmd, bind(e->q), bind(el->q_bias), n_tok, e->q_dim);
-    if (rc == 0 && el->k_bias)
-      rc = ops_add_bias(&e->ops, cmd, bind(e->k), bind(el->k_bias), n_tok, e->kv_dim);
-    if (rc == 0 && el->v_bias)
-      rc = ops_add_bias(&e->ops, cmd, bind(e->v), bind(el->v_bias), n_tok, e->kv_dim);
+    if (el->q_bias) ops_add_bias(&e->ops, cmd, bind(e->q), bind(el->q_bias), n_tok, e->q_dim);
+    if (el->k_bias) ops_add_bias(&e->ops, cmd, bind(e->k), bind(el->k_bias), n_tok, e->kv_dim);
+    if (el->v_bias) ops_add_bias(&e->ops, cmd, bind(e->v), bind(el->v_bias), n_tok, e->kv_dim);
     if (el->q_bias || el->k_bias || el->v_bias) gpu_cmd_barrier(cmd);
-    if (rc == 0)
-      rc = ops_rope(&e->ops, cmd, bind(e->q), pos, n_tok, hp->n_head, hp->head_dim, 0, &e->rope);
-    if (rc == 0)
-      rc = ops_rope(&e->ops, cmd, bind(e->k), pos, n_tok, hp->n_head_kv, hp->head_dim, 0, &e->rope);
+    ops_rope(&e->ops, cmd, bind(e->q), pos, n_tok, hp->n_head, hp->head_dim, 0, &e->rope);
+    ops_rope(&e->ops, cmd, bind(e->k), pos, n_tok, hp->n_head_kv, hp->head_dim, 0, &e->rope);
     gpu_cmd_barrier(cmd);
-    if (rc == 0)
-      rc = attn_record_write(&e->attn, cmd, bind(e->k), bind(e->v), bind(el->k_cache),
-                             bind(el->v_cache), bind_at(st, L->slots, (uint64_t)n_tok * 4), n_tok,
-                             hp->n_head_kv, hp->head_dim, e->pool.block_size, e->kv_dim);
+    attn_record_write(&e->attn, cmd, bind(e->k), bind(e->v), bind(el->k_cache), bind(el->v_cache),
+                      bind_at(st, L->slots, (uint64_t)n_tok * 4), n_tok, hp->n_head_kv,
+                      hp->head_dim, e->pool.block_size, e->kv_dim);
     gpu_cmd_barrier(cmd);
-    if (rc == 0)
-      rc = attn_record(&e->attn, cmd, &ash, bind(e->q), bind(el->k_cache), bind(el->v_cache),
-                       bind_at(st, L->tok_info, (uint64_t)n_tok * 8), bind_at(st, L->tables, 0),
-                       bind(e->att), e->partial ? bind(e->partial) : bind(e->att));
+    attn_record(&e->attn, cmd, &ash, bind(e->q), bind(el->k_cache), bind(el->v_cache),
+                bind_at(st, L->tok_info, (uint64_t)n_tok * 8), bind_at(st, L->tables, 0),
+                bind(e->att), e->partial ? bind(e->partial) : bind(e->att));
     gpu_cmd_barrier(cmd);
     /* x += Wo att: the residual add is fused into the projection. */
-    if (rc == 0) rc = eng_mul(e, el->o, e->att, e->x, n_tok, true);
+    eng_mul(e, el->o, e->att, e->x, n_tok, true);
     gpu_cmd_barrier(cmd);
-    if (rc == 0)
-      rc = ops_rmsnorm(&e->ops, cmd, bind(e->x), bind(el->ffn_norm), bind(e->xn), n_tok, hp->n_embd,
-                       hp->rms_eps);
+    ops_rmsnorm(&e->ops, cmd, bind(e->x), bind(el->ffn_norm), bind(e->xn), n_tok, hp->n_embd,
+                hp->rms_eps);
     gpu_cmd_barrier(cmd);
-    if (rc == 0) rc = eng_mul(e, el->gate, e->xn, e->gate, n_tok, false);
-    if (rc == 0) rc = eng_mul(e, el->up, e->xn, e->up, n_tok, false);
+    eng_mul(e, el->gate, e->xn, e->gate, n_tok, false);
+    eng_mul(e, el->up, e->xn, e->up, n_tok, false);
     gpu_cmd_barrier(cmd);
-    if (rc == 0)
-      rc = ops_swiglu(&e->ops, cmd, bind(e->gate), bind(e->up), bind(e->gate), n_tok, hp->n_ff);
+    ops_swiglu(&e->ops, cmd, bind(e->gate), bind(e->up), bind(e->gate), n_tok, hp->n_ff);
     gpu_cmd_barrier(cmd);
-    if (rc == 0) rc = eng_mul(e, el->down, e->gate, e->x, n_tok, true);
+    eng_mul(e, el->down, e->gate, e->x, n_tok, true);
     gpu_cmd_barrier(cmd);
   }
 
   /* Only the rows that want logits go through the final norm and the classifier. */
   uint64_t row = (uint64_t)hp->n_embd * sizeof(float);
-  for (uint32_t i = 0; i < n_logits && rc == 0; i++)
-    rc = gpu_cmd_copy(cmd, e->x, logit_rows[i] * row, e->xl, i * row, row);
+  for (uint32_t i = 0; i < n_logits; i++)
+    gpu_cmd_copy(cmd, e->x, logit_rows[i] * row, e->xl, i * row, row);
   gpu_cmd_barrier(cmd);
-  if (rc == 0 && n_logits) {
-    rc = ops_rmsnorm(&e->ops, cmd, bind(e->xl), bind(e->output_norm), bind(e->xl), n_logits,
-                     hp->n_embd, hp->rms_eps);
+  if (n_logits) {
+    ops_rmsnorm(&e->ops, cmd, bind(e->xl), bind(e->output_norm), bind(e->xl), n_logits, hp->n_embd,
+                hp->rms_eps);
     gpu_cmd_barrier(cmd);
-    if (rc == 0) rc = eng_mul(e, e->output, e->xl, e->logits, n_logits, false);
+    eng_mul(e, e->output, e->xl, e->logits, n_logits, false);
   }
-  int rc2 = gpu_cmd_submit(cmd);
-  return rc < 0 ? rc : rc2;
+  return gpu_cmd_submit(cmd);
 }
 
 static int eng_reserve_items(struct engine *e, uint32_t n_items) {
