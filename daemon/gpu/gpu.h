@@ -95,6 +95,7 @@ struct gpu_device;
 struct gpu_buffer;
 struct gpu_pipeline;
 struct gpu_cmd;
+struct shader_spirv; /* shaders/shader_registry.h */
 
 /* The last failure on this thread: "vkCreateDevice: VK_ERROR_INITIALIZATION_FAILED". */
 const char *gpu_error_detail(void);
@@ -121,6 +122,10 @@ struct gpu_device_opts {
                             NULL or "" = no persistent cache */
   uint64_t mem_limit;    /* cap on device memory this device allocates (0 = none) */
   uint64_t block_size;   /* allocator block size (0 = default 64 MiB, capped by limits) */
+  /* SPIR-V that pipelines may name beside the daemon's embedded registry, searched after it:
+   * tests and benchmarks pass test_shader_spirv_find (shaders/test_shader_registry.h) for the
+   * test-only kernels, which kvd itself never links. NULL = the embedded registry only. */
+  const struct shader_spirv *(*extra_shaders)(const char *name);
 };
 int gpu_device_new(struct gpu_instance *inst, const struct gpu_device_opts *opts,
                    struct gpu_device **ret);

@@ -5,6 +5,8 @@
 #include "gpu_fixture.h"
 #include "kvd_error.h"
 #include "pc_basic.h"
+#include "shader_registry.h"
+#include "test_shader_registry.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -367,4 +369,18 @@ KT_TEST(recording_errors_are_sticky) {
   gpu_cmd_free(cmd);
   gpu_pipeline_free(pipe);
   FIXTURE_CHECK_VALIDATION();
+}
+
+/* The foundation kernels are test-only: they live in kvd_test_shaders, not in the daemon's
+ * registry (tests/unit/test_daemon_shaders.py checks the kvd binary itself). */
+KT_TEST(test_only_shaders_are_not_in_the_daemon_registry) {
+  KT_CHECK(test_shader_spirv_count >= 4);
+  for (size_t i = 0; i < test_shader_spirv_count; i++) {
+    const struct shader_spirv *t = test_shader_spirv_at(i);
+    KT_ASSERT(t && t->code && t->size);
+    KT_CHECK_MSG(shader_spirv_find(t->name) == NULL, "%s is in the daemon's registry", t->name);
+  }
+  KT_CHECK(test_shader_spirv_find("vec_add") != NULL);
+  KT_CHECK(test_shader_spirv_find("rmsnorm") == NULL);
+  KT_CHECK(shader_spirv_find("rmsnorm") != NULL);
 }
