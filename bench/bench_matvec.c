@@ -4,6 +4,7 @@
 #include "gpu.h"
 #include "kvd_error.h"
 #include "pc_basic.h"
+#include "test_shader_registry.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -103,7 +104,10 @@ int main(int argc, char **argv) {
   struct gpu_device *dev;
   int rc = gpu_instance_new(&(struct gpu_instance_opts){.validate = false}, &inst);
   if (rc == 0) {
-    rc = gpu_device_new(inst, &(struct gpu_device_opts){.select = getenv("KVD_DEVICE")}, &dev);
+    rc = gpu_device_new(inst,
+                        &(struct gpu_device_opts){.select = getenv("KVD_DEVICE"),
+                                                  .extra_shaders = test_shader_spirv_find},
+                        &dev);
     if (rc < 0) gpu_instance_free(inst);
   }
   if (rc < 0) {

@@ -92,7 +92,7 @@ int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct 
                 struct gpu_binding tok_info, struct gpu_binding tables, struct gpu_binding out,
                 struct gpu_binding partial) {
   if (s->head_dim > a->max_hd || s->n_head_kv == 0 || s->n_head % s->n_head_kv || s->n_splits == 0)
-    return KVD_EINVAL;
+    return gpu_cmd_fail(cmd, KVD_EINVAL);
   uint32_t chunk = (s->max_kv + s->n_splits - 1) / s->n_splits;
   struct pc_attn pc = {
       .n_tokens = s->n_tokens,
@@ -110,7 +110,7 @@ int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct 
       q, k_cache, v_cache, tok_info, tables, out, s->n_splits > 1 ? partial : out};
   int rc = gpu_cmd_dispatch(cmd, a->paged, b, 7, &pc, sizeof pc, s->n_head, s->n_tokens,
                             s->n_splits, "attn_paged");
-  if (rc < 0 || s->n_splits == 1) return rc;
+  if (rc < 0 || s->n_splits == 1) return gpu_cmd_fail(cmd, rc);
   gpu_cmd_barrier(cmd);
   struct gpu_binding m[2] = {partial, out};
   return gpu_cmd_dispatch(cmd, a->merge, m, 2, &pc, sizeof pc, s->n_head, s->n_tokens, 1,

@@ -1,5 +1,6 @@
 /* Recorders for the paged-attention kernels and the KV write (shaders/attn_paged.comp,
- * attn_merge.comp, kv_write.comp; cache layout and tok_info in shaders/common/pc_attn.h). */
+ * attn_merge.comp, kv_write.comp; cache layout and tok_info in shaders/common/pc_attn.h).
+ * A refused shape is stored in the gpu_cmd like a refused dispatch (gpu_cmd_fail(), gpu.h). */
 #ifndef KVD_MODEL_ATTN_H
 #define KVD_MODEL_ATTN_H
 

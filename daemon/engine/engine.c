@@ -1,9 +1,9 @@
-#include "engine.h"
+/* The engine's lifetime: the model's weights in device memory, the KV pool and its buffers,
+ * the activations, sequences. A step is assembled in engine_step.c and recorded in
+ * engine_forward.c (engine_internal.h has the structs they share). */
+#include "engine_internal.h"
 
-#include "attn.h"
 #include "kvd_error.h"
-#include "ops.h"
-#include "wkern.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -13,76 +13,6 @@
 #define DEFAULT_KV_FRACTION 0.5
 /* Without a byte budget, no more KV than this many full-context sequences is worth holding. */
 #define KV_MAX_FULL_SEQS 32
-
-/* A weight matrix in device memory, exactly as stored in the file. */
-struct eng_matrix {
-  struct gpu_buffer *buf;
-  const struct gguf_tensor *t;
-  struct wkern_matrix m;
-  enum dtype type;
-};
-
-struct eng_layer {
-  struct gpu_buffer *attn_norm, *ffn_norm;     /* (n_embd) f32 */
-  struct gpu_buffer *q_bias, *k_bias, *v_bias; /* f32 or NULL */
-  struct eng_matrix *q, *k, *v, *o, *gate, *up, *down;
-  struct gpu_buffer *k_cache, *v_cache; /* (n_blocks, n_head_kv, block_size, head_dim) f32 */
-};
-
-/* Offsets of the per-step arrays inside the step buffer (bytes, storage-aligned). */
-struct eng_step_layout {
-  uint64_t ids, pos, slots, tok_info, tables, size;
-  uint64_t tables_cap; /* entries */
-};
-
-struct engine_seq {
-  struct kv_seq *kv;
-  struct engine_seq *prev, *next; /* every open sequence, freed with the engine */
-};
-
-struct engine {
-  struct gpu_device *dev;
-  const struct gguf_file *f;
-  struct model_weights *w;
-  struct model_hparams hp;
-  uint32_t q_dim, kv_dim;
-  uint32_t max_tokens, max_logits;
-
-  struct ops ops;
-  struct ops_rope_cfg rope;
-  struct attn_kernels attn;
-  struct wkern *wk[DTYPE_MAX]; /* one per weight type the model uses */
-
-  struct eng_matrix *mats; /* every distinct matrix tensor, uploaded once */
-  uint32_t n_mats;
-  struct eng_matrix *embd, *output;
-  struct gpu_buffer *output_norm;
-  struct eng_layer *layers;
-
-  struct kv_pool pool;
-  struct kv_plan plan;
-  struct engine_seq *seqs;
-
-  /* activations, (max_tokens, width) f32 */
-  struct gpu_buffer *x, *xn, *q, *k, *v, *att, *gate, *up;
-  struct gpu_buffer *xl;     /* (max_logits, n_embd): the rows logits are computed for */
-  struct gpu_buffer *logits; /* (max_logits, n_vocab), host-visible */
-  struct gpu_buffer *partial;
-  uint64_t partial_bytes;
-  struct gpu_buffer *step; /* host-visible per-step arrays */
-  struct eng_step_layout lay;
-  uint32_t *tables_host;
-  uint32_t *offsets_host;
-  uint32_t *logit_rows; /* (max_logits) token rows whose logits a step returns */
-  const struct kv_seq **seq_ptrs;
-  uint32_t cap_items;
-
-  struct gpu_cmd *cmd;
-};
-
-static uint64_t align_up(uint64_t v, uint64_t a) {
-  return a > 1 ? (v + a - 1) / a * a : v;
-}
 
 static int eng_fail(struct model_error *err, int rc, const char *what) {
   if (err)
@@ -244,29 +174,6 @@ static int eng_alloc_kv(struct engine *e, const struct engine_opts *o, struct mo
   return rc;
 }
 
-static int eng_layout_step(struct engine *e, uint64_t tables_cap) {
-  uint64_t a = gpu_device_caps(e->dev)->min_storage_align, t = e->max_tokens, off = 0;
-  struct eng_step_layout *L = &e->lay;
-  L->ids = off;
-  off = align_up(off + t * 4, a);
-  L->pos = off;
-  off = align_up(off + t * 4, a);
-  L->slots = off;
-  off = align_up(off + t * 4, a);
-  L->tok_info = off;
-  off = align_up(off + t * 8, a);
-  L->tables = off;
-  off += tables_cap * 4;
-  L->size = off;
-  L->tables_cap = tables_cap;
-  gpu_buffer_free(e->step);
-  e->step = NULL;
-  free(e->tables_host);
-  e->tables_host = malloc(tables_cap * 4);
-  if (!e->tables_host) return KVD_ENOMEM;
-  return gpu_buffer_new(e->dev, L->size, GPU_MEM_MAPPABLE, "step arrays", &e->step);
-}
-
 static int eng_alloc_activations(struct engine *e) {
   const struct model_hparams *hp = &e->hp;
   uint64_t t = e->max_tokens, f = sizeof(float);
@@ -295,7 +202,7 @@ static int eng_alloc_activations(struct engine *e) {
   if (!e->logit_rows) return KVD_ENOMEM;
   /* Tables: every sequence in a full step could span the whole context. */
   uint64_t per_seq = e->hp.n_ctx_train / e->pool.block_size + 2;
-  return eng_layout_step(e, per_seq * 8);
+  return engine__layout_step(e, per_seq * 8);
 }
 
 int engine_new(struct gpu_device *dev, const struct gguf_file *f, const struct engine_opts *opts,
@@ -487,243 +394,6 @@ int engine_seq_fork(struct engine *e, const struct engine_seq *src, struct engin
   }
   eng_seq_link(e, s);
   *ret = s;
-  return 0;
-}
-
-static struct gpu_binding bind(struct gpu_buffer *b) {
-  return (struct gpu_binding){b, 0, 0};
-}
-
-static struct gpu_binding bind_at(struct gpu_buffer *b, uint64_t off, uint64_t range) {
-  return (struct gpu_binding){b, off, range};
-}
-
-static struct wkern_act act(struct gpu_buffer *b, uint32_t stride) {
-  return (struct wkern_act){.buf = b, .offset = 0, .stride = stride};
-}
-
-static int eng_mul(struct engine *e, const struct eng_matrix *m, struct gpu_buffer *x,
-                   struct gpu_buffer *y, uint32_t n_tokens, bool accumulate) {
-  struct wkern_act xa = act(x, m->m.cols), ya = act(y, m->m.rows);
-  return wkern_mul(e->wk[m->type], e->cmd, &m->m, &xa, &ya, n_tokens, accumulate);
-}
-
-/* Records the whole forward pass of one step (see engine.h). */
-static int eng_record(struct engine *e, uint32_t n_tok, uint32_t n_logits,
-                      const uint32_t *logit_rows, uint32_t max_kv, const struct kv_copy *copies,
-                      uint32_t n_copies) {
-  const struct model_hparams *hp = &e->hp;
-  struct gpu_cmd *cmd = e->cmd;
-  struct gpu_buffer *st = e->step;
-  const struct eng_step_layout *L = &e->lay;
-  int rc = gpu_cmd_begin(cmd);
-  if (rc < 0) return rc;
-
-  /* Copy-on-write: a shared partial block is copied in every layer before anything writes it. */
-  for (uint32_t c = 0; c < n_copies && rc == 0; c++)
-    for (uint32_t l = 0; l < hp->n_layer && rc == 0; l++) {
-      uint64_t bb = e->plan.block_bytes;
-      rc = gpu_cmd_copy(cmd, e->layers[l].k_cache, copies[c].src_block * bb, e->layers[l].k_cache,
-                        copies[c].dst_block * bb, bb);
-      if (rc == 0)
-        rc = gpu_cmd_copy(cmd, e->layers[l].v_cache, copies[c].src_block * bb, e->layers[l].v_cache,
-                          copies[c].dst_block * bb, bb);
-    }
-
-  struct wkern_act xa = act(e->x, hp->n_embd);
-  if (rc == 0) rc = wkern_embed(e->wk[e->embd->type], cmd, &e->embd->m, st, L->ids, n_tok, &xa);
-  gpu_cmd_barrier(cmd);
-
-  uint32_t splits = attn_pick_splits(&e->attn, max_kv, n_tok * hp->n_head);
-  uint64_t pbytes = attn_partial_bytes(n_tok, hp->n_head, hp->head_dim, splits);
-  if (rc == 0 && pbytes > e->partial_bytes) {
-    /* Safe to replace: the previous step finished (gpu_cmd_begin waited for nothing pending). */
-    gpu_buffer_free(e->partial);
-    e->partial = NULL;
-    e->partial_bytes = 0;
-    rc = gpu_buffer_new(e->dev, pbytes, GPU_MEM_DEVICE, "attention partials", &e->partial);
-    if (rc == 0) e->partial_bytes = pbytes;
-  }
-  struct attn_shape ash = {.n_tokens = n_tok,
-                           .n_head = hp->n_head,
-                           .n_head_kv = hp->n_head_kv,
-                           .head_dim = hp->head_dim,
-                           .block_size = e->pool.block_size,
-                           .q_stride = e->q_dim,
-                           .n_splits = splits,
-                           .max_kv = max_kv};
-  struct gpu_binding pos = bind_at(st, L->pos, (uint64_t)n_tok * 4);
-  for (uint32_t l = 0; l < hp->n_layer && rc == 0; l++) {
-    struct eng_layer *el = &e->layers[l];
-    rc = ops_rmsnorm(&e->ops, cmd, bind(e->x), bind(el->attn_norm), bind(e->xn), n_tok, hp->n_embd,
-                     hp->rms_eps);
-    gpu_cmd_barrier(cmd);
-    if (rc == 0) rc = eng_mul(e, el->q, e->xn, e->q, n_tok, false);
-    if (rc == 0) rc = eng_mul(e, el->k, e->xn, e->k, n_tok, false);
-    if (rc == 0) rc = eng_mul(e, el->v, e->xn, e->v, n_tok, false);
-    gpu_cmd_barrier(cmd);
-    if (rc == 0 && el->q_bias)
-      rc = ops_add_bias(&e->ops, cmd, bind(e->q), bind(el->q_bias), n_tok, e->q_dim);
-    if (rc == 0 && el->k_bias)
-      rc = ops_add_bias(&e->ops, cmd, bind(e->k), bind(el->k_bias), n_tok, e->kv_dim);
-    if (rc == 0 && el->v_bias)
-      rc = ops_add_bias(&e->ops, cmd, bind(e->v), bind(el->v_bias), n_tok, e->kv_dim);
-    if (el->q_bias || el->k_bias || el->v_bias) gpu_cmd_barrier(cmd);
-    if (rc == 0)
-      rc = ops_rope(&e->ops, cmd, bind(e->q), pos, n_tok, hp->n_head, hp->head_dim, 0, &e->rope);
-    if (rc == 0)
-      rc = ops_rope(&e->ops, cmd, bind(e->k), pos, n_tok, hp->n_head_kv, hp->head_dim, 0, &e->rope);
-    gpu_cmd_barrier(cmd);
-    if (rc == 0)
-      rc = attn_record_write(&e->attn, cmd, bind(e->k), bind(e->v), bind(el->k_cache),
-                             bind(el->v_cache), bind_at(st, L->slots, (uint64_t)n_tok * 4), n_tok,
-                             hp->n_head_kv, hp->head_dim, e->pool.block_size, e->kv_dim);
-    gpu_cmd_barrier(cmd);
-    if (rc == 0)
-      rc = attn_record(&e->attn, cmd, &ash, bind(e->q), bind(el->k_cache), bind(el->v_cache),
-                       bind_at(st, L->tok_info, (uint64_t)n_tok * 8), bind_at(st, L->tables, 0),
-                       bind(e->att), e->partial ? bind(e->partial) : bind(e->att));
-    gpu_cmd_barrier(cmd);
-    /* x += Wo att: the residual add is fused into the projection. */
-    if (rc == 0) rc = eng_mul(e, el->o, e->att, e->x, n_tok, true);
-    gpu_cmd_barrier(cmd);
-    if (rc == 0)
-      rc = ops_rmsnorm(&e->ops, cmd, bind(e->x), bind(el->ffn_norm), bind(e->xn), n_tok, hp->n_embd,
-                       hp->rms_eps);
-    gpu_cmd_barrier(cmd);
-    if (rc == 0) rc = eng_mul(e, el->gate, e->xn, e->gate, n_tok, false);
-    if (rc == 0) rc = eng_mul(e, el->up, e->xn, e->up, n_tok, false);
-    gpu_cmd_barrier(cmd);
-    if (rc == 0)
-      rc = ops_swiglu(&e->ops, cmd, bind(e->gate), bind(e->up), bind(e->gate), n_tok, hp->n_ff);
-    gpu_cmd_barrier(cmd);
-    if (rc == 0) rc = eng_mul(e, el->down, e->gate, e->x, n_tok, true);
-    gpu_cmd_barrier(cmd);
-  }
-
-  /* Only the rows that want logits go through the final norm and the classifier. */
-  uint64_t row = (uint64_t)hp->n_embd * sizeof(float);
-  for (uint32_t i = 0; i < n_logits && rc == 0; i++)
-    rc = gpu_cmd_copy(cmd, e->x, logit_rows[i] * row, e->xl, i * row, row);
-  gpu_cmd_barrier(cmd);
-  if (rc == 0 && n_logits) {
-    rc = ops_rmsnorm(&e->ops, cmd, bind(e->xl), bind(e->output_norm), bind(e->xl), n_logits,
-                     hp->n_embd, hp->rms_eps);
-    gpu_cmd_barrier(cmd);
-    if (rc == 0) rc = eng_mul(e, e->output, e->xl, e->logits, n_logits, false);
-  }
-  int rc2 = gpu_cmd_submit(cmd);
-  return rc < 0 ? rc : rc2;
-}
-
-static int eng_reserve_items(struct engine *e, uint32_t n_items) {
-  if (n_items <= e->cap_items) return 0;
-  uint32_t cap = n_items * 2;
-  uint32_t *off = realloc(e->offsets_host, cap * sizeof *off);
-  if (!off) return KVD_ENOMEM;
-  e->offsets_host = off;
-  const struct kv_seq **sp = realloc(e->seq_ptrs, cap * sizeof *sp);
-  if (!sp) return KVD_ENOMEM;
-  e->seq_ptrs = sp;
-  e->cap_items = cap;
-  return 0;
-}
-
-int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items) {
-  const struct model_hparams *hp = &e->hp;
-  if (n_items == 0) return KVD_EINVAL;
-  int rc = eng_reserve_items(e, n_items);
-  if (rc < 0) return rc;
-
-  /* Validate everything and count blocks before touching any sequence: all or nothing. */
-  uint64_t n_tok = 0, need_blocks = 0;
-  uint32_t n_logits = 0;
-  for (uint32_t i = 0; i < n_items; i++) {
-    const struct engine_item *it = &items[i];
-    if (!it->seq || it->n_tokens == 0 || !it->tokens) return KVD_EINVAL;
-    for (uint32_t j = 0; j < it->n_tokens; j++)
-      if (it->tokens[j] < 0 || (uint32_t)it->tokens[j] >= hp->n_vocab) return KVD_EINVAL;
-    if ((uint64_t)it->seq->kv->len + it->n_tokens > hp->n_ctx_train) return KVD_E_CONTEXT;
-    n_tok += it->n_tokens;
-    n_logits += it->logits != NULL;
-    need_blocks += kv_seq_step_blocks(&e->pool, it->seq->kv, it->n_tokens);
-  }
-  if (n_tok > e->max_tokens || n_logits > e->max_logits) return KVD_E2BIG;
-  /* Cached prefix blocks count as available: an allocation evicts them when the free list is
-   * empty. */
-  if (need_blocks > kv_pool_available(&e->pool)) {
-    e->pool.alloc_failures++;
-    return KVD_E_KV_EXHAUSTED;
-  }
-
-  struct kv_copy copies_small[16], *copies = copies_small;
-  if (n_items > 16 && !(copies = malloc(n_items * sizeof *copies))) return KVD_ENOMEM;
-  uint32_t n_copies = 0, done = 0;
-  for (; done < n_items && rc == 0; done++) {
-    struct kv_seq *kv = items[done].seq->kv;
-    uint32_t len = kv->len;
-    rc = kv_seq_reserve(&e->pool, kv, items[done].n_tokens);
-    if (rc == 0) {
-      int c = kv_seq_prepare_write(&e->pool, kv, len, &copies[n_copies]);
-      if (c == 1)
-        n_copies++;
-      else if (c < 0)
-        rc = c;
-    }
-    e->seq_ptrs[done] = kv;
-  }
-  /* The mirror of every table, then the per-token arrays, straight into the mapped step buffer. */
-  size_t entries = rc == 0 ? kv_mirror_entries(e->seq_ptrs, n_items) : 0;
-  if (rc == 0 && entries > e->lay.tables_cap) rc = eng_layout_step(e, entries * 2);
-  uint8_t *map = rc == 0 ? gpu_buffer_map(e->step) : NULL;
-  if (rc == 0 && !map) rc = KVD_E_VULKAN;
-  if (rc == 0) {
-    int n =
-        kv_mirror_write(e->seq_ptrs, n_items, e->tables_host, e->lay.tables_cap, e->offsets_host);
-    if (n < 0)
-      rc = n;
-    else
-      memcpy(map + e->lay.tables, e->tables_host, (size_t)n * 4);
-  }
-  uint32_t max_kv = 0;
-  uint32_t *lrows = e->logit_rows;
-  uint32_t *ids = (uint32_t *)(map ? map + e->lay.ids : NULL);
-  uint32_t *pos = (uint32_t *)(map ? map + e->lay.pos : NULL);
-  uint32_t *slots = (uint32_t *)(map ? map + e->lay.slots : NULL);
-  uint32_t *info = (uint32_t *)(map ? map + e->lay.tok_info : NULL);
-  uint32_t t = 0, li = 0;
-  for (uint32_t i = 0; i < n_items && rc == 0; i++) {
-    const struct engine_item *it = &items[i];
-    struct kv_seq *kv = it->seq->kv;
-    for (uint32_t j = 0; j < it->n_tokens && rc == 0; j++, t++) {
-      uint32_t p = kv->len + j;
-      struct kv_slot slot;
-      rc = kv_seq_slot(kv, p, &slot);
-      ids[t] = (uint32_t)it->tokens[j];
-      pos[t] = p;
-      slots[t] = kv_slot_index(slot, e->pool.block_size);
-      info[2 * t] = p + 1;
-      info[2 * t + 1] = e->offsets_host[i];
-      if (p + 1 > max_kv) max_kv = p + 1;
-    }
-    if (it->logits) lrows[li++] = t - 1;
-  }
-  if (rc == 0) rc = eng_record(e, (uint32_t)n_tok, n_logits, lrows, max_kv, copies, n_copies);
-  if (rc == 0) rc = gpu_cmd_wait(e->cmd);
-  if (copies != copies_small) free(copies);
-  if (rc < 0) {
-    /* Give back what this step reserved; committed tokens stay as they were. */
-    for (uint32_t i = 0; i < done; i++)
-      kv_seq_truncate(&e->pool, items[i].seq->kv, items[i].seq->kv->len);
-    return rc;
-  }
-  const float *lg = gpu_buffer_map(e->logits);
-  li = 0;
-  for (uint32_t i = 0; i < n_items; i++) {
-    kv_seq_commit(items[i].seq->kv, items[i].n_tokens);
-    if (items[i].logits)
-      memcpy(items[i].logits, lg + (size_t)li++ * hp->n_vocab, hp->n_vocab * sizeof(float));
-  }
   return 0;
 }
 

@@ -91,8 +91,8 @@ static int row_norm(struct ops *o, struct gpu_cmd *cmd, const struct gpu_pipelin
                     const struct gpu_binding *b, uint32_t n_b, uint32_t n_tokens, uint32_t dim,
                     float eps, const char *label) {
   if (n_tokens == 0) return 0;
-  if (dim == 0) return KVD_EINVAL;
-  if ((uint64_t)n_tokens * dim >= OPS_MAX_ELEMS) return KVD_E_LIMIT;
+  if (dim == 0) return gpu_cmd_fail(cmd, KVD_EINVAL);
+  if ((uint64_t)n_tokens * dim >= OPS_MAX_ELEMS) return gpu_cmd_fail(cmd, KVD_E_LIMIT);
   struct pc_rmsnorm pc = {.n_tokens = n_tokens, .dim = dim, .eps = eps};
   uint32_t gx, gy;
   gpu_grid_2d(o->dev, n_tokens, &gx, &gy);
@@ -177,10 +177,11 @@ int ops_rope(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gp
   uint64_t row = (uint64_t)n_heads * head_dim;
   if (stride == 0) stride = (uint32_t)row;
   if (!rope_cfg_valid(cfg) || n_heads == 0 || cfg->n_rot > head_dim || stride < row)
-    return KVD_EINVAL;
-  if ((uint64_t)(n_tokens - 1) * stride + row >= OPS_MAX_ELEMS) return KVD_E_LIMIT;
+    return gpu_cmd_fail(cmd, KVD_EINVAL);
+  if ((uint64_t)(n_tokens - 1) * stride + row >= OPS_MAX_ELEMS)
+    return gpu_cmd_fail(cmd, KVD_E_LIMIT);
   int rc = ops_rope_prepare(o, cfg);
-  if (rc < 0) return rc;
+  if (rc < 0) return gpu_cmd_fail(cmd, rc);
   const struct ops_rope_table *t = rope_find(o, cfg);
   struct pc_rope pc = {.n_tokens = n_tokens,
                        .n_heads = n_heads,
@@ -190,7 +191,7 @@ int ops_rope(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gp
                        .stride = stride};
   uint32_t groups;
   if ((rc = elem_groups(o, (uint64_t)n_tokens * n_heads * (cfg->n_rot / 2), &groups)) < 0)
-    return rc;
+    return gpu_cmd_fail(cmd, rc);
   struct gpu_binding b[3] = {x, pos, {t->freq, 0, 0}};
   return gpu_cmd_dispatch(cmd, o->rope, b, 3, &pc, sizeof pc, groups, 1, 1, "rope");
 }
@@ -200,11 +201,12 @@ int ops_rope(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gp
 static int swiglu(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding gate,
                   struct gpu_binding up, struct gpu_binding out, const struct pc_swiglu *pc) {
   if (pc->n_tokens == 0) return 0;
-  if (pc->n == 0) return KVD_EINVAL;
-  if ((uint64_t)pc->n_tokens * pc->in_stride >= OPS_MAX_ELEMS) return KVD_E_LIMIT;
+  if (pc->n == 0) return gpu_cmd_fail(cmd, KVD_EINVAL);
+  if ((uint64_t)pc->n_tokens * pc->in_stride >= OPS_MAX_ELEMS)
+    return gpu_cmd_fail(cmd, KVD_E_LIMIT);
   uint32_t groups;
   int rc = elem_groups(o, (uint64_t)pc->n_tokens * pc->n, &groups);
-  if (rc < 0) return rc;
+  if (rc < 0) return gpu_cmd_fail(cmd, rc);
   struct gpu_binding b[3] = {gate, up, out};
   return gpu_cmd_dispatch(cmd, o->swiglu, b, 3, pc, sizeof *pc, groups, 1, 1, "swiglu");
 }
@@ -220,7 +222,7 @@ int ops_swiglu_fused(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding gate
                      struct gpu_binding out, uint32_t n_tokens, uint32_t n) {
   /* One buffer bound twice: up is found by an element offset rather than a second binding
    * offset, which would have to meet minStorageBufferOffsetAlignment. */
-  if ((uint64_t)n * 2 >= OPS_MAX_ELEMS) return KVD_E_LIMIT;
+  if ((uint64_t)n * 2 >= OPS_MAX_ELEMS) return gpu_cmd_fail(cmd, KVD_E_LIMIT);
   struct pc_swiglu pc = {
       .n_tokens = n_tokens, .n = n, .in_stride = 2 * n, .up_off = n, .out_stride = n};
   return swiglu(o, cmd, gate_up, gate_up, out, &pc);
@@ -229,10 +231,10 @@ int ops_swiglu_fused(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding gate
 static int add(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu_binding y,
                uint32_t n_tokens, uint32_t n, bool bcast, const char *label) {
   if (n_tokens == 0) return 0;
-  if (n == 0) return KVD_EINVAL;
+  if (n == 0) return gpu_cmd_fail(cmd, KVD_EINVAL);
   uint32_t groups;
   int rc = elem_groups(o, (uint64_t)n_tokens * n, &groups);
-  if (rc < 0) return rc;
+  if (rc < 0) return gpu_cmd_fail(cmd, rc);
   struct pc_add pc = {.n_tokens = n_tokens, .n = n, .bcast = bcast};
   struct gpu_binding b[2] = {x, y};
   return gpu_cmd_dispatch(cmd, o->add, b, 2, &pc, sizeof pc, groups, 1, 1, label);
@@ -251,8 +253,8 @@ int ops_add_bias(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struc
 int ops_softmax(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, uint32_t n_rows,
                 uint32_t n) {
   if (n_rows == 0) return 0;
-  if (n == 0) return KVD_EINVAL;
-  if ((uint64_t)n_rows * n >= OPS_MAX_ELEMS) return KVD_E_LIMIT;
+  if (n == 0) return gpu_cmd_fail(cmd, KVD_EINVAL);
+  if ((uint64_t)n_rows * n >= OPS_MAX_ELEMS) return gpu_cmd_fail(cmd, KVD_E_LIMIT);
   struct pc_softmax pc = {.n_rows = n_rows, .n = n};
   uint32_t gx, gy;
   gpu_grid_2d(o->dev, n_rows, &gx, &gy);

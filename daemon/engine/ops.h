@@ -6,7 +6,8 @@
  * row-major and dense unless a stride says otherwise; n_tokens is 1 for decode and anything for
  * prefill. A call with n_tokens (or n_rows) == 0 records nothing and returns 0. Shapes the
  * kernels cannot take are KVD_EINVAL; limits the device cannot take come back from
- * gpu_cmd_dispatch() (KVD_E_LIMIT, KVD_ERANGE) before anything reaches the device. */
+ * gpu_cmd_dispatch() (KVD_E_LIMIT, KVD_ERANGE) before anything reaches the device. Every refusal
+ * is stored in the gpu_cmd (gpu_cmd_fail(), see gpu.h): the recording's submit fails with it. */
 #ifndef KVD_MODEL_OPS_H
 #define KVD_MODEL_OPS_H
 

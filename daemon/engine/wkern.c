@@ -206,8 +206,9 @@ static int record_mul(const struct wkern *k, struct gpu_cmd *cmd, enum wkern_op 
                       const struct wkern_act *y, uint32_t n_tokens, bool accumulate) {
   uint64_t rb;
   int rc = check_shape(k, w, x, y, &rb);
-  if (rc < 0) return rc;
-  if (op == WKERN_MATVEC ? !k->matvec[0] : !k->matmul) return KVD_EINVAL; /* not created */
+  if (rc < 0) return gpu_cmd_fail(cmd, rc);
+  if (op == WKERN_MATVEC ? !k->matvec[0] : !k->matmul)
+    return gpu_cmd_fail(cmd, KVD_EINVAL); /* not created */
   if (n_tokens == 0) return 0;
   const struct gpu_caps *c = gpu_device_caps(k->dev);
   uint64_t maxb = k->max_binding;
@@ -220,7 +221,7 @@ static int record_mul(const struct wkern *k, struct gpu_cmd *cmd, enum wkern_op 
     tok_cap = min_u64(tok_cap, (uint64_t)c->max_wg_count[1] * 16 * k->mm_tm);
     row_cap = min_u64(row_cap, (uint64_t)c->max_wg_count[0] * 16 * k->mm_tn);
   }
-  if (tok_cap == 0 || row_cap == 0) return KVD_E_LIMIT;
+  if (tok_cap == 0 || row_cap == 0) return gpu_cmd_fail(cmd, KVD_E_LIMIT);
 
   for (uint32_t t0 = 0; t0 < n_tokens; t0 += (uint32_t)tok_cap) {
     uint32_t nt = (uint32_t)min_u64(tok_cap, n_tokens - t0);
@@ -235,7 +236,7 @@ static int record_mul(const struct wkern *k, struct gpu_cmd *cmd, enum wkern_op 
       if (rc == 0)
         rc = bind_range(c, y->buf, y->offset + ((uint64_t)t0 * y->stride + r0) * 4,
                         ((uint64_t)(nt - 1) * y->stride + nr) * 4, &b[2], &skip[2]);
-      if (rc < 0) return rc;
+      if (rc < 0) return gpu_cmd_fail(cmd, rc);
       struct pc_wmat pc = {
           .rows = nr,
           .cols = w->cols,
@@ -263,7 +264,7 @@ static int record_mul(const struct wkern *k, struct gpu_cmd *cmd, enum wkern_op 
       }
       const char *label = wkern_variant(k->type, op, op == WKERN_MATVEC && k->mv_subgroup);
       rc = gpu_cmd_dispatch(cmd, pipe, b, 3, &pc, sizeof pc, gx, gy, 1, label);
-      if (rc < 0) return rc;
+      if (rc < 0) return gpu_cmd_fail(cmd, rc);
     }
   }
   return 0;
@@ -295,15 +296,15 @@ int wkern_embed(const struct wkern *k, struct gpu_cmd *cmd, const struct wkern_m
   if (!k->embed || !table->buf || !ids || !out->buf || table->rows == 0 || table->cols == 0 ||
       out->stride < table->cols || ids_offset % 4 || out->offset % 4 ||
       (k->type == DTYPE_F32 && table->offset % 4))
-    return KVD_EINVAL;
+    return gpu_cmd_fail(cmd, KVD_EINVAL);
   int rc = dtype_row_bytes(k->type, table->cols, &rb);
-  if (rc < 0) return rc;
+  if (rc < 0) return gpu_cmd_fail(cmd, rc);
   if (n_tokens == 0) return 0;
   const struct gpu_caps *c = gpu_device_caps(k->dev);
   uint64_t maxb = k->max_binding;
   uint64_t tok_cap = maxb / ((uint64_t)out->stride * sizeof(float));
   uint64_t row_cap = maxb / rb;
-  if (tok_cap == 0 || row_cap == 0) return KVD_E_LIMIT;
+  if (tok_cap == 0 || row_cap == 0) return gpu_cmd_fail(cmd, KVD_E_LIMIT);
 
   for (uint32_t t0 = 0; t0 < n_tokens; t0 += (uint32_t)tok_cap) {
     uint32_t nt = (uint32_t)min_u64(tok_cap, n_tokens - t0);
@@ -317,7 +318,7 @@ int wkern_embed(const struct wkern *k, struct gpu_cmd *cmd, const struct wkern_m
       if (rc == 0)
         rc = bind_range(c, out->buf, out->offset + (uint64_t)t0 * out->stride * 4,
                         ((uint64_t)(nt - 1) * out->stride + table->cols) * 4, &b[2], &skip[2]);
-      if (rc < 0) return rc;
+      if (rc < 0) return gpu_cmd_fail(cmd, rc);
       struct pc_embed pc = {
           .n_tokens = nt,
           .dim = table->cols,
@@ -332,7 +333,7 @@ int wkern_embed(const struct wkern *k, struct gpu_cmd *cmd, const struct wkern_m
       gpu_grid_2d(k->dev, nt, &gx, &gy);
       rc = gpu_cmd_dispatch(cmd, k->embed, b, 3, &pc, sizeof pc, gx, gy, 1,
                             wkern_variant(k->type, WKERN_EMBED, false));
-      if (rc < 0) return rc;
+      if (rc < 0) return gpu_cmd_fail(cmd, rc);
     }
   }
   return 0;

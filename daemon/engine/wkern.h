@@ -7,7 +7,8 @@
  * matrix into a command buffer, splitting it into row ranges (and activations into token ranges)
  * wherever a binding would exceed maxStorageBufferRange or a grid maxComputeWorkGroupCount, and
  * binding each range at an aligned offset with the remainder pushed (pc_matmul.h). The caller
- * records barriers between dependent steps as usual. */
+ * records barriers between dependent steps as usual. A refused shape is stored in the gpu_cmd
+ * like a refused dispatch (gpu_cmd_fail(), see gpu.h): the recording's submit fails with it. */
 #ifndef KVD_MODEL_WKERN_H
 #define KVD_MODEL_WKERN_H
 

@@ -95,6 +95,7 @@ struct gpu_device;
 struct gpu_buffer;
 struct gpu_pipeline;
 struct gpu_cmd;
+struct shader_spirv; /* shaders/shader_registry.h */
 
 /* The last failure on this thread: "vkCreateDevice: VK_ERROR_INITIALIZATION_FAILED". */
 const char *gpu_error_detail(void);
@@ -121,6 +122,10 @@ struct gpu_device_opts {
                             NULL or "" = no persistent cache */
   uint64_t mem_limit;    /* cap on device memory this device allocates (0 = none) */
   uint64_t block_size;   /* allocator block size (0 = default 64 MiB, capped by limits) */
+  /* SPIR-V that pipelines may name beside the daemon's embedded registry, searched after it:
+   * tests and benchmarks pass test_shader_spirv_find (shaders/test_shader_registry.h) for the
+   * test-only kernels, which kvd itself never links. NULL = the embedded registry only. */
+  const struct shader_spirv *(*extra_shaders)(const char *name);
 };
 int gpu_device_new(struct gpu_instance *inst, const struct gpu_device_opts *opts,
                    struct gpu_device **ret);
@@ -199,22 +204,37 @@ struct gpu_binding {
   uint64_t range; /* 0 = to the end of the buffer */
 };
 
+/* Errors are sticky within a recording, like a stdio stream's error flag. The first failing call
+ * between gpu_cmd_begin() and gpu_cmd_submit() (begin itself included) stores its error in the
+ * gpu_cmd; every later record call (dispatch, barrier, copy, fill) records nothing and returns
+ * that first error, and gpu_cmd_submit() ends the buffer, submits nothing and returns it. So a
+ * caller may record a whole pass without checking each call and check only the submit: a step
+ * is never half-run. The next gpu_cmd_begin() clears the error. Recorders built on these calls
+ * that refuse a shape before dispatching store their error with gpu_cmd_fail(). */
 int gpu_cmd_new(struct gpu_device *dev, struct gpu_cmd **ret);
 void gpu_cmd_free(struct gpu_cmd *cmd);
-/* Starts a recording; a gpu_cmd is reusable after gpu_cmd_wait(). */
+/* Starts a recording; a gpu_cmd is reusable after gpu_cmd_wait() (or a failed submit). */
 int gpu_cmd_begin(struct gpu_cmd *cmd);
+/* Stores rc (< 0) as the recording's error unless one is stored already; returns the stored error,
+ * or rc when rc >= 0. */
+int gpu_cmd_fail(struct gpu_cmd *cmd, int rc);
+/* The recording's first error, 0 if none. */
+int gpu_cmd_error(const struct gpu_cmd *cmd);
 /* Records one dispatch. Checks the binding count, push size, workgroup-count limits, storage range
  * and offset alignment against the caps, so a shape that would overrun a limit is an error here,
- * not a device fault. `label` names it in the timings (may be NULL). */
+ * not a device fault. `label` names it in the timings (may be NULL). Returns 0 or the recording's
+ * first error (see above). */
 int gpu_cmd_dispatch(struct gpu_cmd *cmd, const struct gpu_pipeline *pipe,
                      const struct gpu_binding *bindings, uint32_t n_bindings, const void *push,
                      uint32_t push_size, uint32_t gx, uint32_t gy, uint32_t gz, const char *label);
 /* Makes every earlier dispatch's writes visible to later dispatches and copies. */
 void gpu_cmd_barrier(struct gpu_cmd *cmd);
+/* Record calls like gpu_cmd_dispatch(): 0 or the recording's first error. */
 int gpu_cmd_copy(struct gpu_cmd *cmd, struct gpu_buffer *src, uint64_t src_off,
                  struct gpu_buffer *dst, uint64_t dst_off, uint64_t size);
 int gpu_cmd_fill(struct gpu_cmd *cmd, struct gpu_buffer *dst, uint64_t off, uint64_t size,
                  uint32_t value);
+/* Ends the recording and submits it; returns the recording's first error instead, if any. */
 int gpu_cmd_submit(struct gpu_cmd *cmd);
 /* Blocks until the submission finishes (never call on the event-loop thread). */
 int gpu_cmd_wait(struct gpu_cmd *cmd);

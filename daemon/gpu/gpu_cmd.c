@@ -25,7 +25,9 @@ struct gpu_cmd {
   uint32_t n_timings;
   bool recording;
   bool pending; /* submitted, not yet waited for */
-  int error;    /* first recording error: submit refuses a half-recorded buffer */
+  /* The first error since gpu_cmd_begin (see gpu.h): once set, record calls do nothing and
+   * gpu_cmd_submit returns it instead of submitting a half-recorded buffer. */
+  int error;
 };
 
 int gpu_cmd_new(struct gpu_device *dev, struct gpu_cmd **ret) {
@@ -79,9 +81,25 @@ void gpu_cmd_free(struct gpu_cmd *cmd) {
   free(cmd);
 }
 
+static int cmd_record_error(struct gpu_cmd *cmd, int rc) {
+  if (!cmd->error) cmd->error = rc;
+  return cmd->error;
+}
+
+int gpu_cmd_fail(struct gpu_cmd *cmd, int rc) {
+  return rc < 0 ? cmd_record_error(cmd, rc) : rc;
+}
+
+int gpu_cmd_error(const struct gpu_cmd *cmd) {
+  return cmd->error;
+}
+
 int gpu_cmd_begin(struct gpu_cmd *cmd) {
-  if (cmd->pending || cmd->recording)
-    return gpu__fail(KVD_EINVAL, "gpu_cmd_begin: previous submission not finished");
+  /* A begin during a recording poisons that recording (its submit fails); one while a
+   * submission is in flight is refused alone, and the next begin starts clean either way. */
+  if (cmd->recording)
+    return cmd_record_error(cmd, gpu__fail(KVD_EINVAL, "gpu_cmd_begin during a recording"));
+  if (cmd->pending) return gpu__fail(KVD_EINVAL, "gpu_cmd_begin: previous submission not finished");
   VkDevice d = cmd->dev->device;
   for (uint32_t i = 0; i < cmd->n_pools; i++)
     vkResetDescriptorPool(d, cmd->pools[i], 0);
@@ -90,13 +108,13 @@ int gpu_cmd_begin(struct gpu_cmd *cmd) {
   cmd->n_timings = 0;
   cmd->error = 0;
   int rc = gpu__check(vkResetCommandBuffer(cmd->cb, 0), "vkResetCommandBuffer");
-  if (rc < 0) return rc;
+  if (rc < 0) return cmd_record_error(cmd, rc);
   VkCommandBufferBeginInfo bi = {
       .sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
       .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT,
   };
   rc = gpu__check(vkBeginCommandBuffer(cmd->cb, &bi), "vkBeginCommandBuffer");
-  if (rc < 0) return rc;
+  if (rc < 0) return cmd_record_error(cmd, rc);
   if (cmd->queries) vkCmdResetQueryPool(cmd->cb, cmd->queries, 0, 2 * MAX_TIMED);
   cmd->recording = true;
   return 0;
@@ -138,16 +156,20 @@ static int cmd_alloc_set(struct gpu_cmd *cmd, VkDescriptorSetLayout layout, VkDe
   }
 }
 
-static int cmd_record_error(struct gpu_cmd *cmd, int rc) {
-  if (!cmd->error) cmd->error = rc;
-  return rc;
+/* 0 when a record call may record; else the error it returns without recording anything. */
+static int cmd_check_recording(struct gpu_cmd *cmd, const char *what) {
+  if (cmd->error) return cmd->error;
+  if (!cmd->recording)
+    return cmd_record_error(cmd, gpu__fail(KVD_EINVAL, "%s outside begin/submit", what));
+  return 0;
 }
 
 int gpu_cmd_dispatch(struct gpu_cmd *cmd, const struct gpu_pipeline *pipe,
                      const struct gpu_binding *bindings, uint32_t n_bindings, const void *push,
                      uint32_t push_size, uint32_t gx, uint32_t gy, uint32_t gz, const char *label) {
   const struct gpu_caps *c = &cmd->dev->caps;
-  if (!cmd->recording) return gpu__fail(KVD_EINVAL, "gpu_cmd_dispatch outside begin/submit");
+  int rc = cmd_check_recording(cmd, "gpu_cmd_dispatch");
+  if (rc < 0) return rc;
   if (n_bindings != pipe->n_buffers || push_size != pipe->push_size)
     return cmd_record_error(
         cmd,
@@ -163,7 +185,7 @@ int gpu_cmd_dispatch(struct gpu_cmd *cmd, const struct gpu_pipeline *pipe,
   VkDescriptorBufferInfo infos[GPU_MAX_BINDINGS];
   VkWriteDescriptorSet writes[GPU_MAX_BINDINGS];
   VkDescriptorSet set;
-  int rc = cmd_alloc_set(cmd, pipe->set_layout, &set);
+  rc = cmd_alloc_set(cmd, pipe->set_layout, &set);
   if (rc < 0) return cmd_record_error(cmd, rc);
   for (uint32_t i = 0; i < n_bindings; i++) {
     const struct gpu_binding *b = &bindings[i];
@@ -229,7 +251,7 @@ static void cmd_memory_barrier(struct gpu_cmd *cmd, VkPipelineStageFlags dst_sta
 }
 
 void gpu_cmd_barrier(struct gpu_cmd *cmd) {
-  if (!cmd->recording) return;
+  if (cmd->error || !cmd->recording) return;
   cmd_memory_barrier(cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT,
                      VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT |
                          VK_ACCESS_TRANSFER_READ_BIT | VK_ACCESS_TRANSFER_WRITE_BIT);
@@ -237,7 +259,8 @@ void gpu_cmd_barrier(struct gpu_cmd *cmd) {
 
 static int cmd_check_span(struct gpu_cmd *cmd, const struct gpu_buffer *b, uint64_t off,
                           uint64_t size, const char *what) {
-  if (!cmd->recording) return gpu__fail(KVD_EINVAL, "%s outside begin/submit", what);
+  int rc = cmd_check_recording(cmd, what);
+  if (rc < 0) return rc;
   if (size == 0 || off > b->size || size > b->size - off)
     return cmd_record_error(cmd, gpu__fail(KVD_ERANGE, "%s: [%llu, +%llu) outside buffer of %llu",
                                            what, (unsigned long long)off, (unsigned long long)size,
@@ -267,13 +290,16 @@ int gpu_cmd_fill(struct gpu_cmd *cmd, struct gpu_buffer *dst, uint64_t off, uint
 }
 
 int gpu_cmd_submit(struct gpu_cmd *cmd) {
-  if (!cmd->recording) return gpu__fail(KVD_EINVAL, "gpu_cmd_submit without begin");
+  if (!cmd->recording) {
+    if (cmd->error) return cmd->error; /* gpu_cmd_begin failed */
+    return gpu__fail(KVD_EINVAL, "gpu_cmd_submit without begin");
+  }
   /* Results must be visible to the host once the fence signals (mapped readback buffers). */
-  cmd_memory_barrier(cmd, VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_READ_BIT);
+  if (!cmd->error) cmd_memory_barrier(cmd, VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_READ_BIT);
   cmd->recording = false;
   int rc = gpu__check(vkEndCommandBuffer(cmd->cb), "vkEndCommandBuffer");
+  if (cmd->error) return cmd->error; /* something was refused: never run a partial step */
   if (rc < 0) return rc;
-  if (cmd->error) return cmd->error; /* a dispatch was refused: never run a partial step */
   VkSubmitInfo si = {
       .sType = VK_STRUCTURE_TYPE_SUBMIT_INFO,
       .commandBufferCount = 1,

@@ -118,6 +118,7 @@ int gpu_device_new(struct gpu_instance *inst, const struct gpu_device_opts *opts
   pthread_mutex_init(&dev->budget_lock, NULL);
   dev->inst = inst;
   dev->phys = inst->phys[index];
+  dev->extra_shaders = opts->extra_shaders;
   rc = gpu__caps_read(inst, dev->phys, &dev->caps);
   if (rc < 0) goto fail;
 

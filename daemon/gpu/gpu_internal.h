@@ -62,6 +62,8 @@ struct gpu_device {
   struct gpu_caps caps;
   VkPipelineCache pipeline_cache;
   char cache_path[1024]; /* "" = not persisted */
+  /* gpu_device_opts.extra_shaders: searched after the embedded registry, NULL in kvd. */
+  const struct shader_spirv *(*extra_shaders)(const char *name);
   struct gpu_memory mem;
   /* Transfers and one-off submissions share one command buffer and staging buffer. */
   pthread_mutex_t xfer_lock;

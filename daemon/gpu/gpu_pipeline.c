@@ -10,6 +10,7 @@ int gpu_pipeline_new(struct gpu_device *dev, const struct gpu_pipeline_desc *des
                      struct gpu_pipeline **ret) {
   const struct gpu_caps *c = &dev->caps;
   const struct shader_spirv *spv = shader_spirv_find(desc->shader);
+  if (!spv && dev->extra_shaders) spv = dev->extra_shaders(desc->shader);
   if (!spv) return gpu__fail(KVD_ENOENT, "no embedded shader named '%s'", desc->shader);
   if (desc->n_buffers > GPU_MAX_BINDINGS || desc->n_spec > GPU_MAX_SPEC ||
       desc->push_size > GPU_MAX_PUSH_BYTES || desc->push_size % 4)

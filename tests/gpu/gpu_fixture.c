@@ -1,4 +1,5 @@
 #include "gpu_fixture.h"
+#include "test_shader_registry.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,7 +23,9 @@ struct gpu_device *fixture_device(void) {
   const char *v = getenv("KVD_VALIDATE");
   struct gpu_instance_opts io = {.validate = !(v && strcmp(v, "0") == 0)};
   if (gpu_instance_new(&io, &inst) < 0) return NULL;
-  struct gpu_device_opts dopts = {.select = getenv("KVD_DEVICE")};
+  /* The test-only kernels (vec_add, f32 mat-vec/mat-mul) are not in kvd's registry. */
+  struct gpu_device_opts dopts = {.select = getenv("KVD_DEVICE"),
+                                  .extra_shaders = test_shader_spirv_find};
   if (gpu_device_new(inst, &dopts, &dev) < 0) {
     gpu_instance_free(inst);
     inst = NULL;

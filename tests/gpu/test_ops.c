@@ -462,6 +462,15 @@ KT_TEST(softmax_rows_match_cpu) {
 
 /* ---- argument checks ---- */
 
+/* Records `call` alone in a fresh recording: it must be refused with `want`, and since the
+ * refusal is stored in the gpu_cmd (errors are sticky, gpu.h), so must the submission. */
+#define CHECK_REFUSED(cmd, call, want)                                                             \
+  do {                                                                                             \
+    KT_ASSERT_OK(gpu_cmd_begin(cmd));                                                              \
+    KT_CHECK_EQ((call), (want));                                                                   \
+    KT_CHECK_EQ(gpu_cmd_submit(cmd), (want));                                                      \
+  } while (0)
+
 KT_TEST(bad_shapes_are_refused_and_empty_batches_record_nothing) {
   FIXTURE_DEVICE(dev);
   struct ops o;
@@ -470,7 +479,6 @@ KT_TEST(bad_shapes_are_refused_and_empty_batches_record_nothing) {
   struct gpu_cmd *cmd;
   KT_ASSERT(b);
   KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
-  KT_ASSERT_OK(gpu_cmd_begin(cmd));
   struct ops_rope_cfg odd = {
       .n_rot = 7, .mode = MODEL_ROPE_NORMAL, .freq_base = 1e4f, .freq_scale = 1.0f};
   struct ops_rope_cfg wide = {
@@ -479,18 +487,26 @@ KT_TEST(bad_shapes_are_refused_and_empty_batches_record_nothing) {
       .n_rot = 8, .mode = MODEL_ROPE_NEOX, .freq_base = 1e4f, .freq_scale = 1.0f};
   struct ops_rope_cfg base0 = {
       .n_rot = 8, .mode = MODEL_ROPE_NEOX, .freq_base = 0.0f, .freq_scale = 1.0f};
-  KT_CHECK_EQ(ops_rope(&o, cmd, whole(b), whole(b), 1, 2, 8, 0, &odd), KVD_EINVAL);
-  KT_CHECK_EQ(ops_rope(&o, cmd, whole(b), whole(b), 1, 1, 64, 0, &wide), KVD_EINVAL);
-  KT_CHECK_EQ(ops_rope(&o, cmd, whole(b), whole(b), 1, 1, 8, 0, &base0), KVD_EINVAL);
-  KT_CHECK_EQ(ops_rope(&o, cmd, whole(b), whole(b), 2, 2, 8, 15, &ok8), KVD_EINVAL); /* stride */
-  KT_CHECK_EQ(ops_rmsnorm(&o, cmd, whole(b), whole(b), whole(b), 1, 0, 1e-5f), KVD_EINVAL);
+  CHECK_REFUSED(cmd, ops_rope(&o, cmd, whole(b), whole(b), 1, 2, 8, 0, &odd), KVD_EINVAL);
+  CHECK_REFUSED(cmd, ops_rope(&o, cmd, whole(b), whole(b), 1, 1, 64, 0, &wide), KVD_EINVAL);
+  CHECK_REFUSED(cmd, ops_rope(&o, cmd, whole(b), whole(b), 1, 1, 8, 0, &base0), KVD_EINVAL);
+  CHECK_REFUSED(cmd, ops_rope(&o, cmd, whole(b), whole(b), 2, 2, 8, 15, &ok8),
+                KVD_EINVAL); /* stride */
+  CHECK_REFUSED(cmd, ops_rmsnorm(&o, cmd, whole(b), whole(b), whole(b), 1, 0, 1e-5f), KVD_EINVAL);
+  CHECK_REFUSED(cmd, ops_softmax(&o, cmd, whole(b), 1, 0), KVD_EINVAL);
+  CHECK_REFUSED(cmd, ops_add(&o, cmd, whole(b), whole(b), 1u << 16, 1u << 16), KVD_E_LIMIT);
+  /* The first refusal sticks: later calls, good or bad, return it and record nothing. */
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
   KT_CHECK_EQ(ops_softmax(&o, cmd, whole(b), 1, 0), KVD_EINVAL);
-  KT_CHECK_EQ(ops_add(&o, cmd, whole(b), whole(b), 1u << 16, 1u << 16), KVD_E_LIMIT);
-  /* Nothing to do is not an error and records no dispatch. */
+  KT_CHECK_EQ(ops_add(&o, cmd, whole(b), whole(b), 1u << 16, 1u << 16), KVD_EINVAL);
+  KT_CHECK_EQ(ops_softmax(&o, cmd, whole(b), 1, 64), KVD_EINVAL);
+  KT_CHECK_EQ(gpu_cmd_error(cmd), KVD_EINVAL);
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), KVD_EINVAL);
+  /* Nothing to do is not an error and records no dispatch; the next begin starts clean. */
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
   KT_CHECK_EQ(ops_rmsnorm(&o, cmd, whole(b), whole(b), whole(b), 0, 64, 1e-5f), 0);
   KT_CHECK_EQ(ops_swiglu(&o, cmd, whole(b), whole(b), whole(b), 0, 64), 0);
   KT_CHECK_EQ(ops_softmax(&o, cmd, whole(b), 0, 64), 0);
-  /* A refused op never reached gpu_cmd_dispatch, so the recording is still good. */
   KT_CHECK_EQ(submit_wait(cmd), 0);
   KT_CHECK_EQ(ops_init(&(struct ops){0}, dev, &(struct ops_opts){.wg_row = 48}), KVD_EINVAL);
   gpu_buffer_free(b);

@@ -5,6 +5,8 @@
 #include "gpu_fixture.h"
 #include "kvd_error.h"
 #include "pc_basic.h"
+#include "shader_registry.h"
+#include "test_shader_registry.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -206,14 +208,27 @@ KT_TEST(dispatch_limits_are_checked_before_the_device_sees_them) {
   KT_ASSERT_OK(gpu_buffer_new(dev, 4096, GPU_MEM_DEVICE, "b", &b));
   struct gpu_binding bind[3] = {{b, 0, 0}, {b, 0, 0}, {b, 0, 0}};
   struct pc_vec_add pc = {.n = 16};
+  /* A refused dispatch poisons the recording: submitting it is that error, not a partial step. */
   KT_ASSERT_OK(gpu_cmd_begin(cmd));
   KT_CHECK_EQ(gpu_cmd_dispatch(cmd, pipe, bind, 3, &pc, 4, c->max_wg_count[0] + 1u, 1, 1, NULL),
               KVD_E_LIMIT);
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), KVD_E_LIMIT);
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
   KT_CHECK_EQ(gpu_cmd_dispatch(cmd, pipe, bind, 2, &pc, 4, 1, 1, 1, NULL), KVD_EINVAL);
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), KVD_EINVAL);
   struct gpu_binding bad[3] = {{b, 0, 0}, {b, 0, 8192}, {b, 0, 0}};
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
   KT_CHECK_EQ(gpu_cmd_dispatch(cmd, pipe, bad, 3, &pc, 4, 1, 1, 1, NULL), KVD_ERANGE);
-  /* A refused dispatch poisons the recording: submitting it is an error, not a partial step. */
-  KT_CHECK(gpu_cmd_submit(cmd) < 0);
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), KVD_ERANGE);
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
+  KT_CHECK_EQ(gpu_cmd_copy(cmd, b, 4000, b, 0, 100), KVD_ERANGE);
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), KVD_ERANGE);
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
+  KT_CHECK_EQ(gpu_cmd_fill(cmd, b, 2, 8, 0), KVD_EINVAL);
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), KVD_EINVAL);
+  /* Outside a recording nothing records, and the next begin starts clean. */
+  KT_CHECK_EQ(gpu_cmd_dispatch(cmd, pipe, bind, 3, &pc, 4, 1, 1, 1, NULL), KVD_EINVAL);
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), KVD_EINVAL);
   struct gpu_pipeline *none;
   KT_CHECK_EQ(gpu_pipeline_new(dev, &(struct gpu_pipeline_desc){.shader = "no_such_shader"}, &none),
               KVD_ENOENT);
@@ -281,4 +296,91 @@ KT_TEST(many_dispatches_in_one_submission_with_barriers) {
   free(b);
   free(out);
   FIXTURE_CHECK_VALIDATION();
+}
+
+/* Errors stick in the gpu_cmd (gpu.h): after the first refusal every record call is a no-op that
+ * returns that first error, the submit returns it and runs nothing, and the next begin starts a
+ * clean recording that runs normally. */
+KT_TEST(recording_errors_are_sticky) {
+  FIXTURE_DEVICE(dev);
+  enum { N = 256 };
+  float x[N], one[N], out[N];
+  for (int i = 0; i < N; i++) {
+    x[i] = (float)i;
+    one[i] = 1.0f;
+  }
+  struct gpu_pipeline_desc d = {.shader = "vec_add",
+                                .n_buffers = 3,
+                                .push_size = sizeof(struct pc_vec_add),
+                                .n_spec = 1,
+                                .spec = {64},
+                                .local_size = {64, 1, 1}};
+  struct gpu_pipeline *pipe;
+  struct gpu_cmd *cmd;
+  struct gpu_buffer *bx, *bb, *by;
+  KT_ASSERT_OK(gpu_pipeline_new(dev, &d, &pipe));
+  KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
+  KT_ASSERT_OK(upload_new(dev, x, N, &bx));
+  KT_ASSERT_OK(upload_new(dev, one, N, &bb));
+  KT_ASSERT_OK(upload_new(dev, x, N, &by)); /* y starts as a copy of x */
+  struct gpu_binding bind[3] = {{bx, 0, 0}, {bb, 0, 0}, {by, 0, 0}};
+  struct pc_vec_add pc = {.n = N};
+
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
+  KT_CHECK_EQ(gpu_cmd_error(cmd), 0);
+  KT_CHECK_EQ(gpu_cmd_dispatch(cmd, pipe, bind, 2, &pc, 4, 1, 1, 1, "bad"), KVD_EINVAL);
+  KT_CHECK_EQ(gpu_cmd_error(cmd), KVD_EINVAL);
+  /* A valid dispatch, a barrier, a fill and a different refusal: all no-ops, all the first error.
+   */
+  KT_CHECK_EQ(gpu_cmd_dispatch(cmd, pipe, bind, 3, &pc, 4, N / 64, 1, 1, "good"), KVD_EINVAL);
+  gpu_cmd_barrier(cmd);
+  KT_CHECK_EQ(gpu_cmd_fill(cmd, by, 0, N * 4, 0), KVD_EINVAL);
+  KT_CHECK_EQ(gpu_cmd_copy(cmd, bx, 0, by, 0, 1u << 20), KVD_EINVAL);
+  KT_CHECK_EQ(gpu_cmd_fail(cmd, KVD_E_LIMIT), KVD_EINVAL);
+  KT_CHECK_EQ(gpu_cmd_fail(cmd, 0), 0);
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), KVD_EINVAL);
+  KT_CHECK_EQ(gpu_cmd_wait(cmd), KVD_EINVAL); /* nothing was submitted */
+  KT_ASSERT_OK(gpu_buffer_download(dev, by, 0, out, sizeof out));
+  bool untouched = true;
+  for (int i = 0; i < N; i++)
+    untouched = untouched && out[i] == x[i];
+  KT_CHECK_MSG(untouched, "a record call after the first error reached the device");
+
+  /* gpu_cmd_fail poisons a recording the same way (recorders that refuse before dispatching). */
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
+  KT_CHECK_EQ(gpu_cmd_fail(cmd, KVD_E_LIMIT), KVD_E_LIMIT);
+  KT_CHECK_EQ(gpu_cmd_dispatch(cmd, pipe, bind, 3, &pc, 4, N / 64, 1, 1, "good"), KVD_E_LIMIT);
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), KVD_E_LIMIT);
+
+  /* A clean recording after a failed one runs. */
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
+  KT_CHECK_EQ(gpu_cmd_error(cmd), 0);
+  KT_ASSERT_OK(gpu_cmd_dispatch(cmd, pipe, bind, 3, &pc, 4, N / 64, 1, 1, "good"));
+  KT_ASSERT_OK(gpu_cmd_submit(cmd));
+  KT_ASSERT_OK(gpu_cmd_wait(cmd));
+  KT_ASSERT_OK(gpu_buffer_download(dev, by, 0, out, sizeof out));
+  bool added = true;
+  for (int i = 0; i < N; i++)
+    added = added && out[i] == x[i] + 1.0f;
+  KT_CHECK(added);
+  gpu_buffer_free(bx);
+  gpu_buffer_free(bb);
+  gpu_buffer_free(by);
+  gpu_cmd_free(cmd);
+  gpu_pipeline_free(pipe);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* The foundation kernels are test-only: they live in kvd_test_shaders, not in the daemon's
+ * registry (tests/unit/test_daemon_shaders.py checks the kvd binary itself). */
+KT_TEST(test_only_shaders_are_not_in_the_daemon_registry) {
+  KT_CHECK(test_shader_spirv_count >= 4);
+  for (size_t i = 0; i < test_shader_spirv_count; i++) {
+    const struct shader_spirv *t = test_shader_spirv_at(i);
+    KT_ASSERT(t && t->code && t->size);
+    KT_CHECK_MSG(shader_spirv_find(t->name) == NULL, "%s is in the daemon's registry", t->name);
+  }
+  KT_CHECK(test_shader_spirv_find("vec_add") != NULL);
+  KT_CHECK(test_shader_spirv_find("rmsnorm") == NULL);
+  KT_CHECK(shader_spirv_find("rmsnorm") != NULL);
 }

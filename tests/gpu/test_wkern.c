@@ -474,7 +474,16 @@ KT_TEST(row_and_token_splits) {
   FIXTURE_CHECK_VALIDATION();
 }
 
-/* Shape and buffer checks happen on the host, before anything is recorded. */
+/* Shape and buffer checks happen on the host, before anything is recorded. `call` runs alone in a
+ * fresh recording: it must be refused with `want`, and since the refusal is stored in the gpu_cmd
+ * (errors are sticky, gpu.h), so must the submission. */
+#define CHECK_REFUSED(cmd, call, want)                                                             \
+  do {                                                                                             \
+    KT_ASSERT_OK(gpu_cmd_begin(cmd));                                                              \
+    KT_CHECK_EQ((call), (want));                                                                   \
+    KT_CHECK_EQ(gpu_cmd_submit(cmd), (want));                                                      \
+  } while (0)
+
 KT_TEST(bad_shapes_are_refused) {
   FIXTURE_DEVICE(dev);
   struct wkern k;
@@ -493,27 +502,29 @@ KT_TEST(bad_shapes_are_refused) {
   KT_ASSERT_OK(gpu_buffer_new(dev, 4096, GPU_MEM_DEVICE, "act", &a));
   struct gpu_cmd *cmd;
   KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
-  KT_ASSERT_OK(gpu_cmd_begin(cmd));
   struct wkern_matrix w = {b, 0, 3, 32};
   struct wkern_act x = {a, 0, 32}, y = {a, 2048, 3};
   /* 54 bytes hold the rows but not the word that ends them */
-  KT_CHECK_EQ(wkern_matvec(&k, cmd, &w, &x, &y, 1, false), KVD_ERANGE);
+  CHECK_REFUSED(cmd, wkern_matvec(&k, cmd, &w, &x, &y, 1, false), KVD_ERANGE);
   w.cols = 48;
-  KT_CHECK_EQ(wkern_matvec(&k, cmd, &w, &x, &y, 1, false), KVD_EINVAL);
+  CHECK_REFUSED(cmd, wkern_matvec(&k, cmd, &w, &x, &y, 1, false), KVD_EINVAL);
   w.cols = 32;
   x.stride = 31;
-  KT_CHECK_EQ(wkern_matmul(&k, cmd, &w, &x, &y, 1, false), KVD_EINVAL);
+  CHECK_REFUSED(cmd, wkern_matmul(&k, cmd, &w, &x, &y, 1, false), KVD_EINVAL);
   x.stride = 32;
   struct wkern kf;
   KT_ASSERT_OK(wkern_init(&kf, dev, DTYPE_F32, &(struct wkern_opts){.ops = 1u << WKERN_MATVEC}));
   struct wkern_matrix wf = {a, 2, 3, 32}; /* F32 values must be whole words */
-  KT_CHECK_EQ(wkern_matvec(&kf, cmd, &wf, &x, &y, 1, false), KVD_EINVAL);
+  CHECK_REFUSED(cmd, wkern_matvec(&kf, cmd, &wf, &x, &y, 1, false), KVD_EINVAL);
   wf.offset = 0;
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
   KT_CHECK_EQ(wkern_matvec(&kf, cmd, &wf, &x, &y, 1, false), 0);
-  KT_CHECK_EQ(wkern_matmul(&kf, cmd, &wf, &x, &y, 1, false), KVD_EINVAL); /* not created */
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), 0);
+  KT_CHECK_EQ(gpu_cmd_wait(cmd), 0);
+  CHECK_REFUSED(cmd, wkern_matmul(&kf, cmd, &wf, &x, &y, 1, false), KVD_EINVAL); /* not created */
   wkern_destroy(&kf);
   struct gpu_buffer *ids = b;
-  KT_CHECK_EQ(wkern_embed(&k, cmd, &w, ids, 0, 1, &y), KVD_EINVAL); /* not created */
+  CHECK_REFUSED(cmd, wkern_embed(&k, cmd, &w, ids, 0, 1, &y), KVD_EINVAL); /* not created */
   gpu_cmd_free(cmd);
   gpu_buffer_free(a);
   gpu_buffer_free(b);
