@@ -397,6 +397,31 @@ int engine_seq_fork(struct engine *e, const struct engine_seq *src, struct engin
   return 0;
 }
 
+int engine_seq_reserve(const struct engine *e, uint32_t n_tokens, struct engine_seq **ret) {
+  struct engine_seq *s = calloc(1, sizeof *s);
+  if (!s) return KVD_ENOMEM;
+  int rc = kv_seq_new_reserved(&e->pool, n_tokens, &s->kv);
+  if (rc < 0) {
+    free(s);
+    return rc;
+  }
+  *ret = s;
+  return 0;
+}
+
+int engine_seq_fork_into(struct engine *e, const struct engine_seq *src, struct engine_seq *dst) {
+  int rc = kv_seq_fork_into(&e->pool, src->kv, dst->kv);
+  if (rc < 0) return rc;
+  eng_seq_link(e, dst);
+  return 0;
+}
+
+void engine_seq_unreserve(struct engine_seq *s) {
+  if (!s) return;
+  kv_seq_free(NULL, s->kv); /* empty: touches no pool */
+  free(s);
+}
+
 uint32_t engine_last_timings(const struct engine *e, const struct gpu_timing **ret) {
   return gpu_cmd_timings(e->cmd, ret);
 }

@@ -74,6 +74,13 @@ uint32_t engine_kv_available(const struct engine *e);
 int engine_seq_truncate(struct engine *e, struct engine_seq *s, uint32_t n);
 /* A new sequence sharing all of src's blocks (copy-on-write on the first write to a shared one). */
 int engine_seq_fork(struct engine *e, const struct engine_seq *src, struct engine_seq **ret);
+/* A fork that cannot fail where it runs: engine_seq_reserve (any thread: memory only) makes an
+ * empty sequence with room for n_tokens; engine_seq_fork_into (engine thread) makes it share src
+ * and opens it (KVD_ERANGE only if src holds more than n_tokens); engine_seq_unreserve frees one
+ * that was never forked into. */
+int engine_seq_reserve(const struct engine *e, uint32_t n_tokens, struct engine_seq **ret);
+int engine_seq_fork_into(struct engine *e, const struct engine_seq *src, struct engine_seq *dst);
+void engine_seq_unreserve(struct engine_seq *s);
 
 struct engine_item {
   struct engine_seq *seq;

@@ -86,10 +86,13 @@ static int eng_step_check(struct engine *e, const struct engine_item *items, uin
 }
 
 /* Takes each item's blocks for its new tokens and plans the copy of a shared block it is about
- * to write (into copies, n_items at most). *ret_done = items touched, the failing one included:
+ * to write (into copies and copy_seqs, n_items at most). Planned, not committed: every table
+ * still names the shared block, so a step that fails after this leaves each sequence reading
+ * what it read (the copies are cancelled). *ret_done = items touched, the failing one included:
  * what the caller gives back on failure. */
 static int eng_step_reserve(struct engine *e, const struct engine_item *items, uint32_t n_items,
-                            struct kv_copy *copies, uint32_t *ret_n_copies, uint32_t *ret_done) {
+                            struct kv_copy *copies, struct kv_seq **copy_seqs,
+                            uint32_t *ret_n_copies, uint32_t *ret_done) {
   int rc = 0;
   uint32_t n_copies = 0, done = 0;
   for (; done < n_items && rc == 0; done++) {
@@ -97,9 +100,9 @@ static int eng_step_reserve(struct engine *e, const struct engine_item *items, u
     uint32_t len = kv->len;
     rc = kv_seq_reserve(&e->pool, kv, items[done].n_tokens);
     if (rc == 0) {
-      int c = kv_seq_prepare_write(&e->pool, kv, len, &copies[n_copies]);
+      int c = kv_seq_plan_write(&e->pool, kv, len, &copies[n_copies]);
       if (c == 1)
-        n_copies++;
+        copy_seqs[n_copies++] = kv;
       else if (c < 0)
         rc = c;
     }
@@ -163,14 +166,41 @@ int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items
   if (rc < 0) return rc;
 
   struct kv_copy copies_small[16], *copies = copies_small;
-  if (n_items > 16 && !(copies = malloc(n_items * sizeof *copies))) return KVD_ENOMEM;
+  struct kv_seq *copy_seqs_small[16], **copy_seqs = copy_seqs_small;
+  if (n_items > 16) {
+    copies = malloc(n_items * sizeof *copies);
+    copy_seqs = malloc(n_items * sizeof *copy_seqs);
+    if (!copies || !copy_seqs) {
+      free(copies);
+      free(copy_seqs);
+      return KVD_ENOMEM;
+    }
+  }
   uint32_t done = 0;
-  rc = eng_step_reserve(e, items, n_items, copies, &s.n_copies, &done);
+  rc = eng_step_reserve(e, items, n_items, copies, copy_seqs, &s.n_copies, &done);
   s.copies = copies;
-  if (rc == 0) rc = eng_step_upload(e, items, n_items, &s);
+  if (rc == 0) {
+    /* The device must see the fresh blocks (the step copies into them first, then writes): the
+     * tables are uploaded with them swapped in, then put back until the step has run. */
+    for (uint32_t i = 0; i < s.n_copies; i++)
+      copy_seqs[i]->table[copies[i].index] = copies[i].dst_block;
+    rc = eng_step_upload(e, items, n_items, &s);
+    for (uint32_t i = 0; i < s.n_copies; i++)
+      copy_seqs[i]->table[copies[i].index] = copies[i].src_block;
+  }
   if (rc == 0) rc = engine__record_step(e, &s);
   if (rc == 0) rc = gpu_cmd_wait(e->cmd);
-  if (copies != copies_small) free(copies);
+  /* Second phase: the copies go into the tables only now that the step ran. */
+  for (uint32_t i = 0; i < s.n_copies; i++) {
+    if (rc == 0)
+      kv_seq_commit_copy(&e->pool, copy_seqs[i], &copies[i]);
+    else
+      kv_seq_cancel_copy(&e->pool, &copies[i]);
+  }
+  if (copies != copies_small) {
+    free(copies);
+    free(copy_seqs);
+  }
   if (rc < 0) {
     /* Give back what this step reserved; committed tokens stay as they were. */
     for (uint32_t i = 0; i < done; i++)

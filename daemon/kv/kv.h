@@ -237,6 +237,14 @@ int kv_seq_truncate(struct kv_pool *pool, struct kv_seq *seq, uint32_t n);
 /* A new sequence sharing every block that holds src's committed tokens (reference counts go up,
  * nothing is copied). Blocks src reserved past len are not shared: they hold nothing yet. */
 int kv_seq_fork(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq **ret_dst);
+/* The fork in two halves, so the part that can fail happens where failing is cheap to report:
+ * kv_seq_new_reserved allocates an empty sequence whose table holds n_tokens' blocks (memory
+ * only: reads nothing of the pool but its block size, so any thread may call it);
+ * kv_seq_fork_into then makes it share src (src->len <= n_tokens) and cannot fail otherwise
+ * (KVD_ERANGE when it was reserved for fewer tokens). A reserved sequence never forked into is
+ * freed with kv_seq_free like any other. */
+int kv_seq_new_reserved(const struct kv_pool *pool, uint32_t n_tokens, struct kv_seq **ret_seq);
+int kv_seq_fork_into(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq *dst);
 
 /* Copy-on-write in two phases, for a step that can still fail after it is planned (the engine's
  * forward pass: the copies and the writes run on the device, after host-side work that may fail):

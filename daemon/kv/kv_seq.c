@@ -96,18 +96,24 @@ int kv_seq_truncate(struct kv_pool *pool, struct kv_seq *seq, uint32_t n) {
   return 0;
 }
 
-int kv_seq_fork(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq **ret_dst) {
-  assert(pool->block_size == src->block_size);
-  struct kv_seq *dst;
-  int rc = kv_seq_new(pool, &dst);
+int kv_seq_new_reserved(const struct kv_pool *pool, uint32_t n_tokens, struct kv_seq **ret_seq) {
+  struct kv_seq *seq;
+  int rc = kv_seq_new(pool, &seq);
   if (rc < 0) return rc;
-  uint32_t n = seq_blocks_for(src->len, src->block_size);
-  assert(n <= src->n_blocks);
-  rc = seq_grow(dst, n);
+  rc = seq_grow(seq, seq_blocks_for(n_tokens, seq->block_size));
   if (rc < 0) {
-    kv_seq_free(pool, dst);
+    free(seq);
     return rc;
   }
+  *ret_seq = seq;
+  return 0;
+}
+
+int kv_seq_fork_into(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq *dst) {
+  assert(pool->block_size == src->block_size && dst->len == 0 && dst->n_blocks == 0);
+  uint32_t n = seq_blocks_for(src->len, src->block_size);
+  assert(n <= src->n_blocks);
+  if (n > dst->cap_blocks) return KVD_ERANGE; /* reserved for a shorter source */
   for (uint32_t i = 0; i < n; i++) {
     dst->table[i] = src->table[i];
     kv_pool_ref(pool, src->table[i]);
@@ -115,8 +121,17 @@ int kv_seq_fork(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq **
   dst->n_blocks = n;
   dst->len = src->len;
   dst->n_hashed = src->n_hashed;
-  *ret_dst = dst;
   return 0;
+}
+
+int kv_seq_fork(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq **ret_dst) {
+  struct kv_seq *dst;
+  int rc = kv_seq_new_reserved(pool, src->len, &dst);
+  if (rc < 0) return rc;
+  rc = kv_seq_fork_into(pool, src, dst);
+  assert(rc == 0); /* reserved for exactly this source */
+  *ret_dst = dst;
+  return rc;
 }
 
 int kv_seq_plan_write(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos,

@@ -13,6 +13,7 @@ struct inbox_item;
 struct sched_session {
   struct engine_seq *seq;       /* engine thread only; NULL until the first request */
   struct inbox_item *free_item; /* allocated up front so closing a session cannot fail */
+  struct engine_seq *reserved;  /* a fork's sequence, allocated when the fork was asked for */
   int32_t pending;              /* last sampled token, not yet run through the model; -1 = none */
   _Atomic uint32_t len;         /* history tokens, pending included */
 };
@@ -186,7 +187,17 @@ int sched_session_fork(struct sched *s, struct sched_session *src, struct sched_
     free(it);
     return KVD_ENOMEM;
   }
-  atomic_store(&ss->len, atomic_load(&src->len));
+  /* Everything that can fail happens here, where the caller hears of it: the copy's table is
+   * allocated now (the source is idle, so its length holds), and the engine thread only fills
+   * it in. A fork that reports success is a fork. */
+  uint32_t len = atomic_load(&src->len);
+  if (engine_seq_reserve(s->e, len, &ss->reserved) < 0) {
+    free(ss->free_item);
+    free(ss);
+    free(it);
+    return KVD_ENOMEM;
+  }
+  atomic_store(&ss->len, len);
   it->kind = INBOX_FORK;
   it->a = src;
   it->b = ss;
@@ -491,14 +502,22 @@ static void sched_take_inbox(struct sched *s, struct inbox_item *it) {
       break;
     case INBOX_FORK:
       it->b->pending = it->a->pending;
-      if (it->a->seq && engine_seq_fork(s->e, it->a->seq, &it->b->seq) < 0) {
-        /* No memory for the table: the copy starts empty rather than sharing a broken one. */
-        it->b->seq = NULL;
-        it->b->pending = -1;
-        atomic_store(&it->b->len, 0);
+      if (it->a->seq && engine_seq_fork_into(s->e, it->a->seq, it->b->reserved) == 0) {
+        it->b->seq = it->b->reserved;
+        it->b->reserved = NULL;
+      } else if (it->a->seq) {
+        /* Cannot happen (reserved for the idle source's length); the allocating fork then. */
+        if (engine_seq_fork(s->e, it->a->seq, &it->b->seq) < 0) {
+          it->b->seq = NULL;
+          it->b->pending = -1;
+          atomic_store(&it->b->len, 0);
+        }
       }
+      engine_seq_unreserve(it->b->reserved); /* unused: the source had no sequence yet */
+      it->b->reserved = NULL;
       break;
     case INBOX_FREE:
+      engine_seq_unreserve(it->a->reserved);
       engine_seq_free(s->e, it->a->seq);
       free(it->a);
       break;

@@ -808,8 +808,8 @@ KT_TEST(stress_against_shadow_model) {
            round, nb, bs, (unsigned long long)st.ops[0], (unsigned long long)st.ops[5],
            (unsigned long long)st.ops[1], (unsigned long long)st.ops[2],
            (unsigned long long)st.ops[3], (unsigned long long)st.ops[4],
-           (unsigned long long)stats.cow_copies,
-           (unsigned long long)stats.alloc_failures, stats.high_water);
+           (unsigned long long)stats.cow_copies, (unsigned long long)stats.alloc_failures,
+           stats.high_water);
     free(st.mem);
     free(st.refs);
     kv_pool_destroy(&st.pool);
@@ -1476,4 +1476,41 @@ KT_TEST(stress_prefix_cache_against_shadow_model) {
     kv_pool_destroy(&st.pool);
     if (!ok) return;
   }
+}
+
+/* The fork in two halves (what a session fork uses so that a failure is reported to the client
+ * that asked, not discovered later on the engine thread): the reserved sequence takes no block,
+ * filling it in allocates nothing and shares every block of the source; one reserved for fewer
+ * tokens than the source holds is refused and left empty. */
+KT_TEST(fork_into_a_reserved_sequence) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 16, 4));
+  struct kv_seq *src, *dst, *small;
+  KT_ASSERT_OK(kv_seq_new(&pool, &src));
+  uint32_t n = kt_rand_range(33, 60); /* more blocks than a table's smallest allocation */
+  KT_ASSERT_OK(kv_seq_reserve(&pool, src, n));
+  KT_ASSERT_OK(kv_seq_commit(src, n));
+  struct kv_pool_stats before, after;
+  kv_pool_stats(&pool, &before);
+  KT_ASSERT_OK(kv_seq_new_reserved(&pool, n, &dst));
+  KT_ASSERT_OK(kv_seq_new_reserved(&pool, 1, &small));
+  kv_pool_stats(&pool, &after);
+  KT_CHECK_EQ(after.free, before.free); /* reserving takes no block */
+  KT_CHECK_EQ(dst->len, 0);
+  uint32_t blocks = (n + 3) / 4;
+  KT_CHECK_EQ(kv_seq_fork_into(&pool, src, small), KVD_ERANGE);
+  KT_CHECK_EQ(small->n_blocks, 0);
+  KT_ASSERT_OK(kv_seq_fork_into(&pool, src, dst));
+  KT_CHECK_EQ(dst->len, n);
+  KT_CHECK_EQ(dst->n_blocks, blocks);
+  for (uint32_t i = 0; i < blocks; i++) {
+    KT_CHECK_EQ(dst->table[i], src->table[i]);
+    KT_CHECK(kv_pool_refcount(&pool, src->table[i]) >= 2);
+  }
+  kv_seq_free(&pool, small);
+  kv_seq_free(&pool, dst);
+  kv_seq_free(&pool, src);
+  kv_pool_stats(&pool, &after);
+  KT_CHECK_EQ(after.used, 0);
+  kv_pool_destroy(&pool);
 }
