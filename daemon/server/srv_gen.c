@@ -489,9 +489,16 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
   /* BOS only at the start of a conversation; chat text may hold the template's special tokens. */
   unsigned flags = (sess && sess->started) ? 0 : TOK_ADD_SPECIAL;
   if (gp.messages) flags |= TOK_PARSE_SPECIAL;
-  int n = tok_encode(m->tok, text, text_len, flags, NULL, 0);
-  int32_t *ids = n > 0 ? malloc((size_t)n * sizeof *ids) : NULL;
-  if (n > 0 && ids) n = tok_encode(m->tok, text, text_len, flags, ids, (size_t)n);
+  /* One pass: a text encodes to at most one id per byte, plus the space SPM prepends and the
+   * BOS/EOS it may add (the second pass below only if that bound were ever wrong). */
+  size_t cap = text_len + 4;
+  int32_t *ids = malloc(cap * sizeof *ids);
+  int n = ids ? tok_encode(m->tok, text, text_len, flags, ids, cap) : KVD_ENOMEM;
+  if (n > 0 && (size_t)n > cap) {
+    int32_t *more = realloc(ids, (size_t)n * sizeof *ids);
+    n = more ? tok_encode(m->tok, text, text_len, flags, more, (size_t)n) : KVD_ENOMEM;
+    ids = more ? more : ids;
+  }
   free(text);
   if (n <= 0 || !ids) {
     free(ids);

@@ -345,6 +345,52 @@ def t_idle_connections_make_room(d, tmp):
         e.stop()
 
 
+def run_clients(dmn, jobs):
+    """Every job at once, one client each: {index: text}, and the failures."""
+    out, errors = {}, []
+
+    def client(i):
+        try:
+            with dmn.connect(timeout=300) as p:
+                prompt, n = jobs[i]
+                out[i] = p.call('generate', prompt=prompt, temperature=0, max_tokens=n,
+                                timeout=300)['text']
+        except Exception as ex:  # noqa: BLE001 - every failure is reported
+            errors.append(f'client {i}: {ex!r}')
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(400)
+    return out, errors
+
+
+def t_64_clients_on_a_63_block_pool(d, tmp):
+    # The review's case: --kv-budget 1280K (63 blocks of stories260K) and 64 clients at once.
+    # Every request fits the pool alone, so none may fail for lack of KV: each waits or is
+    # preempted, and ends with the text it gets where there is room for all (batched outputs
+    # equal solo ones: tests/gpu/test_sched.c).
+    words = ('cat', 'dog', 'girl', 'boy', 'king', 'frog', 'bird', 'tree')
+    jobs = [(f'Once upon a time there was a {words[i % 8]} who{" ." * (i // 8)}', 24 + (i * 7) % 40)
+            for i in range(64)]
+    ref, errors = run_clients(d, jobs)
+    check(not errors, errors[:5])
+    e = Daemon(KVD, MODEL, '--kv-budget', '1280K')
+    try:
+        with e.connect() as p:
+            blocks = p.call('status')['kv']['blocks_total']
+            check(blocks <= 64, f'{blocks} blocks: not a small pool')
+        out, errors = run_clients(e, jobs)
+        check(not errors, errors[:5])
+        bad = [i for i in range(64) if out.get(i) != ref.get(i)]
+        check(not bad, f'{len(bad)} clients got other text than with room for all: {bad[:8]}')
+        with e.connect() as p:
+            st = p.call('status')
+            check(st['kv']['blocks_used'] == 0 and st['kv']['high_water'] == blocks, st['kv'])
+            print(f"# {st['kv']['preemptions']} preemptions", flush=True)
+    finally:
+        check(e.stop() == 0, 'exit status')
+
 def main():
     tap = Tap()
     if not os.path.exists(MODEL):
@@ -374,7 +420,9 @@ def main():
                  t_client_that_never_reads_is_dropped),
                 ("SIGTERM keeps a slow reader's queued answers",
                  t_sigterm_keeps_a_slow_readers_output),
-                ('idle connections make room at the limit', t_idle_connections_make_room)]:
+                ('idle connections make room at the limit', t_idle_connections_make_room),
+                ('64 clients on a 63-block pool all finish with their solo text',
+                 t_64_clients_on_a_63_block_pool)]:
             tap.run(name, fn, d, tmp)
         rc = d.stop()
         log = d.read_log()
