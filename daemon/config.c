@@ -50,6 +50,8 @@ static const struct opt opts[] = {
     {"device", OPT_STR, F(device), NULL, "KVD_DEVICE",
      "Vulkan device: index or name substring (default: discrete > integrated > virtual > CPU)"},
     {"validate", OPT_BOOL, F(validate), "0", "KVD_VALIDATE", "enable Vulkan validation layers"},
+    {"check-results", OPT_BOOL, F(check_results), "0", "KVD_CHECK_RESULTS",
+     "check every result sent against api.json, logging \"api drift\" (tests)"},
     {"cache-dir", OPT_STR, F(cache_dir), NULL, NULL,
      "pipeline cache folder (default: $XDG_CACHE_HOME/kvd or ~/.cache/kvd)"},
     {"kv-budget", OPT_STR, F(kv_budget), "50%", "KVD_KV_BUDGET",

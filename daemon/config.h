@@ -28,6 +28,7 @@ struct kvd_config {
   /* device and memory */
   char *device;    /* index or name substring; NULL = discrete > integrated > virtual > CPU */
   bool validate;   /* Vulkan validation layers */
+  bool check_results; /* decode every reply again and check it against api.json (tests) */
   char *cache_dir; /* pipeline cache folder */
   char *kv_budget; /* KV cache bytes ("512M", "2G") or a share of free memory ("50%") */
   int block_size;  /* KV block size in tokens */

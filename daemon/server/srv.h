@@ -83,6 +83,7 @@ struct srv_conn {
   /* Msgids of the requests awaiting a response: a request reusing one is refused (KVD_EEXIST),
    * and a generate answered early (stop string) leaves it at once. */
   uint32_t inflight_ids[IPC_MAX_INFLIGHT];
+  int16_t inflight_methods[IPC_MAX_INFLIGHT]; /* enum ipc_method of each, for --check-results */
   uint32_t inflight;
   double t_active; /* last request received (for choosing whom to evict when full) */
   bool eof;        /* the client half-closed: answer what is in flight, then close */

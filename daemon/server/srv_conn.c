@@ -129,10 +129,36 @@ void srv_reply_error(struct srv_conn *c, uint32_t id, int code, const char *fmt,
   srv_reply_done(c, id);
 }
 
+/* --check-results: decodes what is about to be written and checks the response to id against
+ * api.json's declaration of its method (required keys present, declared types). A difference
+ * is logged as "api drift", which the tests look for in kvd's log. */
+static void conn_check_result(struct srv_conn *c, uint32_t id, int method) {
+  struct ipc_dec d;
+  ipc_dec_init(&d, IPC_MAX_REPLY_BYTES);
+  if (ipc_dec_feed(&d, ipc_w_data(&c->w), ipc_w_len(&c->w)) == 0) {
+    struct ipc_msg *m;
+    struct ipc_dec_err derr;
+    while (ipc_dec_next(&d, &m, &derr) == 1) {
+      if (m->type == IPC_RESPONSE && m->id == id && !m->error) {
+        struct ipc_err e = {0};
+        if (ipc_validate_result((enum ipc_method)method, m->result, &e) < 0)
+          log_err("api drift: the result of %s (msgid %u): %s", ipc_methods[method].name, id,
+                  e.message);
+      }
+      ipc_msg_free(m);
+    }
+  }
+  ipc_dec_destroy(&d);
+}
+
 void srv_reply_done(struct srv_conn *c, uint32_t id) {
   for (uint32_t i = 0; i < c->inflight; i++)
     if (c->inflight_ids[i] == id) {
-      c->inflight_ids[i] = c->inflight_ids[--c->inflight];
+      if (c->srv->cfg->check_results && c->inflight_methods[i] >= 0)
+        conn_check_result(c, id, c->inflight_methods[i]);
+      c->inflight_ids[i] = c->inflight_ids[c->inflight - 1];
+      c->inflight_methods[i] = c->inflight_methods[c->inflight - 1];
+      c->inflight--;
       break;
     }
   srv_conn_flush(c);
@@ -159,6 +185,7 @@ static void conn_handle(struct srv_conn *c, struct ipc_msg *m) {
     ipc_msg_free(m);
     return;
   }
+  c->inflight_methods[c->inflight] = (int16_t)m->method_id;
   c->inflight_ids[c->inflight++] = m->id;
   if (c->srv->draining) {
     srv_reply_error(c, m->id, KVD_EBUSY, "kvd is shutting down");
