@@ -25,6 +25,8 @@
 /* Generate requests that may wait for their first token per model before new ones get KVD_EBUSY
  * (each connection is also capped at IPC_MAX_INFLIGHT requests). */
 #define SRV_MAX_QUEUED 256
+/* Prompts longer than this are tokenized on libuv's threadpool, not on the loop thread. */
+#define SRV_TOKENIZE_INLINE (16u << 10)
 
 struct srv;
 struct srv_conn;
@@ -148,6 +150,8 @@ void srv_conn_accept(struct srv *s);
 /* Queues the message(s) built in c->w for writing. */
 void srv_conn_flush(struct srv_conn *c);
 void srv_conn_close(struct srv_conn *c);
+/* The open connection with this serial (not closing), or NULL: for work that outlives a call. */
+struct srv_conn *srv_conn_find(struct srv *s, uint64_t serial);
 /* Closes once everything queued for the client is written (the drain at exit, a half-closed
  * client); srv_conn_close if that cannot be done. */
 void srv_conn_finish(struct srv_conn *c);

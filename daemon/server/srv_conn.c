@@ -253,6 +253,12 @@ static void conn_on_close(uv_handle_t *h) {
   srv_maybe_finish(s);
 }
 
+struct srv_conn *srv_conn_find(struct srv *s, uint64_t serial) {
+  for (struct srv_conn *c = s->conns; c; c = c->next)
+    if (c->serial == serial && !c->closing) return c;
+  return NULL;
+}
+
 void srv_conn_close(struct srv_conn *c) {
   if (c->closing) return;
   c->closing = true;

@@ -438,6 +438,124 @@ static int gen_prompt_text(struct srv_model *m, const struct gen_params *gp, cha
   return rc;
 }
 
+/* A generate between its params and its tokens: what srv_h_generate copied out of the message,
+ * and what tokenizing produced. */
+struct gen_prep {
+  uv_work_t work;
+  struct srv *srv;
+  uint64_t conn_serial; /* the connection may be gone when tokenizing ends */
+  struct srv_gen *g;    /* not yet in any connection's list; owns the stop strings */
+  struct sample_params sp;
+  uint32_t max_tokens;
+  char *text; /* the prompt (chat template applied) */
+  size_t text_len;
+  unsigned flags;
+  int32_t *ids;
+  int n; /* ids, or a negative code */
+};
+
+/* Tokenizes p->text into p->ids. Any thread: the tokenizer is read-only. One pass: a text
+ * encodes to at most one id per byte, plus the space SPM prepends and the BOS/EOS it may add
+ * (a second pass only if that bound were ever wrong). */
+static void gen_tokenize(struct gen_prep *p) {
+  const struct tok *t = p->g->m->tok;
+  size_t cap = p->text_len + 4;
+  p->ids = malloc(cap * sizeof *p->ids);
+  p->n = p->ids ? tok_encode(t, p->text, p->text_len, p->flags, p->ids, cap) : KVD_ENOMEM;
+  if (p->n > 0 && (size_t)p->n > cap) {
+    int32_t *more = realloc(p->ids, (size_t)p->n * sizeof *more);
+    if (more) p->ids = more;
+    p->n = more ? tok_encode(t, p->text, p->text_len, p->flags, more, (size_t)p->n) : KVD_ENOMEM;
+  }
+  free(p->text);
+  p->text = NULL;
+}
+
+static void gen_prep_free(struct gen_prep *p) {
+  if (p->g) gen_free(p->g);
+  free(p->text);
+  free(p->ids);
+  free(p);
+}
+
+/* Tokens to a request on the engine thread, on the loop thread. Frees p; answers on error. */
+static void gen_start(struct srv_conn *c, struct gen_prep *p) {
+  struct srv_gen *g = p->g;
+  struct srv_model *m = g->m;
+  struct srv_session *sess = g->sess;
+  uint32_t id = g->id;
+  if (p->n <= 0 || !p->ids) {
+    int n = p->n;
+    gen_prep_free(p);
+    srv_reply_error(c, id, n < 0 ? n : KVD_EINVAL,
+                    n == 0 ? "the prompt is empty" : "cannot tokenize the prompt");
+    return;
+  }
+  const struct model_hparams *hp = engine_hparams(sched_engine(m->sched));
+  uint32_t have = sess ? sched_session_len(sess->ss) : 0;
+  if ((uint64_t)have + (uint32_t)p->n >= hp->n_ctx_train) {
+    int n = p->n;
+    gen_prep_free(p);
+    srv_reply_error(c, id, KVD_E_CONTEXT,
+                    "prompt of %d tokens (plus %u in the session) exceeds the context of %u", n,
+                    have, hp->n_ctx_train);
+    return;
+  }
+  if (sched_req_new(p->ids, (uint32_t)p->n, &g->req) < 0) {
+    gen_prep_free(p);
+    srv_reply_error(c, id, KVD_ENOMEM, NULL);
+    return;
+  }
+  g->prompt_tokens = (uint32_t)p->n;
+  g->req->sp = p->sp;
+  g->req->max_tokens = p->max_tokens ? p->max_tokens : hp->n_ctx_train;
+  g->req->logprobs = g->logprobs;
+  g->req->n_eog = tok_eog_ids(m->tok, &g->req->eog); /* the model's tokenizer outlives g */
+  g->req->session = sess ? sess->ss : NULL;
+  g->req->ud = g;
+  if (sched_submit(m->sched, g->req) < 0) { /* the session is as it was */
+    gen_prep_free(p);
+    srv_reply_error(c, id, KVD_ENOMEM, NULL);
+    return;
+  }
+  p->g = NULL; /* the request's now */
+  gen_prep_free(p);
+  if (sess) {
+    sess->busy = true;
+    sess->started = true;
+  }
+  g->conn = c;
+  g->next = c->gens;
+  c->gens = g;
+  m->n_active++;
+}
+
+static void gen_tokenize_work(uv_work_t *w) {
+  gen_tokenize(w->data);
+}
+
+static void gen_tokenize_done(uv_work_t *w, int status) {
+  struct gen_prep *p = w->data;
+  struct srv *s = p->srv;
+  struct srv_model *m = p->g->m;
+  struct srv_session *sess = p->g->sess;
+  if (status < 0 && p->n >= 0) p->n = KVD_ECANCELED;
+  if (sess) sess->busy = false; /* gen_start takes it again */
+  struct srv_conn *c = srv_conn_find(s, p->conn_serial);
+  if (sess && sess->closing) { /* closed (or its connection gone) while this was tokenized */
+    uint32_t id = p->g->id;
+    gen_prep_free(p);
+    if (c) srv_reply_error(c, id, KVD_ENOENT, "the session was closed before the prompt ran");
+    srv_session_release(sess);
+  } else if (!c) {
+    gen_prep_free(p);
+  } else {
+    gen_start(c, p);
+  }
+  srv_model_release(m); /* the pin; after gen_start, which holds its own */
+  srv_maybe_finish(s);
+}
+
 void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
   struct gen_params gp;
@@ -486,47 +604,16 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, rc, "%s", e.message[0] ? e.message : kvd_strerror(rc));
     return;
   }
-  /* BOS only at the start of a conversation; chat text may hold the template's special tokens. */
-  unsigned flags = (sess && sess->started) ? 0 : TOK_ADD_SPECIAL;
-  if (gp.messages) flags |= TOK_PARSE_SPECIAL;
-  /* One pass: a text encodes to at most one id per byte, plus the space SPM prepends and the
-   * BOS/EOS it may add (the second pass below only if that bound were ever wrong). */
-  size_t cap = text_len + 4;
-  int32_t *ids = malloc(cap * sizeof *ids);
-  int n = ids ? tok_encode(m->tok, text, text_len, flags, ids, cap) : KVD_ENOMEM;
-  if (n > 0 && (size_t)n > cap) {
-    int32_t *more = realloc(ids, (size_t)n * sizeof *ids);
-    n = more ? tok_encode(m->tok, text, text_len, flags, more, (size_t)n) : KVD_ENOMEM;
-    ids = more ? more : ids;
-  }
-  free(text);
-  if (n <= 0 || !ids) {
-    free(ids);
-    srv_reply_error(c, msg->id, n < 0 ? n : KVD_EINVAL,
-                    n == 0 ? "the prompt is empty" : "cannot tokenize the prompt");
-    return;
-  }
-  const struct model_hparams *hp = engine_hparams(sched_engine(m->sched));
-  uint32_t have = sess ? sched_session_len(sess->ss) : 0;
-  if ((uint64_t)have + (uint32_t)n >= hp->n_ctx_train) {
-    free(ids);
-    srv_reply_error(c, msg->id, KVD_E_CONTEXT,
-                    "prompt of %d tokens (plus %u in the session) exceeds the context of %u", n,
-                    have, hp->n_ctx_train);
-    return;
-  }
-  struct srv_gen *g = calloc(1, sizeof *g);
+  /* Everything the request needs is copied out of the message now (it is freed when this
+   * returns): the srv_gen with its stop strings, and the prep with the prompt text. */
+  struct gen_prep *p = calloc(1, sizeof *p);
+  struct srv_gen *g = p ? calloc(1, sizeof *g) : NULL;
   if (g) g->piece = malloc(tok_stream_bound(m->tok));
-  if (!g || !g->piece || sched_req_new(ids, (uint32_t)n, &g->req) < 0) {
-    free(ids);
-    if (g) gen_free(g);
-    srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
-    return;
+  if (g && g->piece && gp.n_stops) {
+    g->stops = calloc(gp.n_stops, sizeof *g->stops);
+    g->stop_len = calloc(gp.n_stops, sizeof *g->stop_len);
   }
-  free(ids);
-  g->stops = gp.n_stops ? calloc(gp.n_stops, sizeof *g->stops) : NULL;
-  g->stop_len = gp.n_stops ? calloc(gp.n_stops, sizeof *g->stop_len) : NULL;
-  for (size_t i = 0; i < gp.n_stops && g->stops && g->stop_len; i++) {
+  for (size_t i = 0; g && i < gp.n_stops && g->stops && g->stop_len; i++) {
     size_t len = gp.stops[i].via.str.size;
     g->stops[i] = malloc(len + 1);
     if (!g->stops[i]) break;
@@ -536,38 +623,47 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
     g->n_stops = i + 1;
     if (len > g->max_stop) g->max_stop = len;
   }
-  if (g->n_stops != gp.n_stops) {
-    gen_free(g);
+  if (!g || !g->piece || g->n_stops != gp.n_stops) {
+    if (g) gen_free(g);
+    free(p);
+    free(text);
     srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
     return;
   }
-  g->conn = c;
   g->m = m;
   g->sess = sess;
   g->id = msg->id;
   g->stream = gp.stream;
   g->logprobs = gp.logprobs;
-  g->prompt_tokens = (uint32_t)n;
   g->t_recv = srv_now();
   tok_stream_init(&g->ts, m->tok, 0);
-  g->req->sp = gp.sp;
-  g->req->max_tokens = gp.max_tokens ? gp.max_tokens : hp->n_ctx_train;
-  g->req->logprobs = gp.logprobs;
-  g->req->n_eog = tok_eog_ids(m->tok, &g->req->eog); /* the model's tokenizer outlives g */
-  g->req->session = sess ? sess->ss : NULL;
-  g->req->ud = g;
-  if (sched_submit(m->sched, g->req) < 0) { /* the session is as it was */
-    gen_free(g);
-    srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
+  p->srv = c->srv;
+  p->conn_serial = c->serial;
+  p->g = g;
+  p->sp = gp.sp;
+  p->max_tokens = gp.max_tokens;
+  p->text = text;
+  p->text_len = text_len;
+  /* BOS only at the start of a conversation; chat text may hold the template's special tokens. */
+  p->flags = (sess && sess->started) ? 0 : TOK_ADD_SPECIAL;
+  if (gp.messages) p->flags |= TOK_PARSE_SPECIAL;
+  if (text_len <= SRV_TOKENIZE_INLINE) {
+    gen_tokenize(p);
+    gen_start(c, p);
     return;
   }
-  if (sess) {
-    sess->busy = true;
-    sess->started = true;
-  }
-  g->next = c->gens;
-  c->gens = g;
+  /* A long prompt (up to IPC_MAX_PROMPT_BYTES) is tokenized on libuv's threadpool, so the loop
+   * keeps serving everyone else meanwhile. The model and the session are pinned until then: an
+   * unload is refused (n_active), the session is busy, the drain waits. */
   m->n_active++;
+  if (sess) sess->busy = true;
+  p->work.data = p;
+  if (uv_queue_work(c->srv->loop, &p->work, gen_tokenize_work, gen_tokenize_done) < 0) {
+    m->n_active--;
+    if (sess) sess->busy = false;
+    gen_tokenize(p);
+    gen_start(c, p);
+  }
 }
 
 /* The requests array of `status`: what the loop knows, without reading engine-thread state. */

@@ -201,12 +201,6 @@ static void load_work_cb(uv_work_t *req) {
   w->rc = model_open(w->srv, w->m, w->m->path, &w->e, w->err, sizeof w->err);
 }
 
-static struct srv_conn *conn_by_serial(struct srv *s, uint64_t serial) {
-  for (struct srv_conn *c = s->conns; c; c = c->next)
-    if (c->serial == serial && !c->closing) return c;
-  return NULL;
-}
-
 static void load_after_cb(uv_work_t *req, int status) {
   struct load_work *w = req->data;
   struct srv *s = w->srv;
@@ -219,7 +213,7 @@ static void load_after_cb(uv_work_t *req, int status) {
     w->rc = model_start(s, w->m, w->e, w->err, sizeof w->err);
   else
     engine_free(w->e);
-  struct srv_conn *c = conn_by_serial(s, w->conn_serial);
+  struct srv_conn *c = srv_conn_find(s, w->conn_serial);
   if (w->rc < 0) {
     log_warn("models.load: %s", w->err);
     model_free_now(w->m);

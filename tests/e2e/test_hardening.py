@@ -392,6 +392,34 @@ def t_64_clients_on_a_63_block_pool(d, tmp):
     finally:
         check(e.stop() == 0, 'exit status')
 
+KVD_E_CONTEXT = 113
+
+
+def t_long_prompts_tokenized_off_the_loop(d, tmp):
+    big = 'Once upon a time there was a little girl. ' * 2400  # ~100 KiB: tokenized off the loop
+    with d.connect() as p:
+        e = expect_error(p, KVD_E_CONTEXT, 'generate', prompt=big, max_tokens=4, timeout=120)
+        check('exceeds the context' in e.message, e)
+        s = p.call('session.open')['session']
+        expect_error(p, KVD_E_CONTEXT, 'generate', prompt=big, session=s, max_tokens=4,
+                     timeout=120)
+        # the session is free again and starts its conversation as if nothing happened
+        r = p.call('generate', prompt='Once upon a time', session=s, temperature=0,
+                   max_tokens=N_WANT, timeout=120)
+        check(r['text'] == WANT, r)
+        # a session closed while its prompt is being tokenized
+        s2 = p.call('session.open')['session']
+        msgid = p.send_request('generate', dict(prompt=big, session=s2, max_tokens=4))
+        p.call('session.close', session=s2)
+        m = p.wait(msgid, timeout=120)
+        check(m.error is not None, m)
+    # a client that leaves while its prompt is being tokenized
+    with d.connect() as p:
+        p.send_request('generate', dict(prompt=big, max_tokens=4))
+    with d.connect() as p:
+        check(p.call('tokenize', text='a')['tokens'][0] == 1, 'not serving')
+
+
 def main():
     tap = Tap()
     if not os.path.exists(MODEL):
@@ -423,7 +451,9 @@ def main():
                  t_sigterm_keeps_a_slow_readers_output),
                 ('idle connections make room at the limit', t_idle_connections_make_room),
                 ('64 clients on a 63-block pool all finish with their solo text',
-                 t_64_clients_on_a_63_block_pool)]:
+                 t_64_clients_on_a_63_block_pool),
+                ('long prompts are tokenized off the loop; sessions and clients may go meanwhile',
+                 t_long_prompts_tokenized_off_the_loop)]:
             tap.run(name, fn, d, tmp)
         rc = d.stop()
         log = d.read_log()
