@@ -230,7 +230,8 @@ int engine_new(struct gpu_device *dev, const struct gguf_file *f, const struct e
   e->rope = (struct ops_rope_cfg){.n_rot = e->hp.n_rot,
                                   .mode = e->hp.rope_mode,
                                   .freq_base = e->hp.rope_freq_base,
-                                  .freq_scale = e->hp.rope_freq_scale};
+                                  .freq_scale = e->hp.rope_freq_scale,
+                                  .freq_factors = e->hp.rope_freq_factors};
   rc = ops_rope_prepare(&e->ops, &e->rope);
   if (rc == 0) rc = attn_init(&e->attn, dev);
   if (rc < 0) {

@@ -130,6 +130,7 @@ static void rope_freq_words(const struct ops_rope_cfg *cfg, uint32_t *words) {
   static const double two_pi = 6.283185307179586476925;
   for (uint32_t i = 0; i < cfg->n_rot / 2; i++) {
     double f = (double)cfg->freq_scale * pow(cfg->freq_base, -2.0 * (double)i / (double)cfg->n_rot);
+    if (cfg->freq_factors) f /= cfg->freq_factors[i];
     double turns = f / two_pi;
     double frac = ldexp(turns - floor(turns), 32);
     double hi = floor(frac);
@@ -143,7 +144,7 @@ static const struct ops_rope_table *rope_find(const struct ops *o, const struct 
   for (uint32_t i = 0; i < o->n_rope; i++) {
     const struct ops_rope_table *t = &o->rope_tables[i];
     if (t->n_rot == cfg->n_rot && t->freq_base == cfg->freq_base &&
-        t->freq_scale == cfg->freq_scale)
+        t->freq_scale == cfg->freq_scale && t->freq_factors == cfg->freq_factors)
       return t;
   }
   return NULL;
@@ -165,8 +166,11 @@ int ops_rope_prepare(struct ops *o, const struct ops_rope_cfg *cfg) {
     gpu_buffer_free(buf);
     return rc;
   }
-  o->rope_tables[o->n_rope++] = (struct ops_rope_table){
-      .n_rot = cfg->n_rot, .freq_base = cfg->freq_base, .freq_scale = cfg->freq_scale, .freq = buf};
+  o->rope_tables[o->n_rope++] = (struct ops_rope_table){.n_rot = cfg->n_rot,
+                                                        .freq_base = cfg->freq_base,
+                                                        .freq_scale = cfg->freq_scale,
+                                                        .freq_factors = cfg->freq_factors,
+                                                        .freq = buf};
   return 0;
 }
 

@@ -25,6 +25,9 @@ struct ops_rope_cfg {
   enum model_rope_mode mode;
   float freq_base;
   float freq_scale; /* linear scaling: the angle uses pos * freq_scale */
+  /* (n_rot / 2) per-pair divisors of the angle (Llama 3.1's rope_freqs), or NULL. Must outlive
+   * the ops (tables are told apart by this pointer). */
+  const float *freq_factors;
 };
 
 /* Per-pair rotation speeds for one (n_rot, freq_base, freq_scale): (n_rot / 2) pairs of uint32
@@ -34,6 +37,7 @@ struct ops_rope_table {
   uint32_t n_rot;
   float freq_base;
   float freq_scale;
+  const float *freq_factors;
   struct gpu_buffer *freq;
 };
 

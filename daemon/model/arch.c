@@ -245,6 +245,22 @@ int model_hparams_read(const struct gguf_file *f, struct model_hparams *ret,
                 " must be even and at most the head dimension %" PRIu32,
                 m.arch, hp.n_rot, hp.head_dim);
   if ((rc = read_rope_scaling(&m, &hp.rope_freq_scale)) < 0) return rc;
+  /* Llama 3.1/3.2 carry their RoPE scaling as per-pair frequency factors in a tensor. */
+  const struct gguf_tensor *rf = gguf_find_tensor(f, "rope_freqs.weight");
+  if (rf) {
+    if (rf->type != DTYPE_F32 || rf->ne[0] != hp.n_rot / 2 || rf->ne[1] != 1 || rf->ne[2] != 1 ||
+        rf->ne[3] != 1)
+      return fail(err, KVD_E_FORMAT,
+                  "tensor 'rope_freqs.weight' must be %" PRIu32
+                  " f32 values (one per rotated pair)",
+                  hp.n_rot / 2);
+    const float *v = rf->data;
+    for (uint32_t i = 0; i < hp.n_rot / 2; i++)
+      if (!(isfinite(v[i]) && v[i] > 0.0f))
+        return fail(err, KVD_E_FORMAT,
+                    "tensor 'rope_freqs.weight' holds a factor that is not positive");
+    hp.rope_freq_factors = v;
+  }
 
   /* The vocabulary size: the architecture's own key, else the tokenizer's token list. */
   if (gguf_find_kv(f, meta_key(&m, "vocab_size"))) {
@@ -348,6 +364,8 @@ static int bind_all(struct binder *b, struct model_weights *w) {
   if (w->tied) w->output = w->token_embd;
   for (uint32_t il = 0; il < hp->n_layer; il++)
     if ((rc = bind_layer(b, hp, il, &w->layers[il])) < 0) return rc;
+  const struct gguf_tensor *rf; /* checked with the hyperparameters, read through them */
+  if ((rc = bind(b, "rope_freqs.weight", hp->n_rot / 2, 0, false, &rf)) < 0) return rc;
   for (uint64_t i = 0; i < b->f->n_tensors; i++) {
     if (b->used[i]) continue;
     const struct gguf_str *n = &b->f->tensors[i].name;
@@ -405,6 +423,14 @@ void model_print_hparams(const struct model_hparams *hp, FILE *out) {
           model_rope_mode_name(hp->rope_mode), (double)hp->rope_freq_base, hp->n_rot);
   if (hp->rope_freq_scale != 1.0f)
     fprintf(out, ", linear scaling x%g", 1.0 / (double)hp->rope_freq_scale);
+  if (hp->rope_freq_factors) {
+    float lo = hp->rope_freq_factors[0], hi = lo;
+    for (uint32_t i = 1; i < hp->n_rot / 2; i++) {
+      lo = fminf(lo, hp->rope_freq_factors[i]);
+      hi = fmaxf(hi, hp->rope_freq_factors[i]);
+    }
+    fprintf(out, ", frequency factors (rope_freqs) %g..%g", (double)lo, (double)hi);
+  }
   fprintf(out, "\n");
   fprintf(out, "bos / eos:        %" PRId32 " / %" PRId32 "\n", hp->bos_id, hp->eos_id);
 }

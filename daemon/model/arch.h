@@ -51,6 +51,9 @@ struct model_hparams {
   enum model_rope_mode rope_mode;
   /* Linear RoPE scaling: the angle uses pos * rope_freq_scale. 1 means unscaled. */
   float rope_freq_scale;
+  /* Per-pair frequency factors (the rope_freqs.weight tensor, n_rot / 2 floats: Llama 3.1's
+   * scaling): pair i's angle is divided by factor i. NULL = none. Points into the file. */
+  const float *rope_freq_factors;
   int32_t bos_id; /* tokenizer.ggml.bos_token_id, -1 when absent */
   int32_t eos_id; /* tokenizer.ggml.eos_token_id, -1 when absent */
 };

@@ -62,12 +62,14 @@ int ref_matvec(float *out, enum dtype type, const void *w, const float *x, size_
 }
 
 void ref_rope(float *x, size_t n_tokens, size_t n_heads, size_t head_dim, size_t n_rot,
-              const uint32_t *pos, enum model_rope_mode mode, float freq_base, float freq_scale) {
+              const uint32_t *pos, enum model_rope_mode mode, float freq_base, float freq_scale,
+              const float *factors) {
   size_t half = n_rot / 2;
   for (size_t t = 0; t < n_tokens; t++) {
     double p = (double)pos[t] * freq_scale;
     for (size_t i = 0; i < half; i++) {
       double theta = p * pow(freq_base, -2.0 * (double)i / (double)n_rot);
+      if (factors) theta /= factors[i];
       double c = cos(theta), s = sin(theta);
       /* NORMAL rotates adjacent dimensions (2i, 2i+1); NEOX pairs dimension i with i + n_rot/2. */
       size_t i0 = mode == MODEL_ROPE_NEOX ? i : 2 * i;
@@ -412,9 +414,9 @@ static int attention_block(struct model_ref *r, uint32_t il, uint32_t pos) {
   if (l->bk) ref_add(k, l->bk, kv_dim);
   if (l->bv) ref_add(v, l->bv, kv_dim);
   ref_rope(r->q, 1, hp->n_head, hp->head_dim, hp->n_rot, &pos, hp->rope_mode, hp->rope_freq_base,
-           hp->rope_freq_scale);
+           hp->rope_freq_scale, hp->rope_freq_factors);
   ref_rope(k, 1, hp->n_head_kv, hp->head_dim, hp->n_rot, &pos, hp->rope_mode, hp->rope_freq_base,
-           hp->rope_freq_scale);
+           hp->rope_freq_scale, hp->rope_freq_factors);
   ref_attention_one(r->att, r->q, layer_k, layer_v, (size_t)pos + 1, hp->n_head, hp->n_head_kv,
                     hp->head_dim, r->scores);
   if ((rc = matvec(r->xb2, &l->wo, r->att, r->row)) < 0) return rc;

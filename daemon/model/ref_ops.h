@@ -29,10 +29,12 @@ int ref_matvec(float *out, enum dtype type, const void *w, const float *x, size_
 
 /* Rotates x (n_tokens, n_heads, head_dim) in place: in every head the first n_rot dimensions are
  * paired (adjacent for MODEL_ROPE_NORMAL, halves for MODEL_ROPE_NEOX) and pair i of token t turns
- * by pos[t] * freq_scale * freq_base^(-2i / n_rot). Dimensions past n_rot are left alone. n_rot
- * is even and at most head_dim. */
+ * by pos[t] * freq_scale * freq_base^(-2i / n_rot), divided by factors[i] when factors is not
+ * NULL (Llama 3.1's rope_freqs). Dimensions past n_rot are left alone. n_rot is even and at most
+ * head_dim. */
 void ref_rope(float *x, size_t n_tokens, size_t n_heads, size_t head_dim, size_t n_rot,
-              const uint32_t *pos, enum model_rope_mode mode, float freq_base, float freq_scale);
+              const uint32_t *pos, enum model_rope_mode mode, float freq_base, float freq_scale,
+              const float *factors);
 
 /* x (n) = exp(x - max) / sum(exp(x - max)), in place; n >= 1. */
 void ref_softmax(float *x, size_t n);

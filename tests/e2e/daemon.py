@@ -110,6 +110,14 @@ class Tap:
                 print(f'# {line}')
             print(f'not ok {self.n} - {name}', flush=True)
 
+    def run_or_skip(self, name, fn, *args):
+        """Like run, but fn may return a reason string: then the test is reported skipped."""
+        why = []
+        self.run(name, lambda: why.append(fn(*args)))
+        if why and why[0]:
+            print(f'# {why[0]}', flush=True)
+        return bool(why and why[0])
+
     def skip(self, name, why):
         self.n += 1
         print(f'ok {self.n} - {name} # SKIP {why}', flush=True)

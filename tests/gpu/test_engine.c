@@ -427,3 +427,83 @@ KT_TEST(exhausted_pool_is_a_typed_error_and_changes_nothing) {
   gguf_close(f);
   FIXTURE_CHECK_VALIDATION();
 }
+
+/* An arch/ model (synthetic weights of a modern family, references from llama.cpp: see
+ * ../shared/models/arch/README.md) teacher-forced through the engine: at every generated
+ * position the reference's top-5 log-probs match within tol, and the greedy token is the
+ * reference's wherever its top-1/top-2 gap is wide enough for the choice to be meaningful. */
+static void check_arch(const char *name, double tol) {
+  char rel[128];
+  snprintf(rel, sizeof rel, "models/arch/%s.json", name);
+  cJSON *ref = load_json(rel);
+  snprintf(rel, sizeof rel, "models/arch/%s.gguf", name);
+  struct gguf_file *f = ref ? open_model(rel) : NULL;
+  if (!ref || !f) {
+    cJSON_Delete(ref);
+    gguf_close(f);
+    KT_SKIP("models/arch not found under KVD_SHARED_DIR");
+  }
+  struct engine *e = new_engine(f, &(struct engine_opts){.n_blocks = 64});
+  KT_ASSERT(e);
+  uint32_t n_vocab = engine_hparams(e)->n_vocab;
+  float *logits = malloc(n_vocab * sizeof *logits), *lp = malloc(n_vocab * sizeof *lp);
+  KT_ASSERT(logits && lp);
+  double worst = 0;
+  uint32_t checked = 0, greedy_checked = 0;
+  const cJSON *c;
+  cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(ref, "cases")) {
+    uint32_t n_prompt, n_gen;
+    int32_t *prompt = json_ids(c, "prompt_ids", &n_prompt);
+    int32_t *gen = json_ids(c, "generated_ids", &n_gen);
+    struct engine_seq *s = NULL;
+    KT_ASSERT_OK(engine_seq_new(e, &s));
+    KT_ASSERT_OK(feed(e, s, prompt, n_prompt, 64, logits));
+    const cJSON *tops = cJSON_GetObjectItemCaseSensitive(c, "top_logprobs"), *entry;
+    uint32_t j = 0;
+    cJSON_ArrayForEach(entry, tops) {
+      if (j >= n_gen) break;
+      sample_log_softmax(logits, lp, n_vocab);
+      const cJSON *top = cJSON_GetObjectItemCaseSensitive(entry, "top");
+      double v0 = cJSON_GetArrayItem(cJSON_GetArrayItem(top, 0), 1)->valuedouble;
+      double v1 = cJSON_GetArrayItem(cJSON_GetArrayItem(top, 1), 1)->valuedouble;
+      const cJSON *pair;
+      cJSON_ArrayForEach(pair, top) {
+        int32_t id = (int32_t)cJSON_GetArrayItem(pair, 0)->valuedouble;
+        double d = fabs(lp[id] - cJSON_GetArrayItem(pair, 1)->valuedouble);
+        if (d > worst) worst = d;
+      }
+      checked++;
+      if (v0 - v1 > 0.05) {
+        uint32_t best = 0;
+        for (uint32_t i = 1; i < n_vocab; i++)
+          if (logits[i] > logits[best]) best = i;
+        KT_CHECK_MSG((int32_t)best == gen[j], "%s: step %u: greedy %u, reference %d", name, j, best,
+                     gen[j]);
+        greedy_checked++;
+      }
+      /* Teacher forcing: the reference's token goes in, whatever ours would have been. */
+      KT_ASSERT_OK(feed(e, s, &gen[j], 1, 1, logits));
+      j++;
+    }
+    engine_seq_free(e, s);
+    free(prompt);
+    free(gen);
+  }
+  kt_log("%s: max |d logprob| %.3g over %u positions, %u greedy choices checked", name, worst,
+         checked, greedy_checked);
+  KT_CHECK(checked > 0 && greedy_checked > 0);
+  KT_CHECK_MSG(worst < tol, "%s: max |d logprob| %.3g", name, worst);
+  free(logits);
+  free(lp);
+  engine_free(e);
+  gguf_close(f);
+  cJSON_Delete(ref);
+}
+
+/* Llama 3.1/3.2: RoPE scaling carried by the rope_freqs.weight tensor (per-pair divisors). */
+KT_TEST(llama3_rope_freqs_matches_llama_cpp) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  check_arch("llama3", 2e-2);
+  FIXTURE_CHECK_VALIDATION();
+}

@@ -147,7 +147,20 @@ struct rope_case {
   uint32_t n_heads, head_dim, n_rot;
   float freq_base, freq_scale;
   uint32_t max_pos;
+  bool factors; /* per-pair frequency divisors (Llama 3.1's rope_freqs), drawn at random */
 };
+
+/* One table of random divisors in [1, 8] for every case that has them: ops tell rope tables
+ * apart by the factors' address, so one array keeps the table count bounded. */
+static float rope_factors[128];
+
+static const float *rope_case_factors(const struct rope_case *c) {
+  if (!c->factors) return NULL;
+  if (rope_factors[0] == 0.0f)
+    for (size_t i = 0; i < sizeof rope_factors / sizeof rope_factors[0]; i++)
+      rope_factors[i] = 1.0f + 7.0f * (float)kt_rand_range(0, 1000) / 1000.0f;
+  return rope_factors;
+}
 
 /* Error of a rotation, per element, relative to the length of the pair it belongs to: a rotation
  * keeps that length, and an element of a pair can be near zero while its error is set by the
@@ -185,11 +198,15 @@ static void check_rope(struct ops *o, struct gpu_cmd *cmd, const struct rope_cas
   pos[0] = c->max_pos; /* the largest angle always appears */
   if (n_tok > 1) pos[1] = 0;
   memcpy(want, x, n * 4);
-  ref_rope(want, n_tok, c->n_heads, c->head_dim, c->n_rot, pos, mode, c->freq_base, c->freq_scale);
+  ref_rope(want, n_tok, c->n_heads, c->head_dim, c->n_rot, pos, mode, c->freq_base, c->freq_scale,
+           rope_case_factors(c));
   struct gpu_buffer *bx = fixture_upload(x, n * 4), *bp = fixture_upload(pos, n_tok * 4);
   KT_ASSERT(bx && bp);
-  struct ops_rope_cfg cfg = {
-      .n_rot = c->n_rot, .mode = mode, .freq_base = c->freq_base, .freq_scale = c->freq_scale};
+  struct ops_rope_cfg cfg = {.n_rot = c->n_rot,
+                             .mode = mode,
+                             .freq_base = c->freq_base,
+                             .freq_scale = c->freq_scale,
+                             .freq_factors = rope_case_factors(c)};
   int rc = ops_rope_prepare(o, &cfg);
   if (rc == 0) rc = gpu_cmd_begin(cmd);
   if (rc == 0) {
@@ -218,12 +235,13 @@ static void check_rope(struct ops *o, struct gpu_cmd *cmd, const struct rope_cas
 KT_TEST(rope_both_modes_matches_cpu) {
   FIXTURE_DEVICE(dev);
   static const struct rope_case cases[] = {
-      {4, 64, 64, 10000.0f, 1.0f, 4096},      /* llama */
-      {3, 64, 32, 10000.0f, 1.0f, 4096},      /* partial rotation */
-      {2, 128, 128, 1000000.0f, 1.0f, 4096},  /* qwen2's base */
-      {5, 7, 6, 10000.0f, 0.25f, 4096},       /* odd head_dim, linear scaling */
-      {8, 8, 8, 10000.0f, 1.0f, 4096},        /* stories260K */
-      {1, 96, 64, 500000.0f, 0.5f, 1u << 20}, /* far past any test context */
+      {4, 64, 64, 10000.0f, 1.0f, 4096, false},      /* llama */
+      {3, 64, 32, 10000.0f, 1.0f, 4096, false},      /* partial rotation */
+      {2, 128, 128, 1000000.0f, 1.0f, 4096, false},  /* qwen2's base */
+      {5, 7, 6, 10000.0f, 0.25f, 4096, false},       /* odd head_dim, linear scaling */
+      {8, 8, 8, 10000.0f, 1.0f, 4096, false},        /* stories260K */
+      {1, 96, 64, 500000.0f, 0.5f, 1u << 20, false}, /* far past any test context */
+      {4, 64, 64, 500000.0f, 1.0f, 131072, true},    /* llama 3.1: rope_freqs divisors */
   };
   struct gpu_cmd *cmd;
   KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
@@ -260,7 +278,7 @@ KT_TEST(rope_rotates_k_in_place_inside_a_fused_qkv_buffer) {
     pos[t] = kt_rand_range(0, 4096);
     memcpy(k + (size_t)t * NK * HD, x + (size_t)t * stride + NQ * HD, NK * HD * 4);
   }
-  ref_rope(k, T, NK, HD, HD, pos, MODEL_ROPE_NEOX, 1e6f, 1.0f);
+  ref_rope(k, T, NK, HD, HD, pos, MODEL_ROPE_NEOX, 1e6f, 1.0f, NULL);
   struct ops o;
   KT_ASSERT_OK(ops_init(&o, dev, NULL));
   struct gpu_buffer *bx = fixture_upload(x, n * 4), *bp = fixture_upload(pos, sizeof pos);

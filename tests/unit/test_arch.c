@@ -495,10 +495,20 @@ KT_TEST(tensor_problems_are_named) {
   spec_find(&s, "output_norm.weight")->ne[0] = 4;
   EXPECT_REFUSED(&s, KVD_E_FORMAT, "output_norm.weight");
 
-  /* A tensor the forward pass would not read (llama 3's frequency table) must not be ignored. */
+  /* A tensor the forward pass would not read (here qwen3's per-head q norm on a llama file) must
+   * not be ignored. */
+  spec_init(&s, "llama");
+  spec_tensor(&s, "blk.0.attn_q_norm.weight", 2, 0);
+  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "blk.0.attn_q_norm.weight");
+
+  /* Llama 3.1's frequency table is read now, and checked: factors must be positive (these are
+   * zeros), one per rotated pair. */
   spec_init(&s, "llama");
   spec_tensor(&s, "rope_freqs.weight", 2, 0);
-  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "rope_freqs.weight");
+  EXPECT_REFUSED(&s, KVD_E_FORMAT, "rope_freqs.weight");
+  spec_init(&s, "llama");
+  spec_tensor(&s, "rope_freqs.weight", 3, 0);
+  EXPECT_REFUSED(&s, KVD_E_FORMAT, "rope_freqs.weight");
 
   spec_init(&s, "llama");
   spec_tensor(&s, "output.weight", 8, 5); /* one row short of the vocabulary */

@@ -95,14 +95,14 @@ KT_TEST(rope_rotates_the_right_pairs) {
   float x[6];
   uint32_t pos = 1;
   memcpy(x, in, sizeof x);
-  ref_rope(x, 1, 1, 6, 4, &pos, MODEL_ROPE_NORMAL, 100.0f, 1.0f);
+  ref_rope(x, 1, 1, 6, 4, &pos, MODEL_ROPE_NORMAL, 100.0f, 1.0f, NULL);
   double c0 = cos(1.0), s0 = sin(1.0), c1 = cos(0.1), s1 = sin(0.1);
   KT_CHECK(fabs(x[0] - (1 * c0 - 2 * s0)) < 1e-6 && fabs(x[1] - (1 * s0 + 2 * c0)) < 1e-6);
   KT_CHECK(fabs(x[2] - (3 * c1 - 4 * s1)) < 1e-6 && fabs(x[3] - (3 * s1 + 4 * c1)) < 1e-6);
   KT_CHECK(x[4] == 5 && x[5] == 6);
 
   memcpy(x, in, sizeof x);
-  ref_rope(x, 1, 1, 6, 4, &pos, MODEL_ROPE_NEOX, 100.0f, 1.0f);
+  ref_rope(x, 1, 1, 6, 4, &pos, MODEL_ROPE_NEOX, 100.0f, 1.0f, NULL);
   KT_CHECK(fabs(x[0] - (1 * c0 - 3 * s0)) < 1e-6 && fabs(x[2] - (1 * s0 + 3 * c0)) < 1e-6);
   KT_CHECK(fabs(x[1] - (2 * c1 - 4 * s1)) < 1e-6 && fabs(x[3] - (2 * s1 + 4 * c1)) < 1e-6);
   KT_CHECK(x[4] == 5 && x[5] == 6);
@@ -110,7 +110,7 @@ KT_TEST(rope_rotates_the_right_pairs) {
   /* Position 0 is the identity. */
   pos = 0;
   memcpy(x, in, sizeof x);
-  ref_rope(x, 1, 1, 6, 6, &pos, MODEL_ROPE_NORMAL, 10000.0f, 1.0f);
+  ref_rope(x, 1, 1, 6, 6, &pos, MODEL_ROPE_NORMAL, 10000.0f, 1.0f, NULL);
   KT_CHECK(memcmp(x, in, sizeof x) == 0);
 }
 
@@ -122,10 +122,10 @@ KT_TEST(rope_per_token_positions_and_linear_scaling) {
   kt_rand_fill(x, T * H * D, -1, 1);
   float orig[T * H * D];
   memcpy(orig, x, sizeof x);
-  ref_rope(x, T, H, D, D, pos, MODEL_ROPE_NEOX, 10000.0f, 1.0f);
+  ref_rope(x, T, H, D, D, pos, MODEL_ROPE_NEOX, 10000.0f, 1.0f, NULL);
   for (int t = 0; t < T; t++) {
     memcpy(one, orig + t * H * D, sizeof one);
-    ref_rope(one, 1, H, D, D, &pos[t], MODEL_ROPE_NEOX, 10000.0f, 1.0f);
+    ref_rope(one, 1, H, D, D, &pos[t], MODEL_ROPE_NEOX, 10000.0f, 1.0f, NULL);
     KT_CHECK(memcmp(one, x + t * H * D, sizeof one) == 0);
   }
   /* Linear scaling by 4: position 8 turns like position 2 unscaled. */
@@ -133,8 +133,8 @@ KT_TEST(rope_per_token_positions_and_linear_scaling) {
   float a[D], b[D];
   kt_rand_fill(a, D, -1, 1);
   memcpy(b, a, sizeof a);
-  ref_rope(a, 1, 1, D, D, &p8, MODEL_ROPE_NORMAL, 10000.0f, 0.25f);
-  ref_rope(b, 1, 1, D, D, &p2, MODEL_ROPE_NORMAL, 10000.0f, 1.0f);
+  ref_rope(a, 1, 1, D, D, &p8, MODEL_ROPE_NORMAL, 10000.0f, 0.25f, NULL);
+  ref_rope(b, 1, 1, D, D, &p2, MODEL_ROPE_NORMAL, 10000.0f, 1.0f, NULL);
   KT_CHECK(memcmp(a, b, sizeof a) == 0);
 }
 
