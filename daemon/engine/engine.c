@@ -113,6 +113,10 @@ static int eng_upload_weights(struct engine *e, const struct engine_opts *o) {
       rc = eng_upload_vector(e, ml->attn_k_bias, "k_bias", &el->k_bias);
     if (rc == 0 && ml->attn_v_bias)
       rc = eng_upload_vector(e, ml->attn_v_bias, "v_bias", &el->v_bias);
+    if (rc == 0 && ml->attn_q_norm)
+      rc = eng_upload_vector(e, ml->attn_q_norm, "q_norm", &el->q_norm);
+    if (rc == 0 && ml->attn_k_norm)
+      rc = eng_upload_vector(e, ml->attn_k_norm, "k_norm", &el->k_norm);
     if (rc == 0) rc = eng_matrix(e, ml->attn_q, &done, total, o, &el->q);
     if (rc == 0) rc = eng_matrix(e, ml->attn_k, &done, total, o, &el->k);
     if (rc == 0) rc = eng_matrix(e, ml->attn_v, &done, total, o, &el->v);
@@ -277,8 +281,8 @@ void engine_free(struct engine *e) {
   if (e->layers) {
     for (uint32_t l = 0; l < e->hp.n_layer; l++) {
       struct eng_layer *el = &e->layers[l];
-      struct gpu_buffer *lb[] = {el->attn_norm, el->ffn_norm, el->q_bias, el->k_bias,
-                                 el->v_bias,    el->k_cache,  el->v_cache};
+      struct gpu_buffer *lb[] = {el->attn_norm, el->ffn_norm, el->q_bias,  el->k_bias, el->v_bias,
+                                 el->q_norm,    el->k_norm,   el->k_cache, el->v_cache};
       for (size_t i = 0; i < sizeof lb / sizeof lb[0]; i++)
         gpu_buffer_free(lb[i]);
     }

@@ -85,6 +85,15 @@ static void eng_attention_block(struct engine *e, const struct eng_step *s, uint
   if (l->k_bias) ops_add_bias(&e->ops, cmd, bind(e->k), bind(l->k_bias), n, e->kv_dim);
   if (l->v_bias) ops_add_bias(&e->ops, cmd, bind(e->v), bind(l->v_bias), n, e->kv_dim);
   if (l->q_bias || l->k_bias || l->v_bias) gpu_cmd_barrier(cmd);
+  /* qwen3 (ref: attention_block's per-head norms): each head of q and k RMS-normalised on its
+   * own, in place: q as (n * n_head, head_dim) rows, k as (n * n_head_kv, head_dim). */
+  if (l->q_norm)
+    ops_rmsnorm(&e->ops, cmd, bind(e->q), bind(l->q_norm), bind(e->q), n * hp->n_head, hp->head_dim,
+                hp->rms_eps);
+  if (l->k_norm)
+    ops_rmsnorm(&e->ops, cmd, bind(e->k), bind(l->k_norm), bind(e->k), n * hp->n_head_kv,
+                hp->head_dim, hp->rms_eps);
+  if (l->q_norm || l->k_norm) gpu_cmd_barrier(cmd);
   ops_rope(&e->ops, cmd, bind(e->q), pos, n, hp->n_head, hp->head_dim, 0, &e->rope);
   ops_rope(&e->ops, cmd, bind(e->k), pos, n, hp->n_head_kv, hp->head_dim, 0, &e->rope);
   gpu_cmd_barrier(cmd);

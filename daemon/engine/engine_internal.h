@@ -23,11 +23,12 @@ struct eng_matrix {
 struct eng_layer {
   struct gpu_buffer *attn_norm, *ffn_norm;     /* (n_embd) f32 */
   struct gpu_buffer *q_bias, *k_bias, *v_bias; /* (q_dim), (kv_dim), (kv_dim) f32, or NULL */
-  struct eng_matrix *q, *k, *v;                /* (q_dim, n_embd), (kv_dim, n_embd) x 2 */
-  struct eng_matrix *o;                        /* (n_embd, q_dim) */
-  struct eng_matrix *gate, *up;                /* (n_ff, n_embd) */
-  struct eng_matrix *down;                     /* (n_embd, n_ff) */
-  struct gpu_buffer *k_cache, *v_cache;        /* (n_blocks, n_head_kv, block_size, head_dim) f32 */
+  struct gpu_buffer *q_norm, *k_norm;   /* (head_dim) f32 per-head RMSNorm (qwen3), or NULL */
+  struct eng_matrix *q, *k, *v;         /* (q_dim, n_embd), (kv_dim, n_embd) x 2 */
+  struct eng_matrix *o;                 /* (n_embd, q_dim) */
+  struct eng_matrix *gate, *up;         /* (n_ff, n_embd) */
+  struct eng_matrix *down;              /* (n_embd, n_ff) */
+  struct gpu_buffer *k_cache, *v_cache; /* (n_blocks, n_head_kv, block_size, head_dim) f32 */
 };
 
 /* Offsets of the per-step arrays inside the step buffer (bytes, storage-aligned). */

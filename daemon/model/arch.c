@@ -25,6 +25,7 @@ static const struct {
     {"llama", MODEL_ARCH_LLAMA, MODEL_ROPE_NORMAL},
     {"mistral", MODEL_ARCH_MISTRAL, MODEL_ROPE_NORMAL},
     {"qwen2", MODEL_ARCH_QWEN2, MODEL_ROPE_NEOX},
+    {"qwen3", MODEL_ARCH_QWEN3, MODEL_ROPE_NEOX},
 };
 
 __attribute__((format(printf, 3, 4))) static int fail(struct model_error *err, int rc,
@@ -161,8 +162,8 @@ int model_hparams_read(const struct gguf_file *f, struct model_hparams *ret,
   if (ai == n_arch) {
     int len = arch_str.len > 64 ? 64 : (int)arch_str.len;
     return fail(err, KVD_E_UNSUPPORTED,
-                "architecture '%.*s' is not supported (kvd runs llama, mistral and qwen2)", len,
-                arch_str.ptr);
+                "architecture '%.*s' is not supported (kvd runs llama, mistral, qwen2 and qwen3)",
+                len, arch_str.ptr);
   }
 
   struct model_hparams hp = {0};
@@ -183,28 +184,36 @@ int model_hparams_read(const struct gguf_file *f, struct model_hparams *ret,
       (rc = meta_u32(&m, "context_length", ARCH_MAX_CTX, &hp.n_ctx_train)) < 0)
     return rc;
 
-  if (hp.n_embd % hp.n_head != 0)
-    return fail(err, KVD_E_FORMAT,
-                "%s.embedding_length = %" PRIu32
-                " is not divisible by %s.attention.head_count = %" PRIu32,
-                m.arch, hp.n_embd, m.arch, hp.n_head);
   if (hp.n_head % hp.n_head_kv != 0)
     return fail(err, KVD_E_FORMAT,
                 "%s.attention.head_count = %" PRIu32
                 " is not divisible by %s.attention.head_count_kv = %" PRIu32,
                 m.arch, hp.n_head, m.arch, hp.n_head_kv);
-  hp.head_dim = hp.n_embd / hp.n_head;
-
-  /* Some families (gemma, qwen3) decouple the head size from n_embd / n_head; kvd does not. */
+  /* The head size: attention.key_length where the file says (qwen3, gemma decouple it from
+   * n_embd / n_head: the q projection is then n_head * head_dim wide, not n_embd), else
+   * n_embd / n_head. Keys and values of different sizes are not run. */
   uint32_t key_len, value_len;
-  if ((rc = meta_u32_opt(&m, "attention.key_length", ARCH_MAX_DIM, hp.head_dim, &key_len)) < 0 ||
-      (rc = meta_u32_opt(&m, "attention.value_length", ARCH_MAX_DIM, hp.head_dim, &value_len)) < 0)
+  bool has_key_len;
+  if ((rc = meta_u32_opt(&m, "attention.key_length", ARCH_MAX_DIM, 0, &key_len)) < 0) return rc;
+  has_key_len = key_len != 0;
+  if (!has_key_len && hp.n_embd % hp.n_head != 0)
+    return fail(err, KVD_E_FORMAT,
+                "%s.embedding_length = %" PRIu32
+                " is not divisible by %s.attention.head_count = %" PRIu32,
+                m.arch, hp.n_embd, m.arch, hp.n_head);
+  hp.head_dim = has_key_len ? key_len : hp.n_embd / hp.n_head;
+  if ((rc = meta_u32_opt(&m, "attention.value_length", ARCH_MAX_DIM, hp.head_dim, &value_len)) < 0)
     return rc;
-  if (key_len != hp.head_dim || value_len != hp.head_dim)
+  if (value_len != hp.head_dim)
     return fail(err, KVD_E_UNSUPPORTED,
-                "%s.attention.key_length/value_length (%" PRIu32 "/%" PRIu32
-                ") differ from embedding_length / head_count = %" PRIu32,
-                m.arch, key_len, value_len, hp.head_dim);
+                "%s.attention.value_length = %" PRIu32 " differs from key_length = %" PRIu32
+                " (kvd runs equal key and value sizes)",
+                m.arch, value_len, hp.head_dim);
+  if (hp.head_dim == 0 || hp.head_dim % 2 != 0 ||
+      (uint64_t)hp.head_dim * hp.n_head > ARCH_MAX_DIM * 16u)
+    return fail(err, KVD_E_FORMAT,
+                "%s.attention.key_length = %" PRIu32 " is not a usable head size", m.arch,
+                hp.head_dim);
 
   /* Mixture-of-experts llama files (mixtral) share the architecture name but not the network. */
   uint32_t n_expert = 0;
@@ -344,6 +353,8 @@ static int bind_layer(struct binder *b, const struct model_hparams *hp, uint32_t
   BIND(attn_k_bias, "attn_k.bias", kv_dim, 0, biased);
   BIND(attn_v_bias, "attn_v.bias", kv_dim, 0, biased);
   BIND(attn_output, "attn_output.weight", q_dim, d, true);
+  BIND(attn_q_norm, "attn_q_norm.weight", hp->head_dim, 0, hp->arch == MODEL_ARCH_QWEN3);
+  BIND(attn_k_norm, "attn_k_norm.weight", hp->head_dim, 0, hp->arch == MODEL_ARCH_QWEN3);
   BIND(ffn_norm, "ffn_norm.weight", d, 0, true);
   BIND(ffn_gate, "ffn_gate.weight", d, ff, true);
   BIND(ffn_up, "ffn_up.weight", d, ff, true);

@@ -20,6 +20,7 @@ enum model_arch {
   MODEL_ARCH_LLAMA,
   MODEL_ARCH_MISTRAL,
   MODEL_ARCH_QWEN2,
+  MODEL_ARCH_QWEN3,
 };
 
 /* Which dimensions RoPE rotates together (llama.cpp's rope modes 0 and 2). NORMAL: (2i, 2i+1),
@@ -41,7 +42,7 @@ struct model_hparams {
   uint32_t n_layer;     /* decoder blocks */
   uint32_t n_head;      /* query heads */
   uint32_t n_head_kv;   /* key/value heads; query head h reads kv head h / (n_head / n_head_kv) */
-  uint32_t head_dim;    /* n_embd / n_head */
+  uint32_t head_dim;    /* attention.key_length, else n_embd / n_head (qwen3 decouples them) */
   uint32_t n_ff;        /* feed-forward hidden width */
   uint32_t n_vocab;     /* rows of the embedding and the classifier */
   uint32_t n_ctx_train; /* <arch>.context_length: the longest context the file claims */
@@ -70,10 +71,13 @@ struct model_layer {
   const struct gguf_tensor *attn_k_bias; /* (n_head_kv * head_dim) or NULL */
   const struct gguf_tensor *attn_v_bias; /* (n_head_kv * head_dim) or NULL */
   const struct gguf_tensor *attn_output; /* (n_embd, n_head * head_dim) [out][in] */
-  const struct gguf_tensor *ffn_norm;    /* (n_embd) */
-  const struct gguf_tensor *ffn_gate;    /* (n_ff, n_embd) [out][in] */
-  const struct gguf_tensor *ffn_up;      /* (n_ff, n_embd) [out][in] */
-  const struct gguf_tensor *ffn_down;    /* (n_embd, n_ff) [out][in] */
+  /* qwen3: RMSNorm of each head of q and of k before RoPE, (head_dim) weights; else NULL. */
+  const struct gguf_tensor *attn_q_norm;
+  const struct gguf_tensor *attn_k_norm;
+  const struct gguf_tensor *ffn_norm; /* (n_embd) */
+  const struct gguf_tensor *ffn_gate; /* (n_ff, n_embd) [out][in] */
+  const struct gguf_tensor *ffn_up;   /* (n_ff, n_embd) [out][in] */
+  const struct gguf_tensor *ffn_down; /* (n_embd, n_ff) [out][in] */
 };
 
 /* The bound weights of a model. Pointers go into the gguf_file, which must outlive this. */

@@ -143,6 +143,7 @@ struct ref_layer {
   float *bq;             /* (n_head * head_dim) f32, or NULL without biases */
   float *bk;             /* (n_head_kv * head_dim) f32, or NULL */
   float *bv;             /* (n_head_kv * head_dim) f32, or NULL */
+  float *qn, *kn;        /* (head_dim) f32 per-head q/k RMSNorm weights (qwen3), or NULL */
   struct ref_mat wq;     /* (n_head * head_dim, n_embd) */
   struct ref_mat wk;     /* (n_head_kv * head_dim, n_embd) */
   struct ref_mat wv;     /* (n_head_kv * head_dim, n_embd) */
@@ -240,6 +241,8 @@ static int load_layer(const struct model_layer *l, const struct model_hparams *h
       (rc = load_vec(l->attn_q_bias, q_dim, &rl->bq)) < 0 ||
       (rc = load_vec(l->attn_k_bias, kv_dim, &rl->bk)) < 0 ||
       (rc = load_vec(l->attn_v_bias, kv_dim, &rl->bv)) < 0 ||
+      (rc = load_vec(l->attn_q_norm, hp->head_dim, &rl->qn)) < 0 ||
+      (rc = load_vec(l->attn_k_norm, hp->head_dim, &rl->kn)) < 0 ||
       (rc = load_mat(l->attn_q, stream, &rl->wq)) < 0 ||
       (rc = load_mat(l->attn_k, stream, &rl->wk)) < 0 ||
       (rc = load_mat(l->attn_v, stream, &rl->wv)) < 0 ||
@@ -336,6 +339,8 @@ void model_ref_free(struct model_ref *r) {
       free(l->bq);
       free(l->bk);
       free(l->bv);
+      free(l->qn);
+      free(l->kn);
       free(l->wq.owned);
       free(l->wk.owned);
       free(l->wv.owned);
@@ -413,6 +418,13 @@ static int attention_block(struct model_ref *r, uint32_t il, uint32_t pos) {
   if (l->bq) ref_add(r->q, l->bq, q_dim);
   if (l->bk) ref_add(k, l->bk, kv_dim);
   if (l->bv) ref_add(v, l->bv, kv_dim);
+  /* qwen3: every head of q and of k is RMS-normalised on its own before RoPE. */
+  for (uint32_t h = 0; l->qn && h < hp->n_head; h++)
+    ref_rmsnorm(r->q + (size_t)h * hp->head_dim, r->q + (size_t)h * hp->head_dim, l->qn,
+                hp->head_dim, hp->rms_eps);
+  for (uint32_t h = 0; l->kn && h < hp->n_head_kv; h++)
+    ref_rmsnorm(k + (size_t)h * hp->head_dim, k + (size_t)h * hp->head_dim, l->kn, hp->head_dim,
+                hp->rms_eps);
   ref_rope(r->q, 1, hp->n_head, hp->head_dim, hp->n_rot, &pos, hp->rope_mode, hp->rope_freq_base,
            hp->rope_freq_scale, hp->rope_freq_factors);
   ref_rope(k, 1, hp->n_head_kv, hp->head_dim, hp->n_rot, &pos, hp->rope_mode, hp->rope_freq_base,

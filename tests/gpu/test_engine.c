@@ -507,3 +507,12 @@ KT_TEST(llama3_rope_freqs_matches_llama_cpp) {
   check_arch("llama3", 2e-2);
   FIXTURE_CHECK_VALIDATION();
 }
+
+/* Qwen3: per-head q/k RMSNorm, head size 64 where n_embd / n_head is 32. */
+KT_TEST(qwen3_head_norms_and_decoupled_head_size_match_llama_cpp) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  check_arch("qwen3", 2e-2);
+  FIXTURE_CHECK_VALIDATION();
+}
+

@@ -476,9 +476,18 @@ KT_TEST(inconsistent_hyperparameters_are_named) {
   spec_set(&s, "llama.embedding_length", GGUF_VT_STRING, 0, 0, "eight");
   EXPECT_REFUSED(&s, KVD_E_FORMAT, "llama.embedding_length");
 
+  /* A head size decoupled from n_embd / n_head (qwen3) is read from key_length: the tensors
+   * must then have that shape, and values must be as large as keys. */
   spec_init(&s, "llama");
   spec_u32(&s, "llama.attention.key_length", 8);
-  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "key_length");
+  EXPECT_REFUSED(&s, KVD_E_FORMAT, "attn_q.weight");
+  spec_init(&s, "llama");
+  spec_u32(&s, "llama.attention.key_length", 8);
+  spec_u32(&s, "llama.attention.value_length", 4);
+  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "value_length");
+  spec_init(&s, "llama");
+  spec_u32(&s, "llama.attention.key_length", 3);
+  EXPECT_REFUSED(&s, KVD_E_FORMAT, "key_length");
 }
 
 KT_TEST(tensor_problems_are_named) {
@@ -495,11 +504,11 @@ KT_TEST(tensor_problems_are_named) {
   spec_find(&s, "output_norm.weight")->ne[0] = 4;
   EXPECT_REFUSED(&s, KVD_E_FORMAT, "output_norm.weight");
 
-  /* A tensor the forward pass would not read (here qwen3's per-head q norm on a llama file) must
-   * not be ignored. */
+  /* A tensor the forward pass would not read (here gemma2's post-attention norm on a llama
+   * file) must not be ignored. */
   spec_init(&s, "llama");
-  spec_tensor(&s, "blk.0.attn_q_norm.weight", 2, 0);
-  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "blk.0.attn_q_norm.weight");
+  spec_tensor(&s, "blk.0.post_attention_norm.weight", 4, 0);
+  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "blk.0.post_attention_norm.weight");
 
   /* Llama 3.1's frequency table is read now, and checked: factors must be positive (these are
    * zeros), one per rotated pair. */
