@@ -19,6 +19,7 @@ KVD_E_UNSUPPORTED = 109
 # Reference caveat (README.md there): llama.cpp's Q8_0 path quantizes activations too, so its
 # greedy ids are compared only up to where that moves the choice; kvd computes on exact values.
 SKIP_IDS = {'llama3_q8_0'}
+SANITIZED = os.environ.get('KVD_SANITIZED') == '1'  # tests/meson.build: the ASan build
 
 
 def check(cond, what):
@@ -35,10 +36,12 @@ def run_family(d, name):
             check(e.code == KVD_E_UNSUPPORTED, f'{name}: refused with {e}')
             return f'kvd does not run this family yet (issue 10): {e.message}'
         try:
-            for c in ref['cases']:
+            for k, c in enumerate(ref['cases']):
                 toks = p.call('tokenize', text=c['prompt'], model=name)['tokens']
                 check(toks == c['prompt_ids'], f'{name}: tokens {toks[:12]} vs {c["prompt_ids"][:12]}')
-                if name in SKIP_IDS:
+                # Every case's prompt tokenizes right; generation runs for the first one under
+                # the sanitizers (their CPU cost on these vocabularies), for all otherwise.
+                if name in SKIP_IDS or (SANITIZED and k > 0):
                     continue
                 _, chunks = p.generate(prompt=c['prompt'], model=name, temperature=0,
                                        max_tokens=len(c['generated_ids']), timeout=300)

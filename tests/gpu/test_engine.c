@@ -429,9 +429,12 @@ KT_TEST(exhausted_pool_is_a_typed_error_and_changes_nothing) {
 }
 
 /* An arch/ model (synthetic weights of a modern family, references from llama.cpp: see
- * ../shared/models/arch/README.md) teacher-forced through the engine: at every generated
- * position the reference's top-5 log-probs match within tol, and the greedy token is the
- * reference's wherever its top-1/top-2 gap is wide enough for the choice to be meaningful. */
+ * ../shared/models/arch/README.md) teacher-forced through the engine: at each of the first
+ * ARCH_POSITIONS generated positions of the first case the reference's top-5 log-probs match
+ * within tol, and the greedy token is the reference's wherever its top-1/top-2 gap is wide
+ * enough for the choice to be meaningful. One case and 24 positions keep it quick on a CPU
+ * device with these 50-150K vocabularies; e2e/test_arch.py runs every case through the daemon. */
+#define ARCH_POSITIONS 24
 static void check_arch(const char *name, double tol) {
   char rel[128];
   snprintf(rel, sizeof rel, "models/arch/%s.json", name);
@@ -451,7 +454,8 @@ static void check_arch(const char *name, double tol) {
   double worst = 0;
   uint32_t checked = 0, greedy_checked = 0;
   const cJSON *c;
-  cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(ref, "cases")) {
+  c = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(ref, "cases"), 0);
+  if (c) {
     uint32_t n_prompt, n_gen;
     int32_t *prompt = json_ids(c, "prompt_ids", &n_prompt);
     int32_t *gen = json_ids(c, "generated_ids", &n_gen);
@@ -461,7 +465,7 @@ static void check_arch(const char *name, double tol) {
     const cJSON *tops = cJSON_GetObjectItemCaseSensitive(c, "top_logprobs"), *entry;
     uint32_t j = 0;
     cJSON_ArrayForEach(entry, tops) {
-      if (j >= n_gen) break;
+      if (j >= n_gen || j >= ARCH_POSITIONS) break;
       sample_log_softmax(logits, lp, n_vocab);
       const cJSON *top = cJSON_GetObjectItemCaseSensitive(entry, "top");
       double v0 = cJSON_GetArrayItem(cJSON_GetArrayItem(top, 0), 1)->valuedouble;
@@ -515,4 +519,3 @@ KT_TEST(qwen3_head_norms_and_decoupled_head_size_match_llama_cpp) {
   check_arch("qwen3", 2e-2);
   FIXTURE_CHECK_VALIDATION();
 }
-
