@@ -15,6 +15,7 @@
 static int w_write(void *data, const char *buf, size_t len) {
   struct ipc_w *w = data;
   if (w->err) return -1;
+  if (len == 0) return 0; /* an empty string's body may come as NULL: nothing to copy */
   if (w->len - w->msg_start + len > w->max_frame) {
     w->err = KVD_E2BIG; /* stop before growing past what could ever be sent */
     return -1;
