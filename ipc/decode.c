@@ -348,14 +348,8 @@ static bool utf8_valid(const char *s, size_t n) {
   return true;
 }
 
-static bool notification_well_formed(const msgpack_object *method, const msgpack_object *params) {
-  bool name = (method->type == MSGPACK_OBJECT_STR && method->via.str.size <= IPC_MAX_METHOD_LEN) ||
-              (method->type == MSGPACK_OBJECT_BIN && method->via.bin.size <= IPC_MAX_METHOD_LEN &&
-               utf8_valid(method->via.bin.ptr, method->via.bin.size));
-  return name && params->type == MSGPACK_OBJECT_ARRAY &&
-         (params->via.array.size == 0 ||
-          (params->via.array.size == 1 && params->via.array.ptr[0].type == MSGPACK_OBJECT_MAP));
-}
+static int shape_call(struct ipc_msg *m, const msgpack_object *method, const msgpack_object *params,
+                      struct ipc_dec_err *err);
 
 /* Checks the msgpack-rpc shape of root and fills m; a negative code with err->message if wrong. */
 static int shape(struct ipc_msg *m, const msgpack_object *root, struct ipc_dec_err *err) {
@@ -399,7 +393,8 @@ static int shape(struct ipc_msg *m, const msgpack_object *root, struct ipc_dec_e
   }
   method = &a[m->type == IPC_REQUEST ? 2 : 1];
   params = &a[m->type == IPC_REQUEST ? 3 : 2];
-  if (m->type == IPC_NOTIFICATION && !notification_well_formed(method, params)) {
+  int rc = shape_call(m, method, params, err);
+  if (rc < 0 && m->type == IPC_NOTIFICATION) {
     /* Clients have nothing to notify in protocol 1 and kvd ignores what they send, so a
      * notification of the right length passes whatever it holds: pynvim's session announces
      * itself with [2, "nvim_set_client_info", [5 positional args]], and hanging up on that
@@ -410,6 +405,14 @@ static int shape(struct ipc_msg *m, const msgpack_object *root, struct ipc_dec_e
     m->params = NULL;
     return 0;
   }
+  return rc;
+#undef BAD
+}
+
+/* The method and params of a request or notification: checked, and into m. */
+static int shape_call(struct ipc_msg *m, const msgpack_object *method, const msgpack_object *params,
+                      struct ipc_dec_err *err) {
+#define BAD(code, ...) (snprintf(err->message, sizeof err->message, __VA_ARGS__), (code))
   /* A method name may come as bin when it is valid UTF-8: msgpack libraries that predate the
    * str/bin split (pynvim's, among others) send names that way, and neovim accepts them. */
   const char *name;

@@ -109,14 +109,19 @@ void sched_cancel(struct sched_req *r) {
   pthread_mutex_unlock(&s->lock);
 }
 
-static void sched_push_inbox(struct sched *s, struct inbox_item *it) {
-  pthread_mutex_lock(&s->lock);
+/* Appends to the inbox and wakes the engine thread; under s->lock. */
+static void sched_append_inbox(struct sched *s, struct inbox_item *it) {
   if (s->in_tail)
     s->in_tail->next = it;
   else
     s->in_head = it;
   s->in_tail = it;
   pthread_cond_signal(&s->wake);
+}
+
+static void sched_push_inbox(struct sched *s, struct inbox_item *it) {
+  pthread_mutex_lock(&s->lock);
+  sched_append_inbox(s, it);
   pthread_mutex_unlock(&s->lock);
 }
 
@@ -154,12 +159,7 @@ int sched_submit(struct sched *s, struct sched_req *r) {
   r->inbox = NULL;
   it->kind = INBOX_REQ;
   it->req = r;
-  if (s->in_tail)
-    s->in_tail->next = it;
-  else
-    s->in_head = it;
-  s->in_tail = it;
-  pthread_cond_signal(&s->wake);
+  sched_append_inbox(s, it); /* under the same lock as the reservation */
   pthread_mutex_unlock(&s->lock);
   return 0;
 }

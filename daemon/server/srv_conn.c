@@ -97,35 +97,33 @@ static bool conn_tracks(const struct srv_conn *c, uint32_t id) {
   return false;
 }
 
+/* Writes the error response for id into c->w (fmt NULL: the code's own text). */
+static void conn_write_error(struct srv_conn *c, uint32_t id, int code, const char *fmt,
+                             va_list ap) {
+  char msg[256];
+  if (fmt) vsnprintf(msg, sizeof msg, fmt, ap);
+  c->srv->stats.errors++;
+  ipc_w_error(&c->w, id, code, fmt ? msg : NULL);
+  ipc_w_end(&c->w);
+}
+
 /* An error for a msgid that is not (or not again) in flight on its own: the reply does not
  * end the request that holds that msgid. */
 static void conn_reply_untracked(struct srv_conn *c, uint32_t id, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 static void conn_reply_untracked(struct srv_conn *c, uint32_t id, int code, const char *fmt, ...) {
-  char msg[256];
   va_list ap;
   va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
+  conn_write_error(c, id, code, fmt, ap);
   va_end(ap);
-  c->srv->stats.errors++;
-  ipc_w_error(&c->w, id, code, msg);
-  ipc_w_end(&c->w);
   srv_conn_flush(c);
 }
 
 void srv_reply_error(struct srv_conn *c, uint32_t id, int code, const char *fmt, ...) {
-  char msg[256];
-  const char *text = NULL;
-  if (fmt) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    text = msg;
-  }
-  c->srv->stats.errors++;
-  ipc_w_error(&c->w, id, code, text);
-  ipc_w_end(&c->w);
+  va_list ap;
+  va_start(ap, fmt);
+  conn_write_error(c, id, code, fmt, ap);
+  va_end(ap);
   srv_reply_done(c, id);
 }
 
