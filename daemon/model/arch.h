@@ -2,10 +2,21 @@
  * bound by name and checked against each other before anything computes with them.
  *
  * kvd runs one network shape: pre-norm decoder blocks with RMSNorm, rotary attention with grouped
- * KV heads and a SwiGLU feed-forward block. `llama` and `mistral` files use it as is; `qwen2` adds
- * biases to the q/k/v projections and rotates dimension halves (NeoX) instead of adjacent pairs.
- * Everything else is refused by name, never guessed at, and so is any tensor the forward pass
- * would not read: a silently ignored weight gives plausible but wrong output. */
+ * KV heads and a gated feed-forward block. Each family is that shape with a few switches set
+ * (struct model_hparams, filled from a per-family table in arch.c):
+ *   llama, mistral  the shape as is (llama3: rope_freqs factors; mistral: sliding windows)
+ *   qwen2           q/k/v biases, NeoX rotation (dimension halves instead of adjacent pairs)
+ *   qwen3           per-head q/k RMSNorm, head size decoupled from n_embd / n_head
+ *   gemma, gemma2, gemma3
+ *                   embeddings scaled by sqrt(n_embd), GELU-gated FFN, NeoX; gemma2/3 add norms
+ *                   after attention and after the FFN, interleaved sliding-window and global
+ *                   layers (gemma3: with their own RoPE base), logit soft-capping where declared
+ *   phi3            fused qkv and gate/up projections (bound here as row views of the fused
+ *                   tensor, so the forward pass never sees the difference), partial rotary,
+ *                   LongRoPE factors
+ * The CPU reference and the engine read the same switches. Everything else is refused by name,
+ * never guessed at, and so is any tensor the forward pass would not read: a silently ignored
+ * weight gives plausible but wrong output. */
 #ifndef KVD_MODEL_ARCH_H
 #define KVD_MODEL_ARCH_H
 
@@ -21,6 +32,16 @@ enum model_arch {
   MODEL_ARCH_MISTRAL,
   MODEL_ARCH_QWEN2,
   MODEL_ARCH_QWEN3,
+  MODEL_ARCH_GEMMA,
+  MODEL_ARCH_GEMMA2,
+  MODEL_ARCH_GEMMA3,
+  MODEL_ARCH_PHI3,
+};
+
+/* The feed-forward gate's activation: out = act(gate) * up. */
+enum model_ffn_act {
+  MODEL_FFN_SILU, /* SwiGLU: silu(g) = g / (1 + e^-g) */
+  MODEL_FFN_GELU, /* GeGLU with the tanh approximation of GELU (gemma) */
 };
 
 /* Which dimensions RoPE rotates together (llama.cpp's rope modes 0 and 2). NORMAL: (2i, 2i+1),
@@ -29,6 +50,35 @@ enum model_rope_mode {
   MODEL_ROPE_NORMAL,
   MODEL_ROPE_NEOX,
 };
+
+/* Everything that sets the angle RoPE turns pair i of a head by at position pos:
+ *   theta_i(pos) = pos * model_rope_freq(r, i)
+ * and the factor (mscale) the rotated pair is multiplied by afterwards. One definition for the
+ * CPU reference and the GPU frequency table (ops.h), so both rotate by the same angles. */
+struct model_rope {
+  uint32_t n_rot; /* leading dimensions of each head that RoPE rotates (even, <= head_dim) */
+  enum model_rope_mode mode;
+  float freq_base;
+  /* Linear scaling: the angle uses pos * freq_scale (1 = unscaled). Under YaRN this is the
+   * interpolated side of the ramp. */
+  float freq_scale;
+  /* (n_rot / 2) per-pair divisors of the angle, or NULL: Llama 3.1's rope_freqs tensor, or
+   * Phi-3's LongRoPE short/long factors. Points into the model file. */
+  const float *freq_factors;
+  /* YaRN (ext_factor > 0): pairs rotating faster than beta_fast turns over the original context
+   * keep their trained angle, those slower than beta_slow are interpolated by freq_scale, with a
+   * linear ramp between; and mscale grows by 1 + 0.1 ln(1 / freq_scale). */
+  float yarn_ext_factor;
+  float yarn_beta_fast, yarn_beta_slow;
+  uint32_t yarn_orig_ctx;
+  /* The rotated pair's cos and sin are multiplied by this (attention factor); 0 means 1. */
+  float mscale;
+};
+
+/* Radians per position of pair i (i < n_rot / 2), in double. */
+double model_rope_freq(const struct model_rope *r, uint32_t i);
+/* The multiplier of the rotated values: mscale (1 when 0) times YaRN's own growth. */
+double model_rope_mscale(const struct model_rope *r);
 
 /* Why a model was refused: the key or tensor at fault, in a sentence. */
 struct model_error {
@@ -55,6 +105,31 @@ struct model_hparams {
   /* Per-pair frequency factors (the rope_freqs.weight tensor, n_rot / 2 floats: Llama 3.1's
    * scaling): pair i's angle is divided by factor i. NULL = none. Points into the file. */
   const float *rope_freq_factors;
+  /* LongRoPE (phi3 with rope_factors_long/short.weight): the long factors apply when the context
+   * run is longer than rope_orig_ctx, the short ones otherwise; NULL when absent. */
+  const float *rope_factors_long, *rope_factors_short;
+  uint32_t rope_orig_ctx;  /* rope.scaling.original_context_length, 0 when absent */
+  float rope_attn_factor;  /* rope.scaling.attn_factor (LongRoPE, YaRN), 1 when absent */
+  float rope_yarn_factor;  /* YaRN (rope.scaling.type yarn): its ext_factor (1), else 0 */
+  float rope_yarn_beta_fast, rope_yarn_beta_slow;
+
+  /* Per-family switches (arch.c's table, then the file's keys). */
+  float embd_scale;            /* x = embedding * embd_scale (gemma: sqrt(n_embd)), else 1 */
+  enum model_ffn_act ffn_act;  /* SILU, or GELU for gemma */
+  bool post_norms;             /* gemma2/3: RMSNorm of each block's output before the residual */
+  float attn_scale;            /* attention scores are q.k * attn_scale: 1/sqrt(head_dim), or
+                                  gemma's query_pre_attn_scalar for its 27B sizes */
+  float attn_softcap;          /* scores become c * tanh(s / c) (gemma2: 50); 0 = none */
+  float final_softcap;         /* logits become c * tanh(l / c) (gemma2: 30); 0 = none */
+  /* Sliding-window attention: a windowed layer's query at position p reads positions
+   * p - n_swa + 1 .. p only. 0 = no layer is windowed. Which layers are: all when swa_pattern is
+   * 1, else those with il % swa_pattern < swa_pattern - 1 (gemma2: every other, gemma3: five of
+   * every six; the rest are global). See model_layer_window(). */
+  uint32_t n_swa;
+  uint32_t swa_pattern;
+  /* The RoPE of windowed layers where it differs (gemma3: base 10000, unscaled). */
+  float rope_freq_base_swa, rope_freq_scale_swa;
+
   int32_t bos_id; /* tokenizer.ggml.bos_token_id, -1 when absent */
   int32_t eos_id; /* tokenizer.ggml.eos_token_id, -1 when absent */
 };
@@ -74,6 +149,10 @@ struct model_layer {
   /* qwen3: RMSNorm of each head of q and of k before RoPE, (head_dim) weights; else NULL. */
   const struct gguf_tensor *attn_q_norm;
   const struct gguf_tensor *attn_k_norm;
+  /* gemma2/3: RMSNorm of the attention output (post_attention_norm) and of the FFN output
+   * (post_ffw_norm) before each residual add; else NULL. */
+  const struct gguf_tensor *attn_post_norm;
+  const struct gguf_tensor *ffn_post_norm;
   const struct gguf_tensor *ffn_norm; /* (n_embd) */
   const struct gguf_tensor *ffn_gate; /* (n_ff, n_embd) [out][in] */
   const struct gguf_tensor *ffn_up;   /* (n_ff, n_embd) [out][in] */
@@ -89,6 +168,11 @@ struct model_weights {
   const struct gguf_tensor *output;
   bool tied;                  /* output == token_embd because the file has no output.weight */
   struct model_layer *layers; /* n_layer blocks */
+  /* phi3's fused attn_qkv and ffn_up [gate | up] tensors, split into row views (a copy of the
+   * tensor header whose data and ne[1] cover some of its rows; the bytes stay in the file), which
+   * attn_q/k/v and ffn_gate/up point to. (n_views) */
+  struct gguf_tensor *views;
+  uint32_t n_views;
 };
 
 /* Reads and checks the hyperparameters of f. Returns 0, KVD_E_UNSUPPORTED for an architecture or
@@ -102,6 +186,19 @@ int model_hparams_read(const struct gguf_file *f, struct model_hparams *ret,
 int model_weights_new(const struct gguf_file *f, struct model_weights **ret,
                       struct model_error *err);
 void model_weights_free(struct model_weights *w); /* NULL is a no-op */
+
+/* The window layer il attends within (0 = the whole context), and the RoPE it rotates with for a
+ * context of n_ctx positions (which LongRoPE factors apply depends on it). */
+uint32_t model_layer_window(const struct model_hparams *hp, uint32_t il);
+void model_layer_rope(const struct model_hparams *hp, uint32_t il, uint32_t n_ctx,
+                      struct model_rope *ret);
+/* Whether any layer is windowed, and whether every one is (then KV blocks older than the window
+ * are never read again and go back to the pool). */
+bool model_any_window(const struct model_hparams *hp);
+bool model_all_windowed(const struct model_hparams *hp);
+
+/* "llama, mistral, qwen2, ...": the architectures kvd runs, for refusals and --help. */
+const char *model_arch_list(void);
 
 const char *model_arch_name(enum model_arch arch);
 const char *model_rope_mode_name(enum model_rope_mode mode);

@@ -1,10 +1,12 @@
 /* The CPU reference forward pass (ref.h) and its operators (ref_ops.h).
  *
  * One token at a time through a Llama-shaped decoder:
- *   x = embedding[token]
- *   per layer:  x += Wo · attention(rope(Wq·rmsnorm(x) + bq), rope(Wk·… + bk) → cache, Wv·… + bv)
- *               x += Wdown · (silu(Wgate·rmsnorm(x)) * Wup·rmsnorm(x))
- *   logits = Wout · rmsnorm(x)
+ *   x = embedding[token] (* embd_scale)
+ *   per layer:  x += (post-norm) Wo · attention(rope(Wq·rmsnorm(x) + bq), rope(Wk·… + bk) → cache,
+ *                                               Wv·… + bv)   (window, scale, soft-cap)
+ *               x += (post-norm) Wdown · (act(Wgate·rmsnorm(x)) * Wup·rmsnorm(x))
+ *   logits = Wout · rmsnorm(x) (soft-capped)
+ * with the family's switches (arch.h) in parentheses.
  * Activations are float32 like the GPU path; sums are float64 so that this side of a comparison
  * carries almost none of the error. */
 #include "ref.h"
@@ -61,19 +63,17 @@ int ref_matvec(float *out, enum dtype type, const void *w, const float *x, size_
   return 0;
 }
 
-void ref_rope(float *x, size_t n_tokens, size_t n_heads, size_t head_dim, size_t n_rot,
-              const uint32_t *pos, enum model_rope_mode mode, float freq_base, float freq_scale,
-              const float *factors) {
-  size_t half = n_rot / 2;
+void ref_rope_ext(float *x, size_t n_tokens, size_t n_heads, size_t head_dim, const uint32_t *pos,
+                  const struct model_rope *r) {
+  size_t half = r->n_rot / 2;
+  double mscale = model_rope_mscale(r);
   for (size_t t = 0; t < n_tokens; t++) {
-    double p = (double)pos[t] * freq_scale;
     for (size_t i = 0; i < half; i++) {
-      double theta = p * pow(freq_base, -2.0 * (double)i / (double)n_rot);
-      if (factors) theta /= factors[i];
-      double c = cos(theta), s = sin(theta);
+      double theta = (double)pos[t] * model_rope_freq(r, (uint32_t)i);
+      double c = cos(theta) * mscale, s = sin(theta) * mscale;
       /* NORMAL rotates adjacent dimensions (2i, 2i+1); NEOX pairs dimension i with i + n_rot/2. */
-      size_t i0 = mode == MODEL_ROPE_NEOX ? i : 2 * i;
-      size_t i1 = mode == MODEL_ROPE_NEOX ? i + half : 2 * i + 1;
+      size_t i0 = r->mode == MODEL_ROPE_NEOX ? i : 2 * i;
+      size_t i1 = r->mode == MODEL_ROPE_NEOX ? i + half : 2 * i + 1;
       for (size_t h = 0; h < n_heads; h++) {
         float *v = x + (t * n_heads + h) * head_dim;
         double a = v[i0], b = v[i1];
@@ -82,6 +82,17 @@ void ref_rope(float *x, size_t n_tokens, size_t n_heads, size_t head_dim, size_t
       }
     }
   }
+}
+
+void ref_rope(float *x, size_t n_tokens, size_t n_heads, size_t head_dim, size_t n_rot,
+              const uint32_t *pos, enum model_rope_mode mode, float freq_base, float freq_scale,
+              const float *factors) {
+  struct model_rope r = {.n_rot = (uint32_t)n_rot,
+                         .mode = mode,
+                         .freq_base = freq_base,
+                         .freq_scale = freq_scale,
+                         .freq_factors = factors};
+  ref_rope_ext(x, n_tokens, n_heads, head_dim, pos, &r);
 }
 
 void ref_softmax(float *x, size_t n) {
@@ -102,28 +113,53 @@ void ref_swiglu(float *out, const float *gate, const float *up, size_t n) {
   }
 }
 
+void ref_geglu(float *out, const float *gate, const float *up, size_t n) {
+  const double k = 0.7978845608028654; /* sqrt(2 / pi) */
+  for (size_t i = 0; i < n; i++) {
+    double g = gate[i];
+    out[i] = (float)(0.5 * g * (1.0 + tanh(k * (g + 0.044715 * g * g * g))) * up[i]);
+  }
+}
+
+void ref_softcap(float *x, size_t n, float c) {
+  for (size_t i = 0; i < n; i++)
+    x[i] = (float)(c * tanh((double)x[i] / c));
+}
+
 void ref_add(float *x, const float *y, size_t n) {
   for (size_t i = 0; i < n; i++)
     x[i] += y[i];
 }
 
-void ref_attention_one(float *out, const float *q, const float *k, const float *v, size_t n_kv,
-                       size_t n_head, size_t n_head_kv, size_t head_dim, float *scores) {
+void ref_attention_ext(float *out, const float *q, const float *k, const float *v, size_t n_kv,
+                       size_t n_head, size_t n_head_kv, size_t head_dim, float *scores,
+                       const struct ref_attn_opts *opts) {
   size_t group = n_head / n_head_kv, kv_dim = n_head_kv * head_dim;
-  double scale = 1.0 / sqrt((double)head_dim);
+  double scale = opts && opts->scale > 0.0f ? opts->scale : 1.0 / sqrt((double)head_dim);
+  double cap = opts ? opts->softcap : 0.0;
+  size_t t0 = opts && opts->window && n_kv > opts->window ? n_kv - opts->window : 0;
+  size_t n = n_kv - t0;
   for (size_t h = 0; h < n_head; h++) {
     const float *qh = q + h * head_dim;
     size_t kv_off = (h / group) * head_dim;
-    for (size_t t = 0; t < n_kv; t++)
-      scores[t] = (float)(dot_f32(qh, k + t * kv_dim + kv_off, head_dim) * scale);
-    ref_softmax(scores, n_kv);
+    for (size_t t = 0; t < n; t++) {
+      double sc = dot_f32(qh, k + (t0 + t) * kv_dim + kv_off, head_dim) * scale;
+      if (cap > 0.0) sc = cap * tanh(sc / cap);
+      scores[t] = (float)sc;
+    }
+    ref_softmax(scores, n);
     for (size_t d = 0; d < head_dim; d++) {
       double acc = 0.0;
-      for (size_t t = 0; t < n_kv; t++)
-        acc += (double)scores[t] * v[t * kv_dim + kv_off + d];
+      for (size_t t = 0; t < n; t++)
+        acc += (double)scores[t] * v[(t0 + t) * kv_dim + kv_off + d];
       out[h * head_dim + d] = (float)acc;
     }
   }
+}
+
+void ref_attention_one(float *out, const float *q, const float *k, const float *v, size_t n_kv,
+                       size_t n_head, size_t n_head_kv, size_t head_dim, float *scores) {
+  ref_attention_ext(out, q, k, v, n_kv, n_head, n_head_kv, head_dim, scores, NULL);
 }
 
 /* ---- the model ---------------------------------------------------------------------------- */
@@ -144,6 +180,9 @@ struct ref_layer {
   float *bk;             /* (n_head_kv * head_dim) f32, or NULL */
   float *bv;             /* (n_head_kv * head_dim) f32, or NULL */
   float *qn, *kn;        /* (head_dim) f32 per-head q/k RMSNorm weights (qwen3), or NULL */
+  float *attn_post, *ffn_post; /* (n_embd) f32 post-norms (gemma2/3), or NULL */
+  struct model_rope rope;      /* this layer's RoPE (gemma3's local layers differ) */
+  uint32_t window;             /* sliding window, 0 = none */
   struct ref_mat wq;     /* (n_head * head_dim, n_embd) */
   struct ref_mat wk;     /* (n_head_kv * head_dim, n_embd) */
   struct ref_mat wv;     /* (n_head_kv * head_dim, n_embd) */
@@ -243,6 +282,8 @@ static int load_layer(const struct model_layer *l, const struct model_hparams *h
       (rc = load_vec(l->attn_v_bias, kv_dim, &rl->bv)) < 0 ||
       (rc = load_vec(l->attn_q_norm, hp->head_dim, &rl->qn)) < 0 ||
       (rc = load_vec(l->attn_k_norm, hp->head_dim, &rl->kn)) < 0 ||
+      (rc = load_vec(l->attn_post_norm, d, &rl->attn_post)) < 0 ||
+      (rc = load_vec(l->ffn_post_norm, d, &rl->ffn_post)) < 0 ||
       (rc = load_mat(l->attn_q, stream, &rl->wq)) < 0 ||
       (rc = load_mat(l->attn_k, stream, &rl->wk)) < 0 ||
       (rc = load_mat(l->attn_v, stream, &rl->wv)) < 0 ||
@@ -316,8 +357,11 @@ int model_ref_new(const struct gguf_file *f, const struct model_ref_opts *opts,
     }
   }
   if (rc == 0) rc = load_vec(w->output_norm, d, &r->output_norm);
-  for (uint32_t il = 0; rc == 0 && il < hp->n_layer; il++)
+  for (uint32_t il = 0; rc == 0 && il < hp->n_layer; il++) {
     rc = load_layer(&w->layers[il], hp, o.stream_weights, &r->layers[il]);
+    model_layer_rope(hp, il, r->n_ctx, &r->layers[il].rope);
+    r->layers[il].window = model_layer_window(hp, il);
+  }
   if (rc < 0) {
     fail(err, rc, "cannot load the weights: %s", kvd_strerror(rc));
     goto fail;
@@ -341,6 +385,8 @@ void model_ref_free(struct model_ref *r) {
       free(l->bv);
       free(l->qn);
       free(l->kn);
+      free(l->attn_post);
+      free(l->ffn_post);
       free(l->wq.owned);
       free(l->wk.owned);
       free(l->wv.owned);
@@ -425,13 +471,15 @@ static int attention_block(struct model_ref *r, uint32_t il, uint32_t pos) {
   for (uint32_t h = 0; l->kn && h < hp->n_head_kv; h++)
     ref_rmsnorm(k + (size_t)h * hp->head_dim, k + (size_t)h * hp->head_dim, l->kn, hp->head_dim,
                 hp->rms_eps);
-  ref_rope(r->q, 1, hp->n_head, hp->head_dim, hp->n_rot, &pos, hp->rope_mode, hp->rope_freq_base,
-           hp->rope_freq_scale, hp->rope_freq_factors);
-  ref_rope(k, 1, hp->n_head_kv, hp->head_dim, hp->n_rot, &pos, hp->rope_mode, hp->rope_freq_base,
-           hp->rope_freq_scale, hp->rope_freq_factors);
-  ref_attention_one(r->att, r->q, layer_k, layer_v, (size_t)pos + 1, hp->n_head, hp->n_head_kv,
-                    hp->head_dim, r->scores);
+  ref_rope_ext(r->q, 1, hp->n_head, hp->head_dim, &pos, &l->rope);
+  ref_rope_ext(k, 1, hp->n_head_kv, hp->head_dim, &pos, &l->rope);
+  struct ref_attn_opts ao = {
+      .scale = hp->attn_scale, .softcap = hp->attn_softcap, .window = l->window};
+  ref_attention_ext(r->att, r->q, layer_k, layer_v, (size_t)pos + 1, hp->n_head, hp->n_head_kv,
+                    hp->head_dim, r->scores, &ao);
   if ((rc = matvec(r->xb2, &l->wo, r->att, r->row)) < 0) return rc;
+  /* gemma2/3 normalise the block's output before it joins the residual stream. */
+  if (l->attn_post) ref_rmsnorm(r->xb2, r->xb2, l->attn_post, hp->n_embd, hp->rms_eps);
   ref_add(r->x, r->xb2, hp->n_embd);
   return 0;
 }
@@ -445,8 +493,12 @@ static int ffn_block(struct model_ref *r, uint32_t il) {
   if ((rc = matvec(r->hb, &l->w_gate, r->xb, r->row)) < 0 ||
       (rc = matvec(r->hb2, &l->w_up, r->xb, r->row)) < 0)
     return rc;
-  ref_swiglu(r->hb, r->hb, r->hb2, hp->n_ff);
+  if (hp->ffn_act == MODEL_FFN_GELU)
+    ref_geglu(r->hb, r->hb, r->hb2, hp->n_ff);
+  else
+    ref_swiglu(r->hb, r->hb, r->hb2, hp->n_ff);
   if ((rc = matvec(r->xb, &l->w_down, r->hb, r->row)) < 0) return rc;
+  if (l->ffn_post) ref_rmsnorm(r->xb, r->xb, l->ffn_post, hp->n_embd, hp->rms_eps);
   ref_add(r->x, r->xb, hp->n_embd);
   return 0;
 }
@@ -460,6 +512,9 @@ int model_ref_forward(struct model_ref *r, uint32_t token, uint32_t pos, float *
   r->n_past = pos; /* until this position is complete, a failure leaves the cache before it */
 
   int rc = embed(r, token, r->x);
+  if (rc == 0 && hp->embd_scale != 1.0f)
+    for (uint32_t i = 0; i < hp->n_embd; i++)
+      r->x[i] *= hp->embd_scale;
   for (uint32_t il = 0; rc == 0 && il < hp->n_layer; il++) {
     rc = attention_block(r, il, pos);
     if (rc == 0) rc = ffn_block(r, il);
@@ -467,6 +522,7 @@ int model_ref_forward(struct model_ref *r, uint32_t token, uint32_t pos, float *
   if (rc < 0) return rc;
   ref_rmsnorm(r->x, r->x, r->output_norm, hp->n_embd, hp->rms_eps);
   if ((rc = matvec(logits, &r->output, r->x, r->row)) < 0) return rc;
+  if (hp->final_softcap > 0.0f) ref_softcap(logits, hp->n_vocab, hp->final_softcap);
   r->n_past = pos + 1;
   return 0;
 }

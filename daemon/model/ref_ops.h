@@ -36,11 +36,23 @@ void ref_rope(float *x, size_t n_tokens, size_t n_heads, size_t head_dim, size_t
               const uint32_t *pos, enum model_rope_mode mode, float freq_base, float freq_scale,
               const float *factors);
 
+/* The same for any RoPE (arch.h struct model_rope): pair i of token t turns by
+ * pos[t] * model_rope_freq(r, i), and the rotated pair is multiplied by model_rope_mscale(r). */
+void ref_rope_ext(float *x, size_t n_tokens, size_t n_heads, size_t head_dim, const uint32_t *pos,
+                  const struct model_rope *r);
+
 /* x (n) = exp(x - max) / sum(exp(x - max)), in place; n >= 1. */
 void ref_softmax(float *x, size_t n);
 
 /* out (n) = silu(gate) * up, silu(g) = g / (1 + exp(-g)). out may alias gate or up. */
 void ref_swiglu(float *out, const float *gate, const float *up, size_t n);
+
+/* out (n) = gelu(gate) * up with GELU's tanh approximation,
+ * gelu(g) = g/2 (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) (gemma's GeGLU). Aliasing as swiglu. */
+void ref_geglu(float *out, const float *gate, const float *up, size_t n);
+
+/* x (n) = c tanh(x / c): logit soft-capping (gemma2); c > 0. */
+void ref_softcap(float *x, size_t n, float c);
 
 /* x (n) += y (n): the residual connection. */
 void ref_add(float *x, const float *y, size_t n);
@@ -52,5 +64,15 @@ void ref_add(float *x, const float *y, size_t n);
  * n_head is a multiple of n_head_kv and n_kv >= 1. */
 void ref_attention_one(float *out, const float *q, const float *k, const float *v, size_t n_kv,
                        size_t n_head, size_t n_head_kv, size_t head_dim, float *scores);
+
+/* The switches one layer's attention may have on top of that. */
+struct ref_attn_opts {
+  float scale;   /* scores are q.k * scale; 0 = 1/sqrt(head_dim) */
+  float softcap; /* scores become softcap * tanh(s / softcap) before the softmax; 0 = none */
+  size_t window; /* only the last `window` of the n_kv positions are read; 0 = all */
+};
+void ref_attention_ext(float *out, const float *q, const float *k, const float *v, size_t n_kv,
+                       size_t n_head, size_t n_head_kv, size_t head_dim, float *scores,
+                       const struct ref_attn_opts *opts);
 
 #endif

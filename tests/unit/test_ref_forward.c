@@ -654,3 +654,106 @@ out:
   model_weights_free(w);
   gguf_close(f);
 }
+
+/* ---- the arch/ families against llama.cpp (../shared/models/arch/README.md) ----------------- */
+
+/* Teacher-forces case `ci` of an arch/ reference through the CPU reference: the prompt, then at
+ * every generated position the top-5 log-probs of `key` ("top_logprobs": llama.cpp's; or the
+ * float64 cross-check's, for llama3_q8_0 whose llama.cpp numbers carry 8-bit activations) match
+ * within tol, and the greedy token is the reference's wherever its top-1/top-2 gap exceeds 0.05.
+ * The oracle the engine tests lean on, so every position of the case is checked. */
+static void check_arch_ref(const char *name, int ci, bool crosscheck, double tol) {
+  char rel[128];
+  snprintf(rel, sizeof rel, "models/arch/%s.json", name);
+  cJSON *ref = load_json(rel);
+  if (!ref) KT_SKIP("%s not found under KVD_SHARED_DIR", rel);
+  snprintf(rel, sizeof rel, "models/arch/%s.gguf", name);
+  struct gguf_file *f = open_shared(rel);
+  if (!f) {
+    cJSON_Delete(ref);
+    if (kt__failed()) return;
+    KT_SKIP("%s not found", rel);
+  }
+  struct model_ref *r;
+  KT_ASSERT_OK(new_ref(f, &(struct model_ref_opts){.n_ctx = 1024}, &r));
+  size_t n_vocab = model_ref_hparams(r)->n_vocab;
+  float *logits = malloc(n_vocab * sizeof *logits);
+  double *lp = malloc(n_vocab * sizeof *lp);
+  KT_ASSERT(logits && lp);
+  const cJSON *c = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(ref, "cases"), ci);
+  KT_ASSERT(c);
+  size_t n_prompt, n_gen;
+  uint32_t *prompt = json_ids(c, "prompt_ids", &n_prompt);
+  uint32_t *gen = json_ids(c, "generated_ids", &n_gen);
+  for (size_t i = 0; i < n_prompt; i++)
+    KT_ASSERT_OK(model_ref_forward(r, prompt[i], (uint32_t)i, logits));
+  const cJSON *src = crosscheck ? cJSON_GetObjectItemCaseSensitive(c, "float64_crosscheck") : c;
+  const cJSON *entry;
+  double worst = 0;
+  size_t j = 0, greedy = 0;
+  cJSON_ArrayForEach(entry, cJSON_GetObjectItemCaseSensitive(src, "top_logprobs")) {
+    if (j >= n_gen) break;
+    KT_CHECK_EQ((size_t)cJSON_GetObjectItemCaseSensitive(entry, "pos")->valueint, n_prompt - 1 + j);
+    log_softmax(logits, n_vocab, lp);
+    const cJSON *top = cJSON_GetObjectItemCaseSensitive(entry, "top"), *pair;
+    cJSON_ArrayForEach(pair, top) {
+      uint32_t id = (uint32_t)cJSON_GetArrayItem(pair, 0)->valuedouble;
+      double d = fabs(lp[id] - cJSON_GetArrayItem(pair, 1)->valuedouble);
+      if (d > worst) worst = d;
+    }
+    double gap = cJSON_GetArrayItem(cJSON_GetArrayItem(top, 0), 1)->valuedouble -
+                 cJSON_GetArrayItem(cJSON_GetArrayItem(top, 1), 1)->valuedouble;
+    if (gap > 0.05) {
+      uint32_t best = (uint32_t)cJSON_GetArrayItem(cJSON_GetArrayItem(top, 0), 0)->valuedouble;
+      size_t am = 0;
+      for (size_t i = 1; i < n_vocab; i++)
+        if (logits[i] > logits[am]) am = i;
+      KT_CHECK_MSG(am == best, "%s case %d step %zu: argmax %zu, reference %u", name, ci, j, am,
+                   best);
+      greedy++;
+    }
+    KT_ASSERT_OK(model_ref_forward(r, gen[j], (uint32_t)(n_prompt + j), logits));
+    j++;
+  }
+  kt_log("%s case %d: max |d logprob| %.3g over %zu positions (%zu greedy checks)", name, ci, worst,
+         j, greedy);
+  KT_CHECK(j == n_gen && greedy > 0);
+  KT_CHECK_MSG(worst < tol, "%s: max |d logprob| %.3g", name, worst);
+  free(prompt);
+  free(gen);
+  free(logits);
+  free(lp);
+  model_ref_free(r);
+  gguf_close(f);
+  cJSON_Delete(ref);
+}
+
+KT_TEST(arch_llama3_rope_freqs) {
+  check_arch_ref("llama3", 0, false, 2e-2);
+}
+
+/* llama.cpp's Q8_0 path quantizes activations too; the float64 pass is exact. */
+KT_TEST(arch_llama3_q8_0_against_the_float64_crosscheck) {
+  check_arch_ref("llama3_q8_0", 0, true, 2e-3);
+}
+
+KT_TEST(arch_qwen2_and_qwen3) {
+  check_arch_ref("qwen2", 0, false, 2e-2);
+  check_arch_ref("qwen3", 0, false, 2e-2);
+}
+
+/* gemma3's third case (205 prompt tokens) runs well past its 64-position window on five of its
+ * six layers. */
+KT_TEST(arch_gemma3_windows_geglu_post_norms_and_two_ropes) {
+  check_arch_ref("gemma3", 0, false, 2e-2);
+  check_arch_ref("gemma3", 2, false, 2e-2);
+}
+
+KT_TEST(arch_phi3_fused_projections_and_partial_rotary) {
+  check_arch_ref("phi3", 0, false, 2e-2);
+}
+
+/* Every layer windowed (64 positions); the third case's 205-token prompt is past it. */
+KT_TEST(arch_mistral_sliding_window) {
+  check_arch_ref("mistral_swa", 2, false, 2e-2);
+}
