@@ -9,6 +9,7 @@
 // GQA: query head h reads KV head h / (n_head/n_head_kv). With one split the output is normalised
 // here; with several, (m, l, o) partials go to attn_merge, which combines them (log-sum-exp).
 #include "pc_attn.h"
+#include "tanh.glsl"
 
 layout(local_size_x_id = 0) in;
 layout(constant_id = 0) const uint WG = 64;
@@ -68,7 +69,9 @@ void main() {
   uint kvh = h / (p.n_head / p.n_head_kv);
   uint n_kv = tok_info[t].x;
   uint table_off = tok_info[t].y;
-  uint p0 = min(split * p.chunk, n_kv);
+  // A sliding window starts the range at n_kv - window; the splits divide what is left.
+  uint kv0 = p.window != 0u && n_kv > p.window ? n_kv - p.window : 0u;
+  uint p0 = min(kv0 + split * p.chunk, n_kv);
   uint p1 = min(p0 + p.chunk, n_kv);
   uint qo = t * p.q_stride + h * p.head_dim;
   uint po = ((t * p.n_head + h) * p.n_splits + split) * (p.head_dim + 2);
@@ -89,6 +92,7 @@ void main() {
       float s = 0.0;
       for (uint d = 0; d < p.head_dim; d++) s += qs[d] * k_cache[kb + d];
       s *= p.scale;
+      if (p.softcap > 0.0) s = p.softcap * kvd_tanh(s / p.softcap);
       scores[i - c0] = s;
       cmax = max(cmax, s);
     }

@@ -54,7 +54,9 @@ void main() {
     float a = (float(r) + float(lo) * TWO_POW_M32) * TWO_POW_M32 * TWO_PI;
     float sa, ca;
     sincos_small(a, sa, ca);
-    // sin and cos of q * pi/2 + a.
+    sa *= p.mscale;
+    ca *= p.mscale;
+    // sin and cos of q * pi/2 + a (times mscale).
     q &= 3u;
     float sn = q == 0u ? sa : q == 1u ? ca : q == 2u ? -sa : -ca;
     float cs = q == 0u ? ca : q == 1u ? -sa : q == 2u ? -ca : sa;

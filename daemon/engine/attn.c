@@ -93,7 +93,9 @@ int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct 
                 struct gpu_binding partial) {
   if (s->head_dim > a->max_hd || s->n_head_kv == 0 || s->n_head % s->n_head_kv || s->n_splits == 0)
     return gpu_cmd_fail(cmd, KVD_EINVAL);
-  uint32_t chunk = (s->max_kv + s->n_splits - 1) / s->n_splits;
+  /* With a window no token reads more than `window` positions: the splits share those. */
+  uint32_t span = s->window && s->max_kv > s->window ? s->window : s->max_kv;
+  uint32_t chunk = (span + s->n_splits - 1) / s->n_splits;
   struct pc_attn pc = {
       .n_tokens = s->n_tokens,
       .n_head = s->n_head,
@@ -103,7 +105,9 @@ int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct 
       .q_stride = s->q_stride,
       .chunk = chunk ? chunk : 1,
       .n_splits = s->n_splits,
-      .scale = 1.0f / sqrtf((float)s->head_dim),
+      .scale = s->scale > 0.0f ? s->scale : 1.0f / sqrtf((float)s->head_dim),
+      .window = s->window,
+      .softcap = s->softcap > 0.0f ? s->softcap : 0.0f,
   };
   /* Without splits the partials binding is unused but must still be a valid buffer. */
   struct gpu_binding b[7] = {

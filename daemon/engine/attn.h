@@ -45,6 +45,9 @@ struct attn_shape {
   uint32_t q_stride; /* floats between tokens in q and out */
   uint32_t n_splits; /* from attn_pick_splits() */
   uint32_t max_kv;   /* the longest tok_info n_kv in this dispatch */
+  float scale;       /* q.k multiplier; 0 = 1 / sqrt(head_dim) */
+  uint32_t window;   /* sliding window (0 = none): a token reads its last `window` positions */
+  float softcap;     /* score soft-capping (0 = none) */
 };
 
 /* out = attention(q) over each token's paged KV; with n_splits > 1 also the merge (after a

@@ -90,8 +90,7 @@ static int eng_upload_weights(struct engine *e, const struct engine_opts *o) {
   const struct model_weights *w = e->w;
   uint32_t n_l = e->hp.n_layer;
   e->mats = calloc((size_t)n_l * 7 + 2, sizeof *e->mats);
-  e->layers = calloc(n_l, sizeof *e->layers);
-  if (!e->mats || !e->layers) return KVD_ENOMEM;
+  if (!e->mats) return KVD_ENOMEM;
   uint64_t total = w->token_embd->nbytes + (w->tied ? 0 : w->output->nbytes), done = 0;
   for (uint32_t l = 0; l < n_l; l++) {
     const struct model_layer *ml = &w->layers[l];
@@ -117,6 +116,10 @@ static int eng_upload_weights(struct engine *e, const struct engine_opts *o) {
       rc = eng_upload_vector(e, ml->attn_q_norm, "q_norm", &el->q_norm);
     if (rc == 0 && ml->attn_k_norm)
       rc = eng_upload_vector(e, ml->attn_k_norm, "k_norm", &el->k_norm);
+    if (rc == 0 && ml->attn_post_norm)
+      rc = eng_upload_vector(e, ml->attn_post_norm, "attn_post_norm", &el->attn_post);
+    if (rc == 0 && ml->ffn_post_norm)
+      rc = eng_upload_vector(e, ml->ffn_post_norm, "ffn_post_norm", &el->ffn_post);
     if (rc == 0) rc = eng_matrix(e, ml->attn_q, &done, total, o, &el->q);
     if (rc == 0) rc = eng_matrix(e, ml->attn_k, &done, total, o, &el->k);
     if (rc == 0) rc = eng_matrix(e, ml->attn_v, &done, total, o, &el->v);
@@ -231,12 +234,15 @@ int engine_new(struct gpu_device *dev, const struct gguf_file *f, const struct e
     eng_fail(err, rc, "creating the element-wise kernels");
     goto fail;
   }
-  e->rope = (struct ops_rope_cfg){.n_rot = e->hp.n_rot,
-                                  .mode = e->hp.rope_mode,
-                                  .freq_base = e->hp.rope_freq_base,
-                                  .freq_scale = e->hp.rope_freq_scale,
-                                  .freq_factors = e->hp.rope_freq_factors};
-  rc = ops_rope_prepare(&e->ops, &e->rope);
+  /* Each layer's RoPE, its frequency table uploaded now rather than mid-recording (layers
+   * sharing settings share a table). The context run is the model's (n_ctx_train). */
+  e->layers = calloc(e->hp.n_layer, sizeof *e->layers);
+  if (!e->layers) rc = KVD_ENOMEM;
+  for (uint32_t l = 0; rc == 0 && l < e->hp.n_layer; l++) {
+    model_layer_rope(&e->hp, l, e->hp.n_ctx_train, &e->layers[l].rope);
+    e->layers[l].window = model_layer_window(&e->hp, l);
+    rc = ops_rope_prepare(&e->ops, &e->layers[l].rope);
+  }
   if (rc == 0) rc = attn_init(&e->attn, dev);
   if (rc < 0) {
     eng_fail(err, rc, "creating the attention kernels");
@@ -282,7 +288,8 @@ void engine_free(struct engine *e) {
     for (uint32_t l = 0; l < e->hp.n_layer; l++) {
       struct eng_layer *el = &e->layers[l];
       struct gpu_buffer *lb[] = {el->attn_norm, el->ffn_norm, el->q_bias,  el->k_bias, el->v_bias,
-                                 el->q_norm,    el->k_norm,   el->k_cache, el->v_cache};
+                                 el->q_norm,    el->k_norm,   el->k_cache, el->v_cache,
+                                 el->attn_post, el->ffn_post};
       for (size_t i = 0; i < sizeof lb / sizeof lb[0]; i++)
         gpu_buffer_free(lb[i]);
     }

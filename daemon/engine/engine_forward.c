@@ -1,11 +1,15 @@
 /* Recording one step's forward pass: the GPU twin of daemon/model/ref_forward.c, block for block.
  *
- *   x = embedding[ids]                                        eng_embed          (embed)
- *   per layer:  x += Wo · attention(rope(Wq·rmsnorm(x) + bq), rope(Wk·… + bk) → cache, Wv·… + bv)
+ *   x = embedding[ids] (* embd_scale)                         eng_embed          (embed)
+ *   per layer:  x += (post-norm) Wo · attention(rope(Wq·rmsnorm(x) + bq), rope(Wk·… + bk) → cache,
+ *                                               Wv·… + bv)   (window, scale, soft-cap)
  *                                                             eng_attention_block (attention_block)
- *               x += Wdown · (silu(Wgate·rmsnorm(x)) * Wup·rmsnorm(x))
+ *               x += (post-norm) Wdown · (act(Wgate·rmsnorm(x)) * Wup·rmsnorm(x))
  *                                                             eng_ffn_block      (ffn_block)
- *   logits = Wout · rmsnorm(x)   for the rows that want them  eng_logits    (model_ref_forward)
+ *   logits = Wout · rmsnorm(x) (soft-capped), for the rows that want them
+ *                                                             eng_logits    (model_ref_forward)
+ * with the family's switches (arch.h) in parentheses; on the plain llama path each costs one
+ * branch on the host and nothing on the device.
  *
  * Where the reference runs one token, every op here runs all n_tokens rows of the step at once
  * (a mix of prefill chunks and decode tokens from many sequences); attention finds each token's
@@ -57,6 +61,30 @@ static void eng_embed(struct engine *e, const struct eng_step *s) {
   struct wkern_act xa = act(e->x, e->hp.n_embd);
   wkern_embed(e->wk[e->embd->type], e->cmd, &e->embd->m, e->step, e->lay.ids, s->n_tokens, &xa);
   gpu_cmd_barrier(e->cmd);
+  if (e->hp.embd_scale != 1.0f) { /* gemma */
+    ops_scale(&e->ops, e->cmd, bind(e->x), (uint64_t)s->n_tokens * e->hp.n_embd, e->hp.embd_scale);
+    gpu_cmd_barrier(e->cmd);
+  }
+}
+
+/* x += W · in, the residual connection at the end of a block. Without a post-norm the add is
+ * fused into the projection (wkern's accumulate); gemma2/3 normalise W · in first, in xn (free
+ * once the block's projections have read it). */
+static void eng_residual(struct engine *e, const struct eng_matrix *w, struct gpu_buffer *in,
+                         struct gpu_buffer *post_norm, uint32_t n) {
+  struct gpu_cmd *cmd = e->cmd;
+  if (!post_norm) {
+    eng_mul(e, w, in, e->x, n, true);
+    gpu_cmd_barrier(cmd);
+    return;
+  }
+  eng_mul(e, w, in, e->xn, n, false);
+  gpu_cmd_barrier(cmd);
+  ops_rmsnorm(&e->ops, cmd, bind(e->xn), bind(post_norm), bind(e->xn), n, e->hp.n_embd,
+              e->hp.rms_eps);
+  gpu_cmd_barrier(cmd);
+  ops_add(&e->ops, cmd, bind(e->x), bind(e->xn), n, e->hp.n_embd);
+  gpu_cmd_barrier(cmd);
 }
 
 /* ref_forward.c attention_block(): the attention half of layer il, x += Wo · attention(...),
@@ -94,8 +122,8 @@ static void eng_attention_block(struct engine *e, const struct eng_step *s, uint
     ops_rmsnorm(&e->ops, cmd, bind(e->k), bind(l->k_norm), bind(e->k), n * hp->n_head_kv,
                 hp->head_dim, hp->rms_eps);
   if (l->q_norm || l->k_norm) gpu_cmd_barrier(cmd);
-  ops_rope(&e->ops, cmd, bind(e->q), pos, n, hp->n_head, hp->head_dim, 0, &e->rope);
-  ops_rope(&e->ops, cmd, bind(e->k), pos, n, hp->n_head_kv, hp->head_dim, 0, &e->rope);
+  ops_rope(&e->ops, cmd, bind(e->q), pos, n, hp->n_head, hp->head_dim, 0, &l->rope);
+  ops_rope(&e->ops, cmd, bind(e->k), pos, n, hp->n_head_kv, hp->head_dim, 0, &l->rope);
   gpu_cmd_barrier(cmd);
   /* k and v go to their cache slots before attention reads the cache (the reference writes them
    * straight into the slot). */
@@ -109,13 +137,14 @@ static void eng_attention_block(struct engine *e, const struct eng_step *s, uint
                            .block_size = e->pool.block_size,
                            .q_stride = e->q_dim,
                            .n_splits = s->n_splits,
-                           .max_kv = s->max_kv};
+                           .max_kv = s->max_kv,
+                           .scale = hp->attn_scale,
+                           .window = l->window,
+                           .softcap = hp->attn_softcap};
   attn_record(&e->attn, cmd, &ash, bind(e->q), bind(l->k_cache), bind(l->v_cache), tok_info, tables,
               bind(e->att), e->partial ? bind(e->partial) : bind(e->att));
   gpu_cmd_barrier(cmd);
-  /* x += Wo att: the residual add is fused into the projection. */
-  eng_mul(e, l->o, e->att, e->x, n, true);
-  gpu_cmd_barrier(cmd);
+  eng_residual(e, l->o, e->att, l->attn_post, n);
 }
 
 /* ref_forward.c ffn_block(): the feed-forward half of layer il,
@@ -131,11 +160,12 @@ static void eng_ffn_block(struct engine *e, const struct eng_step *s, uint32_t i
   eng_mul(e, l->gate, e->xn, e->gate, n, false);
   eng_mul(e, l->up, e->xn, e->up, n, false);
   gpu_cmd_barrier(cmd);
-  ops_swiglu(&e->ops, cmd, bind(e->gate), bind(e->up), bind(e->gate), n, hp->n_ff);
+  if (hp->ffn_act == MODEL_FFN_GELU)
+    ops_geglu(&e->ops, cmd, bind(e->gate), bind(e->up), bind(e->gate), n, hp->n_ff);
+  else
+    ops_swiglu(&e->ops, cmd, bind(e->gate), bind(e->up), bind(e->gate), n, hp->n_ff);
   gpu_cmd_barrier(cmd);
-  /* x += Wdown gate: the residual add is fused into the projection. */
-  eng_mul(e, l->down, e->gate, e->x, n, true);
-  gpu_cmd_barrier(cmd);
+  eng_residual(e, l->down, e->gate, l->ffn_post, n);
 }
 
 /* The end of ref_forward.c model_ref_forward(): logits = Wout · rmsnorm(x), only for the rows
@@ -154,6 +184,11 @@ static void eng_logits(struct engine *e, const struct eng_step *s) {
               hp->rms_eps);
   gpu_cmd_barrier(cmd);
   eng_mul(e, e->output, e->xl, e->logits, s->n_logits, false);
+  if (hp->final_softcap > 0.0f) { /* gemma2 */
+    gpu_cmd_barrier(cmd);
+    ops_softcap(&e->ops, cmd, bind(e->logits), (uint64_t)s->n_logits * hp->n_vocab,
+                hp->final_softcap);
+  }
 }
 
 /* Attention's per-split partial results: grown to the largest step seen. */

@@ -24,6 +24,9 @@ struct eng_layer {
   struct gpu_buffer *attn_norm, *ffn_norm;     /* (n_embd) f32 */
   struct gpu_buffer *q_bias, *k_bias, *v_bias; /* (q_dim), (kv_dim), (kv_dim) f32, or NULL */
   struct gpu_buffer *q_norm, *k_norm;   /* (head_dim) f32 per-head RMSNorm (qwen3), or NULL */
+  struct gpu_buffer *attn_post, *ffn_post; /* (n_embd) f32 post-norms (gemma2/3), or NULL */
+  struct model_rope rope;               /* this layer's RoPE (gemma3's local layers differ) */
+  uint32_t window;                      /* sliding window, 0 = none */
   struct eng_matrix *q, *k, *v;         /* (q_dim, n_embd), (kv_dim, n_embd) x 2 */
   struct eng_matrix *o;                 /* (n_embd, q_dim) */
   struct eng_matrix *gate, *up;         /* (n_ff, n_embd) */
@@ -56,7 +59,6 @@ struct engine {
   uint32_t max_tokens, max_logits;
 
   struct ops ops;
-  struct ops_rope_cfg rope;
   struct attn_kernels attn;
   struct wkern *wk[DTYPE_MAX]; /* one per weight type the model uses */
 

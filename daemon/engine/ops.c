@@ -114,11 +114,13 @@ int ops_add_rmsnorm(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, st
 
 /* ---- rope ---- */
 
-static bool rope_cfg_valid(const struct ops_rope_cfg *cfg) {
+static bool rope_cfg_valid(const struct model_rope *cfg) {
   return cfg->n_rot >= 2 && cfg->n_rot % 2 == 0 &&
          (cfg->mode == MODEL_ROPE_NORMAL || cfg->mode == MODEL_ROPE_NEOX) &&
          isfinite(cfg->freq_base) && cfg->freq_base > 0 && isfinite(cfg->freq_scale) &&
-         cfg->freq_scale > 0;
+         cfg->freq_scale > 0 && isfinite(cfg->mscale) && cfg->mscale >= 0 &&
+         (cfg->yarn_ext_factor <= 0 || (cfg->yarn_orig_ctx > 0 && cfg->yarn_beta_fast > 0 &&
+                                        cfg->yarn_beta_slow > 0));
 }
 
 /* words[2i], words[2i + 1] = low, high 32 bits of frac(f_i / 2pi) * 2^64, where f_i is the
@@ -126,11 +128,10 @@ static bool rope_cfg_valid(const struct ops_rope_cfg *cfg) {
  * a turn matters because positions are integers. frac(), the scalings by 2^32 and the split into
  * words are exact in double; the truncation below 2^-64 turn is at most 2^-32 turn even at
  * position 2^32. */
-static void rope_freq_words(const struct ops_rope_cfg *cfg, uint32_t *words) {
+static void rope_freq_words(const struct model_rope *cfg, uint32_t *words) {
   static const double two_pi = 6.283185307179586476925;
   for (uint32_t i = 0; i < cfg->n_rot / 2; i++) {
-    double f = (double)cfg->freq_scale * pow(cfg->freq_base, -2.0 * (double)i / (double)cfg->n_rot);
-    if (cfg->freq_factors) f /= cfg->freq_factors[i];
+    double f = model_rope_freq(cfg, i);
     double turns = f / two_pi;
     double frac = ldexp(turns - floor(turns), 32);
     double hi = floor(frac);
@@ -140,17 +141,21 @@ static void rope_freq_words(const struct ops_rope_cfg *cfg, uint32_t *words) {
   }
 }
 
-static const struct ops_rope_table *rope_find(const struct ops *o, const struct ops_rope_cfg *cfg) {
+static const struct ops_rope_table *rope_find(const struct ops *o, const struct model_rope *cfg) {
   for (uint32_t i = 0; i < o->n_rope; i++) {
     const struct ops_rope_table *t = &o->rope_tables[i];
-    if (t->n_rot == cfg->n_rot && t->freq_base == cfg->freq_base &&
-        t->freq_scale == cfg->freq_scale && t->freq_factors == cfg->freq_factors)
+    const struct model_rope *c = &t->cfg;
+    /* Everything model_rope_freq() reads; mscale is a push constant, not in the table. */
+    if (c->n_rot == cfg->n_rot && c->freq_base == cfg->freq_base &&
+        c->freq_scale == cfg->freq_scale && c->freq_factors == cfg->freq_factors &&
+        c->yarn_ext_factor == cfg->yarn_ext_factor && c->yarn_beta_fast == cfg->yarn_beta_fast &&
+        c->yarn_beta_slow == cfg->yarn_beta_slow && c->yarn_orig_ctx == cfg->yarn_orig_ctx)
       return t;
   }
   return NULL;
 }
 
-int ops_rope_prepare(struct ops *o, const struct ops_rope_cfg *cfg) {
+int ops_rope_prepare(struct ops *o, const struct model_rope *cfg) {
   if (!rope_cfg_valid(cfg)) return KVD_EINVAL;
   if (rope_find(o, cfg)) return 0;
   if (o->n_rope == OPS_MAX_ROPE_TABLES) return KVD_ENOSPC;
@@ -166,17 +171,13 @@ int ops_rope_prepare(struct ops *o, const struct ops_rope_cfg *cfg) {
     gpu_buffer_free(buf);
     return rc;
   }
-  o->rope_tables[o->n_rope++] = (struct ops_rope_table){.n_rot = cfg->n_rot,
-                                                        .freq_base = cfg->freq_base,
-                                                        .freq_scale = cfg->freq_scale,
-                                                        .freq_factors = cfg->freq_factors,
-                                                        .freq = buf};
+  o->rope_tables[o->n_rope++] = (struct ops_rope_table){.cfg = *cfg, .freq = buf};
   return 0;
 }
 
 int ops_rope(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu_binding pos,
              uint32_t n_tokens, uint32_t n_heads, uint32_t head_dim, uint32_t stride,
-             const struct ops_rope_cfg *cfg) {
+             const struct model_rope *cfg) {
   if (n_tokens == 0) return 0;
   uint64_t row = (uint64_t)n_heads * head_dim;
   if (stride == 0) stride = (uint32_t)row;
@@ -192,7 +193,8 @@ int ops_rope(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gp
                        .head_dim = head_dim,
                        .n_rot = cfg->n_rot,
                        .mode = cfg->mode == MODEL_ROPE_NEOX ? 1u : 0u,
-                       .stride = stride};
+                       .stride = stride,
+                       .mscale = (float)model_rope_mscale(cfg)};
   uint32_t groups;
   if ((rc = elem_groups(o, (uint64_t)n_tokens * n_heads * (cfg->n_rot / 2), &groups)) < 0)
     return gpu_cmd_fail(cmd, rc);
@@ -222,6 +224,13 @@ int ops_swiglu(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding gate, stru
   return swiglu(o, cmd, gate, up, out, &pc);
 }
 
+int ops_geglu(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding gate, struct gpu_binding up,
+              struct gpu_binding out, uint32_t n_tokens, uint32_t n) {
+  struct pc_swiglu pc = {
+      .n_tokens = n_tokens, .n = n, .in_stride = n, .up_off = 0, .out_stride = n, .act = 1};
+  return swiglu(o, cmd, gate, up, out, &pc);
+}
+
 int ops_swiglu_fused(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding gate_up,
                      struct gpu_binding out, uint32_t n_tokens, uint32_t n) {
   /* One buffer bound twice: up is found by an element offset rather than a second binding
@@ -232,26 +241,41 @@ int ops_swiglu_fused(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding gate
   return swiglu(o, cmd, gate_up, gate_up, out, &pc);
 }
 
-static int add(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu_binding y,
-               uint32_t n_tokens, uint32_t n, bool bcast, const char *label) {
+static int add_op(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu_binding y,
+                  uint32_t n_tokens, uint32_t n, bool bcast, uint32_t op, float a,
+                  const char *label) {
   if (n_tokens == 0) return 0;
   if (n == 0) return gpu_cmd_fail(cmd, KVD_EINVAL);
   uint32_t groups;
   int rc = elem_groups(o, (uint64_t)n_tokens * n, &groups);
   if (rc < 0) return gpu_cmd_fail(cmd, rc);
-  struct pc_add pc = {.n_tokens = n_tokens, .n = n, .bcast = bcast};
+  struct pc_add pc = {.n_tokens = n_tokens, .n = n, .bcast = bcast, .op = op, .a = a};
   struct gpu_binding b[2] = {x, y};
   return gpu_cmd_dispatch(cmd, o->add, b, 2, &pc, sizeof pc, groups, 1, 1, label);
 }
 
 int ops_add(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu_binding y,
             uint32_t n_tokens, uint32_t n) {
-  return add(o, cmd, x, y, n_tokens, n, false, "add");
+  return add_op(o, cmd, x, y, n_tokens, n, false, 0, 0.0f, "add");
 }
 
 int ops_add_bias(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu_binding bias,
                  uint32_t n_tokens, uint32_t n) {
-  return add(o, cmd, x, bias, n_tokens, n, true, "add_bias");
+  return add_op(o, cmd, x, bias, n_tokens, n, true, 0, 0.0f, "add_bias");
+}
+
+int ops_scale(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, uint64_t n, float s) {
+  if (!isfinite(s)) return gpu_cmd_fail(cmd, KVD_EINVAL);
+  if (n >= OPS_MAX_ELEMS) return gpu_cmd_fail(cmd, KVD_E_LIMIT);
+  if (n == 0) return 0;
+  return add_op(o, cmd, x, x, 1, (uint32_t)n, false, 1, s, "scale");
+}
+
+int ops_softcap(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, uint64_t n, float c) {
+  if (!(c > 0.0f) || !isfinite(c)) return gpu_cmd_fail(cmd, KVD_EINVAL);
+  if (n >= OPS_MAX_ELEMS) return gpu_cmd_fail(cmd, KVD_E_LIMIT);
+  if (n == 0) return 0;
+  return add_op(o, cmd, x, x, 1, (uint32_t)n, false, 2, c, "softcap");
 }
 
 int ops_softmax(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, uint32_t n_rows,

@@ -17,27 +17,16 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define OPS_MAX_ROPE_TABLES 8
+#define OPS_MAX_ROPE_TABLES 16
 
-/* What the engine knows about RoPE from the model's hyperparameters. */
-struct ops_rope_cfg {
-  uint32_t n_rot; /* even, 2 .. head_dim: leading dimensions of each head that rotate */
-  enum model_rope_mode mode;
-  float freq_base;
-  float freq_scale; /* linear scaling: the angle uses pos * freq_scale */
-  /* (n_rot / 2) per-pair divisors of the angle (Llama 3.1's rope_freqs), or NULL. Must outlive
-   * the ops (tables are told apart by this pointer). */
-  const float *freq_factors;
-};
+/* RoPE settings are the model's own (arch.h struct model_rope): one definition of the angles for
+ * the CPU reference and the frequency tables here. */
 
 /* Per-pair rotation speeds for one (n_rot, freq_base, freq_scale): (n_rot / 2) pairs of uint32
  * (low, high) words, the fractional part of freq_scale * freq_base^(-2i / n_rot) / (2 pi) as a
  * 64-bit fixed-point number of turns per position (why: shaders/rope.comp). */
 struct ops_rope_table {
-  uint32_t n_rot;
-  float freq_base;
-  float freq_scale;
-  const float *freq_factors;
+  struct model_rope cfg; /* what the table was built for (told apart by value) */
   struct gpu_buffer *freq;
 };
 
@@ -84,20 +73,25 @@ int ops_add_rmsnorm(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, st
  * a synchronous transfer, so call it when loading a model. ops_rope() would otherwise do it on
  * first use, blocking in the middle of a recording. KVD_ENOSPC past OPS_MAX_ROPE_TABLES
  * settings, KVD_EINVAL for a setting that is not finite and positive. */
-int ops_rope_prepare(struct ops *o, const struct ops_rope_cfg *cfg);
+int ops_rope_prepare(struct ops *o, const struct model_rope *cfg);
 
 /* Rotates x (n_tokens, n_heads, head_dim) in place: pair i of token t turns by
- * pos[t] * freq_scale * freq_base^(-2i / n_rot), like ref_rope(). pos is (n_tokens) uint32.
+ * pos[t] * model_rope_freq(cfg, i) and is scaled by model_rope_mscale(cfg), like ref_rope_ext(). pos is (n_tokens) uint32.
  * Token rows lie `stride` floats apart (0 = dense, n_heads * head_dim), so the q or k part of a
  * fused QKV output is rotated where it lies: bind x at its first row. */
 int ops_rope(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu_binding pos,
              uint32_t n_tokens, uint32_t n_heads, uint32_t head_dim, uint32_t stride,
-             const struct ops_rope_cfg *cfg);
+             const struct model_rope *cfg);
 
 /* out = silu(gate) * up, all (n_tokens, n) in separate bindings. out may be gate's or up's
  * memory (in place). */
 int ops_swiglu(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding gate, struct gpu_binding up,
                struct gpu_binding out, uint32_t n_tokens, uint32_t n);
+
+/* out = gelu(gate) * up (GELU's tanh approximation, gemma's GeGLU; ref_geglu()), bindings as
+ * ops_swiglu. */
+int ops_geglu(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding gate, struct gpu_binding up,
+              struct gpu_binding out, uint32_t n_tokens, uint32_t n);
 
 /* The same for a fused gate/up projection whose rows are [gate (n) | up (n)]: gate_up is
  * (n_tokens, 2n), out (n_tokens, n) and must not overlap it. Saves the engine splitting the
@@ -112,6 +106,12 @@ int ops_add(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu
 /* x[t] += bias for every token: x (n_tokens, n), bias (n) (qwen2's q/k/v biases). */
 int ops_add_bias(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu_binding bias,
                  uint32_t n_tokens, uint32_t n);
+
+/* x *= s over n floats (gemma's embedding scale). */
+int ops_scale(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, uint64_t n, float s);
+
+/* x = c tanh(x / c) over n floats (logit soft-capping, ref_softcap()); c > 0. */
+int ops_softcap(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, uint64_t n, float c);
 
 /* Softmax of every row of x (n_rows, n) in place, max-subtracted, so any finite logits are safe
  * and -inf entries (masks) become 0; a row of only -inf is NaN, as in ref_softmax(). */

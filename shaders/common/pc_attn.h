@@ -6,7 +6,9 @@
  * follow each other: a block is read as one dense (block_size x head_dim) tile per head.
  * A token's view of the cache is described by tok_info[t] = (n_kv, table_offset): it attends to
  * positions 0 .. n_kv-1 (causal: n_kv = its position + 1), whose logical block b lives in
- * physical block tables[table_offset + b]. */
+ * physical block tables[table_offset + b]. With a sliding window w it reads only the last w of
+ * them, n_kv - w .. n_kv - 1: entries of the table before that may be KV_BLOCK_NONE (blocks
+ * returned to the pool) and are never read. */
 #ifndef KVD_PC_ATTN_H
 #define KVD_PC_ATTN_H
 #include "pc_common.h"
@@ -33,8 +35,10 @@ struct pc_attn {
   uint q_stride; /* floats between tokens in q and out */
   uint chunk;    /* KV positions per split (<= the CHUNK spec constant) */
   uint n_splits;
-  float scale;   /* 1 / sqrt(head_dim) */
+  float scale;   /* q.k multiplier: 1 / sqrt(head_dim), or the family's */
+  uint window;   /* sliding window: each token reads its last `window` positions; 0 = all */
+  float softcap; /* scores become softcap * tanh(s / softcap) (gemma2); 0 = none */
 };
-PC_ASSERT_SIZE(pc_attn, 36)
+PC_ASSERT_SIZE(pc_attn, 44)
 
 #endif

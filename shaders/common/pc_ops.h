@@ -27,10 +27,11 @@ struct pc_rope {
   uint n_rot;  /* even, <= head_dim: leading dimensions of each head that rotate */
   uint mode;   /* 0: NORMAL, pairs (2i, 2i+1); 1: NEOX, pairs (i, i + n_rot/2) */
   uint stride; /* floats between tokens (>= n_heads * head_dim) */
+  float mscale; /* the rotated pair is multiplied by this (YaRN / LongRoPE attention factor) */
 };
-PC_ASSERT_SIZE(pc_rope, 24)
+PC_ASSERT_SIZE(pc_rope, 28)
 
-/* out[t][c] = silu(gate[t][c]) * up[t][c] for c < n. gate and up are read through two bindings
+/* out[t][c] = act(gate[t][c]) * up[t][c] for c < n, act silu (act 0) or tanh-GELU (act 1). gate and up are read through two bindings
  * that may be the same buffer: up[t][c] is element t * in_stride + up_off + c of its binding, so
  * a fused projection whose rows are [gate | up] is (in_stride = 2n, up_off = n) and two separate
  * buffers are (in_stride = n, up_off = 0). */
@@ -40,16 +41,20 @@ struct pc_swiglu {
   uint in_stride;
   uint up_off;
   uint out_stride;
+  uint act; /* 0: silu (SwiGLU), 1: gelu, tanh approximation (GeGLU) */
 };
-PC_ASSERT_SIZE(pc_swiglu, 20)
+PC_ASSERT_SIZE(pc_swiglu, 24)
 
-/* x[t][c] += y[t][c] for c < n, or with bcast != 0, x[t][c] += y[c] (a bias over all tokens). */
+/* op 0: x[t][c] += y[t][c] for c < n, or with bcast != 0, x[t][c] += y[c] (a bias over all
+ * tokens). op 1: x *= a. op 2: x = a tanh(x / a) (soft-capping); y is not read by ops 1 and 2. */
 struct pc_add {
   uint n_tokens;
   uint n;
   uint bcast;
+  uint op;
+  float a;
 };
-PC_ASSERT_SIZE(pc_add, 12)
+PC_ASSERT_SIZE(pc_add, 20)
 
 /* x[r] = exp(x[r] - max(x[r])) / sum(exp(x[r] - max(x[r]))) in place, one workgroup per row. */
 struct pc_softmax {

@@ -14,6 +14,9 @@
 struct case_ {
   uint32_t n_head, n_head_kv, head_dim, block_size, n_tokens, max_kv;
   uint32_t force_splits; /* 0 = attn_pick_splits */
+  uint32_t window;       /* sliding window, 0 = none */
+  float softcap;         /* score soft-capping, 0 = none */
+  float scale;           /* q.k multiplier, 0 = 1/sqrt(head_dim) */
 };
 
 static void run_case(const struct case_ *c) {
@@ -24,7 +27,11 @@ static void run_case(const struct case_ *c) {
   /* Each token gets its own sequence with its own random length and block table. */
   uint32_t *n_kv = malloc(c->n_tokens * 4);
   uint32_t blocks_per_seq = (c->max_kv + c->block_size - 1) / c->block_size;
-  uint32_t n_blocks = c->n_tokens * blocks_per_seq + 3; /* a few never used */
+  /* A few never used; the last is all NaN and stands in for every block a sliding window has
+   * returned to the pool (the daemon writes KV_BLOCK_NONE there): reading one poisons the
+   * output. */
+  uint32_t n_blocks = c->n_tokens * blocks_per_seq + 3;
+  uint32_t poison = n_blocks - 1;
   uint32_t *perm = malloc(n_blocks * 4);
   uint32_t *tables = malloc((size_t)c->n_tokens * blocks_per_seq * 4);
   uint32_t *tok_info = malloc((size_t)c->n_tokens * 2 * 4);
@@ -37,24 +44,30 @@ static void run_case(const struct case_ *c) {
             scores);
   for (uint32_t i = 0; i < n_blocks; i++)
     perm[i] = i;
-  for (uint32_t i = n_blocks - 1; i > 0; i--) { /* shuffle: physical order != logical order */
+  for (uint32_t i = poison - 1; i > 0; i--) { /* shuffle: physical order != logical order */
     uint32_t j = kt_rand_range(0, i), t = perm[i];
     perm[i] = perm[j];
     perm[j] = t;
   }
   kt_rand_fill(kc, cache_n, -1, 1);
   kt_rand_fill(vc, cache_n, -1, 1);
-  kt_rand_fill(q, (size_t)c->n_tokens * qd, -1, 1);
+  kt_rand_fill(q, (size_t)c->n_tokens * qd, c->softcap > 0 ? -4 : -1, c->softcap > 0 ? 4 : 1);
+  size_t block_n = (size_t)c->block_size * kvd;
+  for (size_t i = 0; i < block_n; i++)
+    kc[poison * block_n + i] = vc[poison * block_n + i] = NAN;
   uint32_t max_kv = 0;
   for (uint32_t t = 0; t < c->n_tokens; t++) {
     n_kv[t] = t == 0 ? c->max_kv : kt_rand_range(1, c->max_kv);
     if (n_kv[t] > max_kv) max_kv = n_kv[t];
     tok_info[2 * t] = n_kv[t];
     tok_info[2 * t + 1] = t * blocks_per_seq;
+    /* Blocks wholly before the window are never read: they point at the poison block. */
+    uint32_t kv0 = c->window && n_kv[t] > c->window ? n_kv[t] - c->window : 0;
     for (uint32_t b = 0; b < blocks_per_seq; b++)
-      tables[t * blocks_per_seq + b] = perm[t * blocks_per_seq + b];
+      tables[t * blocks_per_seq + b] =
+          (b + 1) * c->block_size <= kv0 ? poison : perm[t * blocks_per_seq + b];
     /* The reference reads a contiguous, position-major copy gathered through the table. */
-    for (uint32_t pos = 0; pos < n_kv[t]; pos++) {
+    for (uint32_t pos = kv0; pos < n_kv[t]; pos++) {
       uint32_t blk = tables[t * blocks_per_seq + pos / c->block_size], off = pos % c->block_size;
       for (uint32_t h = 0; h < c->n_head_kv; h++) {
         size_t src = (((size_t)blk * c->n_head_kv + h) * c->block_size + off) * hd;
@@ -62,8 +75,9 @@ static void run_case(const struct case_ *c) {
         memcpy(vcont + ((size_t)pos * c->n_head_kv + h) * hd, vc + src, hd * 4);
       }
     }
-    ref_attention_one(want + (size_t)t * qd, q + (size_t)t * qd, kcont, vcont, n_kv[t], c->n_head,
-                      c->n_head_kv, hd, scores);
+    struct ref_attn_opts ao = {.scale = c->scale, .softcap = c->softcap, .window = c->window};
+    ref_attention_ext(want + (size_t)t * qd, q + (size_t)t * qd, kcont, vcont, n_kv[t], c->n_head,
+                      c->n_head_kv, hd, scores, &ao);
   }
   uint32_t splits =
       c->force_splits ? c->force_splits : attn_pick_splits(&ak, max_kv, c->n_tokens * c->n_head);
@@ -74,7 +88,10 @@ static void run_case(const struct case_ *c) {
                          .block_size = c->block_size,
                          .q_stride = qd,
                          .n_splits = splits,
-                         .max_kv = max_kv};
+                         .max_kv = max_kv,
+                         .scale = c->scale,
+                         .window = c->window,
+                         .softcap = c->softcap};
   uint64_t pbytes = attn_partial_bytes(c->n_tokens, c->n_head, hd, splits);
   struct gpu_buffer *bq = fixture_upload(q, (size_t)c->n_tokens * qd * 4);
   struct gpu_buffer *bk = fixture_upload(kc, cache_n * 4);
@@ -109,35 +126,38 @@ static void run_case(const struct case_ *c) {
   /* f32 on both sides, summed in different orders (splits merged with online softmax): a few
    * ulps of the largest value. 1e-5 failed about one random draw in thirty (1.6e-5 seen with
    * head size 128, 4 splits). */
-  KT_ASSERT_MSG(err < 5e-5, "heads %u/%u hd %u bs %u tokens %u kv %u splits %u: rel err %.3g",
-                c->n_head, c->n_head_kv, hd, c->block_size, c->n_tokens, c->max_kv, splits, err);
+  KT_ASSERT_MSG(err < 5e-5,
+                "heads %u/%u hd %u bs %u tokens %u kv %u splits %u window %u softcap %g: rel err "
+                "%.3g",
+                c->n_head, c->n_head_kv, hd, c->block_size, c->n_tokens, c->max_kv, splits,
+                c->window, (double)c->softcap, err);
 }
 
 KT_TEST(decode_one_token_small_model_shape) {
   FIXTURE_DEVICE(dev);
   (void)dev;
-  run_case(&(struct case_){8, 4, 8, 16, 1, 37, 0}); /* stories260K: GQA 2:1, head_dim 8 */
+  run_case(&(struct case_){8, 4, 8, 16, 1, 37, 0, 0, 0, 0}); /* stories260K: GQA 2:1, head_dim 8 */
   FIXTURE_CHECK_VALIDATION();
 }
 
 KT_TEST(batched_tokens_with_different_lengths_and_gqa_ratios) {
   FIXTURE_DEVICE(dev);
   (void)dev;
-  run_case(&(struct case_){4, 4, 64, 16, 5, 100, 0}); /* MHA */
-  run_case(&(struct case_){8, 2, 32, 16, 7, 250, 0}); /* GQA 4:1 */
-  run_case(&(struct case_){6, 1, 48, 8, 3, 77, 0});   /* MQA */
-  run_case(&(struct case_){2, 1, 128, 32, 9, 129, 0});
+  run_case(&(struct case_){4, 4, 64, 16, 5, 100, 0, 0, 0, 0}); /* MHA */
+  run_case(&(struct case_){8, 2, 32, 16, 7, 250, 0, 0, 0, 0}); /* GQA 4:1 */
+  run_case(&(struct case_){6, 1, 48, 8, 3, 77, 0, 0, 0, 0});   /* MQA */
+  run_case(&(struct case_){2, 1, 128, 32, 9, 129, 0, 0, 0, 0});
   FIXTURE_CHECK_VALIDATION();
 }
 
 KT_TEST(long_context_online_softmax_splits_and_merges) {
   FIXTURE_DEVICE(dev);
   (void)dev;
-  run_case(&(struct case_){8, 4, 8, 16, 1, 1000, 0});  /* > chunk: splits required */
-  run_case(&(struct case_){4, 2, 64, 16, 2, 700, 7});  /* forced odd split count */
-  run_case(&(struct case_){4, 2, 16, 16, 3, 40, 8});   /* some splits empty for short tokens */
-  run_case(&(struct case_){2, 1, 32, 16, 2, 900, 1});  /* one split over several score chunks */
-  run_case(&(struct case_){2, 2, 200, 16, 1, 300, 2}); /* head_dim > workgroup: 4 values each */
+  run_case(&(struct case_){8, 4, 8, 16, 1, 1000, 0, 0, 0, 0});  /* > chunk: splits required */
+  run_case(&(struct case_){4, 2, 64, 16, 2, 700, 7, 0, 0, 0});  /* forced odd split count */
+  run_case(&(struct case_){4, 2, 16, 16, 3, 40, 8, 0, 0, 0});   /* some splits empty for short tokens */
+  run_case(&(struct case_){2, 1, 32, 16, 2, 900, 1, 0, 0, 0});  /* one split over several score chunks */
+  run_case(&(struct case_){2, 2, 200, 16, 1, 300, 2, 0, 0, 0}); /* head_dim > workgroup: 4 values each */
   FIXTURE_CHECK_VALIDATION();
 }
 
@@ -196,5 +216,28 @@ KT_TEST(kv_write_scatters_into_block_slots) {
   for (int i = 0; i < 5; i++)
     gpu_buffer_free(bufs[i]);
   attn_destroy(&ak);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Sliding windows (mistral, gemma's local layers): each token reads only its last `window`
+ * positions, whatever its length, block-aligned or not, split or not; blocks before the window
+ * hold NaN and must never be read. */
+KT_TEST(sliding_window_reads_only_the_window) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  run_case(&(struct case_){4, 2, 32, 16, 6, 300, 0, 64, 0, 0});   /* block-aligned window */
+  run_case(&(struct case_){4, 1, 16, 16, 5, 200, 4, 37, 0, 0});   /* ragged window, 4 splits */
+  run_case(&(struct case_){8, 4, 8, 16, 1, 1000, 0, 500, 0, 0});  /* long: picked splits */
+  run_case(&(struct case_){2, 2, 64, 8, 4, 20, 0, 64, 0, 0});     /* window past every length */
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* gemma2's attention soft-capping (50) and a query scale other than 1/sqrt(head_dim) (gemma's
+ * 27B sizes), on scores large enough for the cap to bend them. */
+KT_TEST(soft_capping_and_query_scale) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  run_case(&(struct case_){4, 2, 64, 16, 3, 90, 0, 0, 50.0f, 0.2f});
+  run_case(&(struct case_){4, 4, 32, 16, 2, 300, 3, 48, 5.0f, 0});
   FIXTURE_CHECK_VALIDATION();
 }

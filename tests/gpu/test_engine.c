@@ -435,7 +435,7 @@ KT_TEST(exhausted_pool_is_a_typed_error_and_changes_nothing) {
  * enough for the choice to be meaningful. One case and 24 positions keep it quick on a CPU
  * device with these 50-150K vocabularies; e2e/test_arch.py runs every case through the daemon. */
 #define ARCH_POSITIONS 24
-static void check_arch(const char *name, double tol) {
+static void check_arch_case(const char *name, int ci, double tol) {
   char rel[128];
   snprintf(rel, sizeof rel, "models/arch/%s.json", name);
   cJSON *ref = load_json(rel);
@@ -454,7 +454,7 @@ static void check_arch(const char *name, double tol) {
   double worst = 0;
   uint32_t checked = 0, greedy_checked = 0;
   const cJSON *c;
-  c = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(ref, "cases"), 0);
+  c = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(ref, "cases"), ci);
   if (c) {
     uint32_t n_prompt, n_gen;
     int32_t *prompt = json_ids(c, "prompt_ids", &n_prompt);
@@ -493,8 +493,8 @@ static void check_arch(const char *name, double tol) {
     free(prompt);
     free(gen);
   }
-  kt_log("%s: max |d logprob| %.3g over %u positions, %u greedy choices checked", name, worst,
-         checked, greedy_checked);
+  kt_log("%s case %d: max |d logprob| %.3g over %u positions, %u greedy choices checked", name, ci,
+         worst, checked, greedy_checked);
   KT_CHECK(checked > 0 && greedy_checked > 0);
   KT_CHECK_MSG(worst < tol, "%s: max |d logprob| %.3g", name, worst);
   free(logits);
@@ -502,6 +502,10 @@ static void check_arch(const char *name, double tol) {
   engine_free(e);
   gguf_close(f);
   cJSON_Delete(ref);
+}
+
+static void check_arch(const char *name, double tol) {
+  check_arch_case(name, 0, tol);
 }
 
 /* Llama 3.1/3.2: RoPE scaling carried by the rope_freqs.weight tensor (per-pair divisors). */
@@ -517,5 +521,31 @@ KT_TEST(qwen3_head_norms_and_decoupled_head_size_match_llama_cpp) {
   FIXTURE_DEVICE(dev);
   (void)dev;
   check_arch("qwen3", 2e-2);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Gemma 3: sqrt(n_embd) embedding scale, GeGLU, post-norms, q/k norms, one KV head; the third
+ * case's 205-token prompt runs five of the six layers past their 64-position window, while the
+ * global layer rotates with its own base and linear x8 scaling. */
+KT_TEST(gemma3_windows_geglu_and_post_norms_match_llama_cpp) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  check_arch_case("gemma3", 2, 2e-2);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Phi-3: fused qkv and gate/up projections, rotary on 24 of 32 head dimensions. */
+KT_TEST(phi3_fused_projections_and_partial_rotary_match_llama_cpp) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  check_arch("phi3", 2e-2);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* A 64-position sliding window on every layer, read past it by the third case (205 tokens). */
+KT_TEST(mistral_sliding_window_matches_llama_cpp) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  check_arch_case("mistral_swa", 2, 2e-2);
   FIXTURE_CHECK_VALIDATION();
 }

@@ -148,7 +148,11 @@ struct rope_case {
   float freq_base, freq_scale;
   uint32_t max_pos;
   bool factors; /* per-pair frequency divisors (Llama 3.1's rope_freqs), drawn at random */
+  bool yarn;    /* YaRN over an original context of max_pos / 4, betas 32 and 1 */
+  float mscale; /* attention factor on the rotated pair (LongRoPE, YaRN); 0 = 1 */
 };
+
+static struct model_rope rope_case_cfg(const struct rope_case *c, enum model_rope_mode mode);
 
 /* One table of random divisors in [1, 8] for every case that has them: ops tell rope tables
  * apart by the factors' address, so one array keeps the table count bounded. */
@@ -187,6 +191,22 @@ static double rope_err(const float *got, const float *want, const float *in, uin
   return worst;
 }
 
+static struct model_rope rope_case_cfg(const struct rope_case *c, enum model_rope_mode mode) {
+  struct model_rope r = {.n_rot = c->n_rot,
+                         .mode = mode,
+                         .freq_base = c->freq_base,
+                         .freq_scale = c->freq_scale,
+                         .freq_factors = rope_case_factors(c),
+                         .mscale = c->mscale};
+  if (c->yarn) {
+    r.yarn_ext_factor = 1.0f;
+    r.yarn_beta_fast = 32.0f;
+    r.yarn_beta_slow = 1.0f;
+    r.yarn_orig_ctx = c->max_pos / 4;
+  }
+  return r;
+}
+
 static void check_rope(struct ops *o, struct gpu_cmd *cmd, const struct rope_case *c,
                        enum model_rope_mode mode, uint32_t n_tok, const char *vname) {
   size_t n = (size_t)n_tok * c->n_heads * c->head_dim;
@@ -198,15 +218,10 @@ static void check_rope(struct ops *o, struct gpu_cmd *cmd, const struct rope_cas
   pos[0] = c->max_pos; /* the largest angle always appears */
   if (n_tok > 1) pos[1] = 0;
   memcpy(want, x, n * 4);
-  ref_rope(want, n_tok, c->n_heads, c->head_dim, c->n_rot, pos, mode, c->freq_base, c->freq_scale,
-           rope_case_factors(c));
+  struct model_rope cfg = rope_case_cfg(c, mode);
+  ref_rope_ext(want, n_tok, c->n_heads, c->head_dim, pos, &cfg);
   struct gpu_buffer *bx = fixture_upload(x, n * 4), *bp = fixture_upload(pos, n_tok * 4);
   KT_ASSERT(bx && bp);
-  struct ops_rope_cfg cfg = {.n_rot = c->n_rot,
-                             .mode = mode,
-                             .freq_base = c->freq_base,
-                             .freq_scale = c->freq_scale,
-                             .freq_factors = rope_case_factors(c)};
   int rc = ops_rope_prepare(o, &cfg);
   if (rc == 0) rc = gpu_cmd_begin(cmd);
   if (rc == 0) {
@@ -235,13 +250,15 @@ static void check_rope(struct ops *o, struct gpu_cmd *cmd, const struct rope_cas
 KT_TEST(rope_both_modes_matches_cpu) {
   FIXTURE_DEVICE(dev);
   static const struct rope_case cases[] = {
-      {4, 64, 64, 10000.0f, 1.0f, 4096, false},      /* llama */
-      {3, 64, 32, 10000.0f, 1.0f, 4096, false},      /* partial rotation */
-      {2, 128, 128, 1000000.0f, 1.0f, 4096, false},  /* qwen2's base */
-      {5, 7, 6, 10000.0f, 0.25f, 4096, false},       /* odd head_dim, linear scaling */
-      {8, 8, 8, 10000.0f, 1.0f, 4096, false},        /* stories260K */
-      {1, 96, 64, 500000.0f, 0.5f, 1u << 20, false}, /* far past any test context */
-      {4, 64, 64, 500000.0f, 1.0f, 131072, true},    /* llama 3.1: rope_freqs divisors */
+      {4, 64, 64, 10000.0f, 1.0f, 4096, false, false, 0},      /* llama */
+      {3, 64, 32, 10000.0f, 1.0f, 4096, false, false, 0},      /* partial rotation */
+      {2, 128, 128, 1000000.0f, 1.0f, 4096, false, false, 0},  /* qwen2's base */
+      {5, 7, 6, 10000.0f, 0.25f, 4096, false, false, 0},       /* odd head_dim, linear scaling */
+      {8, 8, 8, 10000.0f, 1.0f, 4096, false, false, 0},        /* stories260K */
+      {1, 96, 64, 500000.0f, 0.5f, 1u << 20, false, false, 0}, /* far past any test context */
+      {4, 64, 64, 500000.0f, 1.0f, 131072, true, false, 0},    /* llama 3.1: rope_freqs divisors */
+      {4, 64, 64, 1000000.0f, 0.25f, 32768, false, true, 0},   /* qwen2.5 YaRN x4 */
+      {2, 96, 64, 10000.0f, 1.0f, 131072, true, false, 1.19f}, /* phi3 LongRoPE */
   };
   struct gpu_cmd *cmd;
   KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
@@ -286,7 +303,7 @@ KT_TEST(rope_rotates_k_in_place_inside_a_fused_qkv_buffer) {
   KT_ASSERT(bx && bp);
   KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
   KT_ASSERT_OK(gpu_cmd_begin(cmd));
-  struct ops_rope_cfg cfg = {
+  struct model_rope cfg = {
       .n_rot = HD, .mode = MODEL_ROPE_NEOX, .freq_base = 1e6f, .freq_scale = 1.0f};
   KT_ASSERT_OK(
       ops_rope(&o, cmd, (struct gpu_binding){bx, k_off, 0}, whole(bp), T, NK, HD, stride, &cfg));
@@ -361,6 +378,37 @@ static void check_swiglu(struct ops *o, struct gpu_cmd *cmd, uint32_t n_tok, uin
                 e2, e3);
 }
 
+/* gemma's GeGLU: gelu(g) * u with GELU's tanh approximation, over gates from -12 (where gelu is
+ * ~0 and the tanh argument large) through 0 (the polynomial branch) to 12. */
+static void check_geglu(struct ops *o, struct gpu_cmd *cmd, uint32_t n_tok, uint32_t dim,
+                        const char *vname) {
+  size_t n = (size_t)n_tok * dim;
+  float *g = rand_floats(n, -12, 12), *u = rand_floats(n, -2, 2), *want = malloc(n * 4);
+  KT_ASSERT(g && u && want);
+  ref_geglu(want, g, u, n);
+  struct gpu_buffer *bg = fixture_upload(g, n * 4), *bu = fixture_upload(u, n * 4);
+  struct gpu_buffer *bo = fixture_upload(NULL, n * 4);
+  KT_ASSERT(bg && bu && bo);
+  int rc = gpu_cmd_begin(cmd);
+  if (rc == 0) rc = ops_geglu(o, cmd, whole(bg), whole(bu), whole(bo), n_tok, dim);
+  int rc2 = submit_wait(cmd);
+  if (rc == 0) rc = rc2;
+  float *got = rc == 0 ? fixture_download(bo, n * 4) : NULL;
+  /* Absolute error against max(|u|, 1e-3): gelu(g) is ~1e-30 for g near -12, where only an
+   * absolute bound means anything; elsewhere this is the relative error. */
+  double worst = got ? 0 : INFINITY;
+  for (size_t i = 0; got && i < n; i++) {
+    double scale = fmax(fabs((double)g[i] * u[i]), 1e-3);
+    double e = fabs((double)got[i] - want[i]) / scale;
+    if (!(e <= worst)) worst = e;
+  }
+  gpu_buffer_free(bg), gpu_buffer_free(bu), gpu_buffer_free(bo);
+  free(g), free(u), free(want), free(got);
+  KT_ASSERT_OK(rc);
+  note(&worst_swiglu, worst);
+  KT_ASSERT_MSG(worst < F32_TOL, "geglu %s %ux%u: err %.3g", vname, n_tok, dim, worst);
+}
+
 KT_TEST(swiglu_separate_in_place_and_fused_match_cpu) {
   FIXTURE_DEVICE(dev);
   struct gpu_cmd *cmd;
@@ -370,7 +418,8 @@ KT_TEST(swiglu_separate_in_place_and_fused_match_cpu) {
     KT_ASSERT_OK(ops_init(&o, dev, &variants[v].opts));
     for (size_t d = 0; d < N_DIMS; d++)
       for (size_t t = 0; t < N_TOKS; t++)
-        check_swiglu(&o, cmd, toks[t], dims[d], variants[v].name);
+        check_swiglu(&o, cmd, toks[t], dims[d], variants[v].name),
+            check_geglu(&o, cmd, toks[t], dims[d], variants[v].name);
     ops_destroy(&o);
   }
   gpu_cmd_free(cmd);
@@ -407,6 +456,46 @@ static void check_add(struct ops *o, struct gpu_cmd *cmd, uint32_t n_tok, uint32
   KT_ASSERT_OK(rc);
   KT_ASSERT_MSG(same, "add %s %ux%u differs from the CPU sum", vname, n_tok, dim);
   KT_ASSERT_MSG(same_b, "add_bias %s %ux%u differs from the CPU sum", vname, n_tok, dim);
+}
+
+/* gemma's embedding scale and gemma2's logit soft-capping, over values spanning both branches of
+ * the shaders' tanh (|x / c| below and above 0.5) and far into saturation. */
+KT_TEST(scale_and_softcap_match_cpu) {
+  FIXTURE_DEVICE(dev);
+  struct ops o;
+  KT_ASSERT_OK(ops_init(&o, dev, NULL));
+  struct gpu_cmd *cmd;
+  KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
+  const size_t n = 70001; /* not a multiple of any workgroup size */
+  float *x = rand_floats(n, -300, 300), *ws = malloc(n * 4), *wc = malloc(n * 4);
+  KT_ASSERT(x && ws && wc);
+  for (size_t i = 0; i < n / 2; i++)
+    x[i] /= 100.0f; /* half of them in the polynomial branch */
+  for (size_t i = 0; i < n; i++)
+    ws[i] = x[i] * 11.3137085f;
+  memcpy(wc, x, n * 4);
+  ref_softcap(wc, n, 30.0f);
+  struct gpu_buffer *bs = fixture_upload(x, n * 4), *bc = fixture_upload(x, n * 4);
+  KT_ASSERT(bs && bc);
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
+  KT_ASSERT_OK(ops_scale(&o, cmd, whole(bs), n, 11.3137085f));
+  KT_ASSERT_OK(ops_softcap(&o, cmd, whole(bc), n, 30.0f));
+  KT_ASSERT_OK(submit_wait(cmd));
+  float *gs = fixture_download(bs, n * 4), *gc = fixture_download(bc, n * 4);
+  KT_ASSERT(gs && gc);
+  double es = kt_max_rel_err(gs, ws, n, 1e-30), ec = kt_max_rel_err(gc, wc, n, 1e-30);
+  kt_log("scale: max rel err %.3g; softcap: max rel err %.3g", es, ec);
+  KT_CHECK(es < 1e-6);
+  KT_CHECK(ec < F32_TOL);
+  /* A cap that is not positive is refused. */
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
+  KT_CHECK_EQ(ops_softcap(&o, cmd, whole(bc), n, 0.0f), KVD_EINVAL);
+  KT_CHECK_EQ(submit_wait(cmd), KVD_EINVAL);
+  gpu_buffer_free(bs), gpu_buffer_free(bc);
+  free(x), free(ws), free(wc), free(gs), free(gc);
+  gpu_cmd_free(cmd);
+  ops_destroy(&o);
+  FIXTURE_CHECK_VALIDATION();
 }
 
 KT_TEST(add_and_broadcast_bias_are_exact) {
@@ -497,13 +586,13 @@ KT_TEST(bad_shapes_are_refused_and_empty_batches_record_nothing) {
   struct gpu_cmd *cmd;
   KT_ASSERT(b);
   KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
-  struct ops_rope_cfg odd = {
+  struct model_rope odd = {
       .n_rot = 7, .mode = MODEL_ROPE_NORMAL, .freq_base = 1e4f, .freq_scale = 1.0f};
-  struct ops_rope_cfg wide = {
+  struct model_rope wide = {
       .n_rot = 66, .mode = MODEL_ROPE_NORMAL, .freq_base = 1e4f, .freq_scale = 1.0f};
-  struct ops_rope_cfg ok8 = {
+  struct model_rope ok8 = {
       .n_rot = 8, .mode = MODEL_ROPE_NEOX, .freq_base = 1e4f, .freq_scale = 1.0f};
-  struct ops_rope_cfg base0 = {
+  struct model_rope base0 = {
       .n_rot = 8, .mode = MODEL_ROPE_NEOX, .freq_base = 0.0f, .freq_scale = 1.0f};
   CHECK_REFUSED(cmd, ops_rope(&o, cmd, whole(b), whole(b), 1, 2, 8, 0, &odd), KVD_EINVAL);
   CHECK_REFUSED(cmd, ops_rope(&o, cmd, whole(b), whole(b), 1, 1, 64, 0, &wide), KVD_EINVAL);

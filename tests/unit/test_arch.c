@@ -547,9 +547,30 @@ KT_TEST(other_architectures_are_refused_by_name) {
   spec_init(&s, "llama");
   spec_u32(&s, "llama.expert_count", 8);
   EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "llama.expert_count");
+  /* The refusal names what kvd runs. */
+  spec_init(&s, "gpt2");
+  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "gemma3");
+}
+
+/* A window shorter than the context applies to every layer of a llama/mistral file; one as long
+ * as the context is no window at all. */
+KT_TEST(sliding_window_applies_to_every_layer_unless_as_long_as_the_context) {
+  struct spec s;
   spec_init(&s, "mistral");
   spec_u32(&s, "mistral.attention.sliding_window", 4);
-  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "mistral.attention.sliding_window");
+  struct model_error err;
+  struct bound b;
+  int rc = spec_bind(&s, &b, &err);
+  KT_ASSERT_MSG(rc == 0, "%d: %s", rc, err.msg);
+  KT_CHECK_EQ(b.hp.n_swa, 4);
+  KT_CHECK_EQ(model_layer_window(&b.hp, 0), 4);
+  KT_CHECK_EQ(model_layer_window(&b.hp, 1), 4);
+  KT_CHECK(model_all_windowed(&b.hp));
+  spec_u32(&s, "mistral.attention.sliding_window", 16); /* = context_length */
+  rc = spec_bind(&s, &b, &err);
+  KT_ASSERT_MSG(rc == 0, "%d: %s", rc, err.msg);
+  KT_CHECK_EQ(b.hp.n_swa, 0);
+  KT_CHECK(!model_any_window(&b.hp));
 }
 
 KT_TEST(mistral_is_llama_shaped) {
@@ -597,6 +618,138 @@ KT_TEST(rope_scaling_linear_or_refused_by_name) {
   KT_ASSERT_MSG(rc == 0, "%d: %s", rc, err.msg);
   KT_CHECK(b.hp.rope_freq_scale == 1.0f);
 
+  spec_set(&s, "llama.rope.scaling.type", GGUF_VT_STRING, 0, 0, "dynamic");
+  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "'dynamic'");
+}
+
+/* YaRN (Peng et al. 2023): pairs that turn more than beta_fast times over the original context
+ * keep their trained frequency, pairs turning fewer than beta_slow times are interpolated by
+ * 1/factor, a linear ramp between; the rotated values grow by 1 + 0.1 ln(factor). */
+KT_TEST(yarn_keeps_fast_pairs_and_interpolates_slow_ones) {
+  struct spec s;
+  spec_init(&s, "llama");
   spec_set(&s, "llama.rope.scaling.type", GGUF_VT_STRING, 0, 0, "yarn");
-  EXPECT_REFUSED(&s, KVD_E_UNSUPPORTED, "'yarn'");
+  spec_set(&s, "llama.rope.scaling.factor", GGUF_VT_FLOAT32, 0, 4.0f, NULL);
+  spec_u32(&s, "llama.rope.scaling.original_context_length", 4096);
+  struct model_error err;
+  struct bound b;
+  int rc = spec_bind(&s, &b, &err);
+  KT_ASSERT_MSG(rc == 0, "%d: %s", rc, err.msg);
+  KT_CHECK(b.hp.rope_yarn_factor == 1.0f && b.hp.rope_yarn_beta_fast == 32.0f &&
+           b.hp.rope_yarn_beta_slow == 1.0f);
+  /* A 128-dimension rotation at base 10000 (the head of this file is smaller; the formula is
+   * what is under test). */
+  struct model_rope r;
+  model_layer_rope(&b.hp, 0, 16, &r);
+  r.n_rot = 128;
+  double base = 10000.0;
+  /* Pair i turns 4096 * base^(-2i/128) / 2pi times over the original context. */
+  for (uint32_t i = 0; i < 64; i++) {
+    double extrap = pow(base, -2.0 * i / 128.0), turns = 4096.0 * extrap / (2 * M_PI);
+    double f = model_rope_freq(&r, i);
+    if (turns > 40.0) KT_CHECK_MSG(fabs(f / extrap - 1) < 1e-12, "pair %u not kept", i);
+    if (turns < 0.8) KT_CHECK_MSG(fabs(f / (extrap / 4) - 1) < 1e-12, "pair %u not interpolated", i);
+    KT_CHECK(f <= extrap * (1 + 1e-12) && f >= extrap / 4 * (1 - 1e-12));
+  }
+  KT_CHECK(fabs(model_rope_mscale(&r) - (1 + 0.1 * log(4.0))) < 1e-6);
+}
+
+/* gemma2: GeGLU, sqrt(n_embd) embedding scale, post-norms required, every other layer windowed,
+ * soft-capping from the file. */
+KT_TEST(gemma2_switches_and_required_post_norms) {
+  struct spec s;
+  spec_init(&s, "gemma2");
+  spec_u32(&s, "gemma2.attention.sliding_window", 8);
+  spec_set(&s, "gemma2.attn_logit_softcapping", GGUF_VT_FLOAT32, 0, 50.0f, NULL);
+  spec_set(&s, "gemma2.final_logit_softcapping", GGUF_VT_FLOAT32, 0, 30.0f, NULL);
+  for (int il = 0; il < 2; il++) {
+    char name[64];
+    snprintf(name, sizeof name, "blk.%d.post_attention_norm.weight", il);
+    spec_tensor(&s, name, 8, 0);
+    snprintf(name, sizeof name, "blk.%d.post_ffw_norm.weight", il);
+    spec_tensor(&s, name, 8, 0);
+  }
+  struct model_error err;
+  struct bound b;
+  int rc = spec_bind(&s, &b, &err);
+  KT_ASSERT_MSG(rc == 0, "%d: %s", rc, err.msg);
+  KT_CHECK_EQ(b.hp.arch, MODEL_ARCH_GEMMA2);
+  KT_CHECK_EQ(b.hp.ffn_act, MODEL_FFN_GELU);
+  KT_CHECK_EQ(b.hp.rope_mode, MODEL_ROPE_NEOX);
+  KT_CHECK(b.hp.post_norms);
+  KT_CHECK(near(b.hp.embd_scale, sqrtf(8.0f)));
+  KT_CHECK(b.hp.attn_softcap == 50.0f && b.hp.final_softcap == 30.0f);
+  KT_CHECK_EQ(model_layer_window(&b.hp, 0), 8);
+  KT_CHECK_EQ(model_layer_window(&b.hp, 1), 0);
+  KT_CHECK(model_any_window(&b.hp) && !model_all_windowed(&b.hp));
+  spec_drop_tensor(&s, "blk.1.post_ffw_norm.weight");
+  EXPECT_REFUSED(&s, KVD_E_FORMAT, "blk.1.post_ffw_norm.weight");
+}
+
+/* phi3: a fused [q | k | v] projection and a fused [gate | up] ffn_up, bound as row views. */
+KT_TEST(phi3_fused_tensors_are_split_into_row_views) {
+  struct spec s;
+  spec_init(&s, "phi3");
+  for (int il = 0; il < 2; il++) {
+    char name[64];
+    const char *drop[] = {"attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"};
+    for (size_t i = 0; i < 5; i++) {
+      snprintf(name, sizeof name, "blk.%d.%s.weight", il, drop[i]);
+      spec_drop_tensor(&s, name);
+    }
+    snprintf(name, sizeof name, "blk.%d.attn_qkv.weight", il);
+    spec_tensor(&s, name, 8, 16);
+    snprintf(name, sizeof name, "blk.%d.ffn_up.weight", il);
+    spec_tensor(&s, name, 8, 24);
+  }
+  void *bytes = NULL;
+  size_t size;
+  KT_ASSERT_OK(spec_write(&s, &bytes, &size));
+  struct gguf_file *f = NULL;
+  struct gguf_error gerr = {0};
+  KT_ASSERT_OK(gguf_open_memory(bytes, size, &f, &gerr));
+  struct model_weights *w = NULL;
+  struct model_error err = {{0}};
+  int rc = model_weights_new(f, &w, &err);
+  KT_ASSERT_MSG(rc == 0, "%d: %s", rc, err.msg);
+  const struct gguf_tensor *qkv = gguf_find_tensor(f, "blk.1.attn_qkv.weight");
+  const struct gguf_tensor *up = gguf_find_tensor(f, "blk.1.ffn_up.weight");
+  const struct model_layer *l = &w->layers[1];
+  uint64_t row = 8 * 4; /* f32 rows of 8 */
+  KT_CHECK(l->attn_q->data == qkv->data && l->attn_q->ne[1] == 8);
+  KT_CHECK((const uint8_t *)l->attn_k->data == (const uint8_t *)qkv->data + 8 * row &&
+           l->attn_k->ne[1] == 4);
+  KT_CHECK((const uint8_t *)l->attn_v->data == (const uint8_t *)qkv->data + 12 * row &&
+           l->attn_v->ne[1] == 4 && l->attn_v->nbytes == 4 * row);
+  KT_CHECK(l->ffn_gate->data == up->data && l->ffn_gate->ne[1] == 12);
+  KT_CHECK((const uint8_t *)l->ffn_up->data == (const uint8_t *)up->data + 12 * row);
+  model_weights_free(w);
+  gguf_close(f);
+  free(bytes);
+  /* A fused ffn_up of the wrong height is named. */
+  spec_find(&s, "blk.0.ffn_up.weight")->ne[1] = 12;
+  EXPECT_REFUSED(&s, KVD_E_FORMAT, "blk.0.ffn_up.weight");
+}
+
+/* The arch/ gemma3 file: five windowed layers of six, the sixth global with its own RoPE. */
+KT_TEST(gemma3_file_interleaves_local_and_global_layers) {
+  struct gguf_file *f = open_shared("models/arch/gemma3.gguf");
+  if (!f) KT_SKIP("models/arch/gemma3.gguf not found");
+  struct model_hparams hp;
+  struct model_error err;
+  KT_ASSERT_OK(model_hparams_read(f, &hp, &err));
+  KT_CHECK_EQ(hp.arch, MODEL_ARCH_GEMMA3);
+  KT_CHECK_EQ(hp.n_swa, 64);
+  KT_CHECK_EQ(hp.swa_pattern, 6);
+  for (uint32_t il = 0; il < 6; il++) {
+    struct model_rope r;
+    model_layer_rope(&hp, il, hp.n_ctx_train, &r);
+    bool local = il < 5;
+    KT_CHECK_EQ(model_layer_window(&hp, il), local ? 64u : 0u);
+    KT_CHECK(r.freq_base == (local ? 10000.0f : 1000000.0f));
+    KT_CHECK(r.freq_scale == (local ? 1.0f : 0.125f));
+  }
+  KT_CHECK(near(hp.embd_scale, sqrtf(128.0f)));
+  KT_CHECK(near(hp.attn_scale, 0.125f)); /* 1/sqrt(head_dim 64) */
+  gguf_close(f);
 }
