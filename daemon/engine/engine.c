@@ -225,6 +225,7 @@ int engine_new(struct gpu_device *dev, const struct gguf_file *f, const struct e
   e->hp = e->w->hp;
   e->q_dim = e->hp.n_head * e->hp.head_dim;
   e->kv_dim = e->hp.n_head_kv * e->hp.head_dim;
+  e->drop_window = model_all_windowed(&e->hp) ? e->hp.n_swa : 0;
   e->max_tokens = opts->max_step_tokens ? opts->max_step_tokens : DEFAULT_STEP_TOKENS;
   e->max_logits = opts->max_logits ? opts->max_logits : DEFAULT_MAX_LOGITS;
   if (e->max_logits > e->max_tokens) e->max_logits = e->max_tokens;
@@ -394,6 +395,20 @@ uint32_t engine_seq_len(const struct engine_seq *s) {
 
 int engine_seq_truncate(struct engine *e, struct engine_seq *s, uint32_t n) {
   return kv_seq_truncate(&e->pool, s->kv, n);
+}
+
+int engine_seq_drop_window(struct engine *e, struct engine_seq *s, uint32_t keep_from) {
+  /* Only when every layer is windowed: one global layer reads every position. */
+  if (!e->drop_window) return 0;
+  uint32_t len = s->kv->len, w = e->drop_window;
+  if (len + 1 <= w) return 0;
+  uint32_t pos = len + 1 - w;
+  if (keep_from < pos) pos = keep_from;
+  return kv_seq_drop_before(&e->pool, s->kv, pos);
+}
+
+uint32_t engine_seq_live_blocks(const struct engine_seq *s) {
+  return kv_seq_live_blocks(s->kv);
 }
 
 int engine_seq_fork(struct engine *e, const struct engine_seq *src, struct engine_seq **ret) {

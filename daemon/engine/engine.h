@@ -70,8 +70,17 @@ uint32_t engine_seq_len(const struct engine_seq *s);
  * allocation can take now (free plus evictable cached ones). */
 uint32_t engine_seq_step_blocks(const struct engine *e, const struct engine_seq *s, uint32_t n);
 uint32_t engine_kv_available(const struct engine *e);
-/* Drops tokens past n (rewind), freeing whole blocks. */
+/* Drops tokens past n (rewind), freeing whole blocks. KVD_ERANGE (nothing changed) when n is
+ * before blocks engine_seq_drop_window gave back. */
 int engine_seq_truncate(struct engine *e, struct engine_seq *s, uint32_t n);
+/* Sliding windows: on a model whose every layer reads at most the last `window` positions, the
+ * blocks wholly before both keep_from and the next query's window (len + 1 - window) are given
+ * back to the pool, so a long generation holds a bounded number of blocks. keep_from is the
+ * earliest position the caller may still rewind to (UINT32_MAX: none). Returns the blocks given
+ * back (0 on any other model). */
+int engine_seq_drop_window(struct engine *e, struct engine_seq *s, uint32_t keep_from);
+/* Blocks of the pool s holds now (what a window keeps bounded). */
+uint32_t engine_seq_live_blocks(const struct engine_seq *s);
 /* A new sequence sharing all of src's blocks (copy-on-write on the first write to a shared one). */
 int engine_seq_fork(struct engine *e, const struct engine_seq *src, struct engine_seq **ret);
 /* A fork that cannot fail where it runs: engine_seq_reserve (any thread: memory only) makes an

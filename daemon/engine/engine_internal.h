@@ -56,6 +56,7 @@ struct engine {
   struct model_weights *w;
   struct model_hparams hp;
   uint32_t q_dim, kv_dim; /* n_head * head_dim, n_head_kv * head_dim */
+  uint32_t drop_window;   /* every layer's window when all are windowed, else 0 (no drops) */
   uint32_t max_tokens, max_logits;
 
   struct ops ops;

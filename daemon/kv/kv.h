@@ -188,8 +188,14 @@ struct kv_seq {
   uint32_t *table;     /* (cap_blocks) logical block -> physical block id */
   /* Leading blocks already keyed (KV_BLOCK_KEYED, full within len): the running state of the
    * hash chain, kept so kv_seq_register_blocks hashes only blocks filled since its last call. The
-   * key itself lives in pool->keys[table[n_hashed - 1]]. */
+   * key of block n_hashed - 1 is chain_key. */
   uint32_t n_hashed;
+  uint64_t chain_key; /* the chain's key after block n_hashed - 1 (unused while n_hashed is 0) */
+  /* Sliding-window models: leading table entries given back to the pool (kv_seq_drop_before),
+   * KV_BLOCK_NONE in the table. Positions before n_dropped * block_size are never read again.
+   * drop_key is the chain's key after block n_dropped - 1 once the chain has passed it. */
+  uint32_t n_dropped;
+  uint64_t drop_key;
 };
 
 /* Which block to copy before writing (copy-on-write): in every (layer, K|V) buffer, block
@@ -232,8 +238,19 @@ int kv_seq_commit(struct kv_seq *seq, uint32_t n);
 /* Rewinds to n tokens (n <= len), unref'ing every block wholly past n, reserved ones included
  * (registered ones become cached). A block cut in the middle stays, keyed and registered if it
  * was; writing into it again goes through kv_seq_plan_write, which copies it if shared and
- * otherwise drops its key. */
+ * otherwise drops its key. KVD_ERANGE (nothing changed) for n past len or before the blocks
+ * kv_seq_drop_before gave back: the caller recomputes from scratch. */
 int kv_seq_truncate(struct kv_pool *pool, struct kv_seq *seq, uint32_t n);
+/* Sliding windows: gives back every block wholly before position pos (pos <= len), which no
+ * query of a model whose every layer reads at most `window` positions will read again once the
+ * next query is at len >= pos + window - 1. The table keeps its length (entries become
+ * KV_BLOCK_NONE, which the attention kernel never reads) so positions still map to entries.
+ * Registered blocks stay cached for other sequences' prefixes. Returns the number of blocks
+ * given back; KVD_ERANGE for pos past len. */
+int kv_seq_drop_before(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos);
+/* Blocks that hold part of [0, len): the sequence's footprint in the pool. */
+uint32_t kv_seq_live_blocks(const struct kv_seq *seq);
+
 /* A new sequence sharing every block that holds src's committed tokens (reference counts go up,
  * nothing is copied). Blocks src reserved past len are not shared: they hold nothing yet. */
 int kv_seq_fork(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq **ret_dst);

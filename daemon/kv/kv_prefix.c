@@ -181,6 +181,7 @@ int kv_seq_new_with_prefix(struct kv_pool *pool, const int32_t *tokens, uint32_t
   }
   seq->n_blocks = n;
   seq->n_hashed = n;
+  if (n > 0) seq->chain_key = pool->keys[seq->table[n - 1]];
   seq->len = n * bs;
   pool->lookups += max_blocks;
   pool->hits += n;
@@ -199,16 +200,24 @@ int kv_seq_register_blocks(struct kv_pool *pool, struct kv_seq *seq, const int32
   assert(full <= seq->n_blocks);
   int added = 0;
   uint32_t i = seq->n_hashed;
+  uint64_t parent = i ? seq->chain_key : KV_PREFIX_ROOT_KEY;
   for (; i < full; i++) {
-    uint32_t b = seq->table[i];
-    uint64_t parent = i ? pool->keys[seq->table[i - 1]] : KV_PREFIX_ROOT_KEY;
     uint64_t key = prefix_key(parent, tokens + (size_t)i * bs, bs);
+    if (i < seq->n_dropped) {
+      /* Given back before it was hashed (a sliding window): nothing to key, but the chain
+       * goes on through it, and its key at the boundary is kept for rewinds. */
+      if (i == seq->n_dropped - 1) seq->drop_key = key;
+      parent = key;
+      continue;
+    }
+    uint32_t b = seq->table[i];
     if (pool->flags[b] & KV_BLOCK_KEYED) {
       /* Shared with a fork or prefix user that keyed it first: the same history gives the same
        * key. A different one means this sequence rewrote an earlier block in its own copy, so
        * this block's content (computed after the original) is not what this history would give:
        * the chain cannot go on, as no key names this sequence's later blocks truthfully. */
       if (pool->keys[b] != key) break;
+      parent = key;
       continue;
     }
     pool->keys[b] = key;
@@ -218,7 +227,9 @@ int kv_seq_register_blocks(struct kv_pool *pool, struct kv_seq *seq, const int32
       ht_insert(pool, b);
       if (added < INT32_MAX) added++;
     }
+    parent = key;
   }
   seq->n_hashed = i;
+  seq->chain_key = parent;
   return added;
 }

@@ -38,8 +38,9 @@ static int seq_grow(struct kv_seq *seq, uint32_t n) {
  * them out first again, so a sequence that shrinks and regrows tends to get its blocks back. */
 static void seq_release_from(struct kv_pool *pool, struct kv_seq *seq, uint32_t keep) {
   for (uint32_t i = seq->n_blocks; i > keep; i--)
-    kv_pool_unref(pool, seq->table[i - 1]);
+    if (seq->table[i - 1] != KV_BLOCK_NONE) kv_pool_unref(pool, seq->table[i - 1]);
   seq->n_blocks = keep;
+  if (seq->n_dropped > keep) seq->n_dropped = keep;
 }
 
 int kv_seq_new(const struct kv_pool *pool, struct kv_seq **ret_seq) {
@@ -89,11 +90,41 @@ int kv_seq_commit(struct kv_seq *seq, uint32_t n) {
 int kv_seq_truncate(struct kv_pool *pool, struct kv_seq *seq, uint32_t n) {
   assert(pool->block_size == seq->block_size);
   if (n > seq->len) return KVD_ERANGE;
+  /* Positions before the dropped blocks' end are gone; a rewind there cannot be honoured. */
+  if ((uint64_t)n < (uint64_t)seq->n_dropped * seq->block_size) return KVD_ERANGE;
   seq_release_from(pool, seq, seq_blocks_for(n, seq->block_size));
   seq->len = n;
   /* A block cut in the middle is no longer full here, though it stays keyed for its sharers. */
-  if (seq->n_hashed > n / seq->block_size) seq->n_hashed = n / seq->block_size;
+  uint32_t h = n / seq->block_size;
+  if (seq->n_hashed > h) {
+    seq->n_hashed = h;
+    /* The chain's key after block h - 1: that block's own key, or, when it was given back (h is
+     * then n_dropped, as n is past the dropped blocks), the one kept at the boundary. */
+    if (h > 0) seq->chain_key = h - 1 < seq->n_dropped ? seq->drop_key : pool->keys[seq->table[h - 1]];
+  }
   return 0;
+}
+
+int kv_seq_drop_before(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos) {
+  assert(pool->block_size == seq->block_size);
+  if (pos > seq->len) return KVD_ERANGE;
+  uint32_t nd = pos / seq->block_size; /* blocks wholly before pos */
+  if (nd <= seq->n_dropped) return 0;
+  /* Keep the chain's key at the new boundary if the chain has got that far: a later rewind to
+   * the boundary resumes hashing from it (kv_seq_truncate). */
+  if (seq->n_hashed >= nd) seq->drop_key = pool->keys[seq->table[nd - 1]];
+  int n = 0;
+  for (uint32_t i = seq->n_dropped; i < nd; i++) {
+    kv_pool_unref(pool, seq->table[i]);
+    seq->table[i] = KV_BLOCK_NONE;
+    n++;
+  }
+  seq->n_dropped = nd;
+  return n;
+}
+
+uint32_t kv_seq_live_blocks(const struct kv_seq *seq) {
+  return seq_blocks_for(seq->len, seq->block_size) - seq->n_dropped;
 }
 
 int kv_seq_new_reserved(const struct kv_pool *pool, uint32_t n_tokens, struct kv_seq **ret_seq) {
@@ -116,11 +147,14 @@ int kv_seq_fork_into(struct kv_pool *pool, const struct kv_seq *src, struct kv_s
   if (n > dst->cap_blocks) return KVD_ERANGE; /* reserved for a shorter source */
   for (uint32_t i = 0; i < n; i++) {
     dst->table[i] = src->table[i];
-    kv_pool_ref(pool, src->table[i]);
+    if (src->table[i] != KV_BLOCK_NONE) kv_pool_ref(pool, src->table[i]);
   }
   dst->n_blocks = n;
   dst->len = src->len;
   dst->n_hashed = src->n_hashed;
+  dst->chain_key = src->chain_key;
+  dst->n_dropped = src->n_dropped < n ? src->n_dropped : n;
+  dst->drop_key = src->drop_key;
   return 0;
 }
 

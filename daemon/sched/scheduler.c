@@ -691,6 +691,10 @@ static bool sched_step(struct sched *s) {
     /* Register the blocks this step filled. hist holds every id in a one-shot request's cache;
      * a session's earlier turns are not in it, so sessions keep their KV to themselves. */
     if (!r->session) engine_seq_register(s->e, r->seq, r->hist, engine_seq_len(r->seq));
+    /* A windowed model gives back blocks no later query reads, except what a failed session
+     * turn must be able to rewind to (sched_finish: its start, until the first token). */
+    engine_seq_drop_window(s->e, r->seq,
+                           r->session && r->n_generated == 0 ? r->cached_tokens : UINT32_MAX);
     if (i < n_decode) {
       s->local.decode_tokens++;
       sched_sample(s, r, &s->running);

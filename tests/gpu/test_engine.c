@@ -549,3 +549,52 @@ KT_TEST(mistral_sliding_window_matches_llama_cpp) {
   check_arch_case("mistral_swa", 2, 2e-2);
   FIXTURE_CHECK_VALIDATION();
 }
+
+/* On a model whose every layer is windowed (mistral_swa: 64 positions), a long sequence that
+ * gives back the blocks before its window gets bit-identical logits to one that keeps them all,
+ * while holding a bounded number of blocks; the pool gets every block back at the end. */
+KT_TEST(windowed_model_gives_back_blocks_outside_the_window) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = open_model("models/arch/mistral_swa.gguf");
+  if (!f) KT_SKIP("models/arch/mistral_swa.gguf not found");
+  struct engine *e = new_engine(f, &(struct engine_opts){.block_size = 16, .n_blocks = 48});
+  KT_ASSERT(e);
+  uint32_t n_vocab = engine_hparams(e)->n_vocab;
+  float *la = malloc(n_vocab * 4), *lb = malloc(n_vocab * 4);
+  int32_t toks[400];
+  for (int i = 0; i < 400; i++)
+    toks[i] = (int32_t)kt_rand_range(3, (int)n_vocab - 1);
+  struct engine_seq *keep, *drop;
+  KT_ASSERT(la && lb);
+  KT_ASSERT_OK(engine_seq_new(e, &keep));
+  KT_ASSERT_OK(engine_seq_new(e, &drop));
+  uint32_t most = 0, done = 0;
+  double worst = 0;
+  /* A 100-token prefill, then 300 decode steps: 25 blocks kept by one, at most 6 by the other. */
+  while (done < 400) {
+    uint32_t k = done == 0 ? 100 : 1;
+    KT_ASSERT_OK(feed(e, keep, toks + done, k, k, la));
+    KT_ASSERT_OK(feed(e, drop, toks + done, k, k, lb));
+    done += k;
+    KT_ASSERT(engine_seq_drop_window(e, drop, UINT32_MAX) >= 0);
+    KT_CHECK_EQ(engine_seq_drop_window(e, keep, 0), 0); /* keep_from 0: nothing goes */
+    if (engine_seq_live_blocks(drop) > most) most = engine_seq_live_blocks(drop);
+    worst = fmax(worst, logits_err(lb, la, n_vocab));
+  }
+  kt_log("window 64: at most %u blocks held (the other sequence %u); max logit difference %.3g",
+         most, engine_seq_live_blocks(keep), worst);
+  KT_CHECK(most <= 64 / 16 + 2);
+  KT_CHECK_EQ(engine_seq_live_blocks(keep), 25);
+  KT_CHECK(worst == 0);
+  engine_seq_free(e, keep);
+  engine_seq_free(e, drop);
+  struct kv_pool_stats st;
+  engine_kv_stats(e, &st);
+  KT_CHECK_EQ(st.free + st.cached, st.total);
+  free(la);
+  free(lb);
+  engine_free(e);
+  gguf_close(f);
+  FIXTURE_CHECK_VALIDATION();
+}

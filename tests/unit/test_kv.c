@@ -1514,3 +1514,86 @@ KT_TEST(fork_into_a_reserved_sequence) {
   KT_CHECK_EQ(after.used, 0);
   kv_pool_destroy(&pool);
 }
+
+/* ---- sliding windows: blocks given back before the window -------------------------------------- */
+
+/* A long sequence that drops what a 40-position window no longer reads keeps a bounded number
+ * of blocks; the pool gets the rest back; forks, rewinds within the kept range and the free
+ * handle the KV_BLOCK_NONE entries. */
+KT_TEST(drop_before_gives_blocks_back_and_keeps_the_table_length) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 16, 8));
+  struct kv_seq *s;
+  KT_ASSERT_OK(kv_seq_new(&pool, &s));
+  const uint32_t w = 40;
+  uint32_t most = 0;
+  for (uint32_t t = 0; t < 400; t++) { /* 400 tokens, 50 blocks' worth, through a 16-block pool */
+    KT_ASSERT_OK(kv_seq_reserve(&pool, s, 1));
+    KT_ASSERT_OK(kv_seq_commit(s, 1));
+    if (s->len + 1 > w) KT_ASSERT(kv_seq_drop_before(&pool, s, s->len + 1 - w) >= 0);
+    if (kv_seq_live_blocks(s) > most) most = kv_seq_live_blocks(s);
+  }
+  KT_CHECK(most <= w / 8 + 2);
+  KT_CHECK_EQ(s->n_blocks, 50); /* positions still map to entries */
+  KT_CHECK_EQ(s->n_dropped, (400 + 1 - w) / 8);
+  for (uint32_t i = 0; i < s->n_dropped; i++)
+    KT_CHECK_EQ(s->table[i], KV_BLOCK_NONE);
+  struct kv_pool_stats st;
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.used, kv_seq_live_blocks(s));
+  /* Dropping is idempotent and never goes past len. */
+  KT_CHECK_EQ(kv_seq_drop_before(&pool, s, 100), 0);
+  KT_CHECK_EQ(kv_seq_drop_before(&pool, s, 401), KVD_ERANGE);
+  /* A fork shares only the live blocks. */
+  struct kv_seq *f;
+  KT_ASSERT_OK(kv_seq_fork(&pool, s, &f));
+  KT_CHECK_EQ(f->n_dropped, s->n_dropped);
+  for (uint32_t i = s->n_dropped; i < s->n_blocks; i++)
+    KT_CHECK_EQ(kv_pool_refcount(&pool, s->table[i]), 2);
+  /* A rewind into given-back positions is refused and changes nothing; one after them works. */
+  KT_CHECK_EQ(kv_seq_truncate(&pool, f, s->n_dropped * 8 - 1), KVD_ERANGE);
+  KT_CHECK_EQ(f->len, 400);
+  KT_ASSERT_OK(kv_seq_truncate(&pool, f, s->n_dropped * 8));
+  KT_CHECK_EQ(f->len, s->n_dropped * 8);
+  kv_seq_free(&pool, f);
+  kv_seq_free(&pool, s);
+  kv_pool_stats(&pool, &st);
+  KT_CHECK_EQ(st.free, st.total);
+  kv_pool_destroy(&pool);
+}
+
+/* The prefix chain goes on through blocks given back before they were hashed: a sequence that
+ * dropped blocks registers its later blocks under the same keys as one that kept everything,
+ * and a rewind to the drop boundary resumes the chain from the key kept there. */
+KT_TEST(prefix_chain_continues_through_dropped_blocks) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 64, 4));
+  int32_t tok[96];
+  for (int i = 0; i < 96; i++)
+    tok[i] = (int32_t)kt_rand_range(0, 1000);
+  struct kv_seq *keep = seq_with(&pool, 96), *drop;
+  KT_ASSERT(keep);
+  KT_ASSERT(kv_seq_register_blocks(&pool, keep, tok, 96) == 24);
+  /* The twin drops 10 blocks before anything is hashed, registers, drops more, rewinds. */
+  KT_ASSERT_OK(kv_seq_new(&pool, &drop));
+  KT_ASSERT_OK(kv_seq_reserve(&pool, drop, 96));
+  KT_ASSERT_OK(kv_seq_commit(drop, 96));
+  KT_CHECK_EQ(kv_seq_drop_before(&pool, drop, 40), 10);
+  KT_CHECK_EQ(kv_seq_register_blocks(&pool, drop, tok, 96), 0); /* same keys: already held */
+  for (uint32_t i = 10; i < 24; i++)
+    KT_CHECK(pool.keys[drop->table[i]] == pool.keys[keep->table[i]]);
+  KT_CHECK(drop->chain_key == pool.keys[keep->table[23]]);
+  KT_CHECK(drop->drop_key == pool.keys[keep->table[9]]);
+  KT_CHECK_EQ(kv_seq_drop_before(&pool, drop, 60), 5);
+  KT_CHECK(drop->drop_key == pool.keys[keep->table[14]]);
+  KT_ASSERT_OK(kv_seq_truncate(&pool, drop, 60)); /* back to the boundary */
+  KT_CHECK_EQ(drop->n_hashed, 15);
+  KT_CHECK(drop->chain_key == pool.keys[keep->table[14]]);
+  KT_ASSERT_OK(kv_seq_reserve(&pool, drop, 36));
+  KT_ASSERT_OK(kv_seq_commit(drop, 36));
+  kv_seq_register_blocks(&pool, drop, tok, 96);
+  KT_CHECK(drop->chain_key == pool.keys[keep->table[23]]);
+  kv_seq_free(&pool, drop);
+  kv_seq_free(&pool, keep);
+  kv_pool_destroy(&pool);
+}
