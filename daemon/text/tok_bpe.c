@@ -15,24 +15,62 @@
 #include "kvd_error.h"
 #include "tok_internal.h"
 
-/* The pre-tokenizer families, as published in each model's tokenizer.json. */
+/* The pre-tokenizer families: the split regexes of each model's tokenizer.json (Hugging Face
+ * `pre_tokenizer`, a Split or a Sequence of Splits with "isolated" behaviour), chosen by the
+ * names converters write to tokenizer.ggml.pre. A sequence applies each regex to the pieces the
+ * previous one left, matched and unmatched spans alike (tok_bpe_split). PCRE2 with UTF and UCP
+ * takes the published patterns as they are (\p{..} classes, lookaheads, (?i:)). */
+#define PRE_MAX_NAMES 8
+#define PRE_MAX_RE 5
+/* GPT-2's split; also the tail of several sequences below. */
+#define RE_GPT2 "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
+/* GPT-4's cl100k split: Llama 3 and its descendants, with numbers in runs of up to three. */
+#define RE_LLAMA3                                                                                  \
+  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}|"                        \
+  " ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 static const struct pre_family {
-  const char *names[3]; /* tokenizer.ggml.pre values */
-  bool ignore_merges;   /* the whole word is tried as one token before merging */
-  const char *regex;
+  const char *names[PRE_MAX_NAMES]; /* tokenizer.ggml.pre values */
+  bool ignore_merges;               /* the whole word is tried as one token before merging */
+  const char *regex[PRE_MAX_RE];    /* applied in sequence; unused entries NULL */
 } PRE_FAMILIES[] = {
-    {{"gpt-2", "default", NULL},
-     false,
-     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"},
-    {{"llama-bpe", "llama3", "llama-v3"},
+    {{"gpt-2", "default", "phi-2", "mpt", "olmo", "jais", NULL}, false, {RE_GPT2}},
+    {{"llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3", "pixtral", NULL},
      true,
-     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}|"
-     " ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
-    {{"qwen2", NULL, NULL},
+     {RE_LLAMA3}},
+    {{"qwen2", "deepseek-r1-qwen", "stablelm2", NULL},
      false,
-     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|"
-     " ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+     {"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|"
+      " ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}},
+    /* Digits one at a time first, then GPT-2's split (StarCoder, SmolLM, Command-R, EXAONE). */
+    {{"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", NULL},
+     false,
+     {"\\p{N}", RE_GPT2}},
+    /* GPT-4o's o200k split (Phi-4-mini, Llama 4): case-aware words with their contractions. */
+    {{"gpt-4o", "llama4", NULL},
+     false,
+     {"[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+"
+      "(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+"
+      "[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}|"
+      " ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}},
+    /* Mistral's Tekken (Nemo, Small 3): o200k's shape without contractions, digits singly. */
+    {{"tekken", NULL},
+     true,
+     {"[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+|"
+      "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*|"
+      "\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}},
+    /* DeepSeek V3 / R1: digit runs of three, CJK runs, then an o200k-like split. */
+    {{"deepseek-v3", NULL},
+     false,
+     {"\\p{N}{1,3}", "[\\x{4E00}-\\x{9FA5}\\x{3040}-\\x{309F}\\x{30A0}-\\x{30FF}]+",
+      "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\\r\\n\\p{L}\\p{P}\\p{S}]?"
+      "[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}},
+    /* DeepSeek Coder (v1): newlines, letter runs, punctuation runs, CJK, single digits. */
+    {{"deepseek-coder", NULL},
+     false,
+     {"[\\r\\n]", "\\s?\\p{L}+", "\\s?\\p{P}+",
+      "[\\x{4E00}-\\x{9FA5}\\x{0800}-\\x{4E00}\\x{AC00}-\\x{D7FF}]+", "\\p{N}"}},
 };
+#define N_PRE (sizeof PRE_FAMILIES / sizeof PRE_FAMILIES[0])
 
 void tok__bpe_byte_map(struct tok *t) {
   uint32_t extra = 0;
@@ -114,13 +152,14 @@ int tok__bpe_init(struct tok *t, const struct gguf_file *f, char *err, size_t er
   struct gguf_str pre = {.len = 0, .ptr = ""};
   if (gguf_get_str(f, "tokenizer.ggml.pre", &pre) != 0) pre = (struct gguf_str){7, "default"};
   const struct pre_family *fam = NULL;
-  for (size_t i = 0; i < sizeof(PRE_FAMILIES) / sizeof(PRE_FAMILIES[0]) && !fam; i++)
-    for (size_t j = 0; j < 3 && PRE_FAMILIES[i].names[j]; j++)
+  for (size_t i = 0; i < N_PRE && !fam; i++)
+    for (size_t j = 0; j < PRE_MAX_NAMES && PRE_FAMILIES[i].names[j]; j++)
       if (gguf_str_eq(pre, PRE_FAMILIES[i].names[j])) fam = &PRE_FAMILIES[i];
   if (!fam)
     return tok__fail(err, errlen, KVD_E_UNSUPPORTED,
                      "unsupported pre-tokenizer '%.*s' (tokenizer.ggml.pre; known: gpt-2, "
-                     "llama-bpe, qwen2)",
+                     "llama-bpe, qwen2, smollm, gpt-4o, tekken, deepseek-v3, deepseek-coder and "
+                     "their aliases)",
                      (int)(pre.len > 64 ? 64 : pre.len), pre.ptr);
   t->ignore_merges = fam->ignore_merges;
 
@@ -133,29 +172,32 @@ int tok__bpe_init(struct tok *t, const struct gguf_file *f, char *err, size_t er
   int rc = build_merges(t, f, err, errlen);
   if (rc < 0) return rc;
 
-  int ecode;
-  PCRE2_SIZE eoff;
-  /* MATCH_INVALID_UTF: invalid input never matches and simply ends up between matches, where
-   * the encoder takes it as a word of its own. */
-  pcre2_code *re =
-      pcre2_compile((PCRE2_SPTR)fam->regex, PCRE2_ZERO_TERMINATED,
-                    PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &ecode, &eoff, NULL);
-  if (!re) {
-    PCRE2_UCHAR msg[120];
-    pcre2_get_error_message(ecode, msg, sizeof(msg));
-    return tok__fail(err, errlen, KVD_E_TOKENIZER, "pre-tokenizer regex at %zu: %s", (size_t)eoff,
-                     (const char *)msg);
+  for (size_t k = 0; k < PRE_MAX_RE && fam->regex[k]; k++) {
+    int ecode;
+    PCRE2_SIZE eoff;
+    /* MATCH_INVALID_UTF: invalid input never matches and simply ends up between matches, where
+     * the encoder takes it as a word of its own. */
+    pcre2_code *re =
+        pcre2_compile((PCRE2_SPTR)fam->regex[k], PCRE2_ZERO_TERMINATED,
+                      PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &ecode, &eoff, NULL);
+    if (!re) {
+      PCRE2_UCHAR msg[120];
+      pcre2_get_error_message(ecode, msg, sizeof(msg));
+      return tok__fail(err, errlen, KVD_E_TOKENIZER, "pre-tokenizer regex %zu at %zu: %s", k,
+                       (size_t)eoff, (const char *)msg);
+    }
+    /* The JIT is an optimisation only: where it is unavailable the interpreter gives the same
+     * matches. */
+    (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
+    t->re[t->n_re++] = re;
   }
-  /* The JIT is an optimisation only: where it is unavailable the interpreter gives the same
-   * matches. */
-  (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
-  t->re = re;
   return 0;
 }
 
 void tok__bpe_destroy(struct tok *t) {
-  pcre2_code_free((pcre2_code *)t->re);
-  t->re = NULL;
+  for (uint32_t k = 0; k < t->n_re; k++)
+    pcre2_code_free((pcre2_code *)t->re[k]);
+  t->n_re = 0;
   free(t->merges);
   t->merges = NULL;
 }
@@ -203,12 +245,13 @@ static int bpe_word(const struct tok *t, struct tok__work *w, const char *word, 
   return 0;
 }
 
-int tok__bpe_encode(const struct tok *t, struct tok__work *w, const char *text, size_t len,
-                    struct tok__out *o) {
-  if (len > UINT32_MAX) return KVD_E2BIG;
-  pcre2_match_data *md = pcre2_match_data_create(1, NULL);
-  if (!md) return KVD_ENOMEM;
-  const pcre2_code *re = t->re;
+/* Splits [text, text + len) with regex `level` of the sequence, each matched and unmatched span
+ * going on to the next regex, and every piece the last one leaves to bpe_word. The subject is the
+ * piece itself, as in Hugging Face's Split: lookaheads and $ see the piece's end. */
+static int bpe_split(const struct tok *t, struct tok__work *w, pcre2_match_data *md,
+                     uint32_t level, const char *text, size_t len, struct tok__out *o) {
+  if (level == t->n_re) return bpe_word(t, w, text, len, o);
+  const pcre2_code *re = t->re[level];
   int rc = 0;
   size_t pos = 0;
   while (pos < len && rc == 0) {
@@ -219,19 +262,29 @@ int tok__bpe_encode(const struct tok *t, struct tok__work *w, const char *text, 
       ms = ov[0];
       me = ov[1];
     } else if (m != PCRE2_ERROR_NOMATCH) {
-      rc = m == PCRE2_ERROR_NOMEMORY ? KVD_ENOMEM : KVD_E_TOKENIZER;
-      break;
+      return m == PCRE2_ERROR_NOMEMORY ? KVD_ENOMEM : KVD_E_TOKENIZER;
     }
-    /* Bytes the regex skipped (only invalid UTF-8 can be) form a word of their own. */
-    if (ms > pos) rc = bpe_word(t, w, text + pos, ms - pos, o);
-    if (rc == 0 && me > ms) rc = bpe_word(t, w, text + ms, me - ms, o);
-    /* No alternative can match empty; were one to, its byte still gets encoded. */
+    /* Unmatched bytes (invalid UTF-8, or what a partial regex of a sequence leaves) form a
+     * piece of their own. */
+    if (ms > pos) rc = bpe_split(t, w, md, level + 1, text + pos, ms - pos, o);
+    if (rc == 0 && me > ms) rc = bpe_split(t, w, md, level + 1, text + ms, me - ms, o);
+    /* An empty match still moves on by one byte, which goes to the next level alone. */
     if (rc == 0 && me <= pos) {
-      rc = bpe_word(t, w, text + pos, 1, o);
+      rc = bpe_split(t, w, md, level + 1, text + pos, 1, o);
       me = pos + 1;
     }
     pos = me;
   }
+  return rc;
+}
+
+int tok__bpe_encode(const struct tok *t, struct tok__work *w, const char *text, size_t len,
+                    struct tok__out *o) {
+  if (len > UINT32_MAX) return KVD_E2BIG;
+  /* One match block serves every level: a level's match is read before the next level runs. */
+  pcre2_match_data *md = pcre2_match_data_create(1, NULL);
+  if (!md) return KVD_ENOMEM;
+  int rc = bpe_split(t, w, md, 0, text, len, o);
   pcre2_match_data_free(md);
   return rc;
 }

@@ -64,7 +64,10 @@ struct tok {
   uint32_t byte_cp[256]; /* GPT-2's printable code point for each byte */
   int16_t cp_byte[324];  /* and back: code points below 324, -1 where none maps */
   bool ignore_merges;    /* llama-3: a word that is a whole token skips merging */
-  void *re;              /* pcre2_code_8 *: the pre-tokenizer (void: keeps pcre2.h private) */
+  /* pcre2_code_8 *: the pre-tokenizer's regexes, applied in sequence (void: keeps pcre2.h
+   * private) */
+  void *re[5];
+  uint32_t n_re;
 };
 
 static inline uint32_t tok__text_len(const struct tok *t, int32_t id) {

@@ -892,6 +892,41 @@ KT_TEST(llama3_pre_tokenizer_groups_digits_by_three) {
   KT_CHECK(strstr(err, "deepseek-llm") != NULL);
 }
 
+/* The other families' splits, seen through the GPT-2 vocabulary: a token boundary must fall
+ * where each family's regex (or sequence of regexes) cuts, wherever GPT-2's own would not. */
+KT_TEST(pre_tokenizer_families_cut_where_their_regexes_do) {
+  if (!kt_shared_path(BPE_VOCAB)) KT_SKIP("%s not found", BPE_VOCAB);
+  static const struct {
+    const char *pre, *text;
+    size_t cuts[4]; /* byte offsets, 0-terminated */
+  } cases[] = {
+      {"smollm", "abc123", {3, 4, 5}},     /* digits one by one, then GPT-2 */
+      {"starcoder", "x2024", {1, 2, 3}},   /* an alias */
+      {"gpt-4o", "HelloWorld 1234567", {5, 14, 17}}, /* case-aware words, digits by three */
+      {"tekken", "HelloWorld 123", {5, 12, 13}},     /* case-aware, digits singly */
+      {"deepseek-v3", "12345ab", {3, 5}},            /* digit runs of three first */
+      {"deepseek-coder", "ab1c2", {2, 3, 4}},        /* a sequence of five splits */
+      {"qwen2", "x123", {1, 2, 3}},                  /* digits singly */
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    struct tok *t = NULL;
+    char err[200];
+    KT_ASSERT_MSG(gpt2_with_pre(cases[i].pre, &t, err, sizeof err) == 0, "%s: %s", cases[i].pre,
+                  err);
+    int32_t ids[64];
+    int n = tok_encode(t, cases[i].text, strlen(cases[i].text), 0, ids, 64);
+    KT_ASSERT(n > 0);
+    for (size_t c = 0; c < 4 && cases[i].cuts[c]; c++)
+      KT_CHECK_MSG(cut_at(t, ids, n, cases[i].cuts[c]), "%s: no cut at %zu in '%s'", cases[i].pre,
+                   cases[i].cuts[c], cases[i].text);
+    /* Every family still round-trips text exactly. */
+    char back[128];
+    int m = tok_decode(t, ids, (size_t)n, 0, back, sizeof back);
+    KT_CHECK(m == (int)strlen(cases[i].text) && memcmp(back, cases[i].text, (size_t)m) == 0);
+    tok_free(t);
+  }
+}
+
 /* ---- threads --------------------------------------------------------------------------------- */
 
 /* A tokenizer is immutable after tok_new: threads share one and get the same ids as a lone
