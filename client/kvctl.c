@@ -24,7 +24,8 @@ static const char usage_text[] =
     "       kvctl [OPTION]... chat            interactive chat in one session (/reset, /quit)\n"
     "       kvctl [OPTION]... status          the daemon's devices, memory, KV cache, requests\n"
     "       kvctl [OPTION]... models          the loaded models\n"
-    "       kvctl [OPTION]... load PATH [--name NAME]   load a GGUF model\n"
+    "       kvctl [OPTION]... load PATH [--name NAME] [--chat-template FAMILY]\n"
+    "                                         load a GGUF model\n"
     "       kvctl [OPTION]... unload NAME     unload a model\n"
     "       kvctl [OPTION]... tokenize TEXT   token ids of TEXT\n"
     "       kvctl [OPTION]... detokenize ID...  text of token ids\n"
@@ -43,7 +44,11 @@ static const char usage_text[] =
     "      --stop STR           stop before STR (repeatable)\n"
     "      --logprobs K         log-probabilities of each token and the K most likely\n"
     "                           (stderr, or in --json)\n"
-    "      --system TEXT        chat: system prompt\n"
+    "      --system TEXT        chat, and PROMPT on a chat model: system prompt\n"
+    "      --raw                send PROMPT as raw text, not as a chat message (a model with a\n"
+    "                           chat template gets PROMPT through it otherwise)\n"
+    "      --chat-template F    load: the chat template family to use (llama3, chatml, gemma,\n"
+    "                           qwen3, phi3, phi4, deepseek-r1, ...; see PROTOCOL.md)\n"
     "      --name NAME          load: name to load the model under\n"
     "  -j, --json               print one JSON object (per answer in chat) instead of text\n"
     "  -v, --verbose            token counts and speed on stderr after each answer\n"
@@ -104,6 +109,8 @@ enum {
   OPT_LOGPROBS,
   OPT_SYSTEM,
   OPT_NAME,
+  OPT_RAW,
+  OPT_CHAT_TEMPLATE,
 };
 
 static const struct option long_opts[] = {
@@ -120,6 +127,8 @@ static const struct option long_opts[] = {
     {"logprobs", required_argument, NULL, OPT_LOGPROBS},
     {"system", required_argument, NULL, OPT_SYSTEM},
     {"name", required_argument, NULL, OPT_NAME},
+    {"raw", no_argument, NULL, OPT_RAW},
+    {"chat-template", required_argument, NULL, OPT_CHAT_TEMPLATE},
     {"json", no_argument, NULL, 'j'},
     {"verbose", no_argument, NULL, 'v'},
     {"help", no_argument, NULL, 'h'},
@@ -184,6 +193,12 @@ static int parse_options(int argc, char **argv, struct kvctl_opts *o) {
       break;
     case OPT_NAME:
       o->name = optarg;
+      break;
+    case OPT_RAW:
+      o->raw = true;
+      break;
+    case OPT_CHAT_TEMPLATE:
+      o->chat_template = optarg;
       break;
     case 'j':
       o->json = true;
@@ -277,6 +292,9 @@ static cJSON *model_json(const struct kvd_model_info *m) {
   cJSON_AddNumberToObject(o, "n_params", (double)m->n_params);
   cJSON_AddNumberToObject(o, "bytes", (double)m->bytes);
   cJSON_AddBoolToObject(o, "default", m->is_default);
+  if (m->chat_template) cJSON_AddStringToObject(o, "chat_template", m->chat_template);
+  if (m->chat_template_warning)
+    cJSON_AddStringToObject(o, "chat_template_warning", m->chat_template_warning);
   return o;
 }
 
@@ -312,6 +330,10 @@ static int cmd_models(struct kvd_client *c, const struct kvctl_opts *o) {
              m->path ? m->path : "");
     }
     printf("(* the default model)\n");
+    for (size_t i = 0; i < l->n; i++)
+      if (l->models[i].chat_template_warning)
+        fprintf(stderr, "kvctl: warning: %s: %s\n", l->models[i].name ? l->models[i].name : "?",
+                l->models[i].chat_template_warning);
   }
   kvd_model_list_free(l);
   return KVCTL_OK;
@@ -328,7 +350,7 @@ static int cmd_load(struct kvd_client *c, const struct kvctl_opts *o, const char
     if (n && (abs = malloc(n))) snprintf(abs, n, "%s/%s", cwd, path);
   }
   struct kvd_model_info *m;
-  int rc = kvd_models_load(c, abs ? abs : path, o->name, &m);
+  int rc = kvd_models_load_template(c, abs ? abs : path, o->name, o->chat_template, &m);
   free(abs);
   if (rc < 0) return kvctl_fail(c, rc);
   if (o->json)
@@ -483,6 +505,9 @@ int main(int argc, char **argv) {
     break;
   }
   if (o.name && cmd != CMD_LOAD) return usage_error("--name is for %s", "load");
+  if (o.chat_template && cmd != CMD_LOAD) return usage_error("--chat-template is for %s", "load");
+  if (o.raw && o.system && cmd == CMD_GENERATE)
+    return usage_error("--system needs a chat message, not --raw%s", "");
 
   char *prompt = NULL;
   if (cmd == CMD_GENERATE) {

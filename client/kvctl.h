@@ -26,6 +26,8 @@ struct kvctl_opts {
   const char *stop[KVCTL_MAX_STOP];
   const char *name;   /* load --name */
   const char *system; /* chat --system */
+  const char *chat_template; /* load --chat-template */
+  bool raw;           /* send PROMPT as it is, not as a chat message */
   bool json;
   bool verbose;
 };

@@ -223,9 +223,39 @@ static int run_one(struct kvd_client *c, const struct kvctl_opts *o, const struc
   return KVCTL_OK;
 }
 
+/* Whether the model a request goes to (name, or the default when NULL) renders chat messages
+ * with a template: 1 yes, 0 no (a plain model, or none of that name: the request itself will
+ * say), or a negative code when the daemon cannot be asked. */
+static int model_has_template(struct kvd_client *c, const char *name) {
+  struct kvd_model_list *l;
+  int rc = kvd_models_list(c, &l);
+  if (rc < 0) return rc;
+  int yes = 0;
+  for (size_t i = 0; i < l->n; i++) {
+    const struct kvd_model_info *m = &l->models[i];
+    bool target = name ? m->name && strcmp(m->name, name) == 0 : m->is_default;
+    if (target) yes = m->chat_template && strcmp(m->chat_template, "plain") != 0;
+  }
+  kvd_model_list_free(l);
+  return yes;
+}
+
 int kvctl_generate(struct kvd_client *c, const struct kvctl_opts *o, const char *prompt) {
   struct kvd_gen_params p = o->gen;
-  p.prompt = prompt;
+  /* A question to a chat model goes through its template, as one user message after the
+   * --system prompt; --raw (or a model without a template) sends the text as it is. */
+  int chat = o->raw ? 0 : model_has_template(c, p.model);
+  if (chat < 0) return kvctl_fail(c, chat);
+  struct kvd_message msgs[2];
+  size_t n = 0;
+  if (chat) {
+    if (o->system) msgs[n++] = (struct kvd_message){.role = "system", .content = o->system};
+    msgs[n++] = (struct kvd_message){.role = "user", .content = prompt};
+    p.messages = msgs;
+    p.n_messages = n;
+  } else {
+    p.prompt = prompt;
+  }
   return run_one(c, o, &p, false);
 }
 

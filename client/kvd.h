@@ -267,6 +267,8 @@ struct kvd_model_info {
   uint64_t n_ctx, n_vocab, n_params;
   uint64_t bytes;  /* device memory of its weights */
   bool is_default; /* the model requests get when they name none */
+  char *chat_template;         /* the chat template family its messages use; NULL if not said */
+  char *chat_template_warning; /* set when the file's template was not recognised */
 };
 
 struct kvd_model_list {
@@ -281,6 +283,10 @@ KVD_API void kvd_model_list_free(struct kvd_model_list *l);
  * n_ctx and n_vocab. */
 KVD_API int kvd_models_load(struct kvd_client *c, const char *path, const char *name,
                             struct kvd_model_info **ret);
+/* The same with a chat template family (PROTOCOL.md, models.load: "llama3", "chatml", ...) used
+ * over the one the file implies; chat_template NULL is kvd_models_load. */
+KVD_API int kvd_models_load_template(struct kvd_client *c, const char *path, const char *name,
+                                     const char *chat_template, struct kvd_model_info **ret);
 KVD_API void kvd_model_info_free(struct kvd_model_info *m);
 KVD_API int kvd_models_unload(struct kvd_client *c, const char *name);
 

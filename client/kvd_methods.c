@@ -93,6 +93,8 @@ void kvd__model_info_clear(struct kvd_model_info *m) {
   free(m->name);
   free(m->path);
   free(m->arch);
+  free(m->chat_template);
+  free(m->chat_template_warning);
   memset(m, 0, sizeof *m);
 }
 
@@ -106,7 +108,8 @@ int kvd__model_info(const msgpack_object *map, struct kvd_model_info *m) {
   ipc_get_u64(map, "bytes", &m->bytes, &err);
   ipc_get_bool(map, "default", &m->is_default, &err);
   if (dup_key(map, "name", &m->name) < 0 || dup_key(map, "path", &m->path) < 0 ||
-      dup_key(map, "arch", &m->arch) < 0) {
+      dup_key(map, "arch", &m->arch) < 0 || dup_key(map, "chat_template", &m->chat_template) < 0 ||
+      dup_key(map, "chat_template_warning", &m->chat_template_warning) < 0) {
     kvd__model_info_clear(m);
     return KVD_ENOMEM;
   }
@@ -170,6 +173,11 @@ void kvd_model_info_free(struct kvd_model_info *m) {
 
 int kvd_models_load(struct kvd_client *c, const char *path, const char *name,
                     struct kvd_model_info **ret) {
+  return kvd_models_load_template(c, path, name, NULL, ret);
+}
+
+int kvd_models_load_template(struct kvd_client *c, const char *path, const char *name,
+                             const char *chat_template, struct kvd_model_info **ret) {
   if (!c) return KVD_EINVAL;
   if (!path) return kvd__error(c, KVD_EINVAL, "kvd_models_load: path is NULL");
   int rc;
@@ -178,6 +186,7 @@ int kvd_models_load(struct kvd_client *c, const char *path, const char *name,
   ipc_w_map_open(&c->w);
   ipc_w_kv_cstr(&c->w, "path", path);
   if (name) ipc_w_kv_cstr(&c->w, "name", name);
+  if (chat_template) ipc_w_kv_cstr(&c->w, "chat_template", chat_template);
   ipc_w_close(&c->w);
   struct ipc_msg *m;
   rc = kvd__call(c, req, &m);

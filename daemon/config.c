@@ -40,6 +40,8 @@ static const struct opt opts[] = {
     {"model", OPT_STR, F(model), NULL, "KVD_MODEL", "GGUF model to load at start"},
     {"model-name", OPT_STR, F(model_name), NULL, NULL,
      "name clients use for it (default: the file name without .gguf)"},
+    {"chat-template", OPT_STR, F(chat_template), NULL, NULL,
+     "its chat template family, over what the file's template says (kvd --help lists them)"},
     {"max-clients", OPT_INT, F(max_clients), "64", NULL,
      "most connections at once (the longest idle makes room for a new one)"},
     {"client-backlog", OPT_INT, F(client_backlog), "4194304", NULL,

@@ -21,6 +21,7 @@ struct kvd_config {
   char *socket_group; /* group allowed to connect (mode 0660), else 0600 */
   char *model;        /* model to load at start */
   char *model_name;   /* its name for clients (default: file name without .gguf) */
+  char *chat_template; /* its chat template family (chat_family_parse), over the file's */
   int max_clients;
   int client_backlog; /* bytes of unread output before a client is dropped */
   int step_tokens; /* tokens per engine step (chunked prefill budget) */

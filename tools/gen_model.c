@@ -26,6 +26,7 @@ static void usage(FILE *out) {
       "  --seed N       weight seed (default 1)\n"
       "  --tied         no output.weight (the classifier reuses token_embd)\n"
       "  --name S       general.name (default kvd-synthetic)\n"
+      "  --chat-template S  tokenizer.chat_template (default: none)\n"
       "  --out FILE     where to write (required)\n");
 }
 
@@ -100,6 +101,8 @@ int main(int argc, char **argv) {
       p.type = types[k].type;
     } else if (strcmp(a, "--name") == 0) {
       p.name = v;
+    } else if (strcmp(a, "--chat-template") == 0) {
+      p.chat_template = v;
     } else if (strcmp(a, "--out") == 0) {
       out = v;
     } else {

@@ -331,6 +331,7 @@ void srv_gen_cancel_model(struct srv *s, struct srv_model *m) {
 /* ---- the request ---- */
 
 struct gen_params {
+  enum chat_thinking thinking; /* reasoning models: think before answering (chat.h) */
   const char *prompt;
   size_t prompt_len;
   const msgpack_object *messages;
@@ -383,6 +384,9 @@ static int gen_read_params(const msgpack_object *p, struct gen_params *gp, struc
   else
     gp->sp.seed = (uint64_t)(srv_now() * 1e6); /* fresh text each call unless asked */
   if ((rc = ipc_get_bool(p, "stream", &gp->stream, e)) < 0) return rc;
+  bool think;
+  if ((rc = ipc_get_bool(p, "thinking", &think, e)) < 0) return rc;
+  gp->thinking = rc == 1 ? (think ? CHAT_THINK_ON : CHAT_THINK_OFF) : CHAT_THINK_DEFAULT;
   if ((rc = ipc_get_u32(p, "logprobs", &gp->logprobs, e)) < 0) return rc;
   if (gp->logprobs > IPC_MAX_LOGPROBS)
     return ipc_err_set(e, KVD_ERANGE, "'logprobs' is at most %d", IPC_MAX_LOGPROBS);
@@ -433,7 +437,8 @@ static int gen_prompt_text(struct srv_model *m, const struct gen_params *gp, cha
   if (rc == 0 && total > IPC_MAX_PROMPT_BYTES)
     rc = ipc_err_set(e, KVD_E2BIG, "messages of %zu bytes; the limit is %d", total,
                      IPC_MAX_PROMPT_BYTES);
-  if (rc == 0) rc = chat_render(m->chat, msgs, gp->n_messages, true, ret, ret_len);
+  struct chat_opts co = {.add_generation_prompt = true, .thinking = gp->thinking};
+  if (rc == 0) rc = chat_render_opts(m->chat, msgs, gp->n_messages, &co, ret, ret_len);
   free(msgs);
   return rc;
 }

@@ -71,6 +71,11 @@ static void write_model(struct ipc_w *w, const struct srv_model *m, bool is_defa
   ipc_w_kv_u64(w, "n_layer", hp->n_layer);
   ipc_w_kv_u64(w, "n_embd", hp->n_embd);
   ipc_w_kv_cstr(w, "chat_template", chat_family_name(m->chat));
+  ipc_w_kv_cstr(w, "chat_template_source", chat_source_name(m->chat_source));
+  if (m->chat_source == CHAT_SRC_UNRECOGNISED)
+    ipc_w_kv_cstr(w, "chat_template_warning",
+                  "the model's chat template was not recognised: messages are joined as plain "
+                  "text; load it with chat_template set to its family");
   uint64_t params = 0, bytes = 0;
   for (uint64_t i = 0; i < m->f->n_tensors; i++) {
     params += gguf_tensor_nelements(&m->f->tensors[i]);

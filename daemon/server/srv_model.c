@@ -63,7 +63,10 @@ static int model_open(struct srv *s, struct srv_model *m, const char *path, stru
     snprintf(err, errlen, "%s: tokenizer: %s", path, terr);
     return rc;
   }
-  m->chat = chat_detect(m->f, &m->chat_source);
+  if (m->chat_forced)
+    m->chat_source = CHAT_SRC_OVERRIDE;
+  else
+    m->chat = chat_detect(m->f, &m->chat_source);
   uint64_t kv_bytes = 0;
   double kv_frac = 0;
   config_parse_budget(cfg->kv_budget, &kv_bytes, &kv_frac);
@@ -122,10 +125,24 @@ static int model_start(struct srv *s, struct srv_model *m, struct engine *e, cha
   return 0;
 }
 
-int srv_model_load(struct srv *s, const char *path, const char *name, struct srv_model **ret,
-                   char *err, size_t errlen) {
+/* The configured family, if any, onto m. KVD_EINVAL for a name that is not one. */
+static int model_force_chat(struct srv_model *m, const char *chat_template) {
+  if (!chat_template || !*chat_template) return 0;
+  if (chat_family_parse(chat_template, &m->chat) < 0) return KVD_EINVAL;
+  m->chat_forced = true;
+  return 0;
+}
+
+int srv_model_load(struct srv *s, const char *path, const char *name, const char *chat_template,
+                   struct srv_model **ret, char *err, size_t errlen) {
   struct srv_model *m = calloc(1, sizeof *m);
   if (!m) return KVD_ENOMEM;
+  if (model_force_chat(m, chat_template) < 0) {
+    snprintf(err, errlen, "chat template '%.40s' is not one of %s", chat_template,
+             chat_family_list());
+    free(m);
+    return KVD_EINVAL;
+  }
   m->srv = s;
   m->path = strdup(path);
   if (name && *name)
@@ -234,12 +251,19 @@ static void load_after_cb(uv_work_t *req, int status) {
   srv_maybe_finish(s);
 }
 
-void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name) {
+void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name,
+                          const char *chat_template) {
   struct load_work *w = calloc(1, sizeof *w);
   struct srv_model *m = w ? calloc(1, sizeof *m) : NULL;
   if (!m) {
     free(w);
     srv_reply_error(c, id, KVD_ENOMEM, NULL);
+    return;
+  }
+  if (model_force_chat(m, chat_template) < 0) { /* checked by the handler already */
+    free(m);
+    free(w);
+    srv_reply_error(c, id, KVD_EINVAL, NULL);
     return;
   }
   m->srv = c->srv;
@@ -264,11 +288,19 @@ void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, con
 
 void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
-  const char *path = NULL, *name = NULL;
-  size_t plen, nlen;
+  const char *path = NULL, *name = NULL, *tmpl = NULL;
+  size_t plen, nlen, tlen;
   if (ipc_get_str(msg->params, "path", &path, &plen, &e) < 0 ||
-      ipc_get_str(msg->params, "name", &name, &nlen, &e) < 0) {
+      ipc_get_str(msg->params, "name", &name, &nlen, &e) < 0 ||
+      ipc_get_str(msg->params, "chat_template", &tmpl, &tlen, &e) < 0) {
     srv_reply_error(c, msg->id, e.code, "%s", e.message);
+    return;
+  }
+  enum chat_family fam;
+  if (tmpl && (strlen(tmpl) != tlen || chat_family_parse(tmpl, &fam) < 0)) {
+    /* The client's string is not echoed: it names one of the families or it is wrong. */
+    srv_reply_error(c, msg->id, KVD_EINVAL, "chat_template must be one of %s",
+                    chat_family_list());
     return;
   }
   if (name && nlen > IPC_MAX_NAME_BYTES) {
@@ -283,7 +315,7 @@ void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, KVD_EINVAL, "path must be an absolute path to a GGUF file");
     return;
   }
-  srv_model_load_async(c, msg->id, path, name);
+  srv_model_load_async(c, msg->id, path, name, tmpl);
 }
 
 void srv_h_models_unload(struct srv_conn *c, const struct ipc_msg *msg) {

@@ -27,7 +27,12 @@ enum chat_family chat_detect_template(const char *tmpl, size_t len) {
   /* Most distinctive markers first: a llama-3 or ChatML template may mention [INST] in a comment
    * or a tool-use branch, never the other way round. */
   if (contains(tmpl, len, "<|start_header_id|>")) return CHAT_LLAMA3;
-  if (contains(tmpl, len, "<|im_start|>")) return CHAT_CHATML;
+  /* DeepSeek's markers use fullwidth bars (U+FF5C) and U+2581; R1's answers open with <think>. */
+  if (contains(tmpl, len, "<\xef\xbd\x9cUser\xef\xbd\x9c>"))
+    return contains(tmpl, len, "<think>") ? CHAT_DEEPSEEK_R1 : CHAT_DEEPSEEK3;
+  if (contains(tmpl, len, "<|im_sep|>")) return CHAT_PHI4;
+  if (contains(tmpl, len, "<|im_start|>"))
+    return contains(tmpl, len, "<think>") ? CHAT_QWEN3 : CHAT_CHATML;
   if (contains(tmpl, len, "<start_of_turn>")) return CHAT_GEMMA;
   if (contains(tmpl, len, "[SYSTEM_PROMPT]")) return CHAT_MISTRAL_V7;
   if (contains(tmpl, len, "[INST]")) {
@@ -36,10 +41,14 @@ enum chat_family chat_detect_template(const char *tmpl, size_t len) {
     if (contains(tmpl, len, " [/INST]")) return CHAT_MISTRAL_V1;
     return CHAT_MISTRAL_V3;
   }
-  /* Phi-3 also writes <|user|> but closes turns with <|end|>, which zephyr never does. */
-  if (contains(tmpl, len, "<|user|>") && contains(tmpl, len, "<|assistant|>") &&
-      !contains(tmpl, len, "<|end|>"))
-    return CHAT_ZEPHYR;
+  /* Phi-3 also writes <|user|> but closes turns with <|end|>, which zephyr never does; Phi-4-mini
+   * builds its tags from the role and puts no newline after them. */
+  if (contains(tmpl, len, "<|end|>")) {
+    if (contains(tmpl, len, "'<|' + message['role'] + '|>' + message['content']"))
+      return CHAT_PHI4_MINI;
+    if (contains(tmpl, len, "<|user|>") || contains(tmpl, len, "<|assistant|>")) return CHAT_PHI3;
+  }
+  if (contains(tmpl, len, "<|user|>") && contains(tmpl, len, "<|assistant|>")) return CHAT_ZEPHYR;
   return CHAT_PLAIN;
 }
 
@@ -62,7 +71,10 @@ static const char *const FAMILY_NAMES[CHAT_FAMILY_COUNT] = {
     [CHAT_LLAMA3] = "llama3",         [CHAT_CHATML] = "chatml",
     [CHAT_MISTRAL_V1] = "mistral-v1", [CHAT_MISTRAL_V3] = "mistral-v3",
     [CHAT_MISTRAL_V7] = "mistral-v7", [CHAT_ZEPHYR] = "zephyr",
-    [CHAT_GEMMA] = "gemma",
+    [CHAT_GEMMA] = "gemma",           [CHAT_QWEN3] = "qwen3",
+    [CHAT_PHI3] = "phi3",             [CHAT_PHI4_MINI] = "phi4-mini",
+    [CHAT_PHI4] = "phi4",             [CHAT_DEEPSEEK3] = "deepseek3",
+    [CHAT_DEEPSEEK_R1] = "deepseek-r1",
 };
 
 const char *chat_family_name(enum chat_family fam) {
@@ -79,6 +91,11 @@ int chat_family_parse(const char *name, enum chat_family *ret) {
   return KVD_EINVAL;
 }
 
+const char *chat_family_list(void) {
+  return "llama2, llama3, chatml, mistral-v1, mistral-v3, mistral-v7, zephyr, gemma, qwen3, "
+         "phi3, phi4-mini, phi4, deepseek3, deepseek-r1, plain";
+}
+
 const char *chat_source_name(enum chat_source src) {
   switch (src) {
   case CHAT_SRC_TEMPLATE:
@@ -87,6 +104,8 @@ const char *chat_source_name(enum chat_source src) {
     return "no chat template";
   case CHAT_SRC_UNRECOGNISED:
     return "unrecognised chat template";
+  case CHAT_SRC_OVERRIDE:
+    return "override";
   }
   return "unknown";
 }
@@ -340,6 +359,97 @@ static void render_gemma(struct sbuf *b, const struct chat_msg *msgs, size_t n, 
   if (gen) sb_str(b, "<start_of_turn>model\n");
 }
 
+/* A reasoning model's earlier answer as its template replays it: without the reasoning, i.e.
+ * what follows the last </think>, leading newlines dropped. */
+static struct span without_thinking(const struct chat_msg *m) {
+  struct span s = content(m, false, false);
+  const char *end = NULL;
+  for (const char *p = s.p; (p = memmem(p, (size_t)(s.p + s.n - p), "</think>", 8)) != NULL; p += 8)
+    end = p + 8;
+  if (end) {
+    s.n -= (size_t)(end - s.p);
+    s.p = end;
+    while (s.n && *s.p == '\n')
+      s.p++, s.n--;
+  }
+  return s;
+}
+
+/* Qwen3: ChatML; answers before the last user message are replayed without their reasoning;
+ * with thinking off the new answer opens with an empty think block. */
+static void render_qwen3(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen,
+                         enum chat_thinking think) {
+  size_t lu = last_user(msgs, n);
+  for (size_t i = 0; i < n; i++) {
+    sb_str(b, "<|im_start|>");
+    sb_str(b, role_name(msgs[i].role));
+    sb_str(b, "\n");
+    bool strip = msgs[i].role == CHAT_ROLE_ASSISTANT && (lu == n || i < lu);
+    sb_span(b, strip ? without_thinking(&msgs[i]) : content(&msgs[i], false, false));
+    sb_str(b, "<|im_end|>\n");
+  }
+  if (gen) {
+    sb_str(b, "<|im_start|>assistant\n");
+    if (think == CHAT_THINK_OFF) sb_str(b, "<think>\n\n</think>\n\n");
+  }
+}
+
+/* Phi-3 and Phi-4-mini: <|role|> tags closed by <|end|>, with or without newlines. */
+static void render_phi3(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen,
+                        bool newlines) {
+  for (size_t i = 0; i < n; i++) {
+    sb_str(b, "<|");
+    sb_str(b, role_name(msgs[i].role));
+    sb_str(b, newlines ? "|>\n" : "|>");
+    sb_span(b, content(&msgs[i], false, false));
+    sb_str(b, newlines ? "<|end|>\n" : "<|end|>");
+  }
+  if (gen) sb_str(b, newlines ? "<|assistant|>\n" : "<|assistant|>");
+}
+
+static void render_phi4(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen) {
+  for (size_t i = 0; i < n; i++) {
+    sb_str(b, "<|im_start|>");
+    sb_str(b, role_name(msgs[i].role));
+    sb_str(b, "<|im_sep|>");
+    sb_span(b, content(&msgs[i], false, false));
+    sb_str(b, "<|im_end|>");
+  }
+  if (gen) sb_str(b, "<|im_start|>assistant<|im_sep|>");
+}
+
+/* DeepSeek V3 / R1: system prompts first (after BOS), then <｜User｜> and <｜Assistant｜> turns,
+ * answers closed by <｜end▁of▁sentence｜>. R1 drops earlier answers' reasoning and opens the new
+ * one with <think>\n (or an empty think block with thinking off). */
+#define DS_USER "<\xef\xbd\x9cUser\xef\xbd\x9c>"
+#define DS_ASSISTANT "<\xef\xbd\x9c" "Assistant\xef\xbd\x9c>"
+#define DS_EOS "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>"
+static void render_deepseek(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen,
+                            bool r1, enum chat_thinking think) {
+  bool first = true;
+  for (size_t i = 0; i < n; i++) {
+    if (msgs[i].role != CHAT_ROLE_SYSTEM) continue;
+    if (!first) sb_str(b, "\n\n");
+    sb_span(b, content(&msgs[i], false, false));
+    first = false;
+  }
+  for (size_t i = 0; i < n; i++) {
+    const struct chat_msg *m = &msgs[i];
+    if (m->role == CHAT_ROLE_USER) {
+      sb_str(b, DS_USER);
+      sb_span(b, content(m, false, false));
+    } else if (m->role == CHAT_ROLE_ASSISTANT) {
+      sb_str(b, DS_ASSISTANT);
+      sb_span(b, r1 ? without_thinking(m) : content(m, false, false));
+      sb_str(b, DS_EOS);
+    }
+  }
+  if (gen) {
+    sb_str(b, DS_ASSISTANT);
+    if (r1) sb_str(b, think == CHAT_THINK_OFF ? "<think>\n\n</think>\n\n" : "<think>\n");
+  }
+}
+
 static void render_plain(struct sbuf *b, const struct chat_msg *msgs, size_t n) {
   for (size_t i = 0; i < n; i++) {
     if (i > 0) sb_str(b, "\n");
@@ -349,12 +459,21 @@ static void render_plain(struct sbuf *b, const struct chat_msg *msgs, size_t n) 
 
 int chat_render(enum chat_family fam, const struct chat_msg *msgs, size_t n,
                 bool add_generation_prompt, char **ret, size_t *ret_len) {
-  if ((unsigned)fam >= CHAT_FAMILY_COUNT || (n > 0 && !msgs)) return KVD_EINVAL;
+  struct chat_opts o = {.add_generation_prompt = add_generation_prompt};
+  return chat_render_opts(fam, msgs, n, &o, ret, ret_len);
+}
+
+int chat_render_opts(enum chat_family fam, const struct chat_msg *msgs, size_t n,
+                     const struct chat_opts *opts, char **ret, size_t *ret_len) {
+  struct chat_opts o = opts ? *opts : (struct chat_opts){.add_generation_prompt = true};
+  if ((unsigned)fam >= CHAT_FAMILY_COUNT || (n > 0 && !msgs) ||
+      (unsigned)o.thinking > CHAT_THINK_OFF)
+    return KVD_EINVAL;
   for (size_t i = 0; i < n; i++)
     if ((unsigned)msgs[i].role > CHAT_ROLE_ASSISTANT) return KVD_EINVAL;
   struct sbuf b = {0};
   sb_add(&b, "", 0); /* an empty conversation still yields an empty string, not NULL */
-  bool gen = add_generation_prompt;
+  bool gen = o.add_generation_prompt;
   switch (fam) {
   case CHAT_PLAIN:
     render_plain(&b, msgs, n);
@@ -379,6 +498,20 @@ int chat_render(enum chat_family fam, const struct chat_msg *msgs, size_t n,
     break;
   case CHAT_GEMMA:
     render_gemma(&b, msgs, n, gen);
+    break;
+  case CHAT_QWEN3:
+    render_qwen3(&b, msgs, n, gen, o.thinking);
+    break;
+  case CHAT_PHI3:
+  case CHAT_PHI4_MINI:
+    render_phi3(&b, msgs, n, gen, fam == CHAT_PHI3);
+    break;
+  case CHAT_PHI4:
+    render_phi4(&b, msgs, n, gen);
+    break;
+  case CHAT_DEEPSEEK3:
+  case CHAT_DEEPSEEK_R1:
+    render_deepseek(&b, msgs, n, gen, fam == CHAT_DEEPSEEK_R1, o.thinking);
     break;
   case CHAT_FAMILY_COUNT:
     break;

@@ -29,7 +29,28 @@ enum chat_family {
   CHAT_MISTRAL_V7, /* [SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]…[/INST]…</s> (Small 2501) */
   CHAT_ZEPHYR,     /* <|user|>\n…</s>\n<|assistant|>\n */
   CHAT_GEMMA,      /* <start_of_turn>user\n…<end_of_turn>\n<start_of_turn>model\n */
+  CHAT_QWEN3,      /* ChatML with <think> blocks: history answers lose their reasoning, and
+                      thinking can be switched off (an empty <think></think> opens the answer) */
+  CHAT_PHI3,       /* <|user|>\n…<|end|>\n<|assistant|>\n (Phi-3, Phi-3.5) */
+  CHAT_PHI4_MINI,  /* <|user|>…<|end|><|assistant|> (Phi-4-mini: no newlines) */
+  CHAT_PHI4,       /* <|im_start|>user<|im_sep|>…<|im_end|> (Phi-4) */
+  CHAT_DEEPSEEK3,  /* system<｜User｜>…<｜Assistant｜>…<｜end▁of▁sentence｜> (DeepSeek V3) */
+  CHAT_DEEPSEEK_R1, /* the same, answers opening with <think>\n, history answers without their
+                       reasoning (R1 and its Qwen/Llama distills) */
   CHAT_FAMILY_COUNT,
+};
+
+/* Whether a reasoning model thinks before it answers (CHAT_QWEN3, CHAT_DEEPSEEK_R1; ignored by
+ * the others). */
+enum chat_thinking {
+  CHAT_THINK_DEFAULT, /* what the model's template does by default: think */
+  CHAT_THINK_ON,
+  CHAT_THINK_OFF, /* the answer opens with an empty <think></think>, as the templates do */
+};
+
+struct chat_opts {
+  bool add_generation_prompt;
+  enum chat_thinking thinking;
 };
 
 /* Why chat_detect chose what it chose. */
@@ -37,7 +58,11 @@ enum chat_source {
   CHAT_SRC_TEMPLATE,     /* the model's template was recognised */
   CHAT_SRC_NO_TEMPLATE,  /* the model has no tokenizer.chat_template: plain completion */
   CHAT_SRC_UNRECOGNISED, /* it has one, but no family matched: plain completion */
+  CHAT_SRC_OVERRIDE,     /* the family was configured (chat_template), whatever the file says */
 };
+
+/* Every family name, comma-separated, for messages and --help. */
+const char *chat_family_list(void);
 
 enum chat_role {
   CHAT_ROLE_SYSTEM,
@@ -57,8 +82,8 @@ enum chat_family chat_detect_template(const char *tmpl, size_t len);
 enum chat_family chat_detect(const struct gguf_file *f, enum chat_source *ret_source);
 
 /* "llama2", "llama3", "chatml", "mistral-v1", "mistral-v3", "mistral-v7", "zephyr", "gemma",
- * "plain"; and back (KVD_EINVAL for an unknown name), for a configured
- * override. */
+ * "qwen3", "phi3", "phi4-mini", "phi4", "deepseek3", "deepseek-r1", "plain"; and back
+ * (KVD_EINVAL for an unknown name), for a configured override. */
 const char *chat_family_name(enum chat_family fam);
 int chat_family_parse(const char *name, enum chat_family *ret);
 const char *chat_source_name(enum chat_source src);
@@ -72,5 +97,8 @@ int chat_role_parse(const char *name, size_t len, enum chat_role *ret);
  * or KVD_ENOMEM. */
 int chat_render(enum chat_family fam, const struct chat_msg *msgs, size_t n,
                 bool add_generation_prompt, char **ret, size_t *ret_len);
+/* The same with every option (opts NULL: a generation prompt, default thinking). */
+int chat_render_opts(enum chat_family fam, const struct chat_msg *msgs, size_t n,
+                     const struct chat_opts *opts, char **ret, size_t *ret_len);
 
 #endif

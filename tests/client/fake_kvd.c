@@ -120,6 +120,23 @@ void fake_hello(struct fake *f) {
   ipc_msg_free(m);
 }
 
+void fake_models_list(struct fake *f, const char *chat_template) {
+  struct ipc_msg *m = fake_expect(f, "models.list");
+  if (!m) return;
+  ipc_w_result(&f->w, m->id);
+  ipc_w_map(&f->w, 1);
+  ipc_w_key(&f->w, "models");
+  ipc_w_array(&f->w, 1);
+  ipc_w_map(&f->w, 5);
+  ipc_w_kv_cstr(&f->w, "name", "tiny");
+  ipc_w_kv_cstr(&f->w, "arch", "llama");
+  ipc_w_kv_u64(&f->w, "n_ctx", 256);
+  ipc_w_kv_bool(&f->w, "default", true);
+  ipc_w_kv_cstr(&f->w, "chat_template", chat_template);
+  fake_send(f);
+  ipc_msg_free(m);
+}
+
 void fake_chunk(struct fake *f, uint32_t id, const char *text, uint32_t token) {
   ipc_w_notification(&f->w, "generate.chunk");
   ipc_w_map(&f->w, 3);

@@ -146,6 +146,7 @@ static bool u64_is(const msgpack_object *map, const char *key, uint64_t want) {
 
 static void script_prompt(struct fake *f) {
   fake_hello(f);
+  fake_models_list(f, "plain");
   struct ipc_msg *m = fake_expect(f, "generate");
   if (!m) return;
   const msgpack_object *pm = m->params, *stop = NULL;
@@ -208,6 +209,7 @@ KT_TEST(kvctl_prompt_streams_to_stdout) {
 
 static void script_stdin_prompt(struct fake *f) {
   fake_hello(f);
+  fake_models_list(f, "plain");
   struct ipc_msg *m = fake_expect(f, "generate");
   if (!m) return;
   if (!str_is(m->params, "prompt", "a piped\nprompt\n")) fake_fail(f, "prompt from stdin");
@@ -230,6 +232,7 @@ KT_TEST(kvctl_prompt_from_stdin) {
 
 static void script_json(struct fake *f) {
   fake_hello(f);
+  fake_models_list(f, "plain");
   struct ipc_msg *m = fake_expect(f, "generate");
   if (!m) return;
   if (ipc_map_find(m->params, "stream") || !u64_is(m->params, "logprobs", 2))
@@ -338,6 +341,7 @@ KT_TEST(kvctl_server_error_exits_1) {
 /* Streams one chunk, then waits for kvctl's cancel and ends the generation as cancelled. */
 static void script_interrupt(struct fake *f) {
   fake_hello(f);
+  fake_models_list(f, "plain");
   struct ipc_msg *g = fake_expect(f, "generate");
   if (!g) return;
   fake_chunk(f, g->id, "one", 1);
@@ -371,6 +375,7 @@ KT_TEST(kvctl_ctrl_c_cancels_and_exits_4) {
 
 static void script_lost(struct fake *f) {
   fake_hello(f);
+  fake_models_list(f, "plain");
   struct ipc_msg *g = fake_expect(f, "generate");
   if (!g) return;
   fake_chunk(f, g->id, "half", 1);
@@ -561,6 +566,57 @@ KT_TEST(kvctl_models) {
   CHECK_CODE(p, 0);
   KT_CHECK_MSG(strstr(p.stdout_buf, "stories15M*") && strstr(p.stdout_buf, "llama"), "stdout: %s",
                p.stdout_buf);
+}
+
+/* A one-shot PROMPT to a chat model goes through its template: one user message after the
+ * --system prompt; --raw sends the text itself. */
+static void script_chat_prompt(struct fake *f) {
+  fake_hello(f);
+  fake_models_list(f, "chatml");
+  struct ipc_msg *m = fake_expect(f, "generate");
+  if (!m) return;
+  const msgpack_object *msgs = NULL;
+  size_t n = 0;
+  ipc_get_maps(m->params, "messages", &msgs, &n, NULL);
+  if (ipc_map_find(m->params, "prompt") || n != 2 || !str_is(&msgs[0], "role", "system") ||
+      !str_is(&msgs[0], "content", "Be brief.") || !str_is(&msgs[1], "role", "user") ||
+      !str_is(&msgs[1], "content", "What is 2+2?"))
+    fake_fail(f, "a chat model's prompt is not [system, user] messages");
+  fake_chunk(f, m->id, "4", 1);
+  fake_gen_result(f, m->id, "", "stop", 1);
+  ipc_msg_free(m);
+}
+
+static void script_raw_prompt(struct fake *f) {
+  fake_hello(f);
+  struct ipc_msg *m = fake_expect(f, "generate"); /* no models.list: --raw needs no answer */
+  if (!m) return;
+  if (!str_is(m->params, "prompt", "What is 2+2?") || ipc_map_find(m->params, "messages"))
+    fake_fail(f, "--raw did not send the prompt as it is");
+  fake_chunk(f, m->id, "5", 1);
+  fake_gen_result(f, m->id, "", "stop", 1);
+  ipc_msg_free(m);
+}
+
+KT_TEST(kvctl_prompt_on_a_chat_model_uses_the_template_unless_raw) {
+  struct fake f;
+  struct proc p;
+  KT_ASSERT(fake_start(&f, script_chat_prompt, NULL) == 0);
+  const char *args[] = {"-s", f.path, "--system", "Be brief.", "What is 2+2?", NULL};
+  run(&p, NULL, args);
+  FAKE_OK(f);
+  CHECK_CODE(p, 0);
+  KT_CHECK(!strcmp(p.stdout_buf, "4"));
+  KT_ASSERT(fake_start(&f, script_raw_prompt, NULL) == 0);
+  const char *raw[] = {"-s", f.path, "--raw", "What is 2+2?", NULL};
+  run(&p, NULL, raw);
+  FAKE_OK(f);
+  CHECK_CODE(p, 0);
+  KT_CHECK(!strcmp(p.stdout_buf, "5"));
+  /* --system needs a message to go with. */
+  const char *bad[] = {"-s", f.path, "--raw", "--system", "x", "hi", NULL};
+  run(&p, NULL, bad);
+  CHECK_CODE(p, 2);
 }
 
 /* ---- Chat on a terminal -------------------------------------------------------------------- */

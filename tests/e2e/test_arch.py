@@ -7,7 +7,9 @@ weights make the choice a coin toss). Every family there must load: kvd runs the
 Usage: test_arch.py KVD SHARED_DIR"""
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from daemon import Daemon, Tap, peer  # noqa: E402
@@ -88,6 +90,64 @@ def windowed_generation_is_bounded():
         check(d.stop() == 0, d.read_log()[-2000:])
 
 
+KVD_EINVAL = 2  # wire code (PROTOCOL.md)
+
+
+def chat_template_override_and_warning(d):
+    """A file whose chat template kvd does not recognise loads with a warning in models.list and
+    kvctl models; chat_template at load overrides what the file says; a bad name is refused."""
+    build = os.path.join(os.path.dirname(os.path.abspath(KVD)), '..')
+    tmp = tempfile.mkdtemp(prefix='kvd-chat-')
+    path = os.path.join(tmp, 'odd.gguf')
+    subprocess.run([os.path.join(build, 'tools', 'gen_model'), '--dim', '32', '--layers', '1',
+                    '--heads', '4', '--kv-heads', '2', '--ffn', '64', '--chat-template',
+                    "{% for m in messages %}USER SAYS: {{ m['content'] }}{% endfor %}",
+                    '--out', path], check=True, timeout=60, capture_output=True)
+    with d.connect() as p:
+        p.call('models.load', path=path, name='odd', timeout=120)
+        p.call('models.load', path=path, name='odd_chatml', chat_template='chatml', timeout=120)
+        try:
+            p.call('models.load', path=path, name='odd_bad', chat_template='jinja2', timeout=120)
+            check(False, 'an unknown chat_template was accepted')
+        except peer.KvdError as e:
+            check(e.code == KVD_EINVAL and 'chatml' in e.message and 'jinja2' not in e.message,
+                  f'{e}')
+        models = {m['name']: m for m in p.call('models.list')['models']}
+        odd, forced = models['odd'], models['odd_chatml']
+        check(odd['chat_template'] == 'plain' and
+              odd['chat_template_source'] == 'unrecognised chat template' and
+              'not recognised' in odd.get('chat_template_warning', ''), f'{odd}')
+        check(forced['chat_template'] == 'chatml' and forced['chat_template_source'] == 'override'
+              and 'chat_template_warning' not in forced, f'{forced}')
+        out = subprocess.run([os.path.join(build, 'client', 'kvctl'), '-s', d.socket, 'models'],
+                             capture_output=True, text=True, timeout=60)
+        check(out.returncode == 0 and 'odd: the model' in out.stderr, out.stderr)
+        # The override is what messages go through: ChatML's markers are in the prompt.
+        r = p.call('generate', model='odd_chatml', messages=[{'role': 'user', 'content': 'hi'}],
+                   max_tokens=1, temperature=0, timeout=120)
+        r0 = p.call('generate', model='odd', messages=[{'role': 'user', 'content': 'hi'}],
+                    max_tokens=1, temperature=0, timeout=120)
+        check(r['prompt_tokens'] > r0['prompt_tokens'], f'{r} vs {r0}')
+        for n in ('odd', 'odd_chatml'):
+            p.call('models.unload', name=n)
+
+
+def qwen3_thinking_switch(d):
+    """Qwen3's template (forced: the synthetic file has none) with thinking off opens the answer
+    with an empty think block: the prompt grows by exactly those tokens."""
+    with d.connect() as p:
+        p.call('models.load', path=os.path.join(ARCH, 'qwen3.gguf'), name='q3', chat_template='qwen3',
+               timeout=300)
+        msgs = [{'role': 'user', 'content': 'Hello there'}]
+        on = p.call('generate', model='q3', messages=msgs, max_tokens=1, temperature=0, timeout=300)
+        off = p.call('generate', model='q3', messages=msgs, max_tokens=1, temperature=0,
+                     thinking=False, timeout=300)
+        block = p.call('tokenize', model='q3', text='<think>\n\n</think>\n\n', add_special=False,
+                       parse_special=True)['tokens']
+        check(off['prompt_tokens'] == on['prompt_tokens'] + len(block), f'{on} {off} {block}')
+        p.call('models.unload', name='q3')
+
+
 def main():
     tap = Tap()
     if not os.path.isdir(ARCH):
@@ -99,6 +159,10 @@ def main():
             continue
         name = f[:-5]
         tap.run(f'{name} loads and matches its reference', run_family, d, name)
+    tap.run('chat_template: override at load, warning for an unrecognised one',
+            chat_template_override_and_warning, d)
+    tap.run('qwen3: thinking off opens the answer with an empty think block',
+            qwen3_thinking_switch, d)
     if not SANITIZED:
         tap.run('a windowed model gives back the blocks before its window',
                 windowed_generation_is_bounded)

@@ -356,6 +356,8 @@ static int synth__meta(const struct synth_params *p, struct gguf_writer *w,
   if (rc == 0) rc = gguf_writer_add_u32(w, "tokenizer.ggml.unknown_token_id", 0);
   if (rc == 0) rc = gguf_writer_add_bool(w, "tokenizer.ggml.add_bos_token", true);
   if (rc == 0) rc = gguf_writer_add_bool(w, "tokenizer.ggml.add_eos_token", false);
+  if (rc == 0 && p->chat_template)
+    rc = gguf_writer_add_str(w, "tokenizer.chat_template", p->chat_template);
   return rc;
 }
 

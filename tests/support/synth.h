@@ -39,6 +39,7 @@ struct synth_params {
   float rope_base;  /* llama.rope.freq_base */
   bool tied;        /* no output.weight: the classifier is token_embd */
   const char *name; /* general.name; NULL gives "kvd-synthetic" */
+  const char *chat_template; /* tokenizer.chat_template; NULL writes none */
 };
 
 /* The stories260K shape (dim 64, 5 layers, 8 heads, 4 kv heads, ffn 172, vocab 512, ctx 512),

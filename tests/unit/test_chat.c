@@ -47,6 +47,25 @@ static const struct {
     {CHAT_GEMMA, "<start_of_turn>user\nYou are terse.\n\nHi there<end_of_turn>\n<start_of_turn>"
                  "model\nHello! How can I help?<end_of_turn>\n<start_of_turn>user\nWhat is 2+2?"
                  "<end_of_turn>\n<start_of_turn>model\n"},
+    {CHAT_QWEN3,
+     "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>"
+     "\n<|im_start|>assistant\nHello! How can I help?<|im_end|>\n<|im_start|>user\n"
+     "What is 2+2?<|im_end|>\n<|im_start|>assistant\n"},
+    {CHAT_PHI3, "<|system|>\nYou are terse.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\n"
+                "Hello! How can I help?<|end|>\n<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n"},
+    {CHAT_PHI4_MINI, "<|system|>You are terse.<|end|><|user|>Hi there<|end|><|assistant|>"
+                     "Hello! How can I help?<|end|><|user|>What is 2+2?<|end|><|assistant|>"},
+    {CHAT_PHI4, "<|im_start|>system<|im_sep|>You are terse.<|im_end|><|im_start|>user<|im_sep|>"
+                "Hi there<|im_end|><|im_start|>assistant<|im_sep|>Hello! How can I help?<|im_end|>"
+                "<|im_start|>user<|im_sep|>What is 2+2?<|im_end|><|im_start|>assistant<|im_sep|>"},
+    {CHAT_DEEPSEEK3, "You are terse.<\uff5cUser\uff5c>Hi there<\uff5cAssistant\uff5c>Hello! How "
+                     "can I help?<\uff5c"
+                     "end\u2581of\u2581sentence\uff5c><\uff5cUser\uff5c>What is 2+2?<\uff5c"
+                     "Assistant\uff5c>"},
+    {CHAT_DEEPSEEK_R1, "You are terse.<\uff5cUser\uff5c>Hi there<\uff5cAssistant\uff5c>Hello! How "
+                       "can I help?<\uff5c"
+                       "end\u2581of\u2581sentence\uff5c><\uff5cUser\uff5c>What is 2+2?<\uff5c"
+                       "Assistant\uff5c><think>\n"},
     {CHAT_PLAIN, "You are terse.\nHi there\nHello! How can I help?\nWhat is 2+2?"},
 };
 
@@ -73,8 +92,10 @@ KT_TEST(generation_prompt_only_appends) {
     KT_ASSERT_OK(chat_render((enum chat_family)fam, CONVERSATION, N_CONV, true, &with, &lw));
     KT_ASSERT_OK(chat_render((enum chat_family)fam, CONVERSATION, N_CONV, false, &without, &lo));
     KT_CHECK(lo <= lw && memcmp(with, without, lo) == 0);
-    bool opens_turn =
-        fam == CHAT_LLAMA3 || fam == CHAT_CHATML || fam == CHAT_ZEPHYR || fam == CHAT_GEMMA;
+    bool opens_turn = fam == CHAT_LLAMA3 || fam == CHAT_CHATML || fam == CHAT_ZEPHYR ||
+                      fam == CHAT_GEMMA || fam == CHAT_QWEN3 || fam == CHAT_PHI3 ||
+                      fam == CHAT_PHI4_MINI || fam == CHAT_PHI4 || fam == CHAT_DEEPSEEK3 ||
+                      fam == CHAT_DEEPSEEK_R1;
     KT_CHECK_EQ(lo < lw, opens_turn);
     free(with);
     free(without);
@@ -200,11 +221,46 @@ static const struct {
      "role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if "
      "add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}",
      CHAT_GEMMA},
-    {"phi-3 (not supported)",
+    {"phi-3",
      "{% for message in messages %}{% if message['role'] == 'user' %}{{'<|user|>\\n' + "
      "message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}"
      "{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}",
-     CHAT_PLAIN},
+     CHAT_PHI3},
+    {"phi-4-mini",
+     "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message %}"
+     "{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + "
+     "'<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] "
+     "+ '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}"
+     "{% else %}{{ eos_token }}{% endif %}",
+     CHAT_PHI4_MINI},
+    {"phi-4",
+     "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system"
+     "<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}{% if "
+     "add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}",
+     CHAT_PHI4},
+    {"qwen3",
+     "{%- for message in messages %}{%- if message.role == \"assistant\" %}{%- if '</think>' in "
+     "content %}{%- set reasoning_content = content.split('</think>')[0] %}{%- endif %}{{- "
+     "'<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content }}{%- endif %}{%- "
+     "endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- if "
+     "enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>"
+     "\\n\\n' }}{%- endif %}{%- endif %}",
+     CHAT_QWEN3},
+    {"deepseek-v3",
+     "{{bos_token}}{{ns.system_prompt}}{%- for message in messages %}{%- if message['role'] == "
+     "'user' %}{{'<\uff5cUser\uff5c>' + message['content']}}{%- endif %}{%- if message['role'] == "
+     "'assistant' %}{{'<\uff5cAssistant\uff5c>' + message['content'] + "
+     "'<\uff5cend\u2581of\u2581sentence\uff5c>'}}{%- endif %}{%- endfor %}{% if "
+     "add_generation_prompt %}{{'<\uff5cAssistant\uff5c>'}}{% endif %}",
+     CHAT_DEEPSEEK3},
+    {"deepseek-r1-distill-qwen",
+     "{{bos_token}}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+     "{{'<\uff5cUser\uff5c>' + message['content']}}{%- endif %}{%- if message['role'] == "
+     "'assistant' %}{% set content = message['content'] %}{% if '</think>' in content %}{% set "
+     "content = content.split('</think>')[-1] %}{% endif %}{{'<\uff5cAssistant\uff5c>' + content "
+     "+ '<\uff5cend\u2581of\u2581sentence\uff5c>'}}{%- endif %}{%- endfor %}{% if "
+     "add_generation_prompt %}{{'<\uff5cAssistant\uff5c><think>\\n'}}{% endif %}",
+     CHAT_DEEPSEEK_R1},
     {"vicuna (not supported)",
      "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' + "
      "message['content'] + '\\n' }}{% else %}{{ 'ASSISTANT: ' + message['content'] + eos_token + "
@@ -253,7 +309,7 @@ KT_TEST(model_detection_reports_fallback) {
   KT_ASSERT_OK(detect_in_gguf(TEMPLATES[2].tmpl, &fam, &src));
   KT_CHECK_EQ(fam, CHAT_CHATML);
   KT_CHECK_EQ(src, CHAT_SRC_TEMPLATE);
-  KT_ASSERT_OK(detect_in_gguf(TEMPLATES[9].tmpl, &fam, &src));
+  KT_ASSERT_OK(detect_in_gguf(TEMPLATES[15].tmpl, &fam, &src)); /* vicuna */
   KT_CHECK_EQ(fam, CHAT_PLAIN);
   KT_CHECK_EQ(src, CHAT_SRC_UNRECOGNISED);
   KT_ASSERT_OK(detect_in_gguf(NULL, &fam, &src));
@@ -335,4 +391,35 @@ KT_TEST(rendered_prompts_tokenize_like_the_reference) {
     KT_CHECK(n == (int)nw && memcmp(got, want, nw * sizeof(*got)) == 0);
   }
   tok_free(t);
+}
+
+/* Reasoning models: earlier answers are replayed without their <think> block, and thinking can
+ * be switched off, as Qwen3's enable_thinking and R1's templates do it. */
+KT_TEST(thinking_switch_and_history_reasoning) {
+  static const struct chat_msg msgs[] = {
+      {CHAT_ROLE_USER, "Hi", 2},
+      {CHAT_ROLE_ASSISTANT, "<think>\nthey greet me\n</think>\n\nHello!", 38},
+      {CHAT_ROLE_USER, "2+2?", 4},
+  };
+  char *s = NULL;
+  struct chat_opts off = {.add_generation_prompt = true, .thinking = CHAT_THINK_OFF};
+  KT_ASSERT_OK(chat_render_opts(CHAT_QWEN3, msgs, 3, &off, &s, NULL));
+  KT_CHECK(strcmp(s, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+                     "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n"
+                     "</think>\n\n") == 0);
+  free(s);
+  KT_ASSERT_OK(chat_render_opts(CHAT_QWEN3, msgs, 3, NULL, &s, NULL)); /* default: thinks */
+  KT_CHECK(strstr(s, "they greet me") == NULL);
+  KT_CHECK(strcmp(s + strlen(s) - 22, "<|im_start|>assistant\n") == 0);
+  free(s);
+  KT_ASSERT_OK(chat_render_opts(CHAT_DEEPSEEK_R1, msgs, 3, &off, &s, NULL));
+  KT_CHECK(strstr(s, "they greet me") == NULL);
+  KT_CHECK(strcmp(s + strlen(s) - 19, "<think>\n\n</think>\n\n") == 0);
+  free(s);
+  /* Plain ChatML keeps whatever the answer held; a bad switch value is refused. */
+  KT_ASSERT_OK(chat_render_opts(CHAT_CHATML, msgs, 3, &off, &s, NULL));
+  KT_CHECK(strstr(s, "they greet me") != NULL);
+  free(s);
+  struct chat_opts bad = {.thinking = (enum chat_thinking)9};
+  KT_CHECK_EQ(chat_render_opts(CHAT_QWEN3, msgs, 3, &bad, &s, NULL), KVD_EINVAL);
 }
