@@ -3,6 +3,7 @@
  * solo runs, chunked prefill, fork with copy-on-write, and the pool's counters. */
 #include "engine.h"
 #include "generate.h"
+#include "gguf_write.h"
 #include "gpu_fixture.h"
 #include "kvd_error.h"
 #include "ref.h"
@@ -596,5 +597,164 @@ KT_TEST(windowed_model_gives_back_blocks_outside_the_window) {
   free(lb);
   engine_free(e);
   gguf_close(f);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* ---- family switches without an llama.cpp reference: the engine against the CPU reference -- */
+
+/* A variant of an arch/ file: every key copied (keys of src_arch renamed to arch's), tensors
+ * whose name contains `drop` left out, then extra(w) adds keys and tensors. The bytes are in
+ * *ret (free() after gguf_close of what was opened from them). */
+struct variant {
+  const char *src_arch, *arch;
+  const char *drop[3]; /* substrings of tensor names to leave out; NULL ends the list */
+  void (*extra)(struct gguf_writer *w, const struct gguf_file *src);
+};
+
+static struct gguf_file *open_variant(const char *rel, const struct variant *v, void **ret) {
+  struct gguf_file *src = open_model(rel);
+  if (!src) return NULL;
+  struct gguf_writer *w;
+  struct gguf_file *out = NULL;
+  *ret = NULL;
+  if (gguf_writer_new(&w) < 0) goto done;
+  size_t sl = strlen(v->src_arch);
+  int rc = 0;
+  for (uint64_t i = 0; rc == 0 && i < src->n_kv; i++) {
+    const struct gguf_kv *kv = &src->kv[i];
+    char key[160];
+    snprintf(key, sizeof key, "%.*s", (int)kv->key.len, kv->key.ptr);
+    if (!strcmp(key, "general.architecture")) {
+      rc = gguf_writer_add_str(w, key, v->arch);
+      continue;
+    }
+    if (!strncmp(key, v->src_arch, sl) && key[sl] == '.') {
+      char renamed[192];
+      snprintf(renamed, sizeof renamed, "%s%s", v->arch, key + sl);
+      rc = gguf_writer_add_value(w, renamed, &kv->value);
+    } else {
+      rc = gguf_writer_add_value(w, key, &kv->value);
+    }
+  }
+  for (uint64_t i = 0; rc == 0 && i < src->n_tensors; i++) {
+    const struct gguf_tensor *t = &src->tensors[i];
+    char name[160];
+    snprintf(name, sizeof name, "%.*s", (int)t->name.len, t->name.ptr);
+    bool dropped = false;
+    for (int d = 0; d < 3 && v->drop[d]; d++)
+      dropped = dropped || strstr(name, v->drop[d]) != NULL;
+    if (dropped) continue;
+    rc = gguf_writer_add_tensor(w, name, t->n_dims, t->ne, t->type, t->data, t->nbytes);
+  }
+  if (rc == 0 && v->extra) v->extra(w, src);
+  size_t size = 0;
+  if (rc == 0 && gguf_writer_write_mem(w, ret, &size) == 0) {
+    struct gguf_error gerr;
+    if (gguf_open_memory(*ret, size, &out, &gerr) < 0) out = NULL;
+  }
+  gguf_writer_free(w);
+done:
+  gguf_close(src);
+  return out;
+}
+
+/* Teacher-forces n random tokens through the engine and the CPU reference; the worst logit
+ * error relative to the largest logit. */
+static double engine_vs_ref(struct gguf_file *f, uint32_t n, uint32_t block_size) {
+  struct model_ref *ref = NULL;
+  struct model_error err = {{0}};
+  /* The model's whole context, as the engine runs it: LongRoPE's factors depend on it. */
+  if (model_ref_new(f, NULL, &ref, &err) < 0) {
+    kt_log("reference: %s", err.msg);
+    return INFINITY;
+  }
+  struct engine *e = new_engine(f, &(struct engine_opts){.block_size = block_size, .n_blocks = 64});
+  uint32_t nv = model_ref_hparams(ref)->n_vocab;
+  float *got = malloc(nv * 4), *want = malloc(nv * 4);
+  struct engine_seq *s = NULL;
+  double worst = e && got && want && engine_seq_new(e, &s) == 0 ? 0 : INFINITY;
+  for (uint32_t pos = 0; s && pos < n && worst < INFINITY; pos++) {
+    int32_t tok = (int32_t)kt_rand_range(3, (int)nv - 1);
+    if (model_ref_forward(ref, (uint32_t)tok, pos, want) < 0 || feed(e, s, &tok, 1, 1, got) < 0)
+      worst = INFINITY;
+    else
+      worst = fmax(worst, logits_err(got, want, nv));
+  }
+  if (s) engine_seq_free(e, s);
+  engine_free(e);
+  free(got);
+  free(want);
+  model_ref_free(ref);
+  return worst;
+}
+
+/* gemma2 from gemma3's weights: no q/k norms, every other layer windowed (64), attention scores
+ * soft-capped at 5 and logits at 3, tight enough for the caps to bend most values. */
+static void gemma2_caps(struct gguf_writer *w, const struct gguf_file *src) {
+  (void)src;
+  gguf_writer_add_f32(w, "gemma2.attn_logit_softcapping", 5.0f);
+  gguf_writer_add_f32(w, "gemma2.final_logit_softcapping", 3.0f);
+}
+
+/* llama3 with YaRN x4 over an original context of 64 (so the ramp covers real pairs) on top of
+ * its rope_freqs factors. */
+static void llama_yarn(struct gguf_writer *w, const struct gguf_file *src) {
+  (void)src;
+  gguf_writer_add_str(w, "llama.rope.scaling.type", "yarn");
+  gguf_writer_add_f32(w, "llama.rope.scaling.factor", 4.0f);
+  gguf_writer_add_u32(w, "llama.rope.scaling.original_context_length", 64);
+}
+
+/* phi3 with LongRoPE: short and long factor tensors (12 pairs of the 24 rotated dimensions) and
+ * an attention factor; the context run (4096) is past the original 2048, so the long ones
+ * apply. */
+static void phi3_longrope(struct gguf_writer *w, const struct gguf_file *src) {
+  (void)src;
+  static float lf[12], sf[12];
+  for (int i = 0; i < 12; i++) {
+    lf[i] = 1.0f + (float)i * 0.7f;
+    sf[i] = 1.0f + (float)(i % 3) * 0.1f;
+  }
+  uint64_t ne[1] = {12};
+  gguf_writer_add_tensor(w, "rope_factors_long.weight", 1, ne, DTYPE_F32, lf, sizeof lf);
+  gguf_writer_add_tensor(w, "rope_factors_short.weight", 1, ne, DTYPE_F32, sf, sizeof sf);
+  gguf_writer_add_f32(w, "phi3.rope.scaling.attn_factor", 1.19f);
+  gguf_writer_add_u32(w, "phi3.rope.scaling.original_context_length", 2048);
+}
+
+static void check_variant(const char *rel, const struct variant *v, uint32_t n, double tol) {
+  void *bytes = NULL;
+  struct gguf_file *f = open_variant(rel, v, &bytes);
+  if (!f) {
+    free(bytes);
+    KT_SKIP("%s not found or not rewritable", rel);
+  }
+  struct model_weights *w = NULL;
+  struct model_error err = {{0}};
+  KT_ASSERT_MSG(model_weights_new(f, &w, &err) == 0, "%s as %s: %s", rel, v->arch, err.msg);
+  model_weights_free(w);
+  double worst = engine_vs_ref(f, n, 16);
+  kt_log("%s as a %s variant: max logit error vs the CPU reference over %u positions %.3g", rel,
+         v->arch, n, worst);
+  KT_CHECK(worst < tol);
+  gguf_close(f);
+  free(bytes);
+}
+
+KT_TEST(gemma2_soft_capping_and_alternating_windows_match_the_reference) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct variant v = {"gemma3", "gemma2", {"attn_q_norm", "attn_k_norm", NULL}, gemma2_caps};
+  check_variant("models/arch/gemma3.gguf", &v, 90, 1e-4);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+KT_TEST(yarn_and_longrope_match_the_reference) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct variant yarn = {"llama", "llama", {NULL}, llama_yarn};
+  check_variant("models/arch/llama3.gguf", &yarn, 40, 1e-4);
+  struct variant longrope = {"phi3", "phi3", {NULL}, phi3_longrope};
+  check_variant("models/arch/phi3.gguf", &longrope, 40, 1e-4);
   FIXTURE_CHECK_VALIDATION();
 }
