@@ -563,8 +563,8 @@ KT_TEST(windowed_model_gives_back_blocks_outside_the_window) {
   KT_ASSERT(e);
   uint32_t n_vocab = engine_hparams(e)->n_vocab;
   float *la = malloc(n_vocab * 4), *lb = malloc(n_vocab * 4);
-  int32_t toks[400];
-  for (int i = 0; i < 400; i++)
+  int32_t toks[260];
+  for (int i = 0; i < 260; i++)
     toks[i] = (int32_t)kt_rand_range(3, (int)n_vocab - 1);
   struct engine_seq *keep, *drop;
   KT_ASSERT(la && lb);
@@ -572,9 +572,11 @@ KT_TEST(windowed_model_gives_back_blocks_outside_the_window) {
   KT_ASSERT_OK(engine_seq_new(e, &drop));
   uint32_t most = 0, done = 0;
   double worst = 0;
-  /* A 100-token prefill, then 300 decode steps: 25 blocks kept by one, at most 6 by the other. */
-  while (done < 400) {
-    uint32_t k = done == 0 ? 100 : 1;
+  /* A 100-token prefill, then steps of 1 to 9 tokens (drops land mid-step and on block edges):
+   * 17 blocks kept by one sequence, at most 6 by the other. */
+  while (done < 260) {
+    uint32_t k = done == 0 ? 100 : (uint32_t)kt_rand_range(1, 9);
+    if (k > 260 - done) k = 260 - done;
     KT_ASSERT_OK(feed(e, keep, toks + done, k, k, la));
     KT_ASSERT_OK(feed(e, drop, toks + done, k, k, lb));
     done += k;
@@ -586,7 +588,7 @@ KT_TEST(windowed_model_gives_back_blocks_outside_the_window) {
   kt_log("window 64: at most %u blocks held (the other sequence %u); max logit difference %.3g",
          most, engine_seq_live_blocks(keep), worst);
   KT_CHECK(most <= 64 / 16 + 2);
-  KT_CHECK_EQ(engine_seq_live_blocks(keep), 25);
+  KT_CHECK_EQ(engine_seq_live_blocks(keep), 17);
   KT_CHECK(worst == 0);
   engine_seq_free(e, keep);
   engine_seq_free(e, drop);
@@ -745,7 +747,7 @@ KT_TEST(gemma2_soft_capping_and_alternating_windows_match_the_reference) {
   FIXTURE_DEVICE(dev);
   (void)dev;
   struct variant v = {"gemma3", "gemma2", {"attn_q_norm", "attn_k_norm", NULL}, gemma2_caps};
-  check_variant("models/arch/gemma3.gguf", &v, 90, 1e-4);
+  check_variant("models/arch/gemma3.gguf", &v, 72, 1e-4);
   FIXTURE_CHECK_VALIDATION();
 }
 
@@ -753,8 +755,8 @@ KT_TEST(yarn_and_longrope_match_the_reference) {
   FIXTURE_DEVICE(dev);
   (void)dev;
   struct variant yarn = {"llama", "llama", {NULL}, llama_yarn};
-  check_variant("models/arch/llama3.gguf", &yarn, 40, 1e-4);
+  check_variant("models/arch/llama3.gguf", &yarn, 24, 1e-4);
   struct variant longrope = {"phi3", "phi3", {NULL}, phi3_longrope};
-  check_variant("models/arch/phi3.gguf", &longrope, 40, 1e-4);
+  check_variant("models/arch/phi3.gguf", &longrope, 24, 1e-4);
   FIXTURE_CHECK_VALIDATION();
 }
