@@ -378,7 +378,7 @@ static void mark_eog(struct tok *t) {
   static const char *const names[] = {
       "<|eot_id|>",      "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eom_id|>", "<|endoftext|>",
       "<|end_of_text|>", "<|return|>",
-      "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>" /* DeepSeek */};
+      "<\uff5cend\u2581of\u2581sentence\uff5c>" /* DeepSeek */};
   static const size_t n_eot_names = 4;
   if (t->eos >= 0) t->flags[t->eos] |= TOK__F_EOG;
   if (t->eot >= 0) t->flags[t->eot] |= TOK__F_EOG;
