@@ -8,6 +8,7 @@
 // length fits any split count, so splits exist only to spread long contexts over the device.
 // GQA: query head h reads KV head h / (n_head/n_head_kv). With one split the output is normalised
 // here; with several, (m, l, o) partials go to attn_merge, which combines them (log-sum-exp).
+// K and V are read as stored (kv_row.glsl): f16 and quantized rows are decoded in registers.
 #include "pc_attn.h"
 #include "tanh.glsl"
 
@@ -17,8 +18,13 @@ layout(constant_id = 1) const uint CHUNK = 256;  // max positions per split (sha
 layout(constant_id = 2) const uint MAX_HD = 256; // max head_dim (shared query)
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
+#if defined(KV_F32)
 layout(std430, binding = 1) readonly buffer KCache { float k_cache[]; };
 layout(std430, binding = 2) readonly buffer VCache { float v_cache[]; };
+#else
+layout(std430, binding = 1) readonly buffer KCache { uint k_cache[]; };
+layout(std430, binding = 2) readonly buffer VCache { uint v_cache[]; };
+#endif
 layout(std430, binding = 3) readonly buffer TokInfo { uvec2 tok_info[]; };
 layout(std430, binding = 4) readonly buffer Tables { uint tables[]; };
 layout(std430, binding = 5) writeonly buffer Out { float o[]; };
@@ -32,9 +38,12 @@ shared float red[WG];
 
 const uint ACC = (MAX_HD + WG - 1) / WG; // head_dim values each invocation accumulates
 
+#include "kv_row.glsl"
+
+// The first word of position pos's row for KV head kvh.
 uint kv_base(uint table_off, uint kvh, uint pos) {
   uint block = tables[table_off + pos / p.block_size];
-  return ((block * p.n_head_kv + kvh) * p.block_size + pos % p.block_size) * p.head_dim;
+  return ((block * p.n_head_kv + kvh) * p.block_size + pos % p.block_size) * p.row_words;
 }
 
 float reduce_max(float v, uint tid) {
@@ -88,10 +97,7 @@ void main() {
     uint c1 = min(c0 + CHUNK, p1);
     float cmax = -1.0 / 0.0;
     for (uint i = c0 + tid; i < c1; i += WG) {
-      uint kb = kv_base(table_off, kvh, i);
-      float s = 0.0;
-      for (uint d = 0; d < p.head_dim; d++) s += qs[d] * k_cache[kb + d];
-      s *= p.scale;
+      float s = k_dot(kv_base(table_off, kvh, i)) * p.scale;
       if (p.softcap > 0.0) s = p.softcap * kvd_tanh(s / p.softcap);
       scores[i - c0] = s;
       cmax = max(cmax, s);
@@ -109,7 +115,7 @@ void main() {
       uint d = tid + j * WG;
       if (d >= p.head_dim) break;
       float a = acc[j] * rescale;
-      for (uint i = c0; i < c1; i++) a += scores[i - c0] * v_cache[kv_base(table_off, kvh, i) + d];
+      for (uint i = c0; i < c1; i++) a += scores[i - c0] * v_at(kv_base(table_off, kvh, i), d);
       acc[j] = a;
     }
     m = m_new;

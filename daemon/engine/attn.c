@@ -4,11 +4,17 @@
 #include "pc_attn.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
-int attn_init(struct attn_kernels *a, struct gpu_device *dev) {
+int attn_init(struct attn_kernels *a, struct gpu_device *dev, enum kv_type kv_type) {
   const struct gpu_caps *c = gpu_device_caps(dev);
   memset(a, 0, sizeof *a);
+  if ((unsigned)kv_type >= KV_TYPE_COUNT) return KVD_EINVAL;
+  a->kv_type = kv_type;
+  char write_name[32], paged_name[32];
+  snprintf(write_name, sizeof write_name, "kv_write_%s", kv_type_name(kv_type));
+  snprintf(paged_name, sizeof paged_name, "attn_paged_%s", kv_type_name(kv_type));
   /* 64 invocations: two wavefronts on NVIDIA, one on AMD, eight lavapipe subgroups. */
   a->wg = 64;
   while (a->wg > c->max_wg_invocations)
@@ -16,7 +22,7 @@ int attn_init(struct attn_kernels *a, struct gpu_device *dev) {
   a->chunk = 256;
   a->max_hd = 256;
   int rc = gpu_pipeline_new(dev,
-                            &(struct gpu_pipeline_desc){.shader = "kv_write",
+                            &(struct gpu_pipeline_desc){.shader = write_name,
                                                         .n_buffers = 5,
                                                         .push_size = sizeof(struct pc_kv_write),
                                                         .n_spec = 1,
@@ -25,7 +31,7 @@ int attn_init(struct attn_kernels *a, struct gpu_device *dev) {
                             &a->write);
   if (rc == 0)
     rc = gpu_pipeline_new(dev,
-                          &(struct gpu_pipeline_desc){.shader = "attn_paged",
+                          &(struct gpu_pipeline_desc){.shader = paged_name,
                                                       .n_buffers = 7,
                                                       .push_size = sizeof(struct pc_attn),
                                                       .n_spec = 3,
@@ -74,12 +80,21 @@ int attn_record_write(const struct attn_kernels *a, struct gpu_cmd *cmd, struct 
                       struct gpu_binding v_cache, struct gpu_binding slots, uint32_t n_tokens,
                       uint32_t n_head_kv, uint32_t head_dim, uint32_t block_size,
                       uint32_t src_stride) {
+  uint32_t row_words;
+  int rc = kv_row_words(a->kv_type, head_dim, &row_words);
+  if (rc < 0) return gpu_cmd_fail(cmd, rc);
   struct pc_kv_write pc = {.n_tokens = n_tokens,
                            .n_head_kv = n_head_kv,
                            .head_dim = head_dim,
                            .block_size = block_size,
-                           .src_stride = src_stride};
-  uint64_t total = (uint64_t)n_tokens * n_head_kv * head_dim;
+                           .src_stride = src_stride,
+                           .row_words = row_words,
+                           .group = kv_group(head_dim)};
+  /* Invocations: one per value, per f16 pair, or per scale word (two quantization groups). */
+  uint64_t per_row = a->kv_type == KV_F32   ? head_dim
+                     : a->kv_type == KV_F16 ? head_dim / 2
+                                            : (head_dim / kv_group(head_dim) + 1) / 2;
+  uint64_t total = (uint64_t)n_tokens * n_head_kv * per_row;
   uint64_t groups = (total + a->wg - 1) / a->wg;
   if (groups > 65535) groups = 65535; /* grid-stride covers the rest */
   struct gpu_binding b[5] = {k_new, v_new, k_cache, v_cache, slots};
@@ -93,6 +108,9 @@ int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct 
                 struct gpu_binding partial) {
   if (s->head_dim > a->max_hd || s->n_head_kv == 0 || s->n_head % s->n_head_kv || s->n_splits == 0)
     return gpu_cmd_fail(cmd, KVD_EINVAL);
+  uint32_t row_words;
+  int rc = kv_row_words(a->kv_type, s->head_dim, &row_words);
+  if (rc < 0) return gpu_cmd_fail(cmd, rc);
   /* With a window no token reads more than `window` positions: the splits share those. */
   uint32_t span = s->window && s->max_kv > s->window ? s->window : s->max_kv;
   uint32_t chunk = (span + s->n_splits - 1) / s->n_splits;
@@ -108,12 +126,14 @@ int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct 
       .scale = s->scale > 0.0f ? s->scale : 1.0f / sqrtf((float)s->head_dim),
       .window = s->window,
       .softcap = s->softcap > 0.0f ? s->softcap : 0.0f,
+      .row_words = row_words,
+      .group = kv_group(s->head_dim),
   };
   /* Without splits the partials binding is unused but must still be a valid buffer. */
   struct gpu_binding b[7] = {
       q, k_cache, v_cache, tok_info, tables, out, s->n_splits > 1 ? partial : out};
-  int rc = gpu_cmd_dispatch(cmd, a->paged, b, 7, &pc, sizeof pc, s->n_head, s->n_tokens,
-                            s->n_splits, "attn_paged");
+  rc = gpu_cmd_dispatch(cmd, a->paged, b, 7, &pc, sizeof pc, s->n_head, s->n_tokens, s->n_splits,
+                        "attn_paged");
   if (rc < 0 || s->n_splits == 1) return gpu_cmd_fail(cmd, rc);
   gpu_cmd_barrier(cmd);
   struct gpu_binding m[2] = {partial, out};

@@ -5,10 +5,12 @@
 #define KVD_MODEL_ATTN_H
 
 #include "gpu.h"
+#include "kv_format.h"
 
 #include <stdint.h>
 
 struct attn_kernels {
+  enum kv_type kv_type; /* how the cache rows the kernels read and write are stored */
   struct gpu_pipeline *write;
   struct gpu_pipeline *paged;
   struct gpu_pipeline *merge;
@@ -17,7 +19,8 @@ struct attn_kernels {
   uint32_t max_hd; /* largest head_dim the kernels accept */
 };
 
-int attn_init(struct attn_kernels *a, struct gpu_device *dev);
+/* The kernels for caches of kv_type (kv_format.h). */
+int attn_init(struct attn_kernels *a, struct gpu_device *dev, enum kv_type kv_type);
 void attn_destroy(struct attn_kernels *a);
 
 /* How many KV splits to use for a longest KV length of max_kv, given how many (token, head) pairs
@@ -28,8 +31,9 @@ uint32_t attn_pick_splits(const struct attn_kernels *a, uint32_t max_kv, uint32_
 uint64_t attn_partial_bytes(uint32_t n_tokens, uint32_t n_head, uint32_t head_dim,
                             uint32_t n_splits);
 
-/* K and V rows (n_tokens, n_head_kv * head_dim, rows src_stride floats apart) into the slots
- * slots[t] = block * block_size + offset. */
+/* K and V rows (n_tokens, n_head_kv * head_dim f32, rows src_stride floats apart) into the slots
+ * slots[t] = block * block_size + offset, stored in the kernels' KV type (quantized as they go).
+ * A head_dim the type cannot store is refused (KVD_E_UNSUPPORTED in the gpu_cmd). */
 int attn_record_write(const struct attn_kernels *a, struct gpu_cmd *cmd, struct gpu_binding k_new,
                       struct gpu_binding v_new, struct gpu_binding k_cache,
                       struct gpu_binding v_cache, struct gpu_binding slots, uint32_t n_tokens,

@@ -137,7 +137,7 @@ static int eng_alloc_kv_locked(struct engine *e, const struct engine_opts *o,
   struct kv_geometry geom = {
       .n_layer = e->hp.n_layer,
       .block_size = o->block_size ? o->block_size : KV_BLOCK_SIZE_DEFAULT,
-      .token_bytes = (uint64_t)e->kv_dim * sizeof(float),
+      .token_bytes = e->kv_token_bytes,
   };
   uint64_t budget = o->kv_bytes;
   if (o->n_blocks) {
@@ -162,6 +162,8 @@ static int eng_alloc_kv_locked(struct engine *e, const struct engine_opts *o,
     e->plan.buffer_bytes = (uint64_t)o->n_blocks * e->plan.block_bytes;
   }
   rc = kv_pool_init(&e->pool, e->plan.n_blocks, geom.block_size);
+  /* The prefix cache's keys name content computed in this KV type (kv.h key_seed). */
+  e->pool.key_seed = 0x9e3779b97f4a7c15ull * (uint64_t)e->attn.kv_type;
   for (uint32_t l = 0; l < e->hp.n_layer && rc == 0; l++) {
     rc =
         gpu_buffer_new(e->dev, e->plan.buffer_bytes, GPU_MEM_DEVICE, "kv K", &e->layers[l].k_cache);
@@ -244,7 +246,16 @@ int engine_new(struct gpu_device *dev, const struct gguf_file *f, const struct e
     e->layers[l].window = model_layer_window(&e->hp, l);
     rc = ops_rope_prepare(&e->ops, &e->layers[l].rope);
   }
-  if (rc == 0) rc = attn_init(&e->attn, dev);
+  /* One token's K (or V) in one layer, in the chosen KV type. */
+  uint32_t row_words = 0;
+  if (rc == 0 && (rc = kv_row_words(opts->kv_type, e->hp.head_dim, &row_words)) < 0) {
+    if (err)
+      snprintf(err->msg, sizeof err->msg, "KV type %s cannot store heads of %u values",
+               kv_type_name(opts->kv_type), e->hp.head_dim);
+    goto fail;
+  }
+  e->kv_token_bytes = (uint64_t)e->hp.n_head_kv * row_words * 4;
+  if (rc == 0) rc = attn_init(&e->attn, dev, opts->kv_type);
   if (rc < 0) {
     eng_fail(err, rc, "creating the attention kernels");
     goto fail;
@@ -324,7 +335,11 @@ void engine_kv_stats(const struct engine *e, struct kv_pool_stats *ret) {
 }
 
 uint64_t engine_kv_bytes_per_token(const struct engine *e) {
-  return (uint64_t)e->kv_dim * sizeof(float) * 2 * e->hp.n_layer;
+  return e->kv_token_bytes * 2 * e->hp.n_layer;
+}
+
+enum kv_type engine_kv_type(const struct engine *e) {
+  return e->attn.kv_type;
 }
 
 uint32_t engine_max_step_tokens(const struct engine *e) {

@@ -20,6 +20,7 @@
 #include "gguf.h"
 #include "gpu.h"
 #include "kv.h"
+#include "kv_format.h"
 
 struct engine;
 struct engine_seq;
@@ -34,6 +35,10 @@ struct engine_opts {
   uint32_t n_blocks;        /* exact block count (overrides the budget; tests use tiny pools) */
   uint32_t max_step_tokens; /* most tokens one forward step holds; 0 = 512 */
   uint32_t max_logits;      /* most logits rows one step returns; 0 = 64 */
+  /* How K and V are stored (kv_format.h). The zero value is f32, exact against the CPU
+   * reference; the daemon's default is f16. KVD_E_UNSUPPORTED for a head size the type cannot
+   * store. */
+  enum kv_type kv_type;
   engine_progress_fn progress;
   void *progress_ud;
 };
@@ -49,8 +54,9 @@ void engine_free(struct engine *e); /* frees every sequence still open */
 
 const struct model_hparams *engine_hparams(const struct engine *e);
 void engine_kv_stats(const struct engine *e, struct kv_pool_stats *ret);
-/* Bytes of KV one token takes over all layers (K and V). */
+/* Bytes of KV one token takes over all layers (K and V), in the engine's KV type. */
 uint64_t engine_kv_bytes_per_token(const struct engine *e);
+enum kv_type engine_kv_type(const struct engine *e);
 uint32_t engine_max_step_tokens(const struct engine *e);
 
 /* An empty sequence; its KV blocks are taken as tokens arrive. */

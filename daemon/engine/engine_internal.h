@@ -57,6 +57,7 @@ struct engine {
   struct model_hparams hp;
   uint32_t q_dim, kv_dim; /* n_head * head_dim, n_head_kv * head_dim */
   uint32_t drop_window;   /* every layer's window when all are windowed, else 0 (no drops) */
+  uint64_t kv_token_bytes; /* one token's K (or V) in one layer, in the KV type */
   uint32_t max_tokens, max_logits;
 
   struct ops ops;

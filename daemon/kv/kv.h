@@ -91,6 +91,9 @@ struct kv_pool {
   uint64_t lookups;   /* whole prompt blocks kv_seq_new_with_prefix looked for */
   uint64_t hits;      /* of those, served from the cache */
   uint64_t evictions; /* cached blocks dropped to satisfy an allocation */
+  /* Mixed into every chain's first key: pools of different KV types (or anything else that makes
+   * the same tokens' K/V differ) never name a block alike. 0 from kv_pool_init. */
+  uint64_t key_seed;
 };
 
 /* Counters for `status`. total = free + cached + used. */

@@ -168,7 +168,7 @@ int kv_seq_new_with_prefix(struct kv_pool *pool, const int32_t *tokens, uint32_t
     }
     seq->cap_blocks = max_blocks;
   }
-  uint64_t key = KV_PREFIX_ROOT_KEY;
+  uint64_t key = (KV_PREFIX_ROOT_KEY ^ pool->key_seed);
   uint32_t n = 0;
   for (; n < max_blocks; n++) {
     key = prefix_key(key, tokens + (size_t)n * bs, bs);
@@ -200,7 +200,7 @@ int kv_seq_register_blocks(struct kv_pool *pool, struct kv_seq *seq, const int32
   assert(full <= seq->n_blocks);
   int added = 0;
   uint32_t i = seq->n_hashed;
-  uint64_t parent = i ? seq->chain_key : KV_PREFIX_ROOT_KEY;
+  uint64_t parent = i ? seq->chain_key : (KV_PREFIX_ROOT_KEY ^ pool->key_seed);
   for (; i < full; i++) {
     uint64_t key = prefix_key(parent, tokens + (size_t)i * bs, bs);
     if (i < seq->n_dropped) {

@@ -12,6 +12,7 @@
 
 #include "arch.h"
 #include "gguf.h"
+#include "kv_format.h"
 
 struct model_ref;
 
@@ -23,6 +24,9 @@ struct model_ref_opts {
    * file's size instead of 4 bytes per weight, at the price of dequantizing the model per token.
    * The results are bit-identical either way. */
   bool stream_weights;
+  /* Each position's K and V rows are rounded through this KV type (kv_format.h) as they are
+   * cached, as the engine stores them; the zero value, f32, keeps them exact. */
+  enum kv_type kv_type;
 };
 
 /* Binds and checks the model in f (see arch.h) and allocates its buffers. f must outlive the

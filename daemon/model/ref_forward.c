@@ -194,6 +194,8 @@ struct ref_layer {
 
 struct model_ref {
   struct model_weights *w;
+  enum kv_type kv_type; /* what cached K/V rows are rounded through */
+  uint32_t *kv_row;     /* one encoded row, scratch */
   struct model_hparams hp;
   uint32_t n_ctx;           /* positions the cache holds */
   uint32_t n_past;          /* positions filled so far */
@@ -318,6 +320,7 @@ int model_ref_new(const struct gguf_file *f, const struct model_ref_opts *opts,
   }
   r->w = w;
   r->hp = w->hp;
+  r->kv_type = o.kv_type;
   const struct model_hparams *hp = &r->hp;
   r->n_ctx = o.n_ctx ? o.n_ctx : hp->n_ctx_train;
   if (r->n_ctx > hp->n_ctx_train) {
@@ -340,9 +343,16 @@ int model_ref_new(const struct gguf_file *f, const struct model_ref_opts *opts,
   r->row = malloc((d > ff ? d : ff) * sizeof(float));
   r->logits = malloc(hp->n_vocab * sizeof(float));
   r->k_cache = cache_n ? malloc(cache_n * sizeof(float)) : NULL;
+  uint32_t row_words = 0;
+  if (kv_row_words(o.kv_type, hp->head_dim, &row_words) < 0) {
+    rc = fail(err, KVD_E_UNSUPPORTED, "KV type %s cannot store heads of %" PRIu32 " values",
+              kv_type_name(o.kv_type), hp->head_dim);
+    goto fail;
+  }
+  r->kv_row = malloc((size_t)row_words * 4);
   r->v_cache = cache_n ? malloc(cache_n * sizeof(float)) : NULL;
   if (!r->layers || !r->x || !r->xb || !r->xb2 || !r->q || !r->att || !r->hb || !r->hb2 ||
-      !r->scores || !r->row || !r->logits || !r->k_cache || !r->v_cache) {
+      !r->scores || !r->row || !r->logits || !r->k_cache || !r->v_cache || !r->kv_row) {
     rc = fail(err, KVD_ENOMEM, "out of memory for a %" PRIu32 "-position KV cache", r->n_ctx);
     goto fail;
   }
@@ -412,6 +422,7 @@ void model_ref_free(struct model_ref *r) {
   free(r->logits);
   free(r->k_cache);
   free(r->v_cache);
+  free(r->kv_row);
   model_weights_free(r->w);
   free(r);
 }
@@ -473,6 +484,14 @@ static int attention_block(struct model_ref *r, uint32_t il, uint32_t pos) {
                 hp->rms_eps);
   ref_rope_ext(r->q, 1, hp->n_head, hp->head_dim, &pos, &l->rope);
   ref_rope_ext(k, 1, hp->n_head_kv, hp->head_dim, &pos, &l->rope);
+  /* The cache holds what the KV type can store: each head's row rounded through it. */
+  for (uint32_t h = 0; r->kv_type != KV_F32 && h < hp->n_head_kv; h++) {
+    float *kh = k + (size_t)h * hp->head_dim, *vh = v + (size_t)h * hp->head_dim;
+    kv_encode_row(r->kv_type, kh, hp->head_dim, r->kv_row);
+    kv_decode_row(r->kv_type, r->kv_row, hp->head_dim, kh);
+    kv_encode_row(r->kv_type, vh, hp->head_dim, r->kv_row);
+    kv_decode_row(r->kv_type, r->kv_row, hp->head_dim, vh);
+  }
   struct ref_attn_opts ao = {
       .scale = hp->attn_scale, .softcap = hp->attn_softcap, .window = l->window};
   ref_attention_ext(r->att, r->q, layer_k, layer_v, (size_t)pos + 1, hp->n_head, hp->n_head_kv,

@@ -20,8 +20,10 @@ struct pc_kv_write {
   uint head_dim;
   uint block_size;
   uint src_stride; /* floats between consecutive tokens in k_new / v_new */
+  uint row_words;  /* 32-bit words of one cache row (kv_row_words()) */
+  uint group;      /* q8_0 / q4_0: values per scale (kv_group()); unused otherwise */
 };
-PC_ASSERT_SIZE(pc_kv_write, 20)
+PC_ASSERT_SIZE(pc_kv_write, 28)
 
 /* Attention of n_tokens query tokens, each over its own paged KV range, split along the KV axis
  * into n_splits chunks of `chunk` positions (flash-decoding); with n_splits == 1 the kernel
@@ -38,7 +40,9 @@ struct pc_attn {
   float scale;   /* q.k multiplier: 1 / sqrt(head_dim), or the family's */
   uint window;   /* sliding window: each token reads its last `window` positions; 0 = all */
   float softcap; /* scores become softcap * tanh(s / softcap) (gemma2); 0 = none */
+  uint row_words; /* 32-bit words of one cache row */
+  uint group;     /* q8_0 / q4_0: values per scale */
 };
-PC_ASSERT_SIZE(pc_attn, 44)
+PC_ASSERT_SIZE(pc_attn, 52)
 
 #endif

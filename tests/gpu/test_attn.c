@@ -1,7 +1,8 @@
 /* Paged attention and the KV write against the CPU reference (ref_attention_one over a
  * contiguous copy of each token's K/V), on fresh random caches scattered over randomly chosen
- * physical blocks: GQA ratios 1, 2, 4 and MQA, head dims 8..128, KV lengths across many block
- * boundaries, with and without KV splits. f32 throughout: 1e-5 relative error. */
+ * physical blocks: GQA ratios 1, 2, 4 and MQA, head dims 8..200, KV lengths across many block
+ * boundaries, with and without KV splits, in every KV type (f32, f16, q8_0, q4_0) that can store
+ * the head size: the reference reads the rows the kernel reads, decoded on the CPU. */
 #include "attn.h"
 #include "gpu_fixture.h"
 #include "kvd_error.h"
@@ -19,11 +20,15 @@ struct case_ {
   float scale;           /* q.k multiplier, 0 = 1/sqrt(head_dim) */
 };
 
-static void run_case(const struct case_ *c) {
+/* One case on a cache of type kt: the random cache is encoded in kt's rows (kv_format.c) for
+ * the kernel, and the reference reads the same rows decoded, so any difference is the kernel's
+ * own. */
+static void run_case_kv(const struct case_ *c, enum kv_type kt) {
   struct gpu_device *dev = fixture_device();
   struct attn_kernels ak;
-  KT_ASSERT_OK(attn_init(&ak, dev));
-  uint32_t hd = c->head_dim, kvd = c->n_head_kv * hd, qd = c->n_head * hd;
+  KT_ASSERT_OK(attn_init(&ak, dev, kt));
+  uint32_t hd = c->head_dim, kvd = c->n_head_kv * hd, qd = c->n_head * hd, row_words;
+  KT_ASSERT_OK(kv_row_words(kt, hd, &row_words));
   /* Each token gets its own sequence with its own random length and block table. */
   uint32_t *n_kv = malloc(c->n_tokens * 4);
   uint32_t blocks_per_seq = (c->max_kv + c->block_size - 1) / c->block_size;
@@ -52,9 +57,24 @@ static void run_case(const struct case_ *c) {
   kt_rand_fill(kc, cache_n, -1, 1);
   kt_rand_fill(vc, cache_n, -1, 1);
   kt_rand_fill(q, (size_t)c->n_tokens * qd, c->softcap > 0 ? -4 : -1, c->softcap > 0 ? 4 : 1);
-  size_t block_n = (size_t)c->block_size * kvd;
-  for (size_t i = 0; i < block_n; i++)
-    kc[poison * block_n + i] = vc[poison * block_n + i] = NAN;
+  /* Encode every row (one position, one KV head) and read it back decoded; the poison block's
+   * rows are all ones, NaN in every type (a NaN f16 scale for the quantized ones). */
+  size_t n_rows = (size_t)n_blocks * c->block_size * c->n_head_kv;
+  uint32_t *kw = malloc(n_rows * row_words * 4), *vw = malloc(n_rows * row_words * 4);
+  KT_ASSERT(kw && vw);
+  size_t rows_per_block = (size_t)c->block_size * c->n_head_kv;
+  for (size_t r = 0; r < n_rows; r++) {
+    uint32_t *kr = kw + r * row_words, *vr = vw + r * row_words;
+    if (r / rows_per_block == poison) {
+      memset(kr, 0xff, (size_t)row_words * 4);
+      memset(vr, 0xff, (size_t)row_words * 4);
+    } else {
+      kv_encode_row(kt, kc + r * hd, hd, kr);
+      kv_encode_row(kt, vc + r * hd, hd, vr);
+    }
+    kv_decode_row(kt, kr, hd, kc + r * hd);
+    kv_decode_row(kt, vr, hd, vc + r * hd);
+  }
   uint32_t max_kv = 0;
   for (uint32_t t = 0; t < c->n_tokens; t++) {
     n_kv[t] = t == 0 ? c->max_kv : kt_rand_range(1, c->max_kv);
@@ -94,8 +114,10 @@ static void run_case(const struct case_ *c) {
                          .softcap = c->softcap};
   uint64_t pbytes = attn_partial_bytes(c->n_tokens, c->n_head, hd, splits);
   struct gpu_buffer *bq = fixture_upload(q, (size_t)c->n_tokens * qd * 4);
-  struct gpu_buffer *bk = fixture_upload(kc, cache_n * 4);
-  struct gpu_buffer *bv = fixture_upload(vc, cache_n * 4);
+  struct gpu_buffer *bk = fixture_upload(kw, n_rows * row_words * 4);
+  struct gpu_buffer *bv = fixture_upload(vw, n_rows * row_words * 4);
+  free(kw);
+  free(vw);
   struct gpu_buffer *bi = fixture_upload(tok_info, (size_t)c->n_tokens * 8);
   struct gpu_buffer *bt = fixture_upload(tables, (size_t)c->n_tokens * blocks_per_seq * 4);
   struct gpu_buffer *bo = fixture_upload(NULL, (size_t)c->n_tokens * qd * 4);
@@ -127,10 +149,18 @@ static void run_case(const struct case_ *c) {
    * ulps of the largest value. 1e-5 failed about one random draw in thirty (1.6e-5 seen with
    * head size 128, 4 splits). */
   KT_ASSERT_MSG(err < 5e-5,
-                "heads %u/%u hd %u bs %u tokens %u kv %u splits %u window %u softcap %g: rel err "
-                "%.3g",
-                c->n_head, c->n_head_kv, hd, c->block_size, c->n_tokens, c->max_kv, splits,
-                c->window, (double)c->softcap, err);
+                "%s heads %u/%u hd %u bs %u tokens %u kv %u splits %u window %u softcap %g: rel "
+                "err %.3g",
+                kv_type_name(kt), c->n_head, c->n_head_kv, hd, c->block_size, c->n_tokens,
+                c->max_kv, splits, c->window, (double)c->softcap, err);
+}
+
+/* Every KV type that can store the case's head size. */
+static void run_case(const struct case_ *c) {
+  for (int t = 0; t < KV_TYPE_COUNT; t++) {
+    uint32_t w;
+    if (kv_row_words((enum kv_type)t, c->head_dim, &w) == 0) run_case_kv(c, (enum kv_type)t);
+  }
 }
 
 KT_TEST(decode_one_token_small_model_shape) {
@@ -161,14 +191,23 @@ KT_TEST(long_context_online_softmax_splits_and_merges) {
   FIXTURE_CHECK_VALIDATION();
 }
 
-KT_TEST(kv_write_scatters_into_block_slots) {
-  FIXTURE_DEVICE(dev);
+/* The KV write stores each token's rows in the cache's type: decoded, every value is the input
+ * within the format's rounding (f16: half an ulp; q8_0: half a quant step, plus the f16 scale's
+ * own rounding times up to 127; q4_0: a step, as the top nibble clamps), nothing outside the slots changes, and the quantized rows agree with the
+ * CPU encoder up to a quant step where GPU and CPU round a tie differently. */
+static void check_kv_write(enum kv_type kt, uint32_t HD) {
+  struct gpu_device *dev = fixture_device();
   struct attn_kernels ak;
-  KT_ASSERT_OK(attn_init(&ak, dev));
-  enum { T = 37, HKV = 3, HD = 20, BS = 8, NB = 12, STRIDE = HKV * HD + 5 };
-  float k[T * STRIDE], v[T * STRIDE];
-  kt_rand_fill(k, T * STRIDE, -1, 1);
-  kt_rand_fill(v, T * STRIDE, -1, 1);
+  KT_ASSERT_OK(attn_init(&ak, dev, kt));
+  enum { T = 37, HKV = 3, BS = 8, NB = 12 };
+  uint32_t stride = HKV * HD + 5, rw;
+  KT_ASSERT_OK(kv_row_words(kt, HD, &rw));
+  float *k = malloc((size_t)T * stride * 4), *v = malloc((size_t)T * stride * 4);
+  KT_ASSERT(k && v);
+  kt_rand_fill(k, (size_t)T * stride, -1, 1);
+  kt_rand_fill(v, (size_t)T * stride, -3, 3);
+  for (size_t i = 0; i < (size_t)T * stride; i += 3)
+    k[i] *= 37.0f, v[i] *= 0.01f; /* other magnitudes: other roundings */
   uint32_t slots[T];
   /* Distinct random slots. */
   uint32_t all[NB * BS];
@@ -180,11 +219,11 @@ KT_TEST(kv_write_scatters_into_block_slots) {
     all[j] = t;
     slots[i] = all[i];
   }
-  size_t cache_n = (size_t)NB * BS * HKV * HD;
-  float *zero = calloc(cache_n, 4);
-  struct gpu_buffer *bk = fixture_upload(k, sizeof k), *bv = fixture_upload(v, sizeof v);
-  struct gpu_buffer *ck = fixture_upload(zero, cache_n * 4),
-                    *cv = fixture_upload(zero, cache_n * 4);
+  size_t cache_w = (size_t)NB * BS * HKV * rw;
+  uint32_t *zero = calloc(cache_w, 4);
+  struct gpu_buffer *bk = fixture_upload(k, (size_t)T * stride * 4);
+  struct gpu_buffer *bv = fixture_upload(v, (size_t)T * stride * 4);
+  struct gpu_buffer *ck = fixture_upload(zero, cache_w * 4), *cv = fixture_upload(zero, cache_w * 4);
   struct gpu_buffer *bs = fixture_upload(slots, sizeof slots);
   struct gpu_cmd *cmd;
   KT_ASSERT_OK(gpu_cmd_new(dev, &cmd));
@@ -192,29 +231,82 @@ KT_TEST(kv_write_scatters_into_block_slots) {
   KT_ASSERT_OK(attn_record_write(&ak, cmd, (struct gpu_binding){bk, 0, 0},
                                  (struct gpu_binding){bv, 0, 0}, (struct gpu_binding){ck, 0, 0},
                                  (struct gpu_binding){cv, 0, 0}, (struct gpu_binding){bs, 0, 0}, T,
-                                 HKV, HD, BS, STRIDE));
+                                 HKV, HD, BS, stride));
   KT_ASSERT_OK(gpu_cmd_submit(cmd));
   KT_ASSERT_OK(gpu_cmd_wait(cmd));
-  float *gk = fixture_download(ck, cache_n * 4), *gv = fixture_download(cv, cache_n * 4);
+  uint32_t *gk = fixture_download(ck, cache_w * 4), *gv = fixture_download(cv, cache_w * 4);
   KT_ASSERT(gk && gv);
-  size_t written = 0, mismatches = 0, nonzero = 0;
+  float dec[256], want_dec[256];
+  uint32_t cpu[256];
+  size_t bad = 0, off_step = 0, rows = 0;
+  bool touched[NB * BS * HKV] = {0};
+  uint32_t G = kv_group(HD);
   for (uint32_t t = 0; t < T; t++)
     for (uint32_t h = 0; h < HKV; h++)
-      for (uint32_t d = 0; d < HD; d++) {
-        size_t dst = (((size_t)(slots[t] / BS) * HKV + h) * BS + slots[t] % BS) * HD + d;
-        mismatches +=
-            gk[dst] != k[t * STRIDE + h * HD + d] || gv[dst] != v[t * STRIDE + h * HD + d];
-        written++;
+      for (int which = 0; which < 2; which++) {
+        size_t r = ((size_t)(slots[t] / BS) * HKV + h) * BS + slots[t] % BS;
+        touched[r] = true;
+        const float *x = (which ? v : k) + (size_t)t * stride + h * HD;
+        const uint32_t *row = (which ? gv : gk) + r * rw;
+        kv_decode_row(kt, row, HD, dec);
+        kv_encode_row(kt, x, HD, cpu);
+        kv_decode_row(kt, cpu, HD, want_dec);
+        for (uint32_t d = 0; d < HD; d++) {
+          double amax = 0;
+          for (uint32_t i = 0; G && i < G; i++)
+            amax = fmax(amax, fabs(x[d / G * G + i]));
+          double bound = kt == KV_F32   ? 0
+                         : kt == KV_F16 ? fabs(x[d]) * 0x1p-11 + 1e-7
+                         : kt == KV_Q8_0 ? amax / 127 * 0.57 + 1e-6
+                                         : amax / 8 * 1.01 + 1e-6;
+          if (!(fabs(dec[d] - x[d]) <= bound)) bad++;
+          if (dec[d] != want_dec[d]) off_step++;
+        }
+        rows++;
       }
-  for (size_t i = 0; i < cache_n; i++)
-    nonzero += gk[i] != 0;
-  KT_CHECK_EQ(mismatches, 0);
-  KT_CHECK_EQ(nonzero, written); /* nothing outside the slots was touched */
-  free(gk), free(gv), free(zero);
+  size_t stray = 0;
+  for (size_t r = 0; r < (size_t)NB * BS * HKV; r++)
+    for (uint32_t w = 0; !touched[r] && w < rw; w++)
+      stray += gk[r * rw + w] != 0 || gv[r * rw + w] != 0;
+  kt_log("kv_write %s hd %u: %zu rows, %zu values outside the format's rounding, %zu differing "
+         "from the CPU encoder",
+         kv_type_name(kt), HD, rows, bad, off_step);
+  KT_CHECK_EQ(bad, 0);
+  KT_CHECK_EQ(stray, 0); /* nothing outside the slots was touched */
+  /* f32 is a copy; f16's conversion rounds to nearest; a quantizer may land a tie on the other
+   * side now and then, never often. */
+  if (kt == KV_F32) KT_CHECK_EQ(off_step, 0);
+  KT_CHECK(off_step * 100 <= rows * HD);
+  free(gk), free(gv), free(zero), free(k), free(v);
   gpu_cmd_free(cmd);
   struct gpu_buffer *bufs[] = {bk, bv, ck, cv, bs};
   for (int i = 0; i < 5; i++)
     gpu_buffer_free(bufs[i]);
+  attn_destroy(&ak);
+}
+
+KT_TEST(kv_write_stores_every_type_into_block_slots) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  check_kv_write(KV_F32, 20);
+  check_kv_write(KV_F16, 20);
+  for (int t = KV_Q8_0; t <= KV_Q4_0; t++) {
+    check_kv_write((enum kv_type)t, 8);   /* one group of 8 per row */
+    check_kv_write((enum kv_type)t, 48);  /* three groups of 16: an odd scale word */
+    check_kv_write((enum kv_type)t, 128); /* four groups of 32 */
+  }
+  /* A head size a quantized type cannot group is refused, not written. */
+  struct attn_kernels ak;
+  KT_ASSERT_OK(attn_init(&ak, fixture_device(), KV_Q4_0));
+  struct gpu_cmd *cmd;
+  KT_ASSERT_OK(gpu_cmd_new(fixture_device(), &cmd));
+  KT_ASSERT_OK(gpu_cmd_begin(cmd));
+  struct gpu_buffer *b = fixture_upload(NULL, 4096);
+  struct gpu_binding x = {b, 0, 0};
+  KT_CHECK_EQ(attn_record_write(&ak, cmd, x, x, x, x, x, 1, 1, 20, 8, 20), KVD_E_UNSUPPORTED);
+  KT_CHECK_EQ(gpu_cmd_submit(cmd), KVD_E_UNSUPPORTED);
+  gpu_buffer_free(b);
+  gpu_cmd_free(cmd);
   attn_destroy(&ak);
   FIXTURE_CHECK_VALIDATION();
 }

@@ -760,3 +760,70 @@ KT_TEST(yarn_and_longrope_match_the_reference) {
   check_variant("models/arch/phi3.gguf", &longrope, 24, 1e-4);
   FIXTURE_CHECK_VALIDATION();
 }
+
+/* ---- KV types: f16, q8_0 and q4_0 blocks against a reference that rounds its cache alike ---- */
+
+/* The engine storing K/V in type kt and the CPU reference rounding each cached row through the
+ * same type (kv_format.c) compute the same logits up to where a K or V value lands within f32
+ * noise of a rounding boundary of the format: the engine's f32 value and the reference's
+ * (float64 sums) then round to neighbouring codes, one step apart, and that step stays in the
+ * cache. So the bound is a fraction of what the type moves the logits from exact f32 KV (an
+ * engine that stored or read the rows wrongly is off by the whole of it or more; f16's floor is
+ * below); test_attn
+ * checks the kernels exactly, on identical rows. */
+static void check_kv_type(const char *rel, enum kv_type kt, uint32_t n, uint32_t block_size) {
+  struct gguf_file *f = open_model(rel);
+  if (!f) KT_SKIP("%s not found", rel);
+  struct model_ref *ref = NULL, *exact = NULL;
+  struct model_error err = {{0}};
+  KT_ASSERT_OK(model_ref_new(f, &(struct model_ref_opts){.kv_type = kt}, &ref, &err));
+  KT_ASSERT_OK(model_ref_new(f, NULL, &exact, &err));
+  struct engine *e = new_engine(f, &(struct engine_opts){.block_size = block_size,
+                                                        .n_blocks = n / block_size + 4,
+                                                        .kv_type = kt});
+  KT_ASSERT(e);
+  KT_CHECK_EQ(engine_kv_type(e), kt);
+  uint32_t nv = model_ref_hparams(ref)->n_vocab;
+  float *got = malloc(nv * 4), *want = malloc(nv * 4), *f32 = malloc(nv * 4);
+  KT_ASSERT(got && want && f32);
+  struct engine_seq *s;
+  KT_ASSERT_OK(engine_seq_new(e, &s));
+  double worst = 0, moved = 0;
+  for (uint32_t pos = 0; pos < n; pos++) {
+    int32_t tok = (int32_t)kt_rand_range(3, (int)nv - 1);
+    KT_ASSERT_OK(model_ref_forward(ref, (uint32_t)tok, pos, want));
+    KT_ASSERT_OK(model_ref_forward(exact, (uint32_t)tok, pos, f32));
+    KT_ASSERT_OK(feed(e, s, &tok, 1, 1, got));
+    worst = fmax(worst, logits_err(got, want, nv));
+    moved = fmax(moved, logits_err(want, f32, nv));
+  }
+  kt_log("%s, KV %s, block %u: engine vs reference %.3g; the type moves logits by %.3g", rel,
+         kv_type_name(kt), block_size, worst, moved);
+  /* f16 moves logits by ~1e-3 in all, so one flipped half is a good part of it: there the floor
+   * is 1e-3 (a misread half, or f32 bits taken for two halves, is off by orders more). */
+  KT_CHECK(worst < fmax(kt == KV_F16 ? 1e-3 : 1e-4, 0.35 * moved));
+  if (kt == KV_F32) KT_CHECK(moved == 0);
+  if (kt != KV_F32) KT_CHECK(moved > 0); /* the rounding is really applied */
+  /* Bytes per token: 2x, ~3.8x, ~7x fewer than f32 for head_dim >= 32 (kv_format.h). */
+  uint64_t per_tok = engine_kv_bytes_per_token(e);
+  kt_log("  %llu KV bytes per token", (unsigned long long)per_tok);
+  engine_seq_free(e, s);
+  engine_free(e);
+  model_ref_free(ref);
+  model_ref_free(exact);
+  free(got), free(want), free(f32);
+  gguf_close(f);
+}
+
+KT_TEST(every_kv_type_matches_a_reference_rounding_alike) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  static const uint32_t blocks[] = {1, 7, 16, 64};
+  for (int t = 0; t < KV_TYPE_COUNT; t++)
+    for (int b = 0; b < 2; b++)
+      check_kv_type("models/stories260K.gguf", (enum kv_type)t, 70, blocks[(t + 2 * b) % 4]);
+  check_kv_type("models/arch/qwen3.gguf", KV_Q8_0, 20, 16); /* head_dim 64: groups of 32 */
+  check_kv_type("models/arch/gemma3.gguf", KV_Q4_0, 20, 7);
+  check_kv_type("models/arch/phi3.gguf", KV_F16, 20, 16);
+  FIXTURE_CHECK_VALIDATION();
+}
