@@ -59,6 +59,8 @@ static const struct opt opts[] = {
     {"kv-budget", OPT_STR, F(kv_budget), "50%", "KVD_KV_BUDGET",
      "KV cache memory: bytes (512M, 2G) or a share of free device memory (50%)"},
     {"block-size", OPT_INT, F(block_size), "16", NULL, "KV block size in tokens"},
+    {"kv-type", OPT_STR, F(kv_type), "f16", "KVD_KV_TYPE",
+     "how the KV cache stores keys and values: f32, f16, q8_0 (half of f16) or q4_0 (a quarter)"},
     {"log-level", OPT_INT, F(log_level), "6", "KVD_LOG_LEVEL",
      "log verbosity as a syslog level: 3 errors .. 7 debug"},
 };

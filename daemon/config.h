@@ -33,6 +33,7 @@ struct kvd_config {
   char *cache_dir; /* pipeline cache folder */
   char *kv_budget; /* KV cache bytes ("512M", "2G") or a share of free memory ("50%") */
   int block_size;  /* KV block size in tokens */
+  char *kv_type;   /* KV storage type name (kv_format.h), "f16" by default */
   int log_level;   /* syslog levels: 3 err .. 7 debug */
 };
 

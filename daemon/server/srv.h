@@ -56,6 +56,7 @@ struct srv_model {
   enum chat_family chat;
   enum chat_source chat_source;
   bool chat_forced; /* chat was configured (models.load / --chat-template): keep it */
+  const char *kv_type; /* models.load's kv_type (a kv_type_name() string), or NULL: --kv-type */
   struct sched *sched;
   uv_async_t async;
   bool async_open;
@@ -166,13 +167,14 @@ void srv_reply_done(struct srv_conn *c, uint32_t id);
 /* chat_template: a family name (chat_family_parse) used over the file's template, or NULL. */
 int srv_model_load(struct srv *s, const char *path, const char *name, const char *chat_template,
                    struct srv_model **ret, char *err, size_t errlen);
+/* kv_type: a KV type name for this model over --kv-type, or NULL (checked by the handler). */
 void srv_model_unload(struct srv_model *m);
 struct srv_model *srv_model_find(struct srv *s, const char *name, size_t len);
 void srv_model_release(struct srv_model *m); /* n_active-- and free if unloading */
 void srv_models_free(struct srv *s);
 /* models.load on the threadpool */
 void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name,
-                          const char *chat_template);
+                          const char *chat_template, const char *kv_type);
 
 /* srv_gen.c */
 void srv_gen_event(struct srv_model *model, const struct sched_event *ev);

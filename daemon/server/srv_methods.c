@@ -84,6 +84,7 @@ static void write_model(struct ipc_w *w, const struct srv_model *m, bool is_defa
   ipc_w_kv_u64(w, "n_params", params);
   ipc_w_kv_u64(w, "bytes", bytes);
   ipc_w_kv_u64(w, "kv_bytes_per_token", engine_kv_bytes_per_token(sched_engine(m->sched)));
+  ipc_w_kv_cstr(w, "kv_type", kv_type_name(engine_kv_type(sched_engine(m->sched))));
   ipc_w_kv_u64(w, "steps", st.steps);
   ipc_w_kv_u64(w, "prefill_tokens", st.prefill_tokens);
   ipc_w_kv_u64(w, "decode_tokens", st.decode_tokens);
@@ -122,8 +123,13 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_close(w);
   /* KV: summed over the loaded models' pools. */
   uint64_t bt = 0, total = 0, used = 0, free_ = 0, hw = 0, fails = 0, kv_bytes = 0, cached = 0,
-           lookups = 0, hits = 0, evictions = 0, preemptions = 0;
+           lookups = 0, hits = 0, evictions = 0, preemptions = 0, bpt = 0;
+  const char *kv_type = NULL; /* the models' KV type, "mixed" when they differ */
   for (struct srv_model *m = s->models; m; m = m->next) {
+    const struct engine *e = sched_engine(m->sched);
+    const char *t = kv_type_name(engine_kv_type(e));
+    kv_type = !kv_type || !strcmp(kv_type, t) ? t : "mixed";
+    if (m == s->models) bpt = engine_kv_bytes_per_token(e); /* the default model's */
     struct sched_stats st;
     sched_get_stats(m->sched, &st);
     bt = st.kv.block_size;
@@ -161,6 +167,8 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_kv_u64(w, "preemptions", preemptions);
   ipc_w_kv_u64(w, "high_water", hw);
   ipc_w_kv_u64(w, "alloc_failures", fails);
+  if (kv_type) ipc_w_kv_cstr(w, "kv_type", kv_type);
+  if (s->models) ipc_w_kv_u64(w, "bytes_per_token", bpt);
   ipc_w_close(w);
   /* From the same snapshot as the requests array (the engine's own counters lag it). */
   uint32_t n_queued, n_started;

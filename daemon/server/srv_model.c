@@ -70,7 +70,14 @@ static int model_open(struct srv *s, struct srv_model *m, const char *path, stru
   uint64_t kv_bytes = 0;
   double kv_frac = 0;
   config_parse_budget(cfg->kv_budget, &kv_bytes, &kv_frac);
+  enum kv_type kvt;
+  const char *kvt_name = m->kv_type ? m->kv_type : cfg->kv_type ? cfg->kv_type : "f16";
+  if (kv_type_parse(kvt_name, &kvt) < 0) {
+    snprintf(err, errlen, "KV type '%.16s' is not one of f32, f16, q8_0, q4_0", kvt_name);
+    return KVD_EINVAL;
+  }
   struct engine_opts eo = {
+      .kv_type = kvt,
       .block_size = (uint32_t)cfg->block_size,
       .kv_bytes = kv_bytes,
       .kv_fraction = kv_frac,
@@ -252,7 +259,7 @@ static void load_after_cb(uv_work_t *req, int status) {
 }
 
 void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name,
-                          const char *chat_template) {
+                          const char *chat_template, const char *kv_type) {
   struct load_work *w = calloc(1, sizeof *w);
   struct srv_model *m = w ? calloc(1, sizeof *m) : NULL;
   if (!m) {
@@ -268,6 +275,9 @@ void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, con
   }
   m->srv = c->srv;
   m->path = strdup(path);
+  /* A static name: the handler checked it is one of them. */
+  enum kv_type kvt;
+  if (kv_type && kv_type_parse(kv_type, &kvt) == 0) m->kv_type = kv_type_name(kvt);
   if (name && *name)
     snprintf(m->name, sizeof m->name, "%s", name);
   else
@@ -288,11 +298,12 @@ void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, con
 
 void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
-  const char *path = NULL, *name = NULL, *tmpl = NULL;
-  size_t plen, nlen, tlen;
+  const char *path = NULL, *name = NULL, *tmpl = NULL, *kvt = NULL;
+  size_t plen, nlen, tlen, klen;
   if (ipc_get_str(msg->params, "path", &path, &plen, &e) < 0 ||
       ipc_get_str(msg->params, "name", &name, &nlen, &e) < 0 ||
-      ipc_get_str(msg->params, "chat_template", &tmpl, &tlen, &e) < 0) {
+      ipc_get_str(msg->params, "chat_template", &tmpl, &tlen, &e) < 0 ||
+      ipc_get_str(msg->params, "kv_type", &kvt, &klen, &e) < 0) {
     srv_reply_error(c, msg->id, e.code, "%s", e.message);
     return;
   }
@@ -315,7 +326,12 @@ void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, KVD_EINVAL, "path must be an absolute path to a GGUF file");
     return;
   }
-  srv_model_load_async(c, msg->id, path, name, tmpl);
+  enum kv_type kt;
+  if (kvt && (strlen(kvt) != klen || kv_type_parse(kvt, &kt) < 0)) {
+    srv_reply_error(c, msg->id, KVD_EINVAL, "kv_type must be one of f32, f16, q8_0, q4_0");
+    return;
+  }
+  srv_model_load_async(c, msg->id, path, name, tmpl, kvt);
 }
 
 void srv_h_models_unload(struct srv_conn *c, const struct ipc_msg *msg) {

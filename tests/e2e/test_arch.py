@@ -73,7 +73,7 @@ def run_family(d, name):
 def windowed_generation_is_bounded():
     """mistral_swa reads the last 64 positions in every layer: on a pool of 6 blocks (96 tokens)
     a generation runs far past 96 tokens, holding at most window / block + 2 blocks."""
-    d = Daemon(KVD, os.path.join(ARCH, 'mistral_swa.gguf'), '--kv-budget', '192K')
+    d = Daemon(KVD, os.path.join(ARCH, 'mistral_swa.gguf'), '--kv-budget', '96K')
     try:
         with d.connect() as p:
             kv = p.call('status')['kv']
@@ -148,6 +148,38 @@ def qwen3_thinking_switch(d):
         p.call('models.unload', name='q3')
 
 
+def kv_types_per_model(d):
+    """models.load's kv_type: each model stores its KV as asked, models.list and status say so,
+    a token costs 2x / ~3.8x / ~7x fewer bytes than f32 (head size 64), and a bad name is
+    refused. The f16 default already ran every reference above; q8_0 keeps qwen3's first case
+    to its first near-tie."""
+    path = os.path.join(ARCH, 'qwen3.gguf')
+    ref = json.load(open(os.path.join(ARCH, 'qwen3.json')))
+    with d.connect() as p:
+        for t in ('f32', 'f16', 'q8_0', 'q4_0'):
+            p.call('models.load', path=path, name='kv_' + t, kv_type=t, timeout=300)
+        try:
+            p.call('models.load', path=path, name='kv_bad', kv_type='q2_k', timeout=300)
+            check(False, 'kv_type q2_k was accepted')
+        except peer.KvdError as e:
+            check(e.code == KVD_EINVAL, f'{e}')
+        models = {m['name']: m for m in p.call('models.list')['models']}
+        bpt = {t: models['kv_' + t]['kv_bytes_per_token'] for t in ('f32', 'f16', 'q8_0', 'q4_0')}
+        for t in bpt:
+            check(models['kv_' + t]['kv_type'] == t, f'{models["kv_" + t]}')
+        check(bpt['f32'] == 2 * bpt['f16'] and 3.7 < bpt['f32'] / bpt['q8_0'] < 3.8 and
+              7.0 < bpt['f32'] / bpt['q4_0'] < 7.2, f'{bpt}')
+        check(p.call('status')['kv']['kv_type'] == 'mixed', 'status kv_type')
+        c = ref['cases'][0]
+        _, chunks = p.generate(prompt=c['prompt'], model='kv_q8_0', temperature=0,
+                               max_tokens=len(c['generated_ids']), timeout=300)
+        ids = [i for ch in chunks for i in ch.get('tokens', [])]
+        want, upto = expected_ids('qwen3', c)
+        check(ids[:upto] == want[:upto], f'q8_0 KV: {ids[:upto]} vs {want[:upto]}')
+        for t in bpt:
+            p.call('models.unload', name='kv_' + t)
+
+
 def main():
     tap = Tap()
     if not os.path.isdir(ARCH):
@@ -163,6 +195,8 @@ def main():
             chat_template_override_and_warning, d)
     tap.run('qwen3: thinking off opens the answer with an empty think block',
             qwen3_thinking_switch, d)
+    tap.run('kv_type per model: stored, reported, priced, refused when unknown',
+            kv_types_per_model, d)
     if not SANITIZED:
         tap.run('a windowed model gives back the blocks before its window',
                 windowed_generation_is_bounded)
