@@ -59,13 +59,17 @@ static void run_until_done(struct sched *s, struct sched_req **reqs, struct out 
   }
 }
 
+/* The KV type new_sched's engines store (the quantized-block runs set it). */
+static enum kv_type g_kv_type = KV_F32;
+
 static struct sched *new_sched(struct gguf_file **f, uint32_t n_blocks, uint32_t step_tokens) {
   const char *path = kt_shared_path("models/stories260K.gguf");
   struct gguf_error gerr;
   if (!path || gguf_open(path, f, &gerr) < 0) return NULL;
   struct engine *e;
   struct model_error err;
-  if (engine_new(fixture_device(), *f, &(struct engine_opts){.n_blocks = n_blocks}, &e, &err) < 0)
+  if (engine_new(fixture_device(), *f,
+                 &(struct engine_opts){.n_blocks = n_blocks, .kv_type = g_kv_type}, &e, &err) < 0)
     return NULL;
   struct sched *s;
   if (sched_new(e, &(struct sched_opts){.step_tokens = step_tokens, .notify = on_notify}, &s) < 0)
@@ -202,9 +206,7 @@ KT_TEST(session_keeps_kv_and_cancel_frees_blocks) {
   FIXTURE_CHECK_VALIDATION();
 }
 
-KT_TEST(preemption_under_a_tiny_pool_keeps_every_output_exact) {
-  FIXTURE_DEVICE(dev);
-  (void)dev;
+static void preemption_body(void) {
   struct gguf_file *f = NULL;
   /* 12 blocks of 16 tokens for 6 requests that each grow to ~60 tokens: they cannot all be
    * resident, so the scheduler must preempt and recompute, and outputs must not change. */
@@ -257,12 +259,16 @@ KT_TEST(preemption_under_a_tiny_pool_keeps_every_output_exact) {
   sched_req_free(r);
   sched_free(s);
   gguf_close(f);
+}
+
+KT_TEST(preemption_under_a_tiny_pool_keeps_every_output_exact) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  preemption_body();
   FIXTURE_CHECK_VALIDATION();
 }
 
-KT_TEST(shared_prefix_is_prefilled_once_and_output_is_unchanged) {
-  FIXTURE_DEVICE(dev);
-  (void)dev;
+static void shared_prefix_body(void) {
   struct gguf_file *f = NULL, *f2 = NULL;
   struct sched *s = new_sched(&f, 64, 0);
   if (!s && !f) KT_SKIP("stories260K.gguf not found");
@@ -310,6 +316,27 @@ KT_TEST(shared_prefix_is_prefilled_once_and_output_is_unchanged) {
   sched_free(s);
   gguf_close(f);
   gguf_close(f2);
+}
+
+KT_TEST(shared_prefix_is_prefilled_once_and_output_is_unchanged) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  shared_prefix_body();
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Preemption (recompute) and prefix sharing on f16, q8_0 and q4_0 blocks: outputs equal the solo
+ * runs on the same KV type exactly, since a value is always stored the same way. */
+KT_TEST(preemption_and_prefix_cache_on_quantized_blocks) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  for (int t = KV_F16; t < KV_TYPE_COUNT; t++) {
+    g_kv_type = (enum kv_type)t;
+    kt_log("KV %s", kv_type_name(g_kv_type));
+    preemption_body();
+    shared_prefix_body();
+  }
+  g_kv_type = KV_F32;
   FIXTURE_CHECK_VALIDATION();
 }
 
