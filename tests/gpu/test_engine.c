@@ -5,6 +5,7 @@
 #include "generate.h"
 #include "gguf_write.h"
 #include "gpu_fixture.h"
+#include "kvacc.h"
 #include "kvd_error.h"
 #include "ref.h"
 #include "sample.h"
@@ -825,5 +826,39 @@ KT_TEST(every_kv_type_matches_a_reference_rounding_alike) {
   check_kv_type("models/arch/qwen3.gguf", KV_Q8_0, 20, 16); /* head_dim 64: groups of 32 */
   check_kv_type("models/arch/gemma3.gguf", KV_Q4_0, 20, 7);
   check_kv_type("models/arch/phi3.gguf", KV_F16, 20, 16);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* What each KV type costs in accuracy on stories260K, over a 160-token greedy text teacher-forced
+ * against f32 KV (kvacc.c; bench_kv measures 512 tokens for BENCHMARKS.md: mean KL 4e-6 f16,
+ * 3e-3 q8_0, 0.7 q4_0, whose 8-value heads are the worst case for 4-bit groups). The bounds are
+ * those measurements with a margin of about 3x. */
+KT_TEST(kv_type_accuracy_stays_within_measured_bounds) {
+  FIXTURE_DEVICE(dev);
+  struct gguf_file *f = open_model("models/stories260K.gguf");
+  if (!f) KT_SKIP("stories260K.gguf not found");
+  int32_t prompt[8] = {1, 403, 407, 261, 378, 300, 422, 293}, text[160];
+  int n = kvacc_text(dev, f, prompt, 8, text, 160);
+  KT_ASSERT(n > 100);
+  static const struct {
+    enum kv_type t;
+    double max_mean_kl, min_top1, max_ppl_ratio;
+  } bounds[] = {
+      {KV_F16, 1e-4, 0.99, 1.002},
+      {KV_Q8_0, 0.02, 0.90, 1.05},
+      {KV_Q4_0, 2.0, 0.40, 4.0},
+  };
+  for (size_t i = 0; i < sizeof bounds / sizeof bounds[0]; i++) {
+    struct kvacc_result r;
+    KT_ASSERT_OK(kvacc_measure(dev, f, bounds[i].t, text, (uint32_t)n, &r));
+    kt_log("KV %s over %u positions: mean KL %.3g (max %.3g), top-1 %.1f%%, ppl %.4f -> %.4f",
+           kv_type_name(bounds[i].t), r.n, r.mean_kl, r.max_kl, 100 * r.top1, r.ppl_f32,
+           r.ppl_type);
+    KT_CHECK(r.mean_kl > 0); /* the type is really in use */
+    KT_CHECK(r.mean_kl < bounds[i].max_mean_kl);
+    KT_CHECK(r.top1 >= bounds[i].min_top1);
+    KT_CHECK(r.ppl_type / r.ppl_f32 < bounds[i].max_ppl_ratio);
+  }
+  gguf_close(f);
   FIXTURE_CHECK_VALIDATION();
 }
