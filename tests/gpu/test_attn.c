@@ -147,8 +147,10 @@ static void run_case_kv(const struct case_ *c, enum kv_type kt) {
   KT_ASSERT_OK(rc);
   /* f32 on both sides, summed in different orders (splits merged with online softmax): a few
    * ulps of the largest value. 1e-5 failed about one random draw in thirty (1.6e-5 seen with
-   * head size 128, 4 splits). */
-  KT_ASSERT_MSG(err < 5e-5,
+   * head size 128, 4 splits). The quantized kernels sum each group's quants before scaling it,
+   * the reference scales every value first (in double): with soft-capped, 4x larger scores that
+   * reassociation reached 5.4e-5 in one q8_0 draw of about thirty, hence their wider bound. */
+  KT_ASSERT_MSG(err < (kt == KV_F32 || kt == KV_F16 ? 5e-5 : 2e-4),
                 "%s heads %u/%u hd %u bs %u tokens %u kv %u splits %u window %u softcap %g: rel "
                 "err %.3g",
                 kv_type_name(kt), c->n_head, c->n_head_kv, hd, c->block_size, c->n_tokens,
