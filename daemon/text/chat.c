@@ -250,28 +250,6 @@ static void render_llama2(struct sbuf *b, const struct chat_msg *msgs, size_t n)
   }
 }
 
-static void render_llama3(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen) {
-  for (size_t i = 0; i < n; i++) {
-    sb_str(b, "<|start_header_id|>");
-    sb_str(b, role_name(msgs[i].role));
-    sb_str(b, "<|end_header_id|>\n\n");
-    sb_span(b, content(&msgs[i], true, true));
-    sb_str(b, "<|eot_id|>");
-  }
-  if (gen) sb_str(b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
-}
-
-static void render_chatml(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen) {
-  for (size_t i = 0; i < n; i++) {
-    sb_str(b, "<|im_start|>");
-    sb_str(b, role_name(msgs[i].role));
-    sb_str(b, "\n");
-    sb_span(b, content(&msgs[i], false, false));
-    sb_str(b, "<|im_end|>\n");
-  }
-  if (gen) sb_str(b, "<|im_start|>assistant\n");
-}
-
 /* mistral-common: v1 "▁[INST]▁user▁[/INST]▁answer</s>" with the system prompt before the first
  * user message; v3 (and Tekken) "[INST]▁user[/INST]▁answer</s>" with it before the last one.
  * v7 keeps system prompts in place between [SYSTEM_PROMPT] tags. */
@@ -323,17 +301,6 @@ static void render_mistral(struct sbuf *b, enum chat_family fam, const struct ch
   }
 }
 
-static void render_zephyr(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen) {
-  for (size_t i = 0; i < n; i++) {
-    sb_str(b, "<|");
-    sb_str(b, role_name(msgs[i].role));
-    sb_str(b, "|>\n");
-    sb_span(b, content(&msgs[i], false, false));
-    sb_str(b, "</s>\n");
-  }
-  if (gen) sb_str(b, "<|assistant|>\n");
-}
-
 /* Gemma has no system role: system text goes before the first user message (Gemma 3's template
  * does this), and the assistant is called "model". */
 static void render_gemma(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen) {
@@ -375,47 +342,38 @@ static struct span without_thinking(const struct chat_msg *m) {
   return s;
 }
 
-/* Qwen3: ChatML; answers before the last user message are replayed without their reasoning;
- * with thinking off the new answer opens with an empty think block. */
-static void render_qwen3(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen,
-                         enum chat_thinking think) {
+/* The families whose every turn is open + role + sep + content + close, and whose generation
+ * prompt is open + "assistant" + sep: a row of this table each. */
+struct tag_format {
+  const char *open, *sep, *close;
+  bool trim; /* contents trimmed at both ends (llama-3's template does) */
+};
+static const struct tag_format
+    TAG_LLAMA3 = {"<|start_header_id|>", "<|end_header_id|>\n\n", "<|eot_id|>", true},
+    TAG_CHATML = {"<|im_start|>", "\n", "<|im_end|>\n", false},
+    TAG_ZEPHYR = {"<|", "|>\n", "</s>\n", false},
+    TAG_PHI3 = {"<|", "|>\n", "<|end|>\n", false}, /* Phi-3, Phi-3.5 */
+    TAG_PHI4_MINI = {"<|", "|>", "<|end|>", false},  /* the same without newlines */
+    TAG_PHI4 = {"<|im_start|>", "<|im_sep|>", "<|im_end|>", false};
+
+/* strip_thinking (Qwen3): answers before the last user message are replayed without their
+ * reasoning, as the template does. */
+static void render_tagged(struct sbuf *b, const struct tag_format *f, const struct chat_msg *msgs,
+                          size_t n, bool gen, bool strip_thinking) {
   size_t lu = last_user(msgs, n);
   for (size_t i = 0; i < n; i++) {
-    sb_str(b, "<|im_start|>");
+    sb_str(b, f->open);
     sb_str(b, role_name(msgs[i].role));
-    sb_str(b, "\n");
-    bool strip = msgs[i].role == CHAT_ROLE_ASSISTANT && (lu == n || i < lu);
-    sb_span(b, strip ? without_thinking(&msgs[i]) : content(&msgs[i], false, false));
-    sb_str(b, "<|im_end|>\n");
+    sb_str(b, f->sep);
+    bool strip = strip_thinking && msgs[i].role == CHAT_ROLE_ASSISTANT && (lu == n || i < lu);
+    sb_span(b, strip ? without_thinking(&msgs[i]) : content(&msgs[i], f->trim, f->trim));
+    sb_str(b, f->close);
   }
   if (gen) {
-    sb_str(b, "<|im_start|>assistant\n");
-    if (think == CHAT_THINK_OFF) sb_str(b, "<think>\n\n</think>\n\n");
+    sb_str(b, f->open);
+    sb_str(b, "assistant");
+    sb_str(b, f->sep);
   }
-}
-
-/* Phi-3 and Phi-4-mini: <|role|> tags closed by <|end|>, with or without newlines. */
-static void render_phi3(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen,
-                        bool newlines) {
-  for (size_t i = 0; i < n; i++) {
-    sb_str(b, "<|");
-    sb_str(b, role_name(msgs[i].role));
-    sb_str(b, newlines ? "|>\n" : "|>");
-    sb_span(b, content(&msgs[i], false, false));
-    sb_str(b, newlines ? "<|end|>\n" : "<|end|>");
-  }
-  if (gen) sb_str(b, newlines ? "<|assistant|>\n" : "<|assistant|>");
-}
-
-static void render_phi4(struct sbuf *b, const struct chat_msg *msgs, size_t n, bool gen) {
-  for (size_t i = 0; i < n; i++) {
-    sb_str(b, "<|im_start|>");
-    sb_str(b, role_name(msgs[i].role));
-    sb_str(b, "<|im_sep|>");
-    sb_span(b, content(&msgs[i], false, false));
-    sb_str(b, "<|im_end|>");
-  }
-  if (gen) sb_str(b, "<|im_start|>assistant<|im_sep|>");
 }
 
 /* DeepSeek V3 / R1: system prompts first (after BOS), then <｜User｜> and <｜Assistant｜> turns,
@@ -483,10 +441,10 @@ int chat_render_opts(enum chat_family fam, const struct chat_msg *msgs, size_t n
     render_llama2(&b, msgs, n);
     break;
   case CHAT_LLAMA3:
-    render_llama3(&b, msgs, n, gen);
+    render_tagged(&b, &TAG_LLAMA3, msgs, n, gen, false);
     break;
   case CHAT_CHATML:
-    render_chatml(&b, msgs, n, gen);
+    render_tagged(&b, &TAG_CHATML, msgs, n, gen, false);
     break;
   case CHAT_MISTRAL_V1:
   case CHAT_MISTRAL_V3:
@@ -494,20 +452,22 @@ int chat_render_opts(enum chat_family fam, const struct chat_msg *msgs, size_t n
     render_mistral(&b, fam, msgs, n);
     break;
   case CHAT_ZEPHYR:
-    render_zephyr(&b, msgs, n, gen);
+    render_tagged(&b, &TAG_ZEPHYR, msgs, n, gen, false);
     break;
   case CHAT_GEMMA:
     render_gemma(&b, msgs, n, gen);
     break;
   case CHAT_QWEN3:
-    render_qwen3(&b, msgs, n, gen, o.thinking);
+    /* Qwen3 is ChatML; with thinking off the answer opens with an empty think block. */
+    render_tagged(&b, &TAG_CHATML, msgs, n, gen, true);
+    if (gen && o.thinking == CHAT_THINK_OFF) sb_str(&b, "<think>\n\n</think>\n\n");
     break;
   case CHAT_PHI3:
   case CHAT_PHI4_MINI:
-    render_phi3(&b, msgs, n, gen, fam == CHAT_PHI3);
+    render_tagged(&b, fam == CHAT_PHI3 ? &TAG_PHI3 : &TAG_PHI4_MINI, msgs, n, gen, false);
     break;
   case CHAT_PHI4:
-    render_phi4(&b, msgs, n, gen);
+    render_tagged(&b, &TAG_PHI4, msgs, n, gen, false);
     break;
   case CHAT_DEEPSEEK3:
   case CHAT_DEEPSEEK_R1:
