@@ -1,6 +1,7 @@
 /* Engine throughput: prefill and decode tokens/s, time per token with the KV cache against
  * recomputing the whole prefix without it, KV bytes per token, and where a decode step's GPU
  * time goes. A benchmark, not a test. Usage: bench_engine MODEL.gguf [prompt_len] [gen_len] */
+#include "bench_util.h"
 #include "engine.h"
 #include "gpu.h"
 #include "kvd_error.h"
@@ -8,13 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static int step(struct engine *e, struct engine_seq *s, const int32_t *t, uint32_t n, float *lg) {
   struct engine_item it = {.seq = s, .tokens = t, .n_tokens = n, .logits = lg};
@@ -36,16 +30,14 @@ int main(int argc, char **argv) {
   }
   struct gpu_instance *inst;
   struct gpu_device *dev;
-  int rc = gpu_instance_new(&(struct gpu_instance_opts){0}, &inst);
-  if (rc == 0)
-    rc = gpu_device_new(inst, &(struct gpu_device_opts){.select = getenv("KVD_DEVICE")}, &dev);
+  int rc = bench_device_open(NULL, &inst, &dev);
   if (rc < 0) {
     fprintf(stderr, "device: %s (%s)\n", kvd_strerror(rc), gpu_error_detail());
     return 1;
   }
   struct engine *e;
   struct model_error merr = {{0}};
-  double t0 = now_s();
+  double t0 = bench_now();
   rc = engine_new(dev, f, &(struct engine_opts){.n_blocks = 4096}, &e, &merr);
   if (rc < 0) {
     fprintf(stderr, "engine: %s: %s\n", kvd_strerror(rc), merr.msg);
@@ -55,7 +47,7 @@ int main(int argc, char **argv) {
   if (n_prompt + n_gen > hp->n_ctx_train) n_gen = hp->n_ctx_train - n_prompt;
   printf("model %s: dim %u, %u layers, vocab %u; device %s\n", argv[1], hp->n_embd, hp->n_layer,
          hp->n_vocab, gpu_device_caps(dev)->name);
-  printf("load: %.3f s; KV bytes per token (all layers, K+V, f32): %llu\n", now_s() - t0,
+  printf("load: %.3f s; KV bytes per token (all layers, K+V, f32): %llu\n", bench_now() - t0,
          (unsigned long long)engine_kv_bytes_per_token(e));
 
   int32_t *toks = malloc((n_prompt + n_gen) * sizeof *toks);
@@ -73,14 +65,14 @@ int main(int argc, char **argv) {
 
   /* Prefill: the whole prompt in one step. */
   engine_seq_new(e, &s);
-  t0 = now_s();
+  t0 = bench_now();
   rc = step(e, s, toks, n_prompt, lg);
-  double prefill = now_s() - t0;
+  double prefill = bench_now() - t0;
   /* Decode n_gen tokens one step each with the KV cache. */
-  t0 = now_s();
+  t0 = bench_now();
   for (uint32_t i = 0; i < n_gen && rc == 0; i++)
     rc = step(e, s, &toks[n_prompt + i], 1, lg);
-  double decode = now_s() - t0;
+  double decode = bench_now() - t0;
   engine_seq_free(e, s);
   if (rc < 0) {
     fprintf(stderr, "forward: %s (%s)\n", kvd_strerror(rc), gpu_error_detail());
@@ -96,12 +88,12 @@ int main(int argc, char **argv) {
   double nocache = 0, cached = 0;
   for (int i = 0; i < 4 && rc == 0; i++) {
     engine_seq_new(e, &s);
-    t0 = now_s();
+    t0 = bench_now();
     rc = step(e, s, toks, ctx + (uint32_t)i, lg); /* prefix recomputed from scratch */
-    nocache += now_s() - t0;
-    t0 = now_s();
+    nocache += bench_now() - t0;
+    t0 = bench_now();
     if (rc == 0) rc = step(e, s, &toks[ctx + i], 1, lg); /* the same token with the cache */
-    cached += now_s() - t0;
+    cached += bench_now() - t0;
     engine_seq_free(e, s);
   }
   printf("at %u tokens of context: %.2f ms/token with the KV cache, %.2f ms/token recomputing "

@@ -3,6 +3,7 @@
  * decode speed at several positions, prefill speed, bytes per token and how many 512-token
  * sequences a 1 GiB budget holds. A benchmark, not a test.
  * Usage: bench_kv MODEL.gguf [text_len] */
+#include "bench_util.h"
 #include "engine.h"
 #include "gpu.h"
 #include "kvacc.h"
@@ -10,13 +11,6 @@
 
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* Decode tok/s over 16 steps starting at position pos, and prefill tok/s of pos tokens. */
 static int speed(struct gpu_device *dev, const struct gguf_file *f, enum kv_type t,
@@ -30,20 +24,20 @@ static int speed(struct gpu_device *dev, const struct gguf_file *f, enum kv_type
   float *lg = malloc(nv * sizeof *lg);
   struct engine_seq *s;
   rc = engine_seq_new(e, &s);
-  double t0 = now_s();
+  double t0 = bench_now();
   for (uint32_t done = 0; rc == 0 && done < pos;) {
     uint32_t k = pos - done < 256 ? pos - done : 256;
     struct engine_item it = {s, toks + done, k, lg};
     rc = engine_forward(e, &it, 1);
     done += k;
   }
-  *prefill = pos / (now_s() - t0);
-  t0 = now_s();
+  *prefill = pos / (bench_now() - t0);
+  t0 = bench_now();
   for (uint32_t i = 0; rc == 0 && i < 16; i++) {
     struct engine_item it = {s, toks + pos + i, 1, lg};
     rc = engine_forward(e, &it, 1);
   }
-  *decode = 16 / (now_s() - t0);
+  *decode = 16 / (bench_now() - t0);
   engine_seq_free(e, s);
   engine_free(e);
   free(lg);
@@ -64,9 +58,7 @@ int main(int argc, char **argv) {
   }
   struct gpu_instance *inst;
   struct gpu_device *dev;
-  int rc = gpu_instance_new(&(struct gpu_instance_opts){0}, &inst);
-  if (rc == 0)
-    rc = gpu_device_new(inst, &(struct gpu_device_opts){.select = getenv("KVD_DEVICE")}, &dev);
+  int rc = bench_device_open(NULL, &inst, &dev);
   if (rc < 0) {
     fprintf(stderr, "device: %s (%s)\n", kvd_strerror(rc), gpu_error_detail());
     return 1;

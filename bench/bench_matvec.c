@@ -1,6 +1,7 @@
 /* f32 mat-vec bandwidth: the shader (portable and subgroup variants) against a plain CPU loop on
  * the same data. A benchmark, not a test: it prints numbers for BENCHMARKS.md and asserts nothing
  * about speed. Usage: bench_matvec [rows] [cols] [iterations] */
+#include "bench_util.h"
 #include "gpu.h"
 #include "kvd_error.h"
 #include "pc_basic.h"
@@ -8,13 +9,6 @@
 
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* The baseline: the loop a C programmer writes first, compiled with the project's flags. */
 static void cpu_matvec(const float *w, const float *x, float *y, uint32_t rows, uint32_t cols) {
@@ -52,12 +46,12 @@ static int bench_gpu(struct gpu_device *dev, const char *shader, uint32_t wg, st
   double best = 1e30, wall = 0;
   /* One warm-up submission, then `iters` submissions of one dispatch each. */
   for (int i = 0; i <= iters && rc == 0; i++) {
-    double t0 = now_s();
+    double t0 = bench_now();
     rc = gpu_cmd_begin(cmd);
     if (rc == 0) rc = gpu_cmd_dispatch(cmd, pipe, bind, 3, &pc, sizeof pc, gx, gy, 1, shader);
     if (rc == 0) rc = gpu_cmd_submit(cmd);
     if (rc == 0) rc = gpu_cmd_wait(cmd);
-    double t = now_s() - t0;
+    double t = bench_now() - t0;
     const struct gpu_timing *tm;
     if (rc == 0 && gpu_cmd_timings(cmd, &tm) == 1 && tm[0].ns > 0) t = tm[0].ns * 1e-9;
     if (i > 0) {
@@ -92,9 +86,9 @@ int main(int argc, char **argv) {
          (double)nw * 4 / (1 << 20), iters);
   double best = 1e30;
   for (int i = 0; i <= iters; i++) {
-    double t0 = now_s();
+    double t0 = bench_now();
     cpu_matvec(w, x, y, rows, cols);
-    double t = now_s() - t0;
+    double t = bench_now() - t0;
     if (i > 0 && t < best) best = t;
   }
   printf("  %-16s         best %8.3f ms  %7.2f GB/s   (y[0]=%g)\n", "cpu loop", best * 1e3,
@@ -102,14 +96,7 @@ int main(int argc, char **argv) {
 
   struct gpu_instance *inst;
   struct gpu_device *dev;
-  int rc = gpu_instance_new(&(struct gpu_instance_opts){.validate = false}, &inst);
-  if (rc == 0) {
-    rc = gpu_device_new(inst,
-                        &(struct gpu_device_opts){.select = getenv("KVD_DEVICE"),
-                                                  .extra_shaders = test_shader_spirv_find},
-                        &dev);
-    if (rc < 0) gpu_instance_free(inst);
-  }
+  int rc = bench_device_open(test_shader_spirv_find, &inst, &dev);
   if (rc < 0) {
     fprintf(stderr, "bench_matvec: %s (%s)\n", kvd_strerror(rc), gpu_error_detail());
     return 1;

@@ -2,6 +2,7 @@
  * time to first token, and KV memory waste (allocated-but-unused token slots / allocated slots,
  * sampled at every event) under a mixed workload. A benchmark, not a test.
  * Usage: bench_sched MODEL.gguf [gen_tokens] */
+#include "bench_util.h"
 #include "engine.h"
 #include "gpu.h"
 #include "kvd_error.h"
@@ -11,7 +12,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
@@ -25,12 +25,6 @@ static void on_notify(void *ud) {
   pthread_mutex_unlock(&mu);
 }
 
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 struct run_stats {
   double seconds, ttft_mean, waste_mean;
   uint64_t tokens;
@@ -41,7 +35,7 @@ static void run(struct sched *s, int n, uint32_t gen, uint32_t n_vocab, struct r
   struct sched_req *reqs[64];
   uint32_t plen[64], got[64] = {0};
   double first[64] = {0};
-  double t0 = now_s();
+  double t0 = bench_now();
   for (int i = 0; i < n; i++) {
     plen[i] = 16 + (uint32_t)(i * 37 % 100); /* 16..115 tokens */
     int32_t toks[128];
@@ -72,7 +66,7 @@ static void run(struct sched *s, int n, uint32_t gen, uint32_t n_vocab, struct r
         if (ev[e].done) {
           left--;
         } else {
-          if (!got[i]++) first[i] = now_s() - t0;
+          if (!got[i]++) first[i] = bench_now() - t0;
           tokens++;
         }
       }
@@ -89,7 +83,7 @@ static void run(struct sched *s, int n, uint32_t gen, uint32_t n_vocab, struct r
       }
     }
   }
-  out->seconds = now_s() - t0;
+  out->seconds = bench_now() - t0;
   out->tokens = tokens;
   out->ttft_mean = 0;
   for (int i = 0; i < n; i++)
@@ -113,9 +107,7 @@ int main(int argc, char **argv) {
   }
   struct gpu_instance *inst;
   struct gpu_device *dev;
-  int rc = gpu_instance_new(&(struct gpu_instance_opts){0}, &inst);
-  if (rc == 0)
-    rc = gpu_device_new(inst, &(struct gpu_device_opts){.select = getenv("KVD_DEVICE")}, &dev);
+  int rc = bench_device_open(NULL, &inst, &dev);
   struct engine *e = NULL;
   struct model_error merr = {{0}};
   if (rc == 0)
@@ -156,7 +148,7 @@ int main(int argc, char **argv) {
     sched_req_new(doc, 400, &r);
     r->sp = (struct sample_params){.temperature = 0, .top_p = 1, .repeat_penalty = 1};
     r->max_tokens = 1;
-    double t0 = now_s();
+    double t0 = bench_now();
     sched_submit(s, r);
     for (bool done = false; !done;) {
       pthread_mutex_lock(&mu);

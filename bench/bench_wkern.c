@@ -5,6 +5,7 @@
  * the f32 matrix of the same shape (what keeping weights quantized buys).
  * Usage: bench_wkern [rows] [cols] [iterations] [mm_tokens] [types, e.g. f32,q4_0,q4_K]
  * [mat-mul tile tm,tn,bk] (mm_tokens 0 skips the mat-mul) */
+#include "bench_util.h"
 #include "gpu.h"
 #include "kvd_error.h"
 #include "pc_basic.h"
@@ -15,12 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* CPU time of every thread of the process: on a CPU device (lavapipe) the cost of a kernel that
  * other processes competing for the cores do not inflate, unlike its timestamps. */
@@ -78,14 +73,14 @@ static double time_op(struct gpu_device *dev, const struct wkern *k, bool matmul
   int rc = gpu_cmd_new(dev, &cmd);
   double best = 1e30;
   for (int i = 0; i <= iters && rc == 0; i++) {
-    double t0 = now_s(), c0 = cpu_s();
+    double t0 = bench_now(), c0 = cpu_s();
     rc = gpu_cmd_begin(cmd);
     if (rc == 0)
       rc = matmul ? wkern_matmul(k, cmd, w, x, y, n_tokens, false)
                   : wkern_matvec(k, cmd, w, x, y, n_tokens, false);
     if (rc == 0) rc = gpu_cmd_submit(cmd);
     if (rc == 0) rc = gpu_cmd_wait(cmd);
-    double t = now_s() - t0;
+    double t = bench_now() - t0;
     const struct gpu_timing *tm;
     uint32_t n = rc == 0 ? gpu_cmd_timings(cmd, &tm) : 0;
     if (use_cpu_time) {
@@ -125,12 +120,12 @@ static double time_foundation(struct gpu_device *dev, bool sg, struct gpu_buffer
   struct gpu_binding bind[3] = {{bw, 0, 0}, {bx, 0, 0}, {by, 0, 0}};
   double best = 1e30;
   for (int i = 0; i <= iters && rc == 0; i++) {
-    double t0 = now_s(), c0 = cpu_s();
+    double t0 = bench_now(), c0 = cpu_s();
     rc = gpu_cmd_begin(cmd);
     if (rc == 0) rc = gpu_cmd_dispatch(cmd, pipe, bind, 3, &pc, sizeof pc, gx, gy, 1, d.shader);
     if (rc == 0) rc = gpu_cmd_submit(cmd);
     if (rc == 0) rc = gpu_cmd_wait(cmd);
-    double t = now_s() - t0;
+    double t = bench_now() - t0;
     const struct gpu_timing *tm;
     if (use_cpu_time)
       t = cpu_s() - c0;
@@ -162,14 +157,7 @@ int main(int argc, char **argv) {
   }
   struct gpu_instance *inst;
   struct gpu_device *dev;
-  int rc = gpu_instance_new(&(struct gpu_instance_opts){.validate = false}, &inst);
-  if (rc == 0) {
-    rc = gpu_device_new(inst,
-                        &(struct gpu_device_opts){.select = getenv("KVD_DEVICE"),
-                                                  .extra_shaders = test_shader_spirv_find},
-                        &dev);
-    if (rc < 0) gpu_instance_free(inst);
-  }
+  int rc = bench_device_open(test_shader_spirv_find, &inst, &dev);
   if (rc < 0) {
     fprintf(stderr, "bench_wkern: %s (%s)\n", kvd_strerror(rc), gpu_error_detail());
     return 1;
