@@ -120,19 +120,20 @@ void fake_hello(struct fake *f) {
   ipc_msg_free(m);
 }
 
-void fake_models_list(struct fake *f, const char *chat_template) {
+void fake_models_list(struct fake *f, const char *name, const char *chat_template) {
   struct ipc_msg *m = fake_expect(f, "models.list");
   if (!m) return;
   ipc_w_result(&f->w, m->id);
   ipc_w_map(&f->w, 1);
   ipc_w_key(&f->w, "models");
   ipc_w_array(&f->w, 1);
-  ipc_w_map(&f->w, 5);
-  ipc_w_kv_cstr(&f->w, "name", "tiny");
+  ipc_w_map_open(&f->w);
+  ipc_w_kv_cstr(&f->w, "name", name);
   ipc_w_kv_cstr(&f->w, "arch", "llama");
   ipc_w_kv_u64(&f->w, "n_ctx", 256);
   ipc_w_kv_bool(&f->w, "default", true);
-  ipc_w_kv_cstr(&f->w, "chat_template", chat_template);
+  if (chat_template) ipc_w_kv_cstr(&f->w, "chat_template", chat_template);
+  ipc_w_close(&f->w);
   fake_send(f);
   ipc_msg_free(m);
 }

@@ -48,9 +48,10 @@ void fake_hang_up(struct fake *f);
 
 /* Common exchanges. */
 void fake_hello(struct fake *f);
-/* Answers a models.list with one default model "tiny" whose chat template is `chat_template`
- * (kvctl asks before a one-shot prompt whether to send it as a chat message). */
-void fake_models_list(struct fake *f, const char *chat_template);
+/* Answers a models.list with one default llama model called `name` whose chat template is
+ * `chat_template` (NULL: not said). kvctl asks before a one-shot prompt whether to send it as a
+ * chat message. */
+void fake_models_list(struct fake *f, const char *name, const char *chat_template);
 void fake_chunk(struct fake *f, uint32_t id, const char *text, uint32_t token);
 void fake_gen_result(struct fake *f, uint32_t id, const char *text, const char *finish,
                      uint64_t completion_tokens);

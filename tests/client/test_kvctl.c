@@ -146,7 +146,7 @@ static bool u64_is(const msgpack_object *map, const char *key, uint64_t want) {
 
 static void script_prompt(struct fake *f) {
   fake_hello(f);
-  fake_models_list(f, "plain");
+  fake_models_list(f, "tiny", "plain");
   struct ipc_msg *m = fake_expect(f, "generate");
   if (!m) return;
   const msgpack_object *pm = m->params, *stop = NULL;
@@ -209,7 +209,7 @@ KT_TEST(kvctl_prompt_streams_to_stdout) {
 
 static void script_stdin_prompt(struct fake *f) {
   fake_hello(f);
-  fake_models_list(f, "plain");
+  fake_models_list(f, "tiny", "plain");
   struct ipc_msg *m = fake_expect(f, "generate");
   if (!m) return;
   if (!str_is(m->params, "prompt", "a piped\nprompt\n")) fake_fail(f, "prompt from stdin");
@@ -232,7 +232,7 @@ KT_TEST(kvctl_prompt_from_stdin) {
 
 static void script_json(struct fake *f) {
   fake_hello(f);
-  fake_models_list(f, "plain");
+  fake_models_list(f, "tiny", "plain");
   struct ipc_msg *m = fake_expect(f, "generate");
   if (!m) return;
   if (ipc_map_find(m->params, "stream") || !u64_is(m->params, "logprobs", 2))
@@ -341,7 +341,7 @@ KT_TEST(kvctl_server_error_exits_1) {
 /* Streams one chunk, then waits for kvctl's cancel and ends the generation as cancelled. */
 static void script_interrupt(struct fake *f) {
   fake_hello(f);
-  fake_models_list(f, "plain");
+  fake_models_list(f, "tiny", "plain");
   struct ipc_msg *g = fake_expect(f, "generate");
   if (!g) return;
   fake_chunk(f, g->id, "one", 1);
@@ -375,7 +375,7 @@ KT_TEST(kvctl_ctrl_c_cancels_and_exits_4) {
 
 static void script_lost(struct fake *f) {
   fake_hello(f);
-  fake_models_list(f, "plain");
+  fake_models_list(f, "tiny", "plain");
   struct ipc_msg *g = fake_expect(f, "generate");
   if (!g) return;
   fake_chunk(f, g->id, "half", 1);
@@ -541,19 +541,7 @@ KT_TEST(kvctl_tokenize) {
 
 static void script_models(struct fake *f) {
   fake_hello(f);
-  struct ipc_msg *m = fake_expect(f, "models.list");
-  if (!m) return;
-  ipc_w_result(&f->w, m->id);
-  ipc_w_map(&f->w, 1);
-  ipc_w_key(&f->w, "models");
-  ipc_w_array(&f->w, 1);
-  ipc_w_map(&f->w, 4);
-  ipc_w_kv_cstr(&f->w, "name", "stories15M");
-  ipc_w_kv_cstr(&f->w, "arch", "llama");
-  ipc_w_kv_u64(&f->w, "n_ctx", 256);
-  ipc_w_kv_bool(&f->w, "default", true);
-  fake_send(f);
-  ipc_msg_free(m);
+  fake_models_list(f, "stories15M", NULL);
 }
 
 KT_TEST(kvctl_models) {
@@ -572,7 +560,7 @@ KT_TEST(kvctl_models) {
  * --system prompt; --raw sends the text itself. */
 static void script_chat_prompt(struct fake *f) {
   fake_hello(f);
-  fake_models_list(f, "chatml");
+  fake_models_list(f, "tiny", "chatml");
   struct ipc_msg *m = fake_expect(f, "generate");
   if (!m) return;
   const msgpack_object *msgs = NULL;
