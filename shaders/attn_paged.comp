@@ -38,6 +38,7 @@ shared float red[WG];
 
 const uint ACC = (MAX_HD + WG - 1) / WG; // head_dim values each invocation accumulates
 
+#define KV_DOT
 #include "kv_row.glsl"
 
 // The first word of position pos's row for KV head kvh.

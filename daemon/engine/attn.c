@@ -7,20 +7,40 @@
 #include <stdio.h>
 #include <string.h>
 
-int attn_init(struct attn_kernels *a, struct gpu_device *dev, enum kv_type kv_type) {
+/* Shared bytes of attn_tile.comp for tr rows, tk positions, heads of hd values. */
+static uint64_t tile_shared_bytes(uint32_t tr, uint32_t tk, uint32_t hd) {
+  return 4ull * ((uint64_t)tr * hd + (uint64_t)tk * hd + (uint64_t)tr * tk + 5ull * tr);
+}
+
+int attn_init(struct attn_kernels *a, struct gpu_device *dev, enum kv_type kv_type,
+              uint32_t head_dim) {
   const struct gpu_caps *c = gpu_device_caps(dev);
   memset(a, 0, sizeof *a);
   if ((unsigned)kv_type >= KV_TYPE_COUNT) return KVD_EINVAL;
   a->kv_type = kv_type;
-  char write_name[32], paged_name[32];
+  char write_name[32], paged_name[32], tile_name[32];
   snprintf(write_name, sizeof write_name, "kv_write_%s", kv_type_name(kv_type));
   snprintf(paged_name, sizeof paged_name, "attn_paged_%s", kv_type_name(kv_type));
+  snprintf(tile_name, sizeof tile_name, "attn_tile_%s", kv_type_name(kv_type));
   /* 64 invocations: two wavefronts on NVIDIA, one on AMD, eight lavapipe subgroups. */
   a->wg = 64;
   while (a->wg > c->max_wg_invocations)
     a->wg /= 2;
   a->chunk = 256;
   a->max_hd = 256;
+  if (head_dim > a->max_hd) return KVD_E_UNSUPPORTED;
+  uint32_t tile_hd = head_dim ? head_dim : a->max_hd;
+  /* 16 query rows share each K/V tile (a prompt reads its cache 1/16 as often as token by
+   * token); the KV tile is the widest of 32, 16, 8 positions that fits the device's shared
+   * memory with them (lavapipe's 32 KiB: 32 for heads of 128, 8 for 256). */
+  a->tile_rows = 16;
+  a->tile_kv = 32;
+  while (a->tile_kv > 8 && tile_shared_bytes(a->tile_rows, a->tile_kv, tile_hd) > c->max_shared_bytes)
+    a->tile_kv /= 2;
+  while (a->tile_rows > 1 && tile_shared_bytes(a->tile_rows, a->tile_kv, tile_hd) > c->max_shared_bytes)
+    a->tile_rows /= 2;
+  if (tile_shared_bytes(a->tile_rows, a->tile_kv, tile_hd) > c->max_shared_bytes)
+    return KVD_E_UNSUPPORTED;
   int rc = gpu_pipeline_new(dev,
                             &(struct gpu_pipeline_desc){.shader = write_name,
                                                         .n_buffers = 5,
@@ -47,6 +67,17 @@ int attn_init(struct attn_kernels *a, struct gpu_device *dev, enum kv_type kv_ty
                                                       .spec = {a->wg},
                                                       .local_size = {a->wg, 1, 1}},
                           &a->merge);
+  if (rc == 0)
+    rc = gpu_pipeline_new(dev,
+                          &(struct gpu_pipeline_desc){.shader = tile_name,
+                                                      .n_buffers = 7,
+                                                      .push_size = sizeof(struct pc_attn),
+                                                      .n_spec = 4,
+                                                      .spec = {a->wg, a->tile_rows, a->tile_kv,
+                                                               tile_hd},
+                                                      .local_size = {a->wg, 1, 1}},
+                          &a->tile);
+  if (rc == 0) a->max_hd = tile_hd;
   if (rc < 0) attn_destroy(a);
   return rc;
 }
@@ -55,6 +86,7 @@ void attn_destroy(struct attn_kernels *a) {
   gpu_pipeline_free(a->write);
   gpu_pipeline_free(a->paged);
   gpu_pipeline_free(a->merge);
+  gpu_pipeline_free(a->tile);
   memset(a, 0, sizeof *a);
 }
 
@@ -67,6 +99,19 @@ uint32_t attn_pick_splits(const struct attn_kernels *a, uint32_t max_kv, uint32_
   while (n_pairs * want < 64 && max_kv / (want * 2) >= 32)
     want *= 2;
   return want;
+}
+
+uint32_t attn_tile_heads(const struct attn_kernels *a, uint32_t n_head, uint32_t n_head_kv) {
+  /* The whole group when it fits (GQA: one K/V tile serves every head that reads it), else the
+   * largest divisor of the group that does. */
+  uint32_t g = n_head_kv ? n_head / n_head_kv : 1, th = g < a->tile_rows ? g : a->tile_rows;
+  while (th > 1 && g % th)
+    th--;
+  return th ? th : 1;
+}
+
+uint32_t attn_tile_tokens(const struct attn_kernels *a, uint32_t n_head, uint32_t n_head_kv) {
+  return a->tile_rows / attn_tile_heads(a, n_head, n_head_kv);
 }
 
 uint64_t attn_partial_bytes(uint32_t n_tokens, uint32_t n_head, uint32_t head_dim,
@@ -105,8 +150,9 @@ int attn_record_write(const struct attn_kernels *a, struct gpu_cmd *cmd, struct 
 int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct attn_shape *s,
                 struct gpu_binding q, struct gpu_binding k_cache, struct gpu_binding v_cache,
                 struct gpu_binding tok_info, struct gpu_binding tables, struct gpu_binding out,
-                struct gpu_binding partial) {
-  if (s->head_dim > a->max_hd || s->n_head_kv == 0 || s->n_head % s->n_head_kv || s->n_splits == 0)
+                struct gpu_binding partial, struct gpu_binding tiles) {
+  if (s->head_dim > a->max_hd || s->head_dim == 0 || s->n_head_kv == 0 ||
+      s->n_head % s->n_head_kv || s->n_splits == 0)
     return gpu_cmd_fail(cmd, KVD_EINVAL);
   uint32_t row_words;
   int rc = kv_row_words(a->kv_type, s->head_dim, &row_words);
@@ -128,7 +174,13 @@ int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct 
       .softcap = s->softcap > 0.0f ? s->softcap : 0.0f,
       .row_words = row_words,
       .group = kv_group(s->head_dim),
+      .tile_heads = attn_tile_heads(a, s->n_head, s->n_head_kv),
   };
+  if (s->n_tiles > 0) {
+    struct gpu_binding b[7] = {q, k_cache, v_cache, tok_info, tables, out, tiles};
+    return gpu_cmd_dispatch(cmd, a->tile, b, 7, &pc, sizeof pc, s->n_head / pc.tile_heads,
+                            s->n_tiles, 1, "attn_tile");
+  }
   /* Without splits the partials binding is unused but must still be a valid buffer. */
   struct gpu_binding b[7] = {
       q, k_cache, v_cache, tok_info, tables, out, s->n_splits > 1 ? partial : out};

@@ -1,5 +1,5 @@
 /* Recorders for the paged-attention kernels and the KV write (shaders/attn_paged.comp,
- * attn_merge.comp, kv_write.comp; cache layout and tok_info in shaders/common/pc_attn.h).
+ * attn_merge.comp, attn_tile.comp, kv_write.comp; cache layout and tok_info in shaders/common/pc_attn.h).
  * A refused shape is stored in the gpu_cmd like a refused dispatch (gpu_cmd_fail(), gpu.h). */
 #ifndef KVD_MODEL_ATTN_H
 #define KVD_MODEL_ATTN_H
@@ -14,19 +14,28 @@ struct attn_kernels {
   struct gpu_pipeline *write;
   struct gpu_pipeline *paged;
   struct gpu_pipeline *merge;
+  struct gpu_pipeline *tile; /* query-tiled prefill (attn_tile.comp) */
   uint32_t wg;     /* invocations per workgroup (a power of two) */
   uint32_t chunk;  /* KV positions a split scores at once (shared memory), not a length limit */
   uint32_t max_hd; /* largest head_dim the kernels accept */
+  uint32_t tile_rows, tile_kv; /* attn_tile: query rows per workgroup, KV positions per tile */
 };
 
-/* The kernels for caches of kv_type (kv_format.h). */
-int attn_init(struct attn_kernels *a, struct gpu_device *dev, enum kv_type kv_type);
+/* The kernels for caches of kv_type (kv_format.h) and heads of up to head_dim values (0: the
+ * paged kernels' 256); the tiled kernel's shared memory is sized for head_dim and the device. */
+int attn_init(struct attn_kernels *a, struct gpu_device *dev, enum kv_type kv_type,
+              uint32_t head_dim);
 void attn_destroy(struct attn_kernels *a);
 
 /* How many KV splits to use for a longest KV length of max_kv, given how many (token, head) pairs
  * already keep the device busy: 1 for batches, more for few pairs and long contexts, so one long
  * sequence still spreads over the device. */
 uint32_t attn_pick_splits(const struct attn_kernels *a, uint32_t max_kv, uint32_t n_pairs);
+/* The query-tiled kernel: how many query heads of a KV head's group one workgroup computes, and
+ * how many consecutive tokens of one sequence a tile holds (tokens x heads <= tile_rows). */
+uint32_t attn_tile_heads(const struct attn_kernels *a, uint32_t n_head, uint32_t n_head_kv);
+uint32_t attn_tile_tokens(const struct attn_kernels *a, uint32_t n_head, uint32_t n_head_kv);
+
 /* Bytes of the partials scratch buffer for a dispatch (0 when n_splits == 1). */
 uint64_t attn_partial_bytes(uint32_t n_tokens, uint32_t n_head, uint32_t head_dim,
                             uint32_t n_splits);
@@ -52,13 +61,17 @@ struct attn_shape {
   float scale;       /* q.k multiplier; 0 = 1 / sqrt(head_dim) */
   uint32_t window;   /* sliding window (0 = none): a token reads its last `window` positions */
   float softcap;     /* score soft-capping (0 = none) */
+  uint32_t n_tiles;  /* > 0: the query-tiled kernel over `tiles` (pc_attn.h), no splits */
 };
 
-/* out = attention(q) over each token's paged KV; with n_splits > 1 also the merge (after a
- * barrier). `partial` must hold attn_partial_bytes() bytes (ignored when n_splits == 1). */
+/* out = attention(q) over each token's paged KV. With n_tiles > 0 the tiled kernel reads
+ * tiles[0 .. n_tiles) (each at most attn_tile_tokens() tokens of one sequence, covering every
+ * token once); otherwise the paged kernel, with n_splits > 1 also the merge (after a barrier).
+ * `partial` must hold attn_partial_bytes() bytes (ignored when n_splits == 1); `tiles` is
+ * ignored when n_tiles == 0. */
 int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct attn_shape *s,
                 struct gpu_binding q, struct gpu_binding k_cache, struct gpu_binding v_cache,
                 struct gpu_binding tok_info, struct gpu_binding tables, struct gpu_binding out,
-                struct gpu_binding partial);
+                struct gpu_binding partial, struct gpu_binding tiles);
 
 #endif

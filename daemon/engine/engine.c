@@ -255,7 +255,7 @@ int engine_new(struct gpu_device *dev, const struct gguf_file *f, const struct e
     goto fail;
   }
   e->kv_token_bytes = (uint64_t)e->hp.n_head_kv * row_words * 4;
-  if (rc == 0) rc = attn_init(&e->attn, dev, opts->kv_type);
+  if (rc == 0) rc = attn_init(&e->attn, dev, opts->kv_type, e->hp.head_dim);
   if (rc < 0) {
     eng_fail(err, rc, "creating the attention kernels");
     goto fail;

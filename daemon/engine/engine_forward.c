@@ -101,6 +101,7 @@ static void eng_attention_block(struct engine *e, const struct eng_step *s, uint
   struct gpu_binding slots = bind_at(e->step, L->slots, (uint64_t)n * 4);
   struct gpu_binding tok_info = bind_at(e->step, L->tok_info, (uint64_t)n * 8);
   struct gpu_binding tables = bind_at(e->step, L->tables, 0);
+  struct gpu_binding tiles = bind_at(e->step, L->tiles, (uint64_t)n * 8);
 
   ops_rmsnorm(&e->ops, cmd, bind(e->x), bind(l->attn_norm), bind(e->xn), n, hp->n_embd,
               hp->rms_eps);
@@ -140,9 +141,10 @@ static void eng_attention_block(struct engine *e, const struct eng_step *s, uint
                            .max_kv = s->max_kv,
                            .scale = hp->attn_scale,
                            .window = l->window,
-                           .softcap = hp->attn_softcap};
+                           .softcap = hp->attn_softcap,
+                           .n_tiles = s->n_tiles};
   attn_record(&e->attn, cmd, &ash, bind(e->q), bind(l->k_cache), bind(l->v_cache), tok_info, tables,
-              bind(e->att), e->partial ? bind(e->partial) : bind(e->att));
+              bind(e->att), e->partial ? bind(e->partial) : bind(e->att), tiles);
   gpu_cmd_barrier(cmd);
   eng_residual(e, l->o, e->att, l->attn_post, n);
 }

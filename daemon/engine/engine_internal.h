@@ -40,6 +40,7 @@ struct eng_step_layout {
   uint64_t pos;      /* (max_tokens) u32 positions */
   uint64_t slots;    /* (max_tokens) u32 KV slots, kv_slot_index() */
   uint64_t tok_info; /* (max_tokens, 2) u32 (n_kv, table offset), shaders/common/pc_attn.h */
+  uint64_t tiles;    /* (max_tokens, 2) u32 (first token, count): attn_tile's query tiles */
   uint64_t tables;   /* (tables_cap) u32 every sequence's block table, back to back */
   uint64_t size;
   uint64_t tables_cap; /* entries */
@@ -110,6 +111,7 @@ struct eng_step {
   const uint32_t *logit_rows;   /* (n_logits) the token row of each logits row */
   uint32_t max_kv;              /* the longest n_kv of any token (attention's chunking) */
   uint32_t n_splits;            /* attention KV splits, attn_pick_splits() */
+  uint32_t n_tiles;             /* > 0: prefill tiles for attn_tile (no splits) */
   const struct kv_copy *copies; /* (n_copies) copy-on-write block copies, run before anything */
   uint32_t n_copies;
 };

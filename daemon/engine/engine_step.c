@@ -32,6 +32,8 @@ int engine__layout_step(struct engine *e, uint64_t tables_cap) {
   off = align_up(off + t * 4, a);
   L->tok_info = off;
   off = align_up(off + t * 8, a);
+  L->tiles = off;
+  off = align_up(off + t * 8, a);
   L->tables = off;
   off += tables_cap * 4;
   L->size = off;
@@ -133,10 +135,18 @@ static int eng_step_upload(struct engine *e, const struct engine_item *items, ui
   uint32_t *pos = (uint32_t *)(map + e->lay.pos);       /* (n_tokens) */
   uint32_t *slots = (uint32_t *)(map + e->lay.slots);   /* (n_tokens) */
   uint32_t *info = (uint32_t *)(map + e->lay.tok_info); /* (n_tokens, 2) */
-  uint32_t t = 0, li = 0, max_kv = 0;
+  uint32_t *tiles = (uint32_t *)(map + e->lay.tiles);   /* (n_tiles, 2) */
+  uint32_t t = 0, li = 0, max_kv = 0, n_tiles = 0, longest = 0;
+  uint32_t tile_tokens = attn_tile_tokens(&e->attn, e->hp.n_head, e->hp.n_head_kv);
   for (uint32_t i = 0; i < n_items; i++) {
     const struct engine_item *it = &items[i];
     const struct kv_seq *kv = it->seq->kv;
+    /* An item's tokens are one sequence's, consecutive: its tiles. */
+    for (uint32_t j = 0; j < it->n_tokens; j += tile_tokens, n_tiles++) {
+      tiles[2 * n_tiles] = t + j;
+      tiles[2 * n_tiles + 1] = it->n_tokens - j < tile_tokens ? it->n_tokens - j : tile_tokens;
+    }
+    if (it->n_tokens > longest) longest = it->n_tokens;
     for (uint32_t j = 0; j < it->n_tokens; j++, t++) {
       uint32_t p = kv->len + j;
       struct kv_slot slot;
@@ -153,7 +163,10 @@ static int eng_step_upload(struct engine *e, const struct engine_item *items, ui
   }
   s->logit_rows = e->logit_rows;
   s->max_kv = max_kv;
-  s->n_splits = attn_pick_splits(&e->attn, max_kv, s->n_tokens * e->hp.n_head);
+  /* A step with a prompt chunk in it runs the tiled kernel (decoding items in it get a tile of
+   * their own); one of single tokens only, the paged kernel with its KV splits. */
+  s->n_tiles = longest > 1 ? n_tiles : 0;
+  s->n_splits = s->n_tiles ? 1 : attn_pick_splits(&e->attn, max_kv, s->n_tokens * e->hp.n_head);
   return 0;
 }
 

@@ -1,7 +1,7 @@
-// Reading one cache row in the cache's KV type (daemon/kv/kv_format.h; exactly one of KV_F32,
+// Reading one cache row in the cache's KV type (daemon/model/kv_format.h; exactly one of KV_F32,
 // KV_F16, KV_Q8_0, KV_Q4_0 is defined). The includer declares the K and V buffers as
-// `kv_word k_cache[]` / `v_cache[]` and a shared `qs[]` holding the query; rows start at a word
-// index `rb`, the row's position in the cache times p.row_words.
+// `kv_word k_cache[]` / `v_cache[]`, and for k_dot (KV_DOT defined) a shared `qs[]` holding the
+// query; rows start at a word index `rb`, the row's position in the cache times p.row_words.
 #if defined(KV_F32)
 #define kv_word float
 #else
@@ -14,26 +14,37 @@ uint kv_scale_words() { return (p.head_dim / p.group + 1u) / 2u; }
 float kv_scale(uint w, uint g) { return unpackHalf2x16(g % 2u == 0u ? w : w >> 16).x; }
 #endif
 
-// Element d of row rb of V.
-float v_at(uint rb, uint d) {
+// Element d of a row starting at word rb of buffer `buf`: KV_AT(v_at, v_cache) defines
+// v_at(rb, d) over V, KV_AT(k_at, k_cache) k_at(rb, d) over K (the tiled kernel decodes K too).
 #if defined(KV_F32)
-  return v_cache[rb + d];
+#define KV_AT(name, buf) float name(uint rb, uint d) { return buf[rb + d]; }
 #elif defined(KV_F16)
-  vec2 h = unpackHalf2x16(v_cache[rb + d / 2u]);
-  return (d & 1u) == 0u ? h.x : h.y;
+#define KV_AT(name, buf)                                                                         \
+  float name(uint rb, uint d) {                                                                  \
+    vec2 h = unpackHalf2x16(buf[rb + d / 2u]);                                                   \
+    return (d & 1u) == 0u ? h.x : h.y;                                                           \
+  }
 #elif defined(KV_Q8_0)
-  uint g = d / p.group;
-  float s = kv_scale(v_cache[rb + g / 2u], g);
-  int q = bitfieldExtract(int(v_cache[rb + kv_scale_words() + d / 4u]), int(8u * (d % 4u)), 8);
-  return float(q) * s;
+#define KV_AT(name, buf)                                                                         \
+  float name(uint rb, uint d) {                                                                  \
+    uint g = d / p.group;                                                                        \
+    float s = kv_scale(buf[rb + g / 2u], g);                                                     \
+    return float(bitfieldExtract(int(buf[rb + kv_scale_words() + d / 4u]), int(8u * (d % 4u)),   \
+                                 8)) * s;                                                        \
+  }
 #else
-  uint g = d / p.group;
-  float s = kv_scale(v_cache[rb + g / 2u], g);
-  uint q = bitfieldExtract(v_cache[rb + kv_scale_words() + d / 8u], int(4u * (d % 8u)), 4);
-  return (float(q) - 8.0) * s;
+#define KV_AT(name, buf)                                                                         \
+  float name(uint rb, uint d) {                                                                  \
+    uint g = d / p.group;                                                                        \
+    float s = kv_scale(buf[rb + g / 2u], g);                                                     \
+    uint q = bitfieldExtract(buf[rb + kv_scale_words() + d / 8u], int(4u * (d % 8u)), 4);         \
+    return (float(q) - 8.0) * s;                                                                 \
+  }
 #endif
-}
 
+KV_AT(v_at, v_cache)
+
+#ifdef KV_DOT
 // q . K row rb, the query in qs[0 .. head_dim), decoding a word at a time.
 float k_dot(uint rb) {
   float s = 0.0;
@@ -69,3 +80,4 @@ float k_dot(uint rb) {
 #endif
   return s;
 }
+#endif

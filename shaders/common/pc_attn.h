@@ -42,7 +42,13 @@ struct pc_attn {
   float softcap; /* scores become softcap * tanh(s / softcap) (gemma2); 0 = none */
   uint row_words; /* 32-bit words of one cache row */
   uint group;     /* q8_0 / q4_0: values per scale */
+  uint tile_heads; /* attn_tile: query heads per workgroup (a divisor of n_head / n_head_kv) */
 };
-PC_ASSERT_SIZE(pc_attn, 52)
+PC_ASSERT_SIZE(pc_attn, 56)
+
+/* The query-tiled kernel (attn_tile.comp) takes its tokens from tiles[i] = (first token, count):
+ * `count` consecutive batch tokens of one sequence (the same table offset in tok_info), each with
+ * its own n_kv. Workgroup (g, i) computes query heads g * tile_heads .. + tile_heads - 1 of tile
+ * i's tokens, all reading KV head g * tile_heads / (n_head / n_head_kv). */
 
 #endif

@@ -1,0 +1,141 @@
+#version 450
+// Query-tiled flash attention over the paged cache, for prefill: one workgroup per (group of
+// query heads sharing a KV head, tile of consecutive tokens of one sequence). The workgroup's
+// TR query rows (tokens x heads) are loaded once; then the KV range the tile reads is walked in
+// tiles of TK positions: each K tile is decoded from its stored type into shared memory once and
+// scored against every row, the rows' online softmax is updated, and the V tile (decoded into the
+// same shared memory) is accumulated into every row's output. So a prompt of n tokens reads each
+// K/V row n / TR times, not n times as attn_paged does (one workgroup per token and head).
+// Each row masks positions outside its own causal (and sliding-window) range, so tiles need not
+// align with blocks, windows or each other. Decode keeps attn_paged's split-K.
+#include "pc_attn.h"
+#include "tanh.glsl"
+
+layout(local_size_x_id = 0) in;
+layout(constant_id = 0) const uint WG = 64;
+layout(constant_id = 1) const uint TR = 16;     // query rows per workgroup
+layout(constant_id = 2) const uint TK = 32;     // KV positions per tile
+layout(constant_id = 3) const uint MAX_HD = 64; // head_dim the shared arrays hold
+
+layout(std430, binding = 0) readonly buffer Q { float q[]; };
+#if defined(KV_F32)
+layout(std430, binding = 1) readonly buffer KCache { float k_cache[]; };
+layout(std430, binding = 2) readonly buffer VCache { float v_cache[]; };
+#else
+layout(std430, binding = 1) readonly buffer KCache { uint k_cache[]; };
+layout(std430, binding = 2) readonly buffer VCache { uint v_cache[]; };
+#endif
+layout(std430, binding = 3) readonly buffer TokInfo { uvec2 tok_info[]; };
+layout(std430, binding = 4) readonly buffer Tables { uint tables[]; };
+layout(std430, binding = 5) writeonly buffer Out { float o[]; };
+layout(std430, binding = 6) readonly buffer Tiles { uvec2 tiles[]; };
+layout(push_constant) uniform Push { pc_attn p; };
+
+shared float qs[TR * MAX_HD];  // the rows' queries
+shared float kvs[TK * MAX_HD]; // the K tile, then the V tile, decoded
+shared float ss[TR * TK];      // scores, then their exp weights
+shared float row_m[TR], row_l[TR], row_r[TR]; // running max, sum, this tile's rescale
+shared uint row_lo[TR], row_hi[TR];           // each row's KV range [lo, hi)
+
+const uint ACC = (TR * MAX_HD + WG - 1) / WG; // output values each invocation accumulates
+
+#include "kv_row.glsl"
+KV_AT(k_at, k_cache)
+
+uint kv_base(uint table_off, uint kvh, uint pos) {
+  uint block = tables[table_off + pos / p.block_size];
+  return ((block * p.n_head_kv + kvh) * p.block_size + pos % p.block_size) * p.row_words;
+}
+
+void main() {
+  uint tid = gl_LocalInvocationID.x;
+  uint th = p.tile_heads;
+  uint h0 = gl_WorkGroupID.x * th;
+  uint kvh = h0 / (p.n_head / p.n_head_kv);
+  uvec2 tile = tiles[gl_WorkGroupID.y];
+  uint t0 = tile.x, rows = min(tile.y * th, TR);
+  uint table_off = tok_info[t0].y;
+  uint hd = p.head_dim;
+
+  for (uint r = tid; r < TR; r += WG) {
+    uint lo = 0u, hi = 0u;
+    if (r < rows) {
+      hi = tok_info[t0 + r / th].x;
+      lo = p.window != 0u && hi > p.window ? hi - p.window : 0u;
+    }
+    row_lo[r] = lo;
+    row_hi[r] = hi;
+    row_m[r] = -1.0 / 0.0;
+    row_l[r] = 0.0;
+  }
+  for (uint e = tid; e < TR * hd; e += WG) {
+    uint r = e / hd;
+    qs[e] = r < rows ? q[(t0 + r / th) * p.q_stride + (h0 + r % th) * hd + e % hd] : 0.0;
+  }
+  barrier();
+  // The tile's KV range: every row's range, united (the same in every invocation).
+  uint lo = 0xffffffffu, hi = 0u;
+  for (uint r = 0u; r < rows; r++) {
+    lo = min(lo, row_lo[r]);
+    hi = max(hi, row_hi[r]);
+  }
+
+  float acc[ACC];
+  for (uint j = 0u; j < ACC; j++) acc[j] = 0.0;
+
+  for (uint k0 = lo; k0 < hi; k0 += TK) {
+    uint nk = min(TK, hi - k0);
+    for (uint e = tid; e < nk * hd; e += WG) kvs[e] = k_at(kv_base(table_off, kvh, k0 + e / hd), e % hd);
+    barrier();
+    for (uint e = tid; e < TR * TK; e += WG) {
+      uint r = e / TK, k = e % TK, pos = k0 + k;
+      float s = -1.0 / 0.0;
+      if (k < nk && pos >= row_lo[r] && pos < row_hi[r]) {
+        float d = 0.0;
+        for (uint i = 0u; i < hd; i++) d += qs[r * hd + i] * kvs[k * hd + i];
+        s = d * p.scale;
+        if (p.softcap > 0.0) s = p.softcap * kvd_tanh(s / p.softcap);
+      }
+      ss[e] = s;
+    }
+    barrier(); // scores done: K is no longer needed
+    for (uint r = tid; r < TR; r += WG) {
+      float m = row_m[r], mx = m;
+      for (uint k = 0u; k < nk; k++) mx = max(mx, ss[r * TK + k]);
+      if (mx == -1.0 / 0.0) { // nothing of this row in the tile (yet)
+        row_r[r] = 1.0;
+        for (uint k = 0u; k < nk; k++) ss[r * TK + k] = 0.0;
+        continue;
+      }
+      float sum = 0.0;
+      for (uint k = 0u; k < nk; k++) {
+        float w = exp(ss[r * TK + k] - mx); // masked: exp(-inf) = 0
+        ss[r * TK + k] = w;
+        sum += w;
+      }
+      float rescale = exp(m - mx); // 0 while m is -inf
+      row_l[r] = row_l[r] * rescale + sum;
+      row_m[r] = mx;
+      row_r[r] = rescale;
+    }
+    for (uint e = tid; e < nk * hd; e += WG) kvs[e] = v_at(kv_base(table_off, kvh, k0 + e / hd), e % hd);
+    barrier();
+    for (uint j = 0u; j < ACC; j++) {
+      uint e = tid + j * WG;
+      if (e >= rows * hd) break;
+      uint r = e / hd, d = e % hd;
+      float a = acc[j] * row_r[r];
+      for (uint k = 0u; k < nk; k++) a += ss[r * TK + k] * kvs[k * hd + d];
+      acc[j] = a;
+    }
+    barrier(); // the next tile overwrites kvs and ss
+  }
+
+  for (uint j = 0u; j < ACC; j++) {
+    uint e = tid + j * WG;
+    if (e >= rows * hd) break;
+    uint r = e / hd;
+    float l = row_l[r];
+    o[(t0 + r / th) * p.q_stride + (h0 + r % th) * hd + e % hd] = l > 0.0 ? acc[j] / l : 0.0;
+  }
+}
