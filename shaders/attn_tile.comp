@@ -31,13 +31,21 @@ layout(std430, binding = 5) writeonly buffer Out { float o[]; };
 layout(std430, binding = 6) readonly buffer Tiles { uvec2 tiles[]; };
 layout(push_constant) uniform Push { pc_attn p; };
 
-shared float qs[TR * MAX_HD];  // the rows' queries
-shared float kvs[TK * MAX_HD]; // the K tile, then the V tile, decoded
+// Rows of the query and K/V tiles are MAX_HD + 1 floats apart: lanes reading one element of
+// different rows then hit different shared-memory banks.
+const uint RS = MAX_HD + 1u;
+shared float qs[TR * RS];  // the rows' queries
+shared float kvs[TK * RS]; // the K tile, then the V tile, decoded
 shared float ss[TR * TK];      // scores, then their exp weights
 shared float row_m[TR], row_l[TR], row_r[TR]; // running max, sum, this tile's rescale
 shared uint row_lo[TR], row_hi[TR];           // each row's KV range [lo, hi)
 
-const uint ACC = (TR * MAX_HD + WG - 1) / WG; // output values each invocation accumulates
+// Register tiles, so each value read from shared memory feeds several multiply-adds.
+// Scores: lane (tid % KL, tid / KL) computes positions kl + KL*a (a < SKP) of rows
+// rl + RLS*b (b < SRP). Output: lane (tid % DL, tid / DL) accumulates dimensions dl + DL*c
+// (c < DPI) of rows rl + RLO*b (b < RPI).
+const uint KL = TK < 8u ? TK : 8u, SKP = TK / KL, RLS = WG / KL, SRP = (TR + RLS - 1u) / RLS;
+const uint RLO = 4u, DL = WG / RLO, RPI = (TR + RLO - 1u) / RLO, DPI = (MAX_HD + DL - 1u) / DL;
 
 #include "kv_row.glsl"
 KV_AT(k_at, k_cache)
@@ -70,7 +78,7 @@ void main() {
   }
   for (uint e = tid; e < TR * hd; e += WG) {
     uint r = e / hd;
-    qs[e] = r < rows ? q[(t0 + r / th) * p.q_stride + (h0 + r % th) * hd + e % hd] : 0.0;
+    qs[r * RS + e % hd] = r < rows ? q[(t0 + r / th) * p.q_stride + (h0 + r % th) * hd + e % hd] : 0.0;
   }
   barrier();
   // The tile's KV range: every row's range, united (the same in every invocation).
@@ -80,23 +88,39 @@ void main() {
     hi = max(hi, row_hi[r]);
   }
 
-  float acc[ACC];
-  for (uint j = 0u; j < ACC; j++) acc[j] = 0.0;
+  uint kl = tid % KL, rls = tid / KL, dl = tid % DL, rlo = tid / DL;
+  float acc[RPI * DPI];
+  for (uint j = 0u; j < RPI * DPI; j++) acc[j] = 0.0;
 
   for (uint k0 = lo; k0 < hi; k0 += TK) {
     uint nk = min(TK, hi - k0);
-    for (uint e = tid; e < nk * hd; e += WG) kvs[e] = k_at(kv_base(table_off, kvh, k0 + e / hd), e % hd);
+    for (uint e = tid; e < nk * hd; e += WG)
+      kvs[(e / hd) * RS + e % hd] = k_at(kv_base(table_off, kvh, k0 + e / hd), e % hd);
     barrier();
-    for (uint e = tid; e < TR * TK; e += WG) {
-      uint r = e / TK, k = e % TK, pos = k0 + k;
-      float s = -1.0 / 0.0;
-      if (k < nk && pos >= row_lo[r] && pos < row_hi[r]) {
-        float d = 0.0;
-        for (uint i = 0u; i < hd; i++) d += qs[r * hd + i] * kvs[k * hd + i];
-        s = d * p.scale;
-        if (p.softcap > 0.0) s = p.softcap * kvd_tanh(s / p.softcap);
+    if (rls < TR) {
+      float sc[SRP * SKP];
+      for (uint j = 0u; j < SRP * SKP; j++) sc[j] = 0.0;
+      for (uint i = 0u; i < hd; i++) {
+        float kv[SKP];
+        for (uint a = 0u; a < SKP; a++) kv[a] = kvs[(kl + KL * a) * RS + i];
+        for (uint b = 0u; b < SRP; b++) {
+          float qv = qs[min(rls + RLS * b, TR - 1u) * RS + i];
+          for (uint a = 0u; a < SKP; a++) sc[b * SKP + a] += qv * kv[a];
+        }
       }
-      ss[e] = s;
+      for (uint b = 0u; b < SRP; b++) {
+        uint r = rls + RLS * b;
+        if (r >= TR) break;
+        for (uint a = 0u; a < SKP; a++) {
+          uint k = kl + KL * a, pos = k0 + k;
+          float s = -1.0 / 0.0;
+          if (k < nk && pos >= row_lo[r] && pos < row_hi[r]) {
+            s = sc[b * SKP + a] * p.scale;
+            if (p.softcap > 0.0) s = p.softcap * kvd_tanh(s / p.softcap);
+          }
+          ss[r * TK + k] = s;
+        }
+      }
     }
     barrier(); // scores done: K is no longer needed
     for (uint r = tid; r < TR; r += WG) {
@@ -118,24 +142,34 @@ void main() {
       row_m[r] = mx;
       row_r[r] = rescale;
     }
-    for (uint e = tid; e < nk * hd; e += WG) kvs[e] = v_at(kv_base(table_off, kvh, k0 + e / hd), e % hd);
+    for (uint e = tid; e < nk * hd; e += WG)
+      kvs[(e / hd) * RS + e % hd] = v_at(kv_base(table_off, kvh, k0 + e / hd), e % hd);
     barrier();
-    for (uint j = 0u; j < ACC; j++) {
-      uint e = tid + j * WG;
-      if (e >= rows * hd) break;
-      uint r = e / hd, d = e % hd;
-      float a = acc[j] * row_r[r];
-      for (uint k = 0u; k < nk; k++) a += ss[r * TK + k] * kvs[k * hd + d];
-      acc[j] = a;
+    for (uint b = 0u; b < RPI; b++) {
+      float rs = row_r[min(rlo + RLO * b, TR - 1u)];
+      for (uint c = 0u; c < DPI; c++) acc[b * DPI + c] *= rs;
+    }
+    for (uint k = 0u; k < nk; k++) {
+      float w[RPI];
+      for (uint b = 0u; b < RPI; b++) w[b] = ss[min(rlo + RLO * b, TR - 1u) * TK + k];
+      for (uint c = 0u; c < DPI; c++) {
+        uint d = dl + DL * c;
+        if (d >= hd) break;
+        float v = kvs[k * RS + d];
+        for (uint b = 0u; b < RPI; b++) acc[b * DPI + c] += w[b] * v;
+      }
     }
     barrier(); // the next tile overwrites kvs and ss
   }
 
-  for (uint j = 0u; j < ACC; j++) {
-    uint e = tid + j * WG;
-    if (e >= rows * hd) break;
-    uint r = e / hd;
+  for (uint b = 0u; b < RPI; b++) {
+    uint r = rlo + RLO * b;
+    if (r >= rows) break;
     float l = row_l[r];
-    o[(t0 + r / th) * p.q_stride + (h0 + r % th) * hd + e % hd] = l > 0.0 ? acc[j] / l : 0.0;
+    for (uint c = 0u; c < DPI; c++) {
+      uint d = dl + DL * c;
+      if (d >= hd) break;
+      o[(t0 + r / th) * p.q_stride + (h0 + r % th) * hd + d] = l > 0.0 ? acc[b * DPI + c] / l : 0.0;
+    }
   }
 }

@@ -9,7 +9,7 @@
 
 /* Shared bytes of attn_tile.comp for tr rows, tk positions, heads of hd values. */
 static uint64_t tile_shared_bytes(uint32_t tr, uint32_t tk, uint32_t hd) {
-  return 4ull * ((uint64_t)tr * hd + (uint64_t)tk * hd + (uint64_t)tr * tk + 5ull * tr);
+  return 4ull * ((uint64_t)(tr + tk) * (hd + 1) + (uint64_t)tr * tk + 5ull * tr);
 }
 
 int attn_init(struct attn_kernels *a, struct gpu_device *dev, enum kv_type kv_type,
