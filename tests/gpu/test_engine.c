@@ -1,6 +1,7 @@
 /* The engine end to end on the real tiny models: greedy ids against SOURCES.md's references,
  * full logits against the CPU reference across many KV block boundaries, batched decode equal to
- * solo runs, chunked prefill, fork with copy-on-write, and the pool's counters. */
+ * solo runs, chunked prefill, fork with copy-on-write (in every KV type), and the pool's
+ * counters. */
 #include "engine.h"
 #include "generate.h"
 #include "gguf_write.h"
@@ -339,29 +340,26 @@ KT_TEST(batched_decode_of_8_sequences_equals_solo_runs) {
   FIXTURE_CHECK_VALIDATION();
 }
 
-KT_TEST(fork_shares_blocks_and_copies_on_write) {
-  FIXTURE_DEVICE(dev);
-  (void)dev;
-  struct gguf_file *f = open_model("models/stories260K.gguf");
-  if (!f) KT_SKIP("stories260K.gguf not found");
-  struct engine *e = new_engine(f, &(struct engine_opts){.block_size = 8, .n_blocks = 32});
+/* A fork shares every block, and the first write into a shared block copies it, in the KV type
+ * as stored: the forks answer exactly what two sequences fed the same tokens in the same steps
+ * answer on their own. */
+static void fork_body(const struct gguf_file *f, enum kv_type kt) {
+  struct engine *e =
+      new_engine(f, &(struct engine_opts){.block_size = 8, .n_blocks = 32, .kv_type = kt});
   KT_ASSERT(e);
   int32_t prompt[13], a_tok = 300, b_tok = 400;
   for (int i = 0; i < 13; i++)
     prompt[i] = (int32_t)kt_rand_range(3, 511);
   float la[512], lb[512], want_a[512], want_b[512];
-  /* The solo answers: the prompt then one different token each. */
-  int32_t pa[14], pb[14];
-  memcpy(pa, prompt, sizeof prompt);
-  memcpy(pb, prompt, sizeof prompt);
-  pa[13] = a_tok;
-  pb[13] = b_tok;
+  /* The solo answers: the prompt in one step, then one different token each. */
   struct engine_seq *s, *t, *u;
   KT_ASSERT_OK(engine_seq_new(e, &s));
-  KT_ASSERT_OK(feed(e, s, pa, 14, 14, want_a));
+  KT_ASSERT_OK(feed(e, s, prompt, 13, 13, la));
+  KT_ASSERT_OK(feed(e, s, &a_tok, 1, 1, want_a));
   engine_seq_free(e, s);
   KT_ASSERT_OK(engine_seq_new(e, &s));
-  KT_ASSERT_OK(feed(e, s, pb, 14, 14, want_b));
+  KT_ASSERT_OK(feed(e, s, prompt, 13, 13, la));
+  KT_ASSERT_OK(feed(e, s, &b_tok, 1, 1, want_b));
   engine_seq_free(e, s);
 
   KT_ASSERT_OK(engine_seq_new(e, &s));
@@ -374,8 +372,10 @@ KT_TEST(fork_shares_blocks_and_copies_on_write) {
   /* Both write position 13 inside the shared second block: the first writer copies it. */
   KT_ASSERT_OK(feed(e, s, &a_tok, 1, 1, la));
   KT_ASSERT_OK(feed(e, t, &b_tok, 1, 1, lb));
-  KT_CHECK(logits_err(la, want_a, 512) < 1e-5);
-  KT_CHECK(logits_err(lb, want_b, 512) < 1e-5);
+  KT_CHECK_MSG(logits_err(la, want_a, 512) < 1e-5, "%s: %g", kv_type_name(kt),
+               logits_err(la, want_a, 512));
+  KT_CHECK_MSG(logits_err(lb, want_b, 512) < 1e-5, "%s: %g", kv_type_name(kt),
+               logits_err(lb, want_b, 512));
   engine_kv_stats(e, &st1);
   KT_CHECK_EQ(st1.used, st0.used + 1);
   KT_CHECK(st1.cow_copies >= 1);
@@ -387,6 +387,15 @@ KT_TEST(fork_shares_blocks_and_copies_on_write) {
   engine_kv_stats(e, &st1);
   KT_CHECK_EQ(st1.free, st1.total);
   engine_free(e);
+}
+
+KT_TEST(fork_shares_blocks_and_copies_on_write) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = open_model("models/stories260K.gguf");
+  if (!f) KT_SKIP("stories260K.gguf not found");
+  for (int t = 0; t < KV_TYPE_COUNT; t++)
+    fork_body(f, (enum kv_type)t);
   gguf_close(f);
   FIXTURE_CHECK_VALIDATION();
 }
