@@ -24,7 +24,7 @@ static const char usage_text[] =
     "       kvctl [OPTION]... chat            interactive chat in one session (/reset, /quit)\n"
     "       kvctl [OPTION]... status          the daemon's devices, memory, KV cache, requests\n"
     "       kvctl [OPTION]... models          the loaded models\n"
-    "       kvctl [OPTION]... load PATH [--name NAME] [--chat-template FAMILY]\n"
+    "       kvctl [OPTION]... load PATH [--name NAME] [--chat-template F] [--kv-type T]\n"
     "                                         load a GGUF model\n"
     "       kvctl [OPTION]... unload NAME     unload a model\n"
     "       kvctl [OPTION]... tokenize TEXT   token ids of TEXT\n"
@@ -50,6 +50,8 @@ static const char usage_text[] =
     "      --chat-template F    load: the chat template family to use (llama3, chatml, gemma,\n"
     "                           qwen3, phi3, phi4, deepseek-r1, ...; see PROTOCOL.md)\n"
     "      --name NAME          load: name to load the model under\n"
+    "      --kv-type T          load: how its KV cache stores keys and values: f32, f16,\n"
+    "                           q8_0 or q4_0 (default: the daemon's --kv-type)\n"
     "  -j, --json               print one JSON object (per answer in chat) instead of text\n"
     "  -v, --verbose            token counts and speed on stderr after each answer\n"
     "  -h, --help               this help\n"
@@ -111,6 +113,7 @@ enum {
   OPT_NAME,
   OPT_RAW,
   OPT_CHAT_TEMPLATE,
+  OPT_KV_TYPE,
 };
 
 static const struct option long_opts[] = {
@@ -129,6 +132,7 @@ static const struct option long_opts[] = {
     {"name", required_argument, NULL, OPT_NAME},
     {"raw", no_argument, NULL, OPT_RAW},
     {"chat-template", required_argument, NULL, OPT_CHAT_TEMPLATE},
+    {"kv-type", required_argument, NULL, OPT_KV_TYPE},
     {"json", no_argument, NULL, 'j'},
     {"verbose", no_argument, NULL, 'v'},
     {"help", no_argument, NULL, 'h'},
@@ -199,6 +203,9 @@ static int parse_options(int argc, char **argv, struct kvctl_opts *o) {
       break;
     case OPT_CHAT_TEMPLATE:
       o->chat_template = optarg;
+      break;
+    case OPT_KV_TYPE:
+      o->kv_type = optarg;
       break;
     case 'j':
       o->json = true;
@@ -295,6 +302,9 @@ static cJSON *model_json(const struct kvd_model_info *m) {
   if (m->chat_template) cJSON_AddStringToObject(o, "chat_template", m->chat_template);
   if (m->chat_template_warning)
     cJSON_AddStringToObject(o, "chat_template_warning", m->chat_template_warning);
+  if (m->kv_type) cJSON_AddStringToObject(o, "kv_type", m->kv_type);
+  if (m->kv_bytes_per_token)
+    cJSON_AddNumberToObject(o, "kv_bytes_per_token", (double)m->kv_bytes_per_token);
   return o;
 }
 
@@ -350,14 +360,18 @@ static int cmd_load(struct kvd_client *c, const struct kvctl_opts *o, const char
     if (n && (abs = malloc(n))) snprintf(abs, n, "%s/%s", cwd, path);
   }
   struct kvd_model_info *m;
-  int rc = kvd_models_load_template(c, abs ? abs : path, o->name, o->chat_template, &m);
+  struct kvd_load_opts lo = {.name = o->name, .chat_template = o->chat_template,
+                             .kv_type = o->kv_type};
+  int rc = kvd_models_load_opts(c, abs ? abs : path, &lo, &m);
   free(abs);
   if (rc < 0) return kvctl_fail(c, rc);
   if (o->json)
     print_json(model_json(m));
   else
-    printf("loaded %s (%s, context %llu, vocabulary %llu)\n", m->name ? m->name : "?",
-           m->arch ? m->arch : "?", (unsigned long long)m->n_ctx, (unsigned long long)m->n_vocab);
+    printf("loaded %s (%s, context %llu, vocabulary %llu, KV %s, %llu bytes/token)\n",
+           m->name ? m->name : "?", m->arch ? m->arch : "?", (unsigned long long)m->n_ctx,
+           (unsigned long long)m->n_vocab, m->kv_type ? m->kv_type : "?",
+           (unsigned long long)m->kv_bytes_per_token);
   kvd_model_info_free(m);
   return KVCTL_OK;
 }
@@ -506,6 +520,7 @@ int main(int argc, char **argv) {
   }
   if (o.name && cmd != CMD_LOAD) return usage_error("--name is for %s", "load");
   if (o.chat_template && cmd != CMD_LOAD) return usage_error("--chat-template is for %s", "load");
+  if (o.kv_type && cmd != CMD_LOAD) return usage_error("--kv-type is for %s", "load");
   if (o.raw && o.system && cmd == CMD_GENERATE)
     return usage_error("--system needs a chat message, not --raw%s", "");
 

@@ -27,6 +27,7 @@ struct kvctl_opts {
   const char *name;   /* load --name */
   const char *system; /* chat --system */
   const char *chat_template; /* load --chat-template */
+  const char *kv_type;       /* load --kv-type */
   bool raw;           /* send PROMPT as it is, not as a chat message */
   bool json;
   bool verbose;

@@ -136,6 +136,8 @@ struct kvd_gen_params {
   bool stream;       /* stream chunks; implied when a chunk callback is given */
   uint32_t logprobs; /* 0: none; k: each token's log-probability and the k most likely */
   int64_t session;   /* continue this session (kvd_session_open); unset: none */
+  int thinking;      /* reasoning templates (qwen3, deepseek-r1): 0 answers without thinking
+                        first, 1 thinks; unset (negative): as the template does */
 };
 
 KVD_API void kvd_gen_params_init(struct kvd_gen_params *p);
@@ -269,6 +271,8 @@ struct kvd_model_info {
   bool is_default; /* the model requests get when they name none */
   char *chat_template;         /* the chat template family its messages use; NULL if not said */
   char *chat_template_warning; /* set when the file's template was not recognised */
+  char *kv_type;               /* how its KV cache stores keys and values: "f16", "q8_0", ... */
+  uint64_t kv_bytes_per_token; /* KV cache bytes one token takes, all layers; 0 if not said */
 };
 
 struct kvd_model_list {
@@ -287,6 +291,15 @@ KVD_API int kvd_models_load(struct kvd_client *c, const char *path, const char *
  * over the one the file implies; chat_template NULL is kvd_models_load. */
 KVD_API int kvd_models_load_template(struct kvd_client *c, const char *path, const char *name,
                                      const char *chat_template, struct kvd_model_info **ret);
+/* Everything models.load takes; NULL fields are not sent (the daemon's defaults apply). */
+struct kvd_load_opts {
+  const char *name;          /* the name requests use; NULL: the file name without .gguf */
+  const char *chat_template; /* a chat template family over the file's */
+  const char *kv_type;       /* "f32", "f16", "q8_0" or "q4_0"; NULL: the daemon's --kv-type */
+};
+/* kvd_models_load with options (opts NULL: none). */
+KVD_API int kvd_models_load_opts(struct kvd_client *c, const char *path,
+                                 const struct kvd_load_opts *opts, struct kvd_model_info **ret);
 KVD_API void kvd_model_info_free(struct kvd_model_info *m);
 KVD_API int kvd_models_unload(struct kvd_client *c, const char *name);
 

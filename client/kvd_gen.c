@@ -23,6 +23,7 @@ void kvd_gen_params_init(struct kvd_gen_params *p) {
   p->presence_penalty = NAN;
   p->seed = -1;
   p->session = -1;
+  p->thinking = -1;
 }
 
 static void logprob_clear(struct kvd_logprob *lp) {
@@ -111,6 +112,7 @@ static void put_params(struct ipc_w *w, const struct kvd_gen_params *p, bool str
   if (stream) ipc_w_kv_bool(w, "stream", true);
   if (p->logprobs) ipc_w_kv_u64(w, "logprobs", p->logprobs);
   if (p->session >= 0) ipc_w_kv_u64(w, "session", (uint64_t)p->session);
+  if (p->thinking >= 0) ipc_w_kv_bool(w, "thinking", p->thinking != 0);
   ipc_w_close(w);
 }
 

@@ -95,6 +95,7 @@ void kvd__model_info_clear(struct kvd_model_info *m) {
   free(m->arch);
   free(m->chat_template);
   free(m->chat_template_warning);
+  free(m->kv_type);
   memset(m, 0, sizeof *m);
 }
 
@@ -107,9 +108,11 @@ int kvd__model_info(const msgpack_object *map, struct kvd_model_info *m) {
   ipc_get_u64(map, "n_params", &m->n_params, &err);
   ipc_get_u64(map, "bytes", &m->bytes, &err);
   ipc_get_bool(map, "default", &m->is_default, &err);
+  ipc_get_u64(map, "kv_bytes_per_token", &m->kv_bytes_per_token, &err);
   if (dup_key(map, "name", &m->name) < 0 || dup_key(map, "path", &m->path) < 0 ||
       dup_key(map, "arch", &m->arch) < 0 || dup_key(map, "chat_template", &m->chat_template) < 0 ||
-      dup_key(map, "chat_template_warning", &m->chat_template_warning) < 0) {
+      dup_key(map, "chat_template_warning", &m->chat_template_warning) < 0 ||
+      dup_key(map, "kv_type", &m->kv_type) < 0) {
     kvd__model_info_clear(m);
     return KVD_ENOMEM;
   }
@@ -178,6 +181,15 @@ int kvd_models_load(struct kvd_client *c, const char *path, const char *name,
 
 int kvd_models_load_template(struct kvd_client *c, const char *path, const char *name,
                              const char *chat_template, struct kvd_model_info **ret) {
+  return kvd_models_load_opts(
+      c, path, &(struct kvd_load_opts){.name = name, .chat_template = chat_template}, ret);
+}
+
+int kvd_models_load_opts(struct kvd_client *c, const char *path, const struct kvd_load_opts *opts,
+                         struct kvd_model_info **ret) {
+  static const struct kvd_load_opts none;
+  if (!opts) opts = &none;
+  const char *name = opts->name;
   if (!c) return KVD_EINVAL;
   if (!path) return kvd__error(c, KVD_EINVAL, "kvd_models_load: path is NULL");
   int rc;
@@ -186,7 +198,8 @@ int kvd_models_load_template(struct kvd_client *c, const char *path, const char 
   ipc_w_map_open(&c->w);
   ipc_w_kv_cstr(&c->w, "path", path);
   if (name) ipc_w_kv_cstr(&c->w, "name", name);
-  if (chat_template) ipc_w_kv_cstr(&c->w, "chat_template", chat_template);
+  if (opts->chat_template) ipc_w_kv_cstr(&c->w, "chat_template", opts->chat_template);
+  if (opts->kv_type) ipc_w_kv_cstr(&c->w, "kv_type", opts->kv_type);
   ipc_w_close(&c->w);
   struct ipc_msg *m;
   rc = kvd__call(c, req, &m);

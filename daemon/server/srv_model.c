@@ -250,6 +250,9 @@ static void load_after_cb(uv_work_t *req, int status) {
     ipc_w_kv_cstr(&c->w, "arch", model_arch_name(hp->arch));
     ipc_w_kv_u64(&c->w, "n_ctx", hp->n_ctx_train);
     ipc_w_kv_u64(&c->w, "n_vocab", hp->n_vocab);
+    ipc_w_kv_cstr(&c->w, "chat_template", chat_family_name(w->m->chat));
+    ipc_w_kv_cstr(&c->w, "kv_type", kv_type_name(engine_kv_type(sched_engine(w->m->sched))));
+    ipc_w_kv_u64(&c->w, "kv_bytes_per_token", engine_kv_bytes_per_token(sched_engine(w->m->sched)));
     ipc_w_close(&c->w);
     ipc_w_end(&c->w);
     srv_reply_done(c, w->id);

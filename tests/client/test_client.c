@@ -750,14 +750,18 @@ static void script_methods(struct fake *f) {
   ipc_msg_free(m);
   /* models.load */
   if (!(m = fake_expect(f, "models.load"))) return;
-  const char *name = NULL;
+  const char *name = NULL, *kv_type = NULL;
   ipc_get_str(m->params, "name", &name, NULL, NULL);
+  ipc_get_str(m->params, "kv_type", &kv_type, NULL, NULL); /* echoed: the client sent it */
   ipc_w_result(w, m->id);
-  ipc_w_map(w, 4);
+  ipc_w_map(w, 7);
   ipc_w_kv_cstr(w, "name", name ? name : "?");
   ipc_w_kv_cstr(w, "arch", "llama");
   ipc_w_kv_u64(w, "n_ctx", 512);
   ipc_w_kv_u64(w, "n_vocab", 512);
+  ipc_w_kv_cstr(w, "chat_template", "llama2");
+  ipc_w_kv_cstr(w, "kv_type", kv_type ? kv_type : "f16");
+  ipc_w_kv_u64(w, "kv_bytes_per_token", 480);
   fake_send(f);
   ipc_msg_free(m);
   /* sessions */
@@ -849,9 +853,12 @@ KT_TEST(methods_parse_their_results) {
   kvd_model_list_free(l);
 
   struct kvd_model_info *mi = NULL;
-  KT_CHECK_EQ(kvd_models_load(c, "/models/new.gguf", "new", &mi), 0);
+  KT_CHECK_EQ(kvd_models_load_opts(c, "/models/new.gguf",
+                                   &(struct kvd_load_opts){.name = "new", .kv_type = "q8_0"}, &mi),
+              0);
   KT_CHECK(mi && !strcmp(mi->name, "new") && !strcmp(mi->path, "/models/new.gguf"));
   KT_CHECK(mi && mi->n_ctx == 512);
+  KT_CHECK(mi && mi->kv_type && !strcmp(mi->kv_type, "q8_0") && mi->kv_bytes_per_token == 480);
   kvd_model_info_free(mi);
 
   uint64_t s = 0, s2 = 0;

@@ -34,6 +34,7 @@ KT_TEST(dlsym_finds_api_not_internals) {
       "kvd_status",
       "kvd_models_list",
       "kvd_models_load",
+      "kvd_models_load_opts",
       "kvd_models_unload",
       "kvd_session_open",
       "kvd_session_close",
