@@ -18,10 +18,11 @@ int attn_init(struct attn_kernels *a, struct gpu_device *dev, enum kv_type kv_ty
   memset(a, 0, sizeof *a);
   if ((unsigned)kv_type >= KV_TYPE_COUNT) return KVD_EINVAL;
   a->kv_type = kv_type;
-  char write_name[32], paged_name[32], tile_name[32];
+  char write_name[32], paged_name[32], tile_name[32], shift_name[32];
   snprintf(write_name, sizeof write_name, "kv_write_%s", kv_type_name(kv_type));
   snprintf(paged_name, sizeof paged_name, "attn_paged_%s", kv_type_name(kv_type));
   snprintf(tile_name, sizeof tile_name, "attn_tile_%s", kv_type_name(kv_type));
+  snprintf(shift_name, sizeof shift_name, "kv_shift_%s", kv_type_name(kv_type));
   /* 64 invocations: two wavefronts on NVIDIA, one on AMD, eight lavapipe subgroups. */
   a->wg = 64;
   while (a->wg > c->max_wg_invocations)
@@ -77,6 +78,15 @@ int attn_init(struct attn_kernels *a, struct gpu_device *dev, enum kv_type kv_ty
                                                                tile_hd},
                                                       .local_size = {a->wg, 1, 1}},
                           &a->tile);
+  if (rc == 0)
+    rc = gpu_pipeline_new(dev,
+                          &(struct gpu_pipeline_desc){.shader = shift_name,
+                                                      .n_buffers = 4,
+                                                      .push_size = sizeof(struct pc_kv_shift),
+                                                      .n_spec = 2,
+                                                      .spec = {a->wg, tile_hd},
+                                                      .local_size = {a->wg, 1, 1}},
+                          &a->shift);
   if (rc == 0) a->max_hd = tile_hd;
   if (rc < 0) attn_destroy(a);
   return rc;
@@ -87,6 +97,7 @@ void attn_destroy(struct attn_kernels *a) {
   gpu_pipeline_free(a->paged);
   gpu_pipeline_free(a->merge);
   gpu_pipeline_free(a->tile);
+  gpu_pipeline_free(a->shift);
   memset(a, 0, sizeof *a);
 }
 
@@ -145,6 +156,32 @@ int attn_record_write(const struct attn_kernels *a, struct gpu_cmd *cmd, struct 
   struct gpu_binding b[5] = {k_new, v_new, k_cache, v_cache, slots};
   return gpu_cmd_dispatch(cmd, a->write, b, 5, &pc, sizeof pc, (uint32_t)(groups ? groups : 1), 1,
                           1, "kv_write");
+}
+
+int attn_record_shift(const struct attn_kernels *a, struct gpu_cmd *cmd, struct gpu_binding k_cache,
+                      struct gpu_binding v_cache, struct gpu_binding moves, struct gpu_binding freq,
+                      uint32_t n_moves, uint32_t n_rotate, uint32_t n_head_kv, uint32_t head_dim,
+                      uint32_t block_size, uint32_t n_rot, bool neox, uint32_t delta) {
+  if (n_moves == 0) return 0;
+  if (head_dim == 0 || head_dim > a->max_hd || n_rot > head_dim || n_rot % 2 || n_head_kv == 0 ||
+      n_head_kv > 65535 || n_rotate > n_moves)
+    return gpu_cmd_fail(cmd, KVD_EINVAL);
+  uint32_t row_words;
+  int rc = kv_row_words(a->kv_type, head_dim, &row_words);
+  if (rc < 0) return gpu_cmd_fail(cmd, rc);
+  struct pc_kv_shift pc = {.n_moves = n_moves,
+                           .n_rotate = n_rotate,
+                           .n_head_kv = n_head_kv,
+                           .head_dim = head_dim,
+                           .block_size = block_size,
+                           .row_words = row_words,
+                           .group = kv_group(head_dim),
+                           .n_rot = n_rot,
+                           .mode = neox ? 1u : 0u,
+                           .delta = delta};
+  struct gpu_binding b[4] = {k_cache, v_cache, moves, freq};
+  return gpu_cmd_dispatch(cmd, a->shift, b, 4, &pc, sizeof pc, n_moves < 65535 ? n_moves : 65535,
+                          n_head_kv, 1, "kv_shift");
 }
 
 int attn_record(const struct attn_kernels *a, struct gpu_cmd *cmd, const struct attn_shape *s,

@@ -15,6 +15,7 @@ struct attn_kernels {
   struct gpu_pipeline *paged;
   struct gpu_pipeline *merge;
   struct gpu_pipeline *tile; /* query-tiled prefill (attn_tile.comp) */
+  struct gpu_pipeline *shift; /* context shift: rows moved, keys rotated back (kv_shift.comp) */
   uint32_t wg;     /* invocations per workgroup (a power of two) */
   uint32_t chunk;  /* KV positions a split scores at once (shared memory), not a length limit */
   uint32_t max_hd; /* largest head_dim the kernels accept */
@@ -48,6 +49,14 @@ int attn_record_write(const struct attn_kernels *a, struct gpu_cmd *cmd, struct 
                       struct gpu_binding v_cache, struct gpu_binding slots, uint32_t n_tokens,
                       uint32_t n_head_kv, uint32_t head_dim, uint32_t block_size,
                       uint32_t src_stride);
+
+/* Context shift in one layer (kv.h struct kv_shift): for the moves (src, dst slot pairs, uvec2)
+ * [0, n_rotate) the key row is rotated back by delta positions with the layer's RoPE frequency
+ * table (ops_rope_freq()) and n_rot/mode, values copied; moves [n_rotate, n_moves) are copied. */
+int attn_record_shift(const struct attn_kernels *a, struct gpu_cmd *cmd, struct gpu_binding k_cache,
+                      struct gpu_binding v_cache, struct gpu_binding moves, struct gpu_binding freq,
+                      uint32_t n_moves, uint32_t n_rotate, uint32_t n_head_kv, uint32_t head_dim,
+                      uint32_t block_size, uint32_t n_rot, bool neox, uint32_t delta);
 
 struct attn_shape {
   uint32_t n_tokens;

@@ -85,6 +85,14 @@ int engine_seq_truncate(struct engine *e, struct engine_seq *s, uint32_t n);
  * earliest position the caller may still rewind to (UINT32_MAX: none). Returns the blocks given
  * back (0 on any other model). */
 int engine_seq_drop_window(struct engine *e, struct engine_seq *s, uint32_t keep_from);
+/* Context shift: drops tokens [keep, keep + n_drop) of s (n_drop a multiple of the block size;
+ * kv_overflow_plan() says which), gives their blocks back and rotates the keys of every later
+ * token back by n_drop positions in every layer, so they read as if computed at their new
+ * positions; len shrinks by n_drop. One synchronous submission. Errors: those of
+ * kv_seq_shift_plan() (nothing changed), device failures. */
+int engine_seq_shift(struct engine *e, struct engine_seq *s, uint32_t keep, uint32_t n_drop);
+/* Shifts run and rows they rewrote (every layer counts once), for status and benchmarks. */
+void engine_shift_stats(const struct engine *e, uint64_t *ret_shifts, uint64_t *ret_rows);
 /* Blocks of the pool s holds now (what a window keeps bounded). */
 uint32_t engine_seq_live_blocks(const struct engine_seq *s);
 /* A new sequence sharing all of src's blocks (copy-on-write on the first write to a shared one). */

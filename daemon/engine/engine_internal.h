@@ -101,6 +101,11 @@ struct engine {
   uint32_t cap_items;
 
   struct gpu_cmd *cmd;
+
+  /* Context shift (engine_shift.c): the moves of the largest shift seen, host-visible. */
+  struct gpu_buffer *shift_moves;
+  uint32_t shift_cap; /* moves it holds */
+  uint64_t shifts, shift_rows;
 };
 
 /* One assembled step, what engine_step.c hands to the recorder. The per-token arrays (ids, pos,

@@ -175,6 +175,11 @@ int ops_rope_prepare(struct ops *o, const struct model_rope *cfg) {
   return 0;
 }
 
+struct gpu_buffer *ops_rope_freq(const struct ops *o, const struct model_rope *cfg) {
+  const struct ops_rope_table *t = rope_find(o, cfg);
+  return t ? t->freq : NULL;
+}
+
 int ops_rope(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, struct gpu_binding pos,
              uint32_t n_tokens, uint32_t n_heads, uint32_t head_dim, uint32_t stride,
              const struct model_rope *cfg) {

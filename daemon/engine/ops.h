@@ -74,6 +74,9 @@ int ops_add_rmsnorm(struct ops *o, struct gpu_cmd *cmd, struct gpu_binding x, st
  * first use, blocking in the middle of a recording. KVD_ENOSPC past OPS_MAX_ROPE_TABLES
  * settings, KVD_EINVAL for a setting that is not finite and positive. */
 int ops_rope_prepare(struct ops *o, const struct model_rope *cfg);
+/* The frequency table of cfg (made by ops_rope_prepare), NULL if it was never prepared: the
+ * context shift rotates stored keys with it. */
+struct gpu_buffer *ops_rope_freq(const struct ops *o, const struct model_rope *cfg);
 
 /* Rotates x (n_tokens, n_heads, head_dim) in place: pair i of token t turns by
  * pos[t] * model_rope_freq(cfg, i) and is scaled by model_rope_mscale(cfg), like ref_rope_ext(). pos is (n_tokens) uint32.

@@ -199,6 +199,9 @@ struct kv_seq {
    * drop_key is the chain's key after block n_dropped - 1 once the chain has passed it. */
   uint32_t n_dropped;
   uint64_t drop_key;
+  /* Tokens were dropped from the middle (kv_seq_shift_commit): blocks from the cut on hold K/V
+   * no token history computes, so the sequence registers nothing more in the prefix cache. */
+  bool shifted;
 };
 
 /* Which block to copy before writing (copy-on-write): in every (layer, K|V) buffer, block
@@ -325,6 +328,67 @@ int kv_seq_new_with_prefix(struct kv_pool *pool, const int32_t *tokens, uint32_t
  * KVD_EINVAL if n_tokens > len. */
 int kv_seq_register_blocks(struct kv_pool *pool, struct kv_seq *seq, const int32_t *tokens,
                            uint32_t n_tokens);
+
+/* ---- past the context (kv_shift.c) ---------------------------------------------------------- */
+
+/* What a sequence does when its next tokens would pass the model's context. */
+enum kv_overflow {
+  KV_OVERFLOW_ERROR = 0, /* the wall: a prompt over the context is refused, generation ends */
+  KV_OVERFLOW_SHIFT,     /* keep the first `keep` tokens, drop the older half of the rest */
+  KV_OVERFLOW_WINDOW,    /* StreamingLLM: `keep` attention sinks plus the most recent tokens */
+};
+/* "error", "shift", "window"; and back (KVD_EINVAL for anything else). */
+const char *kv_overflow_name(enum kv_overflow p);
+int kv_overflow_parse(const char *name, enum kv_overflow *ret);
+
+/* Which tokens go: keep the first `keep`, drop the next n_drop (a multiple of the block size, so
+ * blocks go back whole). */
+struct kv_overflow_cut {
+  uint32_t keep;
+  uint32_t n_drop; /* 0: nothing to do, the tokens fit */
+};
+
+/* The one definition of the policies, which the scheduler and the tests' CPU reference both
+ * follow: a sequence of len tokens about to take n_new more in an n_ctx context. Fits: n_drop 0.
+ * Else, for shift, n_drop is the larger of what makes room and half of the tokens after `keep`,
+ * for window just what makes room, both rounded up to whole blocks; keep is capped at
+ * n_ctx - 2 * block_size (a keep near the context would leave nothing to drop) and at len.
+ * KVD_E_CONTEXT under KV_OVERFLOW_ERROR, or when dropping everything after keep is not enough
+ * (n_new > n_ctx - keep: the caller takes fewer tokens at once). */
+int kv_overflow_plan(enum kv_overflow policy, uint32_t len, uint32_t n_new, uint32_t n_ctx,
+                     uint32_t keep, uint32_t block_size, struct kv_overflow_cut *ret);
+
+/* One row's move: the token at slot src (kv_slot_index) goes to slot dst; src == dst in place. */
+struct kv_move {
+  uint32_t src, dst;
+};
+
+/* A planned shift: the new table and the rows the device rewrites, in every layer:
+ *   moves[0, n_rotate)        keys rotated back by n_drop positions (values copied as they are)
+ *   moves[n_rotate, n_moves)  the kept rows of a partial block, copied unchanged
+ * Destination rows of distinct moves are distinct and no move reads another's destination. */
+struct kv_shift {
+  uint32_t keep, n_drop;
+  uint32_t *table; /* the table after the shift, n_blocks entries */
+  uint32_t n_blocks;
+  uint32_t *fresh;    /* (n_fresh) blocks taken for moved blocks other sequences share */
+  uint32_t *fresh_at; /* the new table entries they are */
+  uint32_t n_fresh;
+  struct kv_move *moves;
+  uint32_t n_rotate, n_moves;
+};
+
+/* Dropping tokens [keep, keep + n_drop) of seq, in two phases like copy-on-write: plan takes the
+ * fresh blocks and builds the moves (nothing of seq changes); after the device ran them, commit
+ * installs the table (len -= n_drop; dropped blocks go back to the pool or, registered, to the
+ * prefix cache; blocks rewritten in place lose their keys; seq->shifted is set), or cancel gives
+ * the fresh blocks back. n_drop must be a positive multiple of the block size with
+ * keep + n_drop <= len, and keep 0 once a sliding window gave blocks back: KVD_EINVAL.
+ * KVD_E_KV_EXHAUSTED (nothing changed) when the fresh blocks are not available, KVD_ENOMEM. */
+int kv_seq_shift_plan(struct kv_pool *pool, const struct kv_seq *seq, uint32_t keep,
+                      uint32_t n_drop, struct kv_shift *ret);
+void kv_seq_shift_commit(struct kv_pool *pool, struct kv_seq *seq, struct kv_shift *sh);
+void kv_seq_shift_cancel(struct kv_pool *pool, struct kv_shift *sh);
 
 /* ---- device mirror -------------------------------------------------------------------------- */
 

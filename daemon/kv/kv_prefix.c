@@ -196,6 +196,7 @@ int kv_seq_register_blocks(struct kv_pool *pool, struct kv_seq *seq, const int32
                            uint32_t n_tokens) {
   assert(pool->block_size == seq->block_size);
   if (n_tokens > seq->len) return KVD_EINVAL;
+  if (seq->shifted) return 0; /* its later blocks hold keys no history computes (kv_shift.c) */
   uint32_t bs = seq->block_size, full = n_tokens / bs;
   assert(full <= seq->n_blocks);
   int added = 0;

@@ -155,6 +155,7 @@ int kv_seq_fork_into(struct kv_pool *pool, const struct kv_seq *src, struct kv_s
   dst->chain_key = src->chain_key;
   dst->n_dropped = src->n_dropped < n ? src->n_dropped : n;
   dst->drop_key = src->drop_key;
+  dst->shifted = src->shifted;
   return 0;
 }
 

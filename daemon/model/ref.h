@@ -46,6 +46,15 @@ uint32_t model_ref_n_ctx(const struct model_ref *r);
  * when pos >= n_ctx. */
 int model_ref_forward(struct model_ref *r, uint32_t token, uint32_t pos, float *logits);
 
+/* Context shift, as the engine does it (engine_seq_shift): the cached positions
+ * [keep, keep + n_drop) are dropped, the later ones move down by n_drop, and their keys are
+ * rotated back by n_drop positions with each layer's RoPE (in double, then rounded through the
+ * KV type again, as the device re-encodes them). KVD_EINVAL unless keep + n_drop <= the
+ * positions cached. */
+int model_ref_shift(struct model_ref *r, uint32_t keep, uint32_t n_drop);
+/* Positions cached so far (the next forward's pos when appending). */
+uint32_t model_ref_n_past(const struct model_ref *r);
+
 /* Empties the KV cache: the next forward starts at position 0. */
 void model_ref_reset(struct model_ref *r);
 

@@ -439,6 +439,48 @@ uint32_t model_ref_n_ctx(const struct model_ref *r) {
   return r->n_ctx;
 }
 
+uint32_t model_ref_n_past(const struct model_ref *r) {
+  return r->n_past;
+}
+
+int model_ref_shift(struct model_ref *r, uint32_t keep, uint32_t n_drop) {
+  const struct model_hparams *hp = &r->hp;
+  if (keep > r->n_past || n_drop > r->n_past - keep) return KVD_EINVAL;
+  if (n_drop == 0) return 0;
+  size_t kv_dim = (size_t)hp->n_head_kv * hp->head_dim;
+  uint32_t moved = r->n_past - keep - n_drop;
+  for (uint32_t il = 0; il < hp->n_layer; il++) {
+    const struct model_rope *rope = &r->layers[il].rope;
+    float *lk = r->k_cache + (size_t)il * r->n_ctx * kv_dim;
+    float *lv = r->v_cache + (size_t)il * r->n_ctx * kv_dim;
+    memmove(lk + keep * kv_dim, lk + (size_t)(keep + n_drop) * kv_dim, moved * kv_dim * 4);
+    memmove(lv + keep * kv_dim, lv + (size_t)(keep + n_drop) * kv_dim, moved * kv_dim * 4);
+    /* The rotation by -n_drop: the stored key already carries mscale, so it is not applied. */
+    size_t half = rope->n_rot / 2;
+    for (size_t i = 0; i < half; i++) {
+      double theta = -(double)n_drop * model_rope_freq(rope, (uint32_t)i);
+      double c = cos(theta), sn = sin(theta);
+      size_t i0 = rope->mode == MODEL_ROPE_NEOX ? i : 2 * i;
+      size_t i1 = rope->mode == MODEL_ROPE_NEOX ? i + half : 2 * i + 1;
+      for (uint32_t t = keep; t < keep + moved; t++)
+        for (uint32_t h = 0; h < hp->n_head_kv; h++) {
+          float *v = lk + (size_t)t * kv_dim + (size_t)h * hp->head_dim;
+          double a = v[i0], b = v[i1];
+          v[i0] = (float)(a * c - b * sn);
+          v[i1] = (float)(a * sn + b * c);
+        }
+    }
+    for (uint32_t t = keep; r->kv_type != KV_F32 && t < keep + moved; t++)
+      for (uint32_t h = 0; h < hp->n_head_kv; h++) {
+        float *kh = lk + (size_t)t * kv_dim + (size_t)h * hp->head_dim;
+        kv_encode_row(r->kv_type, kh, hp->head_dim, r->kv_row);
+        kv_decode_row(r->kv_type, r->kv_row, hp->head_dim, kh);
+      }
+  }
+  r->n_past -= n_drop;
+  return 0;
+}
+
 void model_ref_reset(struct model_ref *r) {
   r->n_past = 0;
 }

@@ -25,6 +25,22 @@ struct pc_kv_write {
 };
 PC_ASSERT_SIZE(pc_kv_write, 28)
 
+/* Context shift: moves (src slot, dst slot) of one layer, keys of the first n_rotate rotated back
+ * by delta positions (shaders/kv_shift.comp, daemon/kv/kv_shift.c). */
+struct pc_kv_shift {
+  uint n_moves;
+  uint n_rotate;
+  uint n_head_kv;
+  uint head_dim;
+  uint block_size;
+  uint row_words;
+  uint group;
+  uint n_rot;  /* leading dimensions RoPE rotates */
+  uint mode;   /* 0 normal (2i, 2i+1), 1 neox (i, i + n_rot/2) */
+  uint delta;  /* positions the keys move back */
+};
+PC_ASSERT_SIZE(pc_kv_shift, 40)
+
 /* Attention of n_tokens query tokens, each over its own paged KV range, split along the KV axis
  * into n_splits chunks of `chunk` positions (flash-decoding); with n_splits == 1 the kernel
  * writes the normalised output itself, else (m, l, o) partials that attn_merge combines. */

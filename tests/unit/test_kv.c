@@ -1597,3 +1597,180 @@ KT_TEST(prefix_chain_continues_through_dropped_blocks) {
   kv_seq_free(&pool, keep);
   kv_pool_destroy(&pool);
 }
+
+/* ---- past the context (kv_shift.c) ------------------------------------------------------------ */
+
+KT_TEST(overflow_plan_follows_each_policy) {
+  struct kv_overflow_cut c;
+  /* Fits: nothing to drop, under any policy. */
+  KT_ASSERT_OK(kv_overflow_plan(KV_OVERFLOW_ERROR, 500, 12, 512, 1, 16, &c));
+  KT_CHECK_EQ(c.n_drop, 0);
+  KT_CHECK_EQ(kv_overflow_plan(KV_OVERFLOW_ERROR, 512, 1, 512, 1, 16, &c), KVD_E_CONTEXT);
+  /* shift: half of what follows keep, in whole blocks. */
+  KT_ASSERT_OK(kv_overflow_plan(KV_OVERFLOW_SHIFT, 512, 1, 512, 1, 16, &c));
+  KT_CHECK_EQ(c.keep, 1);
+  KT_CHECK_EQ(c.n_drop, (512 - 1) / 2 / 16 * 16);
+  /* window: just one block, after 4 sinks. */
+  KT_ASSERT_OK(kv_overflow_plan(KV_OVERFLOW_WINDOW, 512, 1, 512, 4, 16, &c));
+  KT_CHECK_EQ(c.keep, 4);
+  KT_CHECK_EQ(c.n_drop, 16);
+  /* A chunk of 40 needs 40 gone: rounded up to 48. */
+  KT_ASSERT_OK(kv_overflow_plan(KV_OVERFLOW_WINDOW, 512, 40, 512, 4, 16, &c));
+  KT_CHECK_EQ(c.n_drop, 48);
+  /* keep past the context less two blocks is capped; a chunk larger than what can go fails. */
+  KT_ASSERT_OK(kv_overflow_plan(KV_OVERFLOW_SHIFT, 512, 1, 512, 600, 16, &c));
+  KT_CHECK_EQ(c.keep, 512 - 32);
+  KT_CHECK(c.n_drop >= 16 && c.keep + c.n_drop <= 512);
+  KT_CHECK_EQ(kv_overflow_plan(KV_OVERFLOW_SHIFT, 512, 600, 512, 0, 16, &c), KVD_E_CONTEXT);
+  /* Every policy makes room whatever the numbers (randomized). */
+  for (int i = 0; i < 20000; i++) {
+    uint32_t bs = kt_rand_range(1, 64), n_ctx = kt_rand_range(2 * bs + 1, 4096);
+    uint32_t len = kt_rand_range(0, n_ctx), n_new = kt_rand_range(1, n_ctx / 2 + 1);
+    uint32_t keep = kt_rand_range(0, n_ctx + 10);
+    enum kv_overflow p = kt_rand_range(0, 1) ? KV_OVERFLOW_SHIFT : KV_OVERFLOW_WINDOW;
+    int rc = kv_overflow_plan(p, len, n_new, n_ctx, keep, bs, &c);
+    if (rc == KVD_E_CONTEXT) {
+      KT_CHECK((uint64_t)len + n_new > n_ctx); /* only when the cut cannot make room */
+      continue;
+    }
+    KT_ASSERT_OK(rc);
+    KT_CHECK(c.n_drop % bs == 0 && c.keep <= keep && (uint64_t)c.keep + c.n_drop <= len);
+    KT_CHECK((uint64_t)len - c.n_drop + n_new <= n_ctx);
+    if ((uint64_t)len + n_new <= n_ctx) KT_CHECK_EQ(c.n_drop, 0);
+  }
+  enum kv_overflow p;
+  KT_ASSERT_OK(kv_overflow_parse("window", &p));
+  KT_CHECK_EQ(p, KV_OVERFLOW_WINDOW);
+  KT_CHECK_EQ(kv_overflow_parse("shiftx", &p), KVD_EINVAL);
+}
+
+/* Fake device memory for shifts: each slot holds the token id and position of the row there. */
+struct fake_row {
+  int32_t tok;
+  int32_t pos;
+};
+
+static void fake_write(struct fake_row *mem, const struct kv_seq *s, const int32_t *hist,
+                       uint32_t from) {
+  for (uint32_t p = from; p < s->len; p++) {
+    struct kv_slot sl;
+    KT_ASSERT_OK(kv_seq_slot(s, p, &sl));
+    mem[kv_slot_index(sl, s->block_size)] = (struct fake_row){hist[p], (int32_t)p};
+  }
+}
+
+/* What the device does with a plan: rotations move a row and take n_drop off its position (read
+ * everything first: moves may be in place), copies move it as it is. */
+static void fake_apply(struct fake_row *mem, const struct kv_shift *sh) {
+  struct fake_row *tmp = malloc((sh->n_moves ? sh->n_moves : 1) * sizeof *tmp);
+  KT_ASSERT(tmp);
+  for (uint32_t i = 0; i < sh->n_moves; i++)
+    tmp[i] = mem[sh->moves[i].src];
+  for (uint32_t i = 0; i < sh->n_moves; i++) {
+    if (i < sh->n_rotate) tmp[i].pos -= (int32_t)sh->n_drop;
+    mem[sh->moves[i].dst] = tmp[i];
+  }
+  free(tmp);
+}
+
+static bool fake_reads(const struct fake_row *mem, const struct kv_seq *s, const int32_t *hist) {
+  for (uint32_t p = 0; p < s->len; p++) {
+    struct kv_slot sl;
+    if (kv_seq_slot(s, p, &sl) < 0) return false;
+    struct fake_row r = mem[kv_slot_index(sl, s->block_size)];
+    if (r.tok != hist[p] || r.pos != (int32_t)p) return false;
+  }
+  return true;
+}
+
+KT_TEST(shift_drops_tokens_moves_rows_and_spares_sharers) {
+  for (int round = 0; round < 400; round++) {
+    uint32_t bs = kt_rand_range(1, 20), n_blocks = 256;
+    struct kv_pool pool;
+    KT_ASSERT_OK(kv_pool_init(&pool, n_blocks, bs));
+    struct fake_row *mem = calloc((size_t)n_blocks * bs, sizeof *mem);
+    uint32_t len = kt_rand_range(bs + 1, 60 * bs < 1000 ? 60 * bs : 1000);
+    int32_t *hist = malloc(len * sizeof *hist), *want = malloc(len * sizeof *want);
+    KT_ASSERT(mem && hist && want);
+    for (uint32_t i = 0; i < len; i++)
+      hist[i] = (int32_t)kt_rand_range(0, 1000);
+    struct kv_seq *s, *fk = NULL;
+    KT_ASSERT_OK(kv_seq_new(&pool, &s));
+    KT_ASSERT_OK(kv_seq_reserve(&pool, s, len));
+    KT_ASSERT_OK(kv_seq_commit(s, len));
+    fake_write(mem, s, hist, 0);
+    kv_seq_register_blocks(&pool, s, hist, len);
+    bool fork = kt_rand_range(0, 1);
+    if (fork) KT_ASSERT_OK(kv_seq_fork(&pool, s, &fk));
+    uint32_t keep = kt_rand_range(0, len - bs);
+    uint32_t n_drop = bs * kt_rand_range(1, (len - keep) / bs);
+    struct kv_shift sh;
+    KT_ASSERT_OK(kv_seq_shift_plan(&pool, s, keep, n_drop, &sh));
+    if (kt_rand_range(0, 3) == 0) { /* a cancelled plan changes nothing */
+      uint32_t avail = kv_pool_available(&pool), taken = sh.n_fresh;
+      kv_seq_shift_cancel(&pool, &sh);
+      KT_CHECK_EQ(kv_pool_available(&pool), avail + taken);
+      KT_CHECK(fake_reads(mem, s, hist));
+      KT_ASSERT_OK(kv_seq_shift_plan(&pool, s, keep, n_drop, &sh));
+    }
+    if (!fork) KT_CHECK_EQ(sh.n_fresh, 0);
+    fake_apply(mem, &sh);
+    kv_seq_shift_commit(&pool, s, &sh);
+    KT_CHECK_EQ(s->len, len - n_drop);
+    KT_CHECK(s->shifted);
+    memcpy(want, hist, keep * sizeof *want);
+    memcpy(want + keep, hist + keep + n_drop, (len - keep - n_drop) * sizeof *want);
+    KT_CHECK(fake_reads(mem, s, want));
+    if (fk) KT_CHECK(fake_reads(mem, fk, hist)); /* the fork still reads the old history */
+    /* Only the blocks wholly before the cut keep their keys: a prompt of the new history finds
+     * those and nothing after (they hold K/V no history computes). */
+    KT_CHECK_EQ(kv_seq_register_blocks(&pool, s, want, s->len), 0);
+    struct kv_seq *probe;
+    uint32_t cached;
+    KT_ASSERT_OK(kv_seq_new_with_prefix(&pool, want, s->len, &probe, &cached));
+    KT_CHECK(cached <= keep / bs * bs);
+    kv_seq_free(&pool, probe);
+    /* It goes on growing after the shift, and frees to nothing. */
+    KT_ASSERT_OK(kv_seq_reserve(&pool, s, bs + 1));
+    kv_seq_free(&pool, s);
+    kv_seq_free(&pool, fk);
+    struct kv_pool_stats st;
+    kv_pool_stats(&pool, &st);
+    KT_CHECK_EQ(st.free + st.cached, st.total);
+    KT_CHECK_EQ(st.used, 0);
+    free(mem), free(hist), free(want);
+    kv_pool_destroy(&pool);
+    if (kt__failed()) {
+      kt_log("round %d: block %u, len %u, keep %u, drop %u, fork %d", round, bs, len, keep, n_drop,
+             fork);
+      return;
+    }
+  }
+}
+
+KT_TEST(shift_plan_is_all_or_nothing) {
+  struct kv_pool pool;
+  KT_ASSERT_OK(kv_pool_init(&pool, 8, 4));
+  struct kv_seq *s, *fk;
+  KT_ASSERT_OK(kv_seq_new(&pool, &s));
+  KT_ASSERT_OK(kv_seq_reserve(&pool, s, 24));
+  KT_ASSERT_OK(kv_seq_commit(s, 24));
+  KT_ASSERT_OK(kv_seq_fork(&pool, s, &fk)); /* every block shared, 2 left */
+  struct kv_shift sh;
+  /* Dropping 4 after 2 moves 5 shared blocks: 5 copies wanted, 2 free. */
+  KT_CHECK_EQ(kv_seq_shift_plan(&pool, s, 2, 4, &sh), KVD_E_KV_EXHAUSTED);
+  KT_CHECK_EQ(kv_pool_available(&pool), 2);
+  KT_CHECK_EQ(s->len, 24);
+  /* Bad cuts are refused. */
+  KT_CHECK_EQ(kv_seq_shift_plan(&pool, s, 2, 3, &sh), KVD_EINVAL);  /* not whole blocks */
+  KT_CHECK_EQ(kv_seq_shift_plan(&pool, s, 20, 8, &sh), KVD_EINVAL); /* past len */
+  KT_CHECK_EQ(kv_seq_shift_plan(&pool, s, 0, 0, &sh), KVD_EINVAL);
+  kv_seq_free(&pool, fk);
+  KT_ASSERT_OK(kv_seq_shift_plan(&pool, s, 2, 4, &sh)); /* alone now: in place */
+  KT_CHECK_EQ(sh.n_fresh, 0);
+  kv_seq_shift_commit(&pool, s, &sh);
+  KT_CHECK_EQ(s->len, 20);
+  KT_CHECK_EQ(kv_pool_available(&pool), 3);
+  kv_seq_free(&pool, s);
+  kv_pool_destroy(&pool);
+}
