@@ -371,7 +371,8 @@ struct kv_shift {
   uint32_t keep, n_drop;
   uint32_t *table; /* the table after the shift, n_blocks entries */
   uint32_t n_blocks;
-  uint32_t *fresh;    /* (n_fresh) blocks taken for moved blocks other sequences share */
+  uint32_t *fresh;    /* (n_fresh) blocks taken for moved blocks other sequences share, and for
+                         registered ones while free blocks last (the prefix cache keeps them) */
   uint32_t *fresh_at; /* the new table entries they are */
   uint32_t n_fresh;
   struct kv_move *moves;

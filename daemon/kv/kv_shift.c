@@ -9,7 +9,8 @@
  * kv_shift kernel), and when keep is not block-aligned, the keep % block_size kept rows of the
  * block the cut falls in are copied once into the first moved block, which takes its place. A
  * moved block another sequence shares is not rotated in place but into a fresh block
- * (copy-on-write), so sharers never see the change. */
+ * (copy-on-write), so sharers never see the change; so is a block registered in the prefix cache
+ * while free blocks last, so the cache keeps naming the original history truthfully. */
 #include "kv.h"
 #include "kv_internal.h"
 
@@ -96,13 +97,28 @@ int kv_seq_shift_plan(struct kv_pool *pool, const struct kv_seq *seq, uint32_t k
     return KVD_ENOMEM;
   }
   memcpy(ret->table, seq->table, (size_t)kb * sizeof *ret->table);
-  /* First pass: which moved blocks have rows to write and are shared (those get a fresh block). */
-  uint32_t n_fresh = 0;
+  /* First pass: which moved blocks get a fresh block. Those another sequence shares must (it
+   * must not see the change); those registered in the prefix cache may, while free blocks last
+   * (not by evicting others): then the original stays cached for a prompt that repeats this
+   * history, instead of being rewritten and forgotten. */
+  uint32_t n_fresh = 0, n_must = 0;
+  for (uint32_t j = kb; j < nb; j++) {
+    uint32_t b = seq->table[j + db];
+    bool rows = (uint64_t)(j + db) * bs < seq->len || (j == kb && r > 0);
+    if (b != KV_BLOCK_NONE && rows && pool->refs[b] > 1) n_must++;
+  }
+  uint32_t spare = pool->n_free > n_must ? pool->n_free - n_must : 0;
   for (uint32_t j = kb; j < nb; j++) {
     uint32_t o = j + db, b = seq->table[o];
     ret->table[j] = b;
     bool rows = (uint64_t)o * bs < seq->len || (j == kb && r > 0);
-    if (b != KV_BLOCK_NONE && rows && pool->refs[b] > 1) ret->fresh_at[n_fresh++] = j;
+    if (b == KV_BLOCK_NONE || !rows) continue;
+    if (pool->refs[b] > 1) {
+      ret->fresh_at[n_fresh++] = j;
+    } else if ((pool->flags[b] & KV_BLOCK_REGISTERED) && spare > 0) {
+      ret->fresh_at[n_fresh++] = j;
+      spare--;
+    }
   }
   if (n_fresh) {
     ret->fresh = malloc((size_t)n_fresh * sizeof *ret->fresh);
@@ -146,7 +162,7 @@ void kv_seq_shift_commit(struct kv_pool *pool, struct kv_seq *seq, struct kv_shi
     uint32_t o = j + db, b = seq->table[o];
     if (b == KV_BLOCK_NONE) continue;
     if (sh->table[j] != b) {
-      kv_pool_unref(pool, b); /* shared: rotated into a fresh copy, the sharers keep it */
+      kv_pool_unref(pool, b); /* rotated into a copy: the sharers, or the prefix cache, keep it */
     } else if ((uint64_t)o * bs < seq->len || (j == kb && sh->keep % bs)) {
       kv__prefix_forget(pool, b);
     }

@@ -287,10 +287,12 @@ static void sched_finish(struct sched *s, struct sched_req *r, enum sched_finish
       (why == SCHED_FINISH_ERROR || why == SCHED_FINISH_CANCELLED)) {
     /* A turn that failed or was cancelled before its first token leaves the session as it
      * found it: its prompt's KV is cut off and the previous answer's last token is pending
-     * again, so the next turn reads the same history (the client got no answer to build on). */
-    if (r->seq && engine_seq_len(r->seq) > r->cached_tokens)
+     * again, so the next turn reads the same history (the client got no answer to build on).
+     * After a context shift that dropped part of this prompt's KV there is no such point to go
+     * back to: the session keeps what it holds (its history already lost old turns). */
+    if (!r->n_shifts && r->seq && engine_seq_len(r->seq) > r->cached_tokens)
       engine_seq_truncate(s->e, r->seq, r->cached_tokens);
-    r->next = r->sess_pending0;
+    if (!r->n_shifts || r->n_prefilled == 0) r->next = r->sess_pending0;
   }
   if (r->session) {
     if (r->sess_taken) { /* one that never began left the session untouched */
@@ -367,10 +369,12 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
   /* A prompt that cannot fit even with the whole pool to itself is refused at once. */
   struct kv_pool_stats kv;
   engine_kv_stats(s->e, &kv);
+  if (r->overflow == KV_OVERFLOW_ERROR && total >= hp->n_ctx_train) return KVD_E_CONTEXT;
+  if (r->overflow != KV_OVERFLOW_ERROR && total > hp->n_ctx_train) total = hp->n_ctx_train;
   if ((total + kv.block_size) / kv.block_size > kv.total) return KVD_E_KV_EXHAUSTED;
-  if (total >= hp->n_ctx_train) return KVD_E_CONTEXT;
   memcpy(r->hist, r->tokens, r->n_tokens * sizeof(int32_t));
   r->n_hist = r->n_tokens;
+  r->hist_base = r->session ? r->cached_tokens : 0;
   r->admitted = true;
   r->t_start = sched_now();
   atomic_store(&r->pub_cached, r->cached_tokens);
@@ -462,10 +466,20 @@ static bool sched_sample(struct sched *s, struct sched_req *r, struct sched_req 
   ev.token = tok;
   if (r->logprobs) sched_logprobs(r->scratch, hp->n_vocab, tok, r->logprobs, &ev);
   r->n_generated++;
+  if (r->n_hist == r->cap_hist && r->session) {
+    /* A session's turn outgrew its history buffer under a context policy: only the penalties
+     * read it, so its older half goes (a one-shot request's hist mirrors its sequence and is
+     * trimmed by each shift instead). */
+    uint32_t cut = r->n_hist / 2;
+    memmove(r->hist, r->hist + cut, (r->n_hist - cut) * sizeof *r->hist);
+    r->n_hist -= cut;
+    r->hist_base = UINT32_MAX; /* no longer a window of the sequence */
+  }
   if (r->n_hist < r->cap_hist) r->hist[r->n_hist++] = tok;
   sched_emit(s, &ev);
   uint32_t len = engine_seq_len(r->seq);
-  if ((r->max_tokens && r->n_generated >= r->max_tokens) || len + 1 >= hp->n_ctx_train) {
+  bool wall = r->overflow == KV_OVERFLOW_ERROR && len + 1 >= hp->n_ctx_train;
+  if ((r->max_tokens && r->n_generated >= r->max_tokens) || wall) {
     sched_finish_from(s, list, r, SCHED_FINISH_LENGTH, 0);
     return false;
   }
@@ -558,6 +572,14 @@ static void sched_preempt(struct sched *s, struct sched_req *r) {
   s->local.preemptions++;
 }
 
+/* A one-shot request whose sequence was given up before its prompt was in starts over from its
+ * tokens: hist, which a context shift may have trimmed, mirrors them again. */
+static void sched_reset_hist(struct sched_req *r) {
+  memcpy(r->hist, r->tokens, r->n_tokens * sizeof *r->hist);
+  r->n_hist = r->n_tokens;
+  r->hist_base = 0;
+}
+
 /* Takes the blocks of the newest waiting one-shot request holding any (a half-run prompt, or
  * prefix blocks it pinned), other than keep: it starts over from the prefix cache when it runs
  * again. False when none holds blocks. */
@@ -569,8 +591,44 @@ static bool sched_reclaim_waiting(struct sched *s, const struct sched_req *keep)
   engine_seq_free(s->e, newest->seq);
   newest->seq = NULL;
   newest->n_prefilled = newest->n_prefix = 0;
+  sched_reset_hist(newest);
   s->local.preemptions++;
   return true;
+}
+
+/* Context policies: before r's sequence takes n more tokens past the context, drop what its
+ * policy says (kv_overflow_plan) and rotate the rest into place. hist follows the sequence (the
+ * tokens dropped from the cache leave it too), so a preempted request recomputes what its
+ * cache held. 0 when there is room (or was made), else a negative code. */
+static int sched_make_room(struct sched *s, struct sched_req *r, uint32_t n) {
+  const struct model_hparams *hp = engine_hparams(s->e);
+  struct kv_pool_stats kv;
+  engine_kv_stats(s->e, &kv);
+  uint32_t len = engine_seq_len(r->seq);
+  uint32_t keep = model_all_windowed(hp) ? 0 : r->keep;
+  struct kv_overflow_cut cut;
+  int rc = kv_overflow_plan(r->overflow, len, n, hp->n_ctx_train, keep, kv.block_size, &cut);
+  if (rc < 0 || cut.n_drop == 0) return rc;
+  rc = engine_seq_shift(s->e, r->seq, cut.keep, cut.n_drop);
+  if (rc < 0) return rc;
+  r->n_shifts++;
+  s->local.shifts++;
+  s->local.shift_dropped += cut.n_drop;
+  /* hist[i] is position hist_base + i: take out the part of [keep, keep + n_drop) it covers. */
+  if (r->hist_base != UINT32_MAX) {
+    uint64_t base = r->hist_base, lo = cut.keep > base ? cut.keep : base;
+    uint64_t hi = (uint64_t)cut.keep + cut.n_drop, end = base + r->n_hist;
+    if (hi > end) hi = end;
+    if (lo < hi) {
+      memmove(r->hist + (lo - base), r->hist + (hi - base), (end - hi) * sizeof *r->hist);
+      r->n_hist -= (uint32_t)(hi - lo);
+    }
+    if (base >= (uint64_t)cut.keep + cut.n_drop)
+      r->hist_base -= cut.n_drop;
+    else if (base > cut.keep)
+      r->hist_base = cut.keep;
+  }
+  return 0;
 }
 
 /* One step: every running request's next token, then prompt chunks first come first served
@@ -582,8 +640,15 @@ static bool sched_step(struct sched *s) {
   /* Blocks this step will take, so prompts are admitted only while they fit: a prompt that would
    * push running requests out is left waiting rather than admitted and preempted in turn. */
   uint32_t reserved = 0;
-  for (struct sched_req *r = s->running; r && budget; r = r->next_req) {
+  for (struct sched_req *r = s->running, *next; r && budget; r = next) {
+    next = r->next_req;
     if (!sched_has_room(s, r)) continue; /* its reader is behind: it waits for a drain */
+    int mrc = r->overflow != KV_OVERFLOW_ERROR ? sched_make_room(s, r, 1) : 0;
+    if (mrc < 0) {
+      r->next = -1;
+      sched_finish_from(s, &s->running, r, SCHED_FINISH_ERROR, mrc);
+      continue;
+    }
     budget--;
     s->items[n] = (struct engine_item){r->seq, &r->next, 1, r->logits};
     s->item_req[n++] = r;
@@ -609,6 +674,21 @@ static bool sched_step(struct sched *s) {
     if (r->n_prefilled >= r->n_tokens) continue; /* cannot happen: a prefix never covers all */
     uint32_t left = r->n_tokens - r->n_prefilled;
     uint32_t chunk = left < budget ? left : budget;
+    if (r->overflow != KV_OVERFLOW_ERROR) {
+      /* A prompt past the context runs up to it, then makes room for the next chunk. */
+      uint32_t n_ctx = engine_hparams(s->e)->n_ctx_train, len = engine_seq_len(r->seq);
+      if (len >= n_ctx) {
+        uint32_t want = chunk < n_ctx / 2 ? chunk : n_ctx / 2;
+        int mrc = sched_make_room(s, r, want);
+        if (mrc < 0) {
+          r->next = -1;
+          sched_finish_from(s, &s->waiting, r, SCHED_FINISH_ERROR, mrc);
+          continue;
+        }
+        len = engine_seq_len(r->seq);
+      }
+      if (chunk > n_ctx - len) chunk = n_ctx - len;
+    }
     uint32_t need = engine_seq_step_blocks(s->e, r->seq, chunk);
     /* Measured now, not at the start of the step: a prefix this admission pinned was counted as
      * evictable until it was pinned. */
@@ -619,6 +699,7 @@ static bool sched_step(struct sched *s) {
         engine_seq_free(s->e, r->seq);
         r->seq = NULL;
         r->n_prefilled = r->n_prefix = 0;
+        sched_reset_hist(r);
       }
       blocked = r;
       break;
@@ -694,7 +775,8 @@ static bool sched_step(struct sched *s) {
     /* A windowed model gives back blocks no later query reads, except what a failed session
      * turn must be able to rewind to (sched_finish: its start, until the first token). */
     engine_seq_drop_window(s->e, r->seq,
-                           r->session && r->n_generated == 0 ? r->cached_tokens : UINT32_MAX);
+                           r->session && r->n_generated == 0 && !r->n_shifts ? r->cached_tokens
+                                                                             : UINT32_MAX);
     if (i < n_decode) {
       s->local.decode_tokens++;
       sched_sample(s, r, &s->running);

@@ -55,6 +55,14 @@ struct sched_req {
    * to max_tokens or the context. */
   const int32_t *eog;
   uint32_t n_eog;
+  /* Past the context (kv.h): KV_OVERFLOW_ERROR (the zero value) refuses a prompt that does not
+   * fit and ends generation at the context (SCHED_FINISH_LENGTH); SHIFT and WINDOW drop tokens
+   * after the first `keep` (window: the attention sinks) whenever the sequence is full, so the
+   * request runs to max_tokens or its end of text, and a prompt longer than the context runs in
+   * chunks under the same policy. On a model whose every layer is windowed keep is 0 (the
+   * window gave the first blocks back already). */
+  enum kv_overflow overflow;
+  uint32_t keep;
   void *ud; /* the loop's request */
   atomic_bool cancel;
   struct sched *sched;     /* set by sched_submit, so sched_cancel can wake the engine thread */
@@ -75,6 +83,8 @@ struct sched_req {
   uint32_t n_prefilled; /* prompt tokens already run (or found in the prefix cache) */
   uint32_t n_prefix;    /* of those, the ones the prefix cache supplied at admission */
   uint32_t n_generated;
+  uint32_t n_shifts;      /* context shifts this request ran (its sequence dropped tokens) */
+  uint32_t hist_base;     /* the sequence position of hist[0] (a session's earlier turns) */
   uint32_t cached_tokens; /* tokens the session already held when the request began */
   int32_t sess_pending0;  /* the session's pending token before this turn took it */
   bool sess_taken;        /* the turn began on its session (rolled back if it yields nothing) */
@@ -102,6 +112,7 @@ struct sched_stats {
   struct kv_pool_stats kv;
   uint32_t running, waiting;
   uint64_t steps, prefill_tokens, decode_tokens, batch_tokens_max, preemptions;
+  uint64_t shifts, shift_dropped; /* context shifts run, and the tokens they dropped */
   double last_step_ms;
 };
 
