@@ -44,6 +44,8 @@ static const char usage_text[] =
     "      --stop STR           stop before STR (repeatable)\n"
     "      --logprobs K         log-probabilities of each token and the K most likely\n"
     "                           (stderr, or in --json)\n"
+    "      --overflow P         at the context's end: shift (forget old turns, the default),\n"
+    "                           window (attention sinks + recent tokens) or error (stop)\n"
     "      --system TEXT        chat, and PROMPT on a chat model: system prompt\n"
     "      --raw                send PROMPT as raw text, not as a chat message (a model with a\n"
     "                           chat template gets PROMPT through it otherwise)\n"
@@ -114,6 +116,7 @@ enum {
   OPT_RAW,
   OPT_CHAT_TEMPLATE,
   OPT_KV_TYPE,
+  OPT_OVERFLOW,
 };
 
 static const struct option long_opts[] = {
@@ -133,6 +136,7 @@ static const struct option long_opts[] = {
     {"raw", no_argument, NULL, OPT_RAW},
     {"chat-template", required_argument, NULL, OPT_CHAT_TEMPLATE},
     {"kv-type", required_argument, NULL, OPT_KV_TYPE},
+    {"overflow", required_argument, NULL, OPT_OVERFLOW},
     {"json", no_argument, NULL, 'j'},
     {"verbose", no_argument, NULL, 'v'},
     {"help", no_argument, NULL, 'h'},
@@ -206,6 +210,12 @@ static int parse_options(int argc, char **argv, struct kvctl_opts *o) {
       break;
     case OPT_KV_TYPE:
       o->kv_type = optarg;
+      break;
+    case OPT_OVERFLOW:
+      if (strcmp(optarg, "shift") && strcmp(optarg, "window") && strcmp(optarg, "error")) {
+        return usage_error("--overflow wants shift, window or error, not '%s'", optarg);
+      }
+      o->gen.overflow = optarg;
       break;
     case 'j':
       o->json = true;

@@ -157,6 +157,13 @@ static void on_done(void *ud, int rc, const struct kvd_gen_result *res) {
   }
   if (res->finish == KVD_FINISH_ERROR)
     fprintf(stderr, "kvctl: %s\n", res->error_message ? res->error_message : "generation failed");
+  /* Said once per chat: the session goes on, but what the model remembers has changed. */
+  static bool told_forgetting;
+  if (r->chat && res->context_shifts && !told_forgetting) {
+    fprintf(stderr, "[the conversation outgrew the model's context: the oldest turns are being "
+                    "forgotten]\n");
+    told_forgetting = true;
+  }
   if (r->o->verbose && rc == 0)
     fprintf(stderr,
             "[%s: %llu prompt tokens (%llu cached), %llu generated; first token %.1f ms, "

@@ -138,6 +138,10 @@ struct kvd_gen_params {
   int64_t session;   /* continue this session (kvd_session_open); unset: none */
   int thinking;      /* reasoning templates (qwen3, deepseek-r1): 0 answers without thinking
                         first, 1 thinks; unset (negative): as the template does */
+  /* At the context's end: "shift", "window" or "error" (PROTOCOL.md, Past the context); NULL:
+   * the model's. keep: tokens a shift never drops; sinks: tokens a window keeps (unset: < 0). */
+  const char *overflow;
+  int64_t keep, sinks;
 };
 
 KVD_API void kvd_gen_params_init(struct kvd_gen_params *p);
@@ -191,6 +195,7 @@ struct kvd_gen_result {
   enum kvd_finish finish;
   char *finish_reason; /* as the server sent it: "stop", "length", "cancelled", "error" */
   uint64_t prompt_tokens, completion_tokens, cached_tokens;
+  uint64_t context_shifts; /* times the sequence dropped old tokens to go past the context */
   struct kvd_timings timings;
   uint32_t *tokens; /* ids of the generated tokens, from the chunks (streaming only) */
   size_t n_tokens;

@@ -24,6 +24,8 @@ void kvd_gen_params_init(struct kvd_gen_params *p) {
   p->seed = -1;
   p->session = -1;
   p->thinking = -1;
+  p->keep = -1;
+  p->sinks = -1;
 }
 
 static void logprob_clear(struct kvd_logprob *lp) {
@@ -113,6 +115,9 @@ static void put_params(struct ipc_w *w, const struct kvd_gen_params *p, bool str
   if (p->logprobs) ipc_w_kv_u64(w, "logprobs", p->logprobs);
   if (p->session >= 0) ipc_w_kv_u64(w, "session", (uint64_t)p->session);
   if (p->thinking >= 0) ipc_w_kv_bool(w, "thinking", p->thinking != 0);
+  if (p->overflow) ipc_w_kv_cstr(w, "overflow", p->overflow);
+  if (p->keep >= 0) ipc_w_kv_u64(w, "keep", (uint64_t)p->keep);
+  if (p->sinks >= 0) ipc_w_kv_u64(w, "sinks", (uint64_t)p->sinks);
   ipc_w_close(w);
 }
 
@@ -279,6 +284,7 @@ static int parse_result(struct kvd_client *c, struct kvd__req *req, const msgpac
   ipc_get_u64(res, "prompt_tokens", &r->prompt_tokens, NULL);
   ipc_get_u64(res, "completion_tokens", &r->completion_tokens, NULL);
   ipc_get_u64(res, "cached_tokens", &r->cached_tokens, NULL);
+  ipc_get_u64(res, "context_shifts", &r->context_shifts, NULL);
   if (ipc_get_map(res, "timings", &map, NULL) == 1) {
     /* A timing of the wrong type is left at 0 rather than failing a finished generation. */
     ipc_get_f64(map, "queue_ms", &r->timings.queue_ms, &err);

@@ -61,6 +61,8 @@ static const struct opt opts[] = {
     {"block-size", OPT_INT, F(block_size), "16", NULL, "KV block size in tokens"},
     {"kv-type", OPT_STR, F(kv_type), "f16", "KVD_KV_TYPE",
      "how the KV cache stores keys and values: f32, f16, q8_0 (half of f16) or q4_0 (a quarter)"},
+    {"overflow", OPT_STR, F(overflow), "shift", "KVD_OVERFLOW",
+     "at the context's end: shift (forget old tokens), window (sinks + recent) or error"},
     {"log-level", OPT_INT, F(log_level), "6", "KVD_LOG_LEVEL",
      "log verbosity as a syslog level: 3 errors .. 7 debug"},
 };
@@ -233,6 +235,11 @@ int config_load(struct kvd_config *cfg, int argc, char **argv) {
   if (rc == 0 && config_parse_budget(cfg->kv_budget, &b, &frac) < 0) {
     fprintf(stderr, "kvd: --kv-budget \"%s\": expected bytes (512M, 2G) or a share (50%%)\n",
             cfg->kv_budget);
+    rc = KVD_EINVAL;
+  }
+  if (rc == 0 && strcmp(cfg->overflow, "shift") && strcmp(cfg->overflow, "window") &&
+      strcmp(cfg->overflow, "error")) {
+    fprintf(stderr, "kvd: --overflow must be shift, window or error\n");
     rc = KVD_EINVAL;
   }
   if (rc == 0 && !cfg->cache_dir) {

@@ -34,6 +34,7 @@ struct kvd_config {
   char *kv_budget; /* KV cache bytes ("512M", "2G") or a share of free memory ("50%") */
   int block_size;  /* KV block size in tokens */
   char *kv_type;   /* KV storage type name (kv_format.h), "f16" by default */
+  char *overflow;  /* past the context: "shift" (default), "window" or "error" (kv.h) */
   int log_level;   /* syslog levels: 3 err .. 7 debug */
 };
 

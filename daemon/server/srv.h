@@ -57,6 +57,9 @@ struct srv_model {
   enum chat_source chat_source;
   bool chat_forced; /* chat was configured (models.load / --chat-template): keep it */
   const char *kv_type; /* models.load's kv_type (a kv_type_name() string), or NULL: --kv-type */
+  enum kv_overflow overflow; /* past the context, unless a request says: models.load's, else
+                                --overflow */
+  bool overflow_set;         /* models.load gave it */
   struct sched *sched;
   uv_async_t async;
   bool async_open;
@@ -73,6 +76,8 @@ struct srv_session {
   bool busy;    /* a generate runs on it */
   bool closing; /* closed while busy: freed when that generate ends */
   bool started; /* has had a prompt (no BOS for later ones) */
+  bool keep_set; /* keep was fixed by the first turn */
+  uint32_t keep; /* the leading tokens a context shift keeps (its system prompt) */
   struct srv_session *next;
 };
 
@@ -174,7 +179,8 @@ void srv_model_release(struct srv_model *m); /* n_active-- and free if unloading
 void srv_models_free(struct srv *s);
 /* models.load on the threadpool */
 void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name,
-                          const char *chat_template, const char *kv_type);
+                          const char *chat_template, const char *kv_type,
+                          const char *overflow);
 
 /* srv_gen.c */
 void srv_gen_event(struct srv_model *model, const struct sched_event *ev);

@@ -164,6 +164,7 @@ static void gen_send_result(struct srv_gen *g, enum sched_finish f, int error) {
   ipc_w_kv_u64(&c->w, "prompt_tokens", g->prompt_tokens);
   ipc_w_kv_u64(&c->w, "completion_tokens", r->n_generated);
   ipc_w_kv_u64(&c->w, "cached_tokens", r->cached_tokens);
+  if (r->n_shifts) ipc_w_kv_u64(&c->w, "context_shifts", r->n_shifts);
   ipc_w_key(&c->w, "timings");
   ipc_w_map_open(&c->w);
   double decode_ms = ms(r->t_first, end);
@@ -346,7 +347,15 @@ struct gen_params {
   uint32_t logprobs;
   const msgpack_object *stops;
   size_t n_stops;
+  /* Past the context: the policy (absent: the model's, else --overflow), the tokens shift keeps
+   * (absent: the system prompt, else BOS) and the sinks window keeps (default 4). */
+  bool has_overflow;
+  enum kv_overflow overflow;
+  uint32_t keep, sinks;
+  bool has_keep;
 };
+
+#define GEN_DEFAULT_SINKS 4 /* StreamingLLM's: four leading tokens carry the attention sink */
 
 static int gen_read_params(const msgpack_object *p, struct gen_params *gp, struct ipc_err *e) {
   memset(gp, 0, sizeof *gp);
@@ -398,6 +407,16 @@ static int gen_read_params(const msgpack_object *p, struct gen_params *gp, struc
     if (n == 0 || n > IPC_MAX_STOP_BYTES)
       return ipc_err_set(e, KVD_E2BIG, "stop strings are 1 to %d bytes", IPC_MAX_STOP_BYTES);
   }
+  const char *ov;
+  size_t ov_len;
+  if ((rc = ipc_get_str(p, "overflow", &ov, &ov_len, e)) < 0) return rc;
+  gp->has_overflow = rc == 1;
+  if (gp->has_overflow && (strlen(ov) != ov_len || kv_overflow_parse(ov, &gp->overflow) < 0))
+    return ipc_err_set(e, KVD_EINVAL, "'overflow' must be shift, window or error");
+  if ((rc = ipc_get_u32(p, "keep", &gp->keep, e)) < 0) return rc;
+  gp->has_keep = rc == 1;
+  gp->sinks = GEN_DEFAULT_SINKS;
+  if ((rc = ipc_get_u32(p, "sinks", &gp->sinks, e)) < 0) return rc;
   if (sample_params_check(&gp->sp) < 0)
     return ipc_err_set(e, KVD_ERANGE,
                        "sampling parameters out of range (temperature >= 0, "
@@ -407,7 +426,10 @@ static int gen_read_params(const msgpack_object *p, struct gen_params *gp, struc
 
 /* The prompt text: as given, or the messages through the model's chat template. */
 static int gen_prompt_text(struct srv_model *m, const struct gen_params *gp, char **ret,
-                           size_t *ret_len, struct ipc_err *e) {
+                           size_t *ret_len, char **ret_sys, size_t *ret_sys_len,
+                           struct ipc_err *e) {
+  *ret_sys = NULL;
+  *ret_sys_len = 0;
   if (gp->prompt) {
     if (gp->prompt_len > IPC_MAX_PROMPT_BYTES)
       return ipc_err_set(e, KVD_E2BIG, "prompt of %zu bytes; the limit is %d", gp->prompt_len,
@@ -439,6 +461,12 @@ static int gen_prompt_text(struct srv_model *m, const struct gen_params *gp, cha
                      IPC_MAX_PROMPT_BYTES);
   struct chat_opts co = {.add_generation_prompt = true, .thinking = gp->thinking};
   if (rc == 0) rc = chat_render_opts(m->chat, msgs, gp->n_messages, &co, ret, ret_len);
+  /* The system message alone, for what a context shift keeps: its tokens are the leading ones
+   * the whole rendering shares with it (gen_tokenize). */
+  if (rc == 0 && gp->n_messages > 1 && msgs[0].role == CHAT_ROLE_SYSTEM) {
+    struct chat_opts so = {.add_generation_prompt = false, .thinking = gp->thinking};
+    if (chat_render_opts(m->chat, msgs, 1, &so, ret_sys, ret_sys_len) < 0) *ret_sys = NULL;
+  }
   free(msgs);
   return rc;
 }
@@ -454,9 +482,16 @@ struct gen_prep {
   uint32_t max_tokens;
   char *text; /* the prompt (chat template applied) */
   size_t text_len;
+  char *sys; /* the system message rendered alone, or NULL */
+  size_t sys_len;
+  uint32_t sys_tokens; /* the prompt's leading tokens that are the system message's */
   unsigned flags;
   int32_t *ids;
   int n; /* ids, or a negative code */
+  bool has_overflow;
+  enum kv_overflow overflow;
+  uint32_t keep, sinks;
+  bool has_keep;
 };
 
 /* Tokenizes p->text into p->ids. Any thread: the tokenizer is read-only. One pass: a text
@@ -474,11 +509,23 @@ static void gen_tokenize(struct gen_prep *p) {
   }
   free(p->text);
   p->text = NULL;
+  if (p->sys && p->n > 0) {
+    int32_t *sid = malloc((p->sys_len + 4) * sizeof *sid);
+    int ns = sid ? tok_encode(t, p->sys, p->sys_len, p->flags, sid, p->sys_len + 4) : 0;
+    uint32_t k = 0;
+    while (ns > 0 && k < (uint32_t)ns && k < (uint32_t)p->n && sid[k] == p->ids[k])
+      k++;
+    p->sys_tokens = k;
+    free(sid);
+  }
+  free(p->sys);
+  p->sys = NULL;
 }
 
 static void gen_prep_free(struct gen_prep *p) {
   if (p->g) gen_free(p->g);
   free(p->text);
+  free(p->sys);
   free(p->ids);
   free(p);
 }
@@ -498,7 +545,8 @@ static void gen_start(struct srv_conn *c, struct gen_prep *p) {
   }
   const struct model_hparams *hp = engine_hparams(sched_engine(m->sched));
   uint32_t have = sess ? sched_session_len(sess->ss) : 0;
-  if ((uint64_t)have + (uint32_t)p->n >= hp->n_ctx_train) {
+  enum kv_overflow pol = p->has_overflow ? p->overflow : m->overflow;
+  if (pol == KV_OVERFLOW_ERROR && (uint64_t)have + (uint32_t)p->n >= hp->n_ctx_train) {
     int n = p->n;
     gen_prep_free(p);
     srv_reply_error(c, id, KVD_E_CONTEXT,
@@ -517,6 +565,17 @@ static void gen_start(struct srv_conn *c, struct gen_prep *p) {
   g->req->logprobs = g->logprobs;
   g->req->n_eog = tok_eog_ids(m->tok, &g->req->eog); /* the model's tokenizer outlives g */
   g->req->session = sess ? sess->ss : NULL;
+  g->req->overflow = pol;
+  /* What a shift keeps: asked for, else the session's (fixed by its first turn), else the system
+   * prompt's tokens, else BOS. The window keeps its sinks. */
+  uint32_t keep = p->sys_tokens ? p->sys_tokens : (p->ids[0] == tok_bos(m->tok) ? 1 : 0);
+  if (sess && sess->keep_set) keep = sess->keep;
+  if (p->has_keep) keep = p->keep;
+  if (sess && !sess->keep_set) {
+    sess->keep = keep;
+    sess->keep_set = true;
+  }
+  g->req->keep = pol == KV_OVERFLOW_WINDOW ? p->sinks : keep;
   g->req->ud = g;
   if (sched_submit(m->sched, g->req) < 0) { /* the session is as it was */
     gen_prep_free(p);
@@ -602,9 +661,9 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
                     queued, m->name);
     return;
   }
-  char *text = NULL;
-  size_t text_len = 0;
-  rc = gen_prompt_text(m, &gp, &text, &text_len, &e);
+  char *text = NULL, *sys = NULL;
+  size_t text_len = 0, sys_len = 0;
+  rc = gen_prompt_text(m, &gp, &text, &text_len, &sys, &sys_len, &e);
   if (rc < 0) {
     srv_reply_error(c, msg->id, rc, "%s", e.message[0] ? e.message : kvd_strerror(rc));
     return;
@@ -632,6 +691,7 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
     if (g) gen_free(g);
     free(p);
     free(text);
+    free(sys);
     srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
     return;
   }
@@ -649,6 +709,13 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
   p->max_tokens = gp.max_tokens;
   p->text = text;
   p->text_len = text_len;
+  p->sys = sys;
+  p->sys_len = sys_len;
+  p->has_overflow = gp.has_overflow;
+  p->overflow = gp.overflow;
+  p->keep = gp.keep;
+  p->has_keep = gp.has_keep;
+  p->sinks = gp.sinks;
   /* BOS only at the start of a conversation; chat text may hold the template's special tokens. */
   p->flags = (sess && sess->started) ? 0 : TOK_ADD_SPECIAL;
   if (gp.messages) p->flags |= TOK_PARSE_SPECIAL;

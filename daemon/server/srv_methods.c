@@ -90,6 +90,8 @@ static void write_model(struct ipc_w *w, const struct srv_model *m, bool is_defa
   ipc_w_kv_u64(w, "decode_tokens", st.decode_tokens);
   ipc_w_kv_u64(w, "batch_tokens_max", st.batch_tokens_max);
   ipc_w_kv_u64(w, "preemptions", st.preemptions);
+  ipc_w_kv_cstr(w, "overflow", kv_overflow_name(m->overflow));
+  ipc_w_kv_u64(w, "context_shifts", st.shifts);
   ipc_w_kv_f64(w, "last_step_ms", st.last_step_ms);
   ipc_w_kv_bool(w, "default", is_default);
   ipc_w_close(w);

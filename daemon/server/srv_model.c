@@ -76,6 +76,9 @@ static int model_open(struct srv *s, struct srv_model *m, const char *path, stru
     snprintf(err, errlen, "KV type '%.16s' is not one of f32, f16, q8_0, q4_0", kvt_name);
     return KVD_EINVAL;
   }
+  if (!m->overflow_set &&
+      kv_overflow_parse(cfg->overflow ? cfg->overflow : "shift", &m->overflow) < 0)
+    m->overflow = KV_OVERFLOW_SHIFT; /* config_load checked it */
   struct engine_opts eo = {
       .kv_type = kvt,
       .block_size = (uint32_t)cfg->block_size,
@@ -252,6 +255,7 @@ static void load_after_cb(uv_work_t *req, int status) {
     ipc_w_kv_u64(&c->w, "n_vocab", hp->n_vocab);
     ipc_w_kv_cstr(&c->w, "chat_template", chat_family_name(w->m->chat));
     ipc_w_kv_cstr(&c->w, "kv_type", kv_type_name(engine_kv_type(sched_engine(w->m->sched))));
+    ipc_w_kv_cstr(&c->w, "overflow", kv_overflow_name(w->m->overflow));
     ipc_w_kv_u64(&c->w, "kv_bytes_per_token", engine_kv_bytes_per_token(sched_engine(w->m->sched)));
     ipc_w_close(&c->w);
     ipc_w_end(&c->w);
@@ -262,7 +266,7 @@ static void load_after_cb(uv_work_t *req, int status) {
 }
 
 void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name,
-                          const char *chat_template, const char *kv_type) {
+                          const char *chat_template, const char *kv_type, const char *overflow) {
   struct load_work *w = calloc(1, sizeof *w);
   struct srv_model *m = w ? calloc(1, sizeof *m) : NULL;
   if (!m) {
@@ -281,6 +285,7 @@ void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, con
   /* A static name: the handler checked it is one of them. */
   enum kv_type kvt;
   if (kv_type && kv_type_parse(kv_type, &kvt) == 0) m->kv_type = kv_type_name(kvt);
+  m->overflow_set = overflow && kv_overflow_parse(overflow, &m->overflow) == 0;
   if (name && *name)
     snprintf(m->name, sizeof m->name, "%s", name);
   else
@@ -301,12 +306,13 @@ void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, con
 
 void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
-  const char *path = NULL, *name = NULL, *tmpl = NULL, *kvt = NULL;
-  size_t plen, nlen, tlen, klen;
+  const char *path = NULL, *name = NULL, *tmpl = NULL, *kvt = NULL, *ov = NULL;
+  size_t plen, nlen, tlen, klen, olen;
   if (ipc_get_str(msg->params, "path", &path, &plen, &e) < 0 ||
       ipc_get_str(msg->params, "name", &name, &nlen, &e) < 0 ||
       ipc_get_str(msg->params, "chat_template", &tmpl, &tlen, &e) < 0 ||
-      ipc_get_str(msg->params, "kv_type", &kvt, &klen, &e) < 0) {
+      ipc_get_str(msg->params, "kv_type", &kvt, &klen, &e) < 0 ||
+      ipc_get_str(msg->params, "overflow", &ov, &olen, &e) < 0) {
     srv_reply_error(c, msg->id, e.code, "%s", e.message);
     return;
   }
@@ -334,7 +340,12 @@ void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, KVD_EINVAL, "kv_type must be one of f32, f16, q8_0, q4_0");
     return;
   }
-  srv_model_load_async(c, msg->id, path, name, tmpl, kvt);
+  enum kv_overflow ovp;
+  if (ov && (strlen(ov) != olen || kv_overflow_parse(ov, &ovp) < 0)) {
+    srv_reply_error(c, msg->id, KVD_EINVAL, "overflow must be shift, window or error");
+    return;
+  }
+  srv_model_load_async(c, msg->id, path, name, tmpl, kvt, ov);
 }
 
 void srv_h_models_unload(struct srv_conn *c, const struct ipc_msg *msg) {

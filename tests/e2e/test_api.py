@@ -87,7 +87,8 @@ def t_generate(d):
             check(r['finish_reason'] in ('stop', 'length'), r)
         except peer.KvdError as e:  # a model without a chat template may refuse; the code is
             check(e.code in (110, 2), e)  # still checked against generate's errors
-        fails_with(peer.E_CONTEXT, p.call, 'generate', prompt='Once upon a time ' * 600)
+        fails_with(peer.E_CONTEXT, p.call, 'generate', prompt='Once upon a time ' * 600,
+                   overflow='error')
         fails_with(peer.E_INVAL, p.call, 'generate', prompt='x', top_k=-1)
 
 

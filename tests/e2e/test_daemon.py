@@ -209,7 +209,7 @@ def t_bad_input_keeps_serving(d):
         except peer.KvdError as e:
             check(e.code == 12, e)
         try:
-            p.call('generate', prompt='Once upon a time ' * 600, max_tokens=4)
+            p.call('generate', prompt='Once upon a time ' * 600, max_tokens=4, overflow='error')
             raise AssertionError('prompt past the context accepted')
         except peer.KvdError as e:
             check(e.code == 113, e)

@@ -131,7 +131,10 @@ def t_max_tokens_near_2_32(d, tmp):
     subprocess.run([gen, "--ctx", "96", "--seed", "7", "--out", path], check=True, timeout=60,
                    capture_output=True)
     with d.connect() as p:
-        p.call('models.load', path=path, name='ctx96', timeout=120)
+        # The wall (this checks how the end of the context is reached under it): loaded with
+        # overflow 'error', a request without max_tokens and one with 2^32 - 1 both stop there.
+        r = p.call('models.load', path=path, name='ctx96', overflow='error', timeout=120)
+        check(r.get('overflow') == 'error', r)
         prompt = 'Once upon a time there was a little girl.'
         ref = p.call('generate', model='ctx96', prompt=prompt, temperature=0, timeout=300)
         for mt in (4294967295, 4294967290):
@@ -399,11 +402,12 @@ KVD_E_CONTEXT = 113
 def t_long_prompts_tokenized_off_the_loop(d, tmp):
     big = 'Once upon a time there was a little girl. ' * 2400  # ~100 KiB: tokenized off the loop
     with d.connect() as p:
-        e = expect_error(p, KVD_E_CONTEXT, 'generate', prompt=big, max_tokens=4, timeout=120)
+        e = expect_error(p, KVD_E_CONTEXT, 'generate', prompt=big, max_tokens=4, timeout=120,
+                         overflow='error')
         check('exceeds the context' in e.message, e)
         s = p.call('session.open')['session']
         expect_error(p, KVD_E_CONTEXT, 'generate', prompt=big, session=s, max_tokens=4,
-                     timeout=120)
+                     timeout=120, overflow='error')
         # the session is free again and starts its conversation as if nothing happened
         r = p.call('generate', prompt='Once upon a time', session=s, temperature=0,
                    max_tokens=N_WANT, timeout=120)
@@ -416,7 +420,7 @@ def t_long_prompts_tokenized_off_the_loop(d, tmp):
         check(m.error is not None, m)
     # a client that leaves while its prompt is being tokenized
     with d.connect() as p:
-        p.send_request('generate', dict(prompt=big, max_tokens=4))
+        p.send_request('generate', dict(prompt=big, max_tokens=4, overflow='error'))
     with d.connect() as p:
         check(p.call('tokenize', text='a')['tokens'][0] == 1, 'not serving')
 
