@@ -293,7 +293,7 @@ void engine_free(struct engine *e) {
     engine_seq_free(e, e->seqs);
   gpu_cmd_free(e->cmd);
   struct gpu_buffer *bufs[] = {e->x,  e->xn, e->q,      e->k,       e->v,    e->att,        e->gate,
-                               e->up, e->xl, e->logits, e->partial, e->step, e->output_norm, e->shift_moves};
+                               e->up, e->xl, e->logits, e->partial, e->step, e->output_norm, e->shift_moves, e->swap_staging};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     gpu_buffer_free(bufs[i]);
   if (e->layers) {

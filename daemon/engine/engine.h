@@ -95,6 +95,35 @@ int engine_seq_shift(struct engine *e, struct engine_seq *s, uint32_t keep, uint
 void engine_shift_stats(const struct engine *e, uint64_t *ret_shifts, uint64_t *ret_rows);
 /* Blocks of the pool s holds now (what a window keeps bounded). */
 uint32_t engine_seq_live_blocks(const struct engine_seq *s);
+/* Host copies of a sequence's KV, for swapping it out of the pool and for session files
+ * (engine_swap.c). The unit is one block over all layers, engine_kv_block_bytes() bytes (each
+ * layer's K block then its V block, in the engine's KV type, unconverted): a copy goes back only
+ * into an engine of the same model, KV type and block size, which the caller checks.
+ *   engine_seq_export_blocks(s, &first)   blocks a copy of s takes: its live blocks, from logical
+ *                                         block `first` (those a sliding window gave back are
+ *                                         not copied)
+ *   engine_seq_export(e, s, dst)          copies them into dst (that many units)
+ *   engine_seq_skip_dropped(e, s, first)  on a new empty sequence: the given-back blocks again
+ *   engine_seq_import(e, s, src, n, tok)  appends n blocks filled from src holding tok tokens
+ *                                         ((n - 1) * block_size < tok <= n * block_size) to s,
+ *                                         whose len must be a multiple of the block size with no
+ *                                         block reserved past it; all or nothing
+ *                                         (KVD_E_KV_EXHAUSTED, KVD_E_CONTEXT, KVD_EINVAL, device
+ *                                         failures: s unchanged)
+ * Both copies are synchronous on the calling (engine) thread. An imported sequence registers in
+ * the prefix cache like any other unless it was shifted (engine_seq_mark_shifted). */
+uint64_t engine_kv_block_bytes(const struct engine *e);
+uint64_t engine_seq_export_blocks(const struct engine_seq *s, uint32_t *ret_first);
+int engine_seq_export(struct engine *e, const struct engine_seq *s, void *dst);
+int engine_seq_skip_dropped(struct engine *e, struct engine_seq *s, uint32_t n_blocks);
+int engine_seq_import(struct engine *e, struct engine_seq *s, const void *src, uint32_t n_blocks,
+                      uint32_t n_tokens);
+/* Whether tokens were dropped from s's middle (a context shift): its K/V no longer follow from
+ * its token history, so it is never recomputed from one or registered; and the mark, for an
+ * imported copy of such a sequence. */
+bool engine_seq_shifted(const struct engine_seq *s);
+void engine_seq_mark_shifted(struct engine_seq *s);
+uint32_t engine_seq_dropped_blocks(const struct engine_seq *s);
 /* A new sequence sharing all of src's blocks (copy-on-write on the first write to a shared one). */
 int engine_seq_fork(struct engine *e, const struct engine_seq *src, struct engine_seq **ret);
 /* A fork that cannot fail where it runs: engine_seq_reserve (any thread: memory only) makes an

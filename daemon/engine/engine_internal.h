@@ -3,6 +3,7 @@
  *   engine_step.c     step assembly: checks, KV reservation, block tables, positions and slots
  *                     written into the step buffer, then submit, wait and commit (engine_forward)
  *   engine_forward.c  step recording: the forward pass, one function per block of ref_forward.c
+ *   engine_shift.c    context shift; engine_swap.c host copies of a sequence's KV
  * Not an API: engine.h is. */
 #ifndef KVD_ENGINE_ENGINE_INTERNAL_H
 #define KVD_ENGINE_ENGINE_INTERNAL_H
@@ -106,6 +107,9 @@ struct engine {
   struct gpu_buffer *shift_moves;
   uint32_t shift_cap; /* moves it holds */
   uint64_t shifts, shift_rows;
+
+  /* Host copies of KV (engine_swap.c): staging, grown to the largest copy up to a cap. */
+  struct gpu_buffer *swap_staging;
 };
 
 /* One assembled step, what engine_step.c hands to the recorder. The per-token arrays (ids, pos,

@@ -257,6 +257,13 @@ int kv_seq_drop_before(struct kv_pool *pool, struct kv_seq *seq, uint32_t pos);
 /* Blocks that hold part of [0, len): the sequence's footprint in the pool. */
 uint32_t kv_seq_live_blocks(const struct kv_seq *seq);
 
+/* Restoring a sliding-window sequence from a host copy (engine_seq_import): an empty seq takes
+ * n_blocks leading entries already given back (KV_BLOCK_NONE, len = n_blocks * block_size), as
+ * kv_seq_drop_before would have left them. It registers nothing in the prefix cache afterwards
+ * (shifted is set: its chain's keys are gone). KVD_EINVAL unless seq is empty, KVD_EOVERFLOW,
+ * KVD_ENOMEM (nothing changed). */
+int kv_seq_skip_dropped(struct kv_seq *seq, uint32_t n_blocks);
+
 /* A new sequence sharing every block that holds src's committed tokens (reference counts go up,
  * nothing is copied). Blocks src reserved past len are not shared: they hold nothing yet. */
 int kv_seq_fork(struct kv_pool *pool, const struct kv_seq *src, struct kv_seq **ret_dst);

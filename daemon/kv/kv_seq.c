@@ -127,6 +127,19 @@ uint32_t kv_seq_live_blocks(const struct kv_seq *seq) {
   return seq_blocks_for(seq->len, seq->block_size) - seq->n_dropped;
 }
 
+int kv_seq_skip_dropped(struct kv_seq *seq, uint32_t n_blocks) {
+  if (seq->len || seq->n_blocks) return KVD_EINVAL;
+  if ((uint64_t)n_blocks * seq->block_size > UINT32_MAX) return KVD_EOVERFLOW;
+  int rc = seq_grow(seq, n_blocks);
+  if (rc < 0) return rc;
+  for (uint32_t i = 0; i < n_blocks; i++)
+    seq->table[i] = KV_BLOCK_NONE;
+  seq->n_blocks = seq->n_dropped = n_blocks;
+  seq->len = n_blocks * seq->block_size;
+  seq->shifted = n_blocks > 0;
+  return 0;
+}
+
 int kv_seq_new_reserved(const struct kv_pool *pool, uint32_t n_tokens, struct kv_seq **ret_seq) {
   struct kv_seq *seq;
   int rc = kv_seq_new(pool, &seq);
