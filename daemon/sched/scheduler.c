@@ -1,4 +1,5 @@
 #include "scheduler.h"
+#include "sched_internal.h"
 
 #include "kvd_error.h"
 
@@ -8,54 +9,7 @@
 #include <string.h>
 #include <time.h>
 
-struct inbox_item;
-
-struct sched_session {
-  struct engine_seq *seq;       /* engine thread only; NULL until the first request */
-  struct inbox_item *free_item; /* allocated up front so closing a session cannot fail */
-  struct engine_seq *reserved;  /* a fork's sequence, allocated when the fork was asked for */
-  int32_t pending;              /* last sampled token, not yet run through the model; -1 = none */
-  _Atomic uint32_t len;         /* history tokens, pending included */
-};
-
-/* The inbox keeps requests and session commands in one FIFO so a fork or a free is applied
- * before any request submitted after it. */
-enum inbox_kind { INBOX_REQ, INBOX_FORK, INBOX_FREE };
-struct inbox_item {
-  enum inbox_kind kind;
-  struct sched_req *req;
-  struct sched_session *a, *b; /* FORK: a = source, b = copy; FREE: a */
-  struct inbox_item *next;
-};
-
-struct sched {
-  struct engine *e;
-  struct sched_opts o;
-  pthread_t thread;
-  bool thread_started;
-  pthread_mutex_t lock;
-  pthread_cond_t wake;
-  bool stop;
-  bool kick; /* something the engine thread waits for happened (cancel, drained events) */
-  struct inbox_item *in_head, *in_tail;
-  /* The event ring: ev_cap >= ev_reserved (SCHED_EV_WINDOW per submitted request whose DONE has
-   * not been drained) >= ev_count, so emitting always finds a slot. Grown only in sched_submit. */
-  struct sched_event *events;
-  uint32_t ev_head, ev_count, ev_cap;
-  uint64_t ev_reserved;
-  atomic_bool out_blocked;  /* a running request was left out of a step for its full window */
-  struct sched_stats stats; /* published copy, under lock */
-
-  /* engine thread only */
-  struct sched_req *waiting; /* admitted or not, prompt not finished; FIFO */
-  struct sched_req *running; /* decoding */
-  struct engine_item *items;
-  struct sched_req **item_req;
-  uint32_t cap_items;
-  struct sched_stats local;
-};
-
-static double sched_now(void) {
+double sched__now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
@@ -144,7 +98,7 @@ static int sched_ring_reserve(struct sched *s, uint64_t need) {
 }
 
 int sched_submit(struct sched *s, struct sched_req *r) {
-  r->t_submit = sched_now();
+  r->t_submit = sched__now();
   pthread_mutex_lock(&s->lock);
   int rc = sched_ring_reserve(s, s->ev_reserved + SCHED_EV_WINDOW);
   if (rc < 0) {
@@ -174,7 +128,34 @@ int sched_session_new(struct sched *s, struct sched_session **ret) {
     return KVD_ENOMEM;
   }
   ss->pending = -1;
+  ss->mirror = true;
   atomic_init(&ss->len, 0);
+  *ret = ss;
+  return 0;
+}
+
+int sched_session_restore(struct sched *s, struct sched_snapshot *sn, struct sched_session **ret) {
+  struct sched_session *ss = NULL;
+  struct sched_kv_copy *c = sn->kv.n_blocks ? calloc(1, sizeof *c) : NULL;
+  int rc = sn->kv.n_blocks && !c ? KVD_ENOMEM : sched_session_new(s, &ss);
+  if (rc < 0 || (sn->kv.shifted && !c) || (c && sn->kv.len != sn->n_hist)) {
+    free(c);
+    if (ss) sched_session_free(s, ss);
+    sched_snapshot_clear(sn);
+    return rc < 0 ? rc : KVD_EINVAL;
+  }
+  /* Not yet seen by the engine thread: the loop may set its engine-side state. */
+  ss->hist = sn->hist;
+  ss->n_hist = ss->cap_hist = sn->n_hist;
+  ss->pending = sn->pending;
+  if (c) {
+    *c = sn->kv;
+    ss->swap = c;
+  }
+  atomic_store(&ss->len, sn->n_hist + (sn->pending >= 0 ? 1u : 0u));
+  sn->hist = NULL;
+  sn->kv.data = NULL;
+  sched_snapshot_clear(sn);
   *ret = ss;
   return 0;
 }
@@ -191,7 +172,10 @@ int sched_session_fork(struct sched *s, struct sched_session *src, struct sched_
    * allocated now (the source is idle, so its length holds), and the engine thread only fills
    * it in. A fork that reports success is a fork. */
   uint32_t len = atomic_load(&src->len);
-  if (engine_seq_reserve(s->e, len, &ss->reserved) < 0) {
+  ss->hist = malloc((len ? len : 1) * sizeof *ss->hist); /* the source's ids, copied there */
+  ss->cap_hist = len;
+  if (!ss->hist || engine_seq_reserve(s->e, len, &ss->reserved) < 0) {
+    free(ss->hist);
     free(ss->free_item);
     free(ss);
     free(it);
@@ -281,30 +265,71 @@ static void list_append(struct sched_req **head, struct sched_req *r) {
   *p = r;
 }
 
-/* Ends a request: its sequence goes back to the pool unless a session keeps it. */
-static void sched_finish(struct sched *s, struct sched_req *r, enum sched_finish why, int error) {
-  if (r->session && r->sess_taken && r->n_generated == 0 &&
-      (why == SCHED_FINISH_ERROR || why == SCHED_FINISH_CANCELLED)) {
-    /* A turn that failed or was cancelled before its first token leaves the session as it
-     * found it: its prompt's KV is cut off and the previous answer's last token is pending
-     * again, so the next turn reads the same history (the client got no answer to build on).
-     * After a context shift that dropped part of this prompt's KV there is no such point to go
-     * back to: the session keeps what it holds (its history already lost old turns). */
-    if (!r->n_shifts && r->seq && engine_seq_len(r->seq) > r->cached_tokens)
-      engine_seq_truncate(s->e, r->seq, r->cached_tokens);
+/* A session's turn ends: the session keeps what its KV holds now (or, without KV, the ids to
+ * recompute), the ids in hist, the last sampled token pending. A turn that failed or was
+ * cancelled before its first token leaves the session as it found it: its prompt's KV is cut off
+ * and the previous answer's last token is pending again, so the next turn reads the same history
+ * (the client got no answer to build on). After a context shift that dropped part of this
+ * prompt's KV there is no such point to go back to: the session keeps what it holds (its history
+ * already lost old turns). */
+static void sched_finish_session(struct sched *s, struct sched_req *r, enum sched_finish why) {
+  struct sched_session *ss = r->session;
+  bool rollback =
+      r->n_generated == 0 && (why == SCHED_FINISH_ERROR || why == SCHED_FINISH_CANCELLED);
+  if (rollback) {
+    if (!r->n_shifts && r->seq) {
+      uint32_t len = engine_seq_len(r->seq);
+      if (len > r->sess_base) {
+        engine_seq_truncate(s->e, r->seq, r->sess_base);
+      } else if (len < r->sess_base) { /* a recompute that had not got back there */
+        engine_seq_free(s->e, r->seq);
+        r->seq = ss->seq = NULL;
+      }
+    }
     if (!r->n_shifts || r->n_prefilled == 0) r->next = r->sess_pending0;
   }
+  uint32_t n = r->seq     ? engine_seq_len(r->seq)
+               : ss->swap ? ss->swap->len
+               : rollback ? r->sess_base
+                          : r->n_hist;
+  if (r->hist_base == 0 && n <= r->n_hist) {
+    /* hist mirrors the sequence: it becomes the session's (buffers are swapped, so nothing here
+     * can fail; the request frees the old one with itself). */
+    int32_t *h = ss->hist;
+    uint32_t cap = ss->cap_hist;
+    ss->hist = r->hist;
+    ss->cap_hist = r->cap_hist;
+    r->hist = h;
+    r->cap_hist = cap;
+    r->n_hist = 0;
+    ss->n_hist = n;
+    ss->mirror = true;
+  } else if (r->hist_base != 0) {
+    ss->mirror = false; /* the turn outgrew its buffer: the ids no longer give the KV */
+    ss->n_hist = 0;
+  }
+  if (!r->seq && !ss->swap && !ss->mirror) {
+    /* Cannot happen (only a recomputable session goes without KV); should it, the session
+     * starts over rather than read ids that do not match. */
+    ss->n_hist = 0;
+    r->next = -1;
+  }
+  ss->seq = r->seq;
+  ss->pending = r->next;
+  atomic_store(&ss->len, ss->n_hist + (r->next >= 0 ? 1u : 0u));
+  ss->busy = false;
+  ss->last_used = sched__now();
+}
+
+/* Ends a request: its sequence goes back to the pool unless a session keeps it. */
+static void sched_finish(struct sched *s, struct sched_req *r, enum sched_finish why, int error) {
   if (r->session) {
-    if (r->sess_taken) { /* one that never began left the session untouched */
-      r->session->pending = r->next;
-      uint32_t len = r->seq ? engine_seq_len(r->seq) : 0;
-      atomic_store(&r->session->len, len + (r->next >= 0 ? 1u : 0u));
-    }
+    if (r->sess_taken) sched_finish_session(s, r, why); /* one that never began left it as is */
   } else if (r->seq) {
     engine_seq_free(s->e, r->seq);
   }
   r->seq = NULL;
-  r->t_end = sched_now();
+  r->t_end = sched__now();
   struct sched_event ev = {.req = r, .done = true, .finish = why, .error = error};
   sched_emit(s, &ev);
 }
@@ -323,35 +348,43 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
   r->logits = malloc(hp->n_vocab * sizeof(float));
   if (r->logprobs) r->scratch = malloc(hp->n_vocab * sizeof(float));
   if (r->logprobs && !r->scratch) return KVD_ENOMEM;
-  /* The history never holds more than the context (prompt, then what is generated; a preempted
-   * request's prompt is its history so far): max_tokens comes from the wire, so it only shortens
-   * that, computed in 64 bits (n_tokens + 1 + 2^32-1 used to wrap to a tiny buffer). */
-  uint64_t cap = (uint64_t)r->n_tokens + 1 + (r->max_tokens ? r->max_tokens : hp->n_ctx_train);
-  if (cap > (uint64_t)hp->n_ctx_train + 1) cap = (uint64_t)hp->n_ctx_train + 1;
-  if (cap < (uint64_t)r->n_tokens + 1) cap = (uint64_t)r->n_tokens + 1;
-  r->cap_hist = (uint32_t)cap;
-  r->hist = malloc((size_t)cap * sizeof(int32_t));
-  if (!r->logits || !r->hist) return KVD_ENOMEM;
-  if (r->session) {
-    if (!r->session->seq) {
-      rc = engine_seq_new(s->e, &r->session->seq);
-      if (rc < 0) return rc;
-    }
-    r->seq = r->session->seq;
+  if (r->n_tokens == 0 && !r->session) return KVD_EINVAL;
+  struct sched_session *ss = r->session;
+  uint32_t base = 0; /* a session's ids that lead hist, its KV already in the pool */
+  if (ss) {
+    /* The session's next tokens: the previous completion's last token (never run), the new
+     * prompt, and, when the session holds no KV at all (swapped out with no copy kept), its
+     * whole history first, recomputed through the prefix cache. */
+    sched__session_link(s, ss);
+    ss->busy = true;
     r->sess_taken = true;
-    r->sess_pending0 = r->session->pending;
-    r->cached_tokens = engine_seq_len(r->seq);
-    /* The previous completion's last token was never run: it leads this prompt. */
-    if (r->session->pending >= 0) {
-      int32_t *t = malloc((r->n_tokens + 1) * sizeof *t);
+    r->sess_pending0 = ss->pending;
+    r->sess_base = ss->n_hist;
+    bool recompute = !ss->seq && !ss->swap && ss->n_hist > 0;
+    uint32_t pre = recompute ? ss->n_hist : 0, lead = ss->pending >= 0 ? 1 : 0;
+    if (pre || lead) {
+      uint64_t n = (uint64_t)pre + lead + r->n_tokens;
+      int32_t *t = n <= UINT32_MAX ? malloc((size_t)n * sizeof *t) : NULL;
       if (!t) return KVD_ENOMEM;
-      t[0] = r->session->pending;
-      memcpy(t + 1, r->tokens, r->n_tokens * sizeof *t);
+      if (pre) memcpy(t, ss->hist, pre * sizeof *t);
+      if (lead) t[pre] = ss->pending;
+      memcpy(t + pre + lead, r->tokens, r->n_tokens * sizeof *t);
       free(r->tokens);
       r->tokens = t;
-      r->n_tokens++;
-      r->session->pending = -1;
+      r->n_tokens = (uint32_t)n;
+      ss->pending = -1;
     }
+    if (!ss->seq && recompute) {
+      uint32_t cached = 0;
+      rc = engine_seq_new_prefix(s->e, r->tokens, r->n_tokens, &ss->seq, &cached);
+      if (rc < 0) return rc;
+      r->n_prefilled = r->n_prefix = cached;
+    } else if (!ss->seq) {
+      rc = engine_seq_new(s->e, &ss->seq);
+      if (rc < 0) return rc;
+    }
+    r->seq = ss->seq;
+    if (!recompute && ss->mirror) base = ss->n_hist;
   } else {
     /* Shared prefixes (a system prompt, a document) are computed once: start from the longest
      * cached chain of this prompt's blocks and prefill only the rest. */
@@ -362,21 +395,34 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
   }
   r->cached_tokens = engine_seq_len(r->seq);
   if (r->n_tokens == 0) return KVD_EINVAL;
-  /* What the sequence will hold once the prompt is in: a session's history plus the new prompt;
-   * for a one-shot request the prefix-cache tokens are part of its own prompt (n_tokens), so
-   * they are not counted again. */
-  uint64_t total = r->session ? (uint64_t)r->cached_tokens + r->n_tokens : r->n_tokens;
+  /* The history never holds more than the context (ids whose KV the sequence holds, then what is
+   * generated; a preempted request's prompt is its history so far), apart from a prompt that
+   * runs past it in chunks: max_tokens comes from the wire, so it only shortens that, computed in
+   * 64 bits (n_tokens + 1 + 2^32-1 used to wrap to a tiny buffer). */
+  uint64_t least = (uint64_t)base + r->n_tokens + 1;
+  uint64_t cap = least + (r->max_tokens ? r->max_tokens : hp->n_ctx_train);
+  uint64_t most = (uint64_t)hp->n_ctx_train + 1 > least ? (uint64_t)hp->n_ctx_train + 1 : least;
+  if (cap > most) cap = most;
+  if (cap > UINT32_MAX) return KVD_E_CONTEXT;
+  r->cap_hist = (uint32_t)cap;
+  r->hist = malloc((size_t)cap * sizeof(int32_t));
+  if (!r->logits || !r->hist) return KVD_ENOMEM;
+  /* What the sequence will hold once the prompt is in: what it holds beyond the part of the
+   * prompt the prefix cache supplied, plus the prompt. */
+  uint64_t total = (uint64_t)r->cached_tokens - r->n_prefilled + r->n_tokens;
   /* A prompt that cannot fit even with the whole pool to itself is refused at once. */
   struct kv_pool_stats kv;
   engine_kv_stats(s->e, &kv);
   if (r->overflow == KV_OVERFLOW_ERROR && total >= hp->n_ctx_train) return KVD_E_CONTEXT;
   if (r->overflow != KV_OVERFLOW_ERROR && total > hp->n_ctx_train) total = hp->n_ctx_train;
   if ((total + kv.block_size) / kv.block_size > kv.total) return KVD_E_KV_EXHAUSTED;
-  memcpy(r->hist, r->tokens, r->n_tokens * sizeof(int32_t));
-  r->n_hist = r->n_tokens;
-  r->hist_base = r->session ? r->cached_tokens : 0;
+  if (base) memcpy(r->hist, ss->hist, base * sizeof(int32_t));
+  memcpy(r->hist + base, r->tokens, r->n_tokens * sizeof(int32_t));
+  r->n_hist = base + r->n_tokens;
+  /* A session whose ids no longer mirror its KV keeps this turn's only (for the penalties). */
+  r->hist_base = ss && !ss->mirror ? UINT32_MAX : 0;
   r->admitted = true;
-  r->t_start = sched_now();
+  r->t_start = sched__now();
   atomic_store(&r->pub_cached, r->cached_tokens);
   atomic_store(&r->pub_queue_us, (uint64_t)((r->t_start - r->t_submit) * 1e6));
   atomic_store(&r->pub_state, SCHED_STATE_PREFILL);
@@ -457,7 +503,7 @@ static bool sched_sample(struct sched *s, struct sched_req *r, struct sched_req 
     sched_finish_from(s, list, r, SCHED_FINISH_ERROR, tok);
     return false;
   }
-  if (!r->t_first) r->t_first = sched_now();
+  if (!r->t_first) r->t_first = sched__now();
   r->next = tok;
   if (sched_is_eog(r, tok)) {
     sched_finish_from(s, list, r, SCHED_FINISH_STOP, 0);
@@ -512,9 +558,56 @@ static void sched_take_inbox(struct sched *s, struct inbox_item *it) {
     struct inbox_item *next = it->next;
     switch (it->kind) {
     case INBOX_REQ:
+      if (it->req->snapshot) {
+        /* session.save: the session is idle (the loop runs one request per session), so the
+         * copy is taken now, between steps. */
+        struct sched_req *r = it->req;
+        sched__session_link(s, r->session);
+        int rc = sched__snapshot(s, r);
+        if (rc < 0) sched_snapshot_clear(r->snapshot);
+        r->t_end = sched__now();
+        struct sched_event ev = {.req = r,
+                                 .done = true,
+                                 .finish = rc < 0 ? SCHED_FINISH_ERROR : SCHED_FINISH_STOP,
+                                 .error = rc};
+        sched_emit(s, &ev);
+        break;
+      }
       list_append(&s->waiting, it->req);
       break;
     case INBOX_FORK:
+      sched__session_link(s, it->a);
+      /* The ids first (room for them was allocated with the fork), then the KV. */
+      memcpy(it->b->hist, it->a->hist, it->a->n_hist * sizeof *it->a->hist);
+      it->b->n_hist = it->a->n_hist;
+      it->b->mirror = it->a->mirror;
+      if (!it->a->seq && it->a->swap) {
+        /* The source is in the host tier: the copy gets a copy of that. */
+        struct sched_kv_copy *c = calloc(1, sizeof *c);
+        uint64_t bytes = (uint64_t)it->a->swap->n_blocks * it->a->swap->block_bytes;
+        if (c) {
+          *c = *it->a->swap;
+          c->data = malloc((size_t)bytes);
+          if (c->data) {
+            memcpy(c->data, it->a->swap->data, (size_t)bytes);
+            it->b->swap = c;
+          } else {
+            free(c);
+          }
+        }
+        if (!it->b->swap && !(it->b->mirror && !it->a->swap->shifted)) {
+          it->b->n_hist = 0; /* out of memory: the copy starts empty */
+          it->b->pending = -1;
+          atomic_store(&it->b->len, 0);
+        } else {
+          it->b->pending = it->a->pending;
+        }
+        engine_seq_unreserve(it->b->reserved);
+        it->b->reserved = NULL;
+        sched__session_link(s, it->b);
+        break;
+      }
+      sched__session_link(s, it->b);
       it->b->pending = it->a->pending;
       if (it->a->seq && engine_seq_fork_into(s->e, it->a->seq, it->b->reserved) == 0) {
         it->b->seq = it->b->reserved;
@@ -524,6 +617,7 @@ static void sched_take_inbox(struct sched *s, struct inbox_item *it) {
         if (engine_seq_fork(s->e, it->a->seq, &it->b->seq) < 0) {
           it->b->seq = NULL;
           it->b->pending = -1;
+          it->b->n_hist = 0;
           atomic_store(&it->b->len, 0);
         }
       }
@@ -531,8 +625,14 @@ static void sched_take_inbox(struct sched *s, struct inbox_item *it) {
       it->b->reserved = NULL;
       break;
     case INBOX_FREE:
+      sched__session_unlink(s, it->a); /* its host copy goes too */
       engine_seq_unreserve(it->a->reserved);
       engine_seq_free(s->e, it->a->seq);
+      if (it->a->swap) { /* restored and never used: not counted in the tier */
+        free(it->a->swap->data);
+        free(it->a->swap);
+      }
+      free(it->a->hist);
       free(it->a);
       break;
     }
@@ -570,6 +670,48 @@ static void sched_preempt(struct sched *s, struct sched_req *r) {
   r->next_req = s->waiting;
   s->waiting = r;
   s->local.preemptions++;
+}
+
+/* A running session request gives its blocks up: into a host copy (it resumes decoding where it
+ * was once they are back), else, if its ids give its KV back, nothing kept (it recomputes them
+ * like a preempted one-shot request). KVD_E_KV_EXHAUSTED (nothing changed) when neither. */
+static int sched_preempt_session(struct sched *s, struct sched_req *r) {
+  struct sched_session *ss = r->session;
+  bool mirror = ss->mirror;
+  ss->mirror = r->hist_base == 0; /* this turn's hist is what recomputing would run */
+  int32_t *t = ss->mirror ? malloc((r->n_hist ? r->n_hist : 1) * sizeof *t) : NULL;
+  int rc = sched__swap_out(s, ss);
+  ss->mirror = mirror;
+  if (rc == 0 && !ss->swap && !t) {
+    /* Given up with no copy and no room for the ids: the KV is gone. Cannot happen for a
+     * request whose hist mirrors (t was allocated), so this is host OOM. */
+    r->seq = NULL;
+    r->next = -1;
+    list_remove(&s->running, r);
+    sched_finish(s, r, SCHED_FINISH_ERROR, KVD_ENOMEM);
+    return 0;
+  }
+  if (rc < 0) {
+    free(t);
+    return rc;
+  }
+  list_remove(&s->running, r);
+  r->seq = NULL;
+  if (ss->swap) {
+    free(t);
+    r->swapped = true; /* r->next is still the token it decodes next */
+  } else {
+    memcpy(t, r->hist, r->n_hist * sizeof *t);
+    free(r->tokens);
+    r->tokens = t;
+    r->n_tokens = r->n_hist;
+    r->n_prefilled = r->n_prefix = 0;
+    r->next = -1;
+  }
+  r->next_req = s->waiting;
+  s->waiting = r;
+  s->local.preemptions++;
+  return 0;
 }
 
 /* A one-shot request whose sequence was given up before its prompt was in starts over from its
@@ -654,17 +796,47 @@ static bool sched_step(struct sched *s) {
     s->item_req[n++] = r;
     reserved += engine_seq_step_blocks(s->e, r->seq, 1);
   }
-  uint32_t n_decode = n;
+  uint32_t n_decode = n, reserved_decode = reserved;
   struct sched_req *blocked = NULL;
+  bool resumed = false; /* a swapped request went back to running: it decodes next step */
   for (struct sched_req *r = s->waiting, *next; r && budget && n_run < s->o.max_running; r = next) {
     next = r->next_req;
     int arc = 0;
-    if (!r->admitted)
+    struct sched_session *ss = r->session;
+    if (ss && !ss->seq && ss->swap && (!r->admitted || r->swapped)) {
+      /* Its session's KV is in the host tier: back into the pool first, pushing idle sessions
+       * out if that is what it takes. */
+      /* Like a prompt, only when its blocks and one more fit besides what this step's running
+       * requests take: one swapped in over their needs would fail the step and be swapped out
+       * again at once. */
+      uint32_t want = reserved + ss->swap->n_blocks + 1;
+      arc =
+          want <= engine_kv_available(s->e) || sched__evict_idle(s, want) ? 0 : KVD_E_KV_EXHAUSTED;
+      if (arc == 0 && want <= engine_kv_available(s->e)) arc = sched__swap_in(s, ss);
+      if (arc == 0 && !ss->seq) arc = KVD_E_KV_EXHAUSTED;
+      if (arc == KVD_E_KV_EXHAUSTED) {
+        blocked = r;
+        break;
+      }
+    }
+    if (arc < 0) {
+      /* nothing more to try */
+    } else if (r->swapped) {
+      /* Preempted while decoding and swapped back: it decodes from the next step on. */
+      r->seq = ss->seq;
+      r->swapped = false;
+      list_remove(&s->waiting, r);
+      list_append(&s->running, r);
+      n_run++;
+      resumed = true;
+      continue;
+    } else if (!r->admitted) {
       arc = sched_admit(s, r);
-    else if (!r->seq) { /* resuming after preemption: its own blocks may still be cached */
+    } else if (!r->seq) { /* resuming after preemption: its own blocks may still be cached */
       uint32_t cached = 0;
       arc = engine_seq_new_prefix(s->e, r->tokens, r->n_tokens, &r->seq, &cached);
       r->n_prefilled = r->n_prefix = cached;
+      if (arc == 0 && ss) ss->seq = r->seq;
     }
     if (arc < 0) {
       r->next = -1;
@@ -692,6 +864,9 @@ static bool sched_step(struct sched *s) {
     uint32_t need = engine_seq_step_blocks(s->e, r->seq, chunk);
     /* Measured now, not at the start of the step: a prefix this admission pinned was counted as
      * evictable until it was pinned. */
+    /* Idle sessions' blocks go to the host tier before a prompt waits for them. */
+    if (reserved + need > engine_kv_available(s->e) && sched__evict_idle(s, reserved + need))
+      need = engine_seq_step_blocks(s->e, r->seq, chunk);
     if (reserved + need > engine_kv_available(s->e)) {
       /* No room now. A prompt that has computed nothing gives its shared prefix blocks back
        * (they stay cached) instead of pinning them while it waits; first come, first served. */
@@ -712,6 +887,7 @@ static bool sched_step(struct sched *s) {
     n_run++;
   }
   if (n == 0) {
+    if (resumed) return true;
     if (blocked && blocked == s->waiting && !s->running) {
       /* Nothing runs and the first prompt does not fit: requests behind it give their blocks
        * back first. If none holds any (sessions hold the rest) it would wait forever, so it ends
@@ -724,7 +900,7 @@ static bool sched_step(struct sched *s) {
     return false;
   }
 
-  double t0 = sched_now();
+  double t0 = sched__now();
   int rc = engine_forward(s->e, s->items, n);
   if (rc == KVD_E_KV_EXHAUSTED && n > n_decode) {
     /* Prompts wait for memory; the running requests go on without them. */
@@ -732,21 +908,24 @@ static bool sched_step(struct sched *s) {
     rc = n ? engine_forward(s->e, s->items, n) : 0;
   }
   if (rc == KVD_E_KV_EXHAUSTED) {
-    /* Even the running requests do not fit: preempt the newest one that can be recomputed (its
-     * blocks go back, its tokens are kept, it resumes first). Session requests are not preempted
-     * (their history lives only in their KV); if only they remain, the newest ends in an error. */
-    struct sched_req *victim = NULL, *last = NULL;
+    /* Even the running requests do not fit. Idle sessions leave the pool first; then waiting
+     * prompts holding blocks (half-run, or a pinned prefix) give them back; then the newest
+     * running request is preempted (a session's by swapping its KV to the host tier, a one-shot
+     * request's by recomputation: its blocks go back, its tokens are kept, it resumes first),
+     * unless it is the only one. If nothing can give way, the newest ends in an error. */
+    struct sched_req *newest = NULL, *newest_oneshot = NULL;
     for (struct sched_req *r = s->running; r; r = r->next_req) {
-      last = r;
-      if (!r->session) victim = r;
+      newest = r;
+      if (!r->session) newest_oneshot = r;
     }
-    /* Waiting prompts holding blocks (half-run, or a pinned prefix) give them back first. */
-    if (sched_reclaim_waiting(s, NULL)) {
-    } else if (victim && (victim != s->running || victim->next_req)) {
-      sched_preempt(s, victim);
-    } else if (last) {
-      last->next = -1;
-      sched_finish_from(s, &s->running, last, SCHED_FINISH_ERROR, KVD_E_KV_EXHAUSTED);
+    bool alone = s->running && !s->running->next_req;
+    if (sched__evict_idle(s, reserved_decode + 1) || sched_reclaim_waiting(s, NULL)) {
+    } else if (newest && !alone && newest->session && sched_preempt_session(s, newest) == 0) {
+    } else if (newest_oneshot && !alone) {
+      sched_preempt(s, newest_oneshot);
+    } else if (newest) {
+      newest->next = -1;
+      sched_finish_from(s, &s->running, newest, SCHED_FINISH_ERROR, KVD_E_KV_EXHAUSTED);
     } else if (s->waiting) {
       /* Nothing runs and the first prompt still does not fit: it never will. */
       struct sched_req *r = s->waiting;
@@ -764,18 +943,18 @@ static bool sched_step(struct sched *s) {
     return true;
   }
   s->local.steps++;
-  s->local.last_step_ms = (sched_now() - t0) * 1e3;
+  s->local.last_step_ms = (sched__now() - t0) * 1e3;
   uint32_t tokens = 0;
   for (uint32_t i = 0; i < n; i++) {
     struct sched_req *r = s->item_req[i];
     tokens += s->items[i].n_tokens;
-    /* Register the blocks this step filled. hist holds every id in a one-shot request's cache;
-     * a session's earlier turns are not in it, so sessions keep their KV to themselves. */
-    if (!r->session) engine_seq_register(s->e, r->seq, r->hist, engine_seq_len(r->seq));
+    /* Register the blocks this step filled: hist holds every id in the sequence (a session's
+     * earlier turns included), unless a session's turn outgrew it. */
+    if (r->hist_base == 0) engine_seq_register(s->e, r->seq, r->hist, engine_seq_len(r->seq));
     /* A windowed model gives back blocks no later query reads, except what a failed session
      * turn must be able to rewind to (sched_finish: its start, until the first token). */
     engine_seq_drop_window(s->e, r->seq,
-                           r->session && r->n_generated == 0 && !r->n_shifts ? r->cached_tokens
+                           r->session && r->n_generated == 0 && !r->n_shifts ? r->sess_base
                                                                              : UINT32_MAX);
     if (i < n_decode) {
       s->local.decode_tokens++;
@@ -797,6 +976,15 @@ static bool sched_step(struct sched *s) {
 
 static void sched_publish(struct sched *s) {
   engine_kv_stats(s->e, &s->local.kv);
+  s->local.host_bytes = s->host_used;
+  s->local.host_budget = s->o.host_bytes;
+  uint32_t n = 0, swapped = 0;
+  for (const struct sched_session *ss = s->sessions; ss; ss = ss->next) {
+    n++;
+    swapped += ss->swap != NULL;
+  }
+  s->local.sessions = n;
+  s->local.sessions_swapped = swapped;
   s->local.running = list_len(s->running);
   s->local.waiting = list_len(s->waiting);
   pthread_mutex_lock(&s->lock);

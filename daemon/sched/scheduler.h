@@ -63,7 +63,8 @@ struct sched_req {
    * window gave the first blocks back already). */
   enum kv_overflow overflow;
   uint32_t keep;
-  void *ud; /* the loop's request */
+  void *ud;                        /* the loop's request */
+  struct sched_snapshot *snapshot; /* not NULL: a session.save, see sched_session_restore */
   atomic_bool cancel;
   struct sched *sched;     /* set by sched_submit, so sched_cancel can wake the engine thread */
   _Atomic uint32_t ev_out; /* its events queued and not yet drained (<= SCHED_EV_WINDOW) */
@@ -85,7 +86,10 @@ struct sched_req {
   uint32_t n_generated;
   uint32_t n_shifts;      /* context shifts this request ran (its sequence dropped tokens) */
   uint32_t hist_base;     /* the sequence position of hist[0] (a session's earlier turns) */
-  uint32_t cached_tokens; /* tokens the session already held when the request began */
+  uint32_t cached_tokens; /* tokens whose KV was reused at admission (a session's history, a
+                             prefix-cache hit) rather than computed */
+  uint32_t sess_base;     /* the session's history length when the turn began (its rewind point) */
+  bool swapped;           /* preempted by swapping its KV to host memory: resumes decoding */
   int32_t sess_pending0;  /* the session's pending token before this turn took it */
   bool sess_taken;        /* the turn began on its session (rolled back if it yields nothing) */
   int32_t next;           /* sampled, not yet run through the model; -1 = none */
@@ -113,6 +117,11 @@ struct sched_stats {
   uint32_t running, waiting;
   uint64_t steps, prefill_tokens, decode_tokens, batch_tokens_max, preemptions;
   uint64_t shifts, shift_dropped; /* context shifts run, and the tokens they dropped */
+  /* Sessions and the host tier: KV copied to host memory (swap_out), back (swap_in), sessions
+   * recomputed from their tokens because no copy was kept, and what the copies hold now. */
+  uint64_t swap_out, swap_in, swap_recomputed, swap_out_ms, swap_in_ms;
+  uint64_t host_bytes, host_budget;
+  uint32_t sessions, sessions_swapped;
   double last_step_ms;
 };
 
@@ -123,6 +132,9 @@ struct sched_opts {
   uint32_t max_running; /* requests decoding at once; 0 = the engine's logits rows */
   sched_notify_fn notify;
   void *notify_ud;
+  /* The host-RAM tier: bytes of KV copies sessions swapped out of the pool may hold (0: none;
+   * a session pushed out of the pool is then recomputed from its tokens when it runs again). */
+  uint64_t host_bytes;
 };
 
 struct sched;
@@ -147,6 +159,27 @@ void sched_cancel(struct sched_req *r);
 uint32_t sched_drain(struct sched *s, struct sched_event *out, uint32_t cap);
 void sched_get_stats(struct sched *s, struct sched_stats *ret);
 
+/* A host copy of a sequence's KV (engine_seq_export): n_blocks units of block_bytes from logical
+ * block `first` (those before it a sliding window gave back), holding len tokens. */
+struct sched_kv_copy {
+  uint32_t len, first, n_blocks;
+  bool shifted; /* tokens were dropped from its middle: it cannot be recomputed from its ids */
+  uint64_t block_bytes;
+  uint8_t *data; /* malloc'd */
+};
+
+/* A session outside the engine: what session.save writes and session.restore reads back. Its
+ * tokens are hist[0, n_hist) (the ids at those positions of its sequence) then pending (-1:
+ * none), the last sampled token, not run yet. kv.n_blocks 0: no KV (the next turn recomputes
+ * hist, which needs !kv.shifted). */
+struct sched_snapshot {
+  int32_t *hist; /* malloc'd */
+  uint32_t n_hist;
+  int32_t pending;
+  struct sched_kv_copy kv;
+};
+void sched_snapshot_clear(struct sched_snapshot *sn); /* frees what it holds; safe twice */
+
 /* Sessions: created at once; their sequence lives on the engine thread. Free only with no request
  * of theirs in flight; the sequence's KV goes back to the pool on the engine thread. */
 int sched_session_new(struct sched *s, struct sched_session **ret);
@@ -155,5 +188,13 @@ int sched_session_fork(struct sched *s, struct sched_session *src, struct sched_
 void sched_session_free(struct sched *s, struct sched_session *ss);
 /* Tokens in the session's history (prompts and completions so far). */
 uint32_t sched_session_len(const struct sched_session *ss);
+/* session.save: r (no tokens, sched_req_new(NULL, 0)) with r->session and r->snapshot set is
+ * submitted like a request; its DONE (SCHED_FINISH_STOP, or ERROR with the code) comes once
+ * *r->snapshot holds a copy of the idle session (KV copied from the pool or its host copy).
+ * The loop then owns the snapshot. */
+/* session.restore: a new session holding sn's tokens and KV copy (taken over: sn is left empty,
+ * also on failure), which the engine thread swaps into the pool on its first request (or
+ * recomputes from its tokens if the copy does not fit the host tier). */
+int sched_session_restore(struct sched *s, struct sched_snapshot *sn, struct sched_session **ret);
 
 #endif

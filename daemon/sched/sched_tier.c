@@ -1,0 +1,210 @@
+/* Sessions in the pool and the host-RAM tier. A session keeps its tokens (hist, pending) on the
+ * engine thread, so its KV can leave the pool and come back: when the pool is short, idle
+ * sessions are swapped out least recently used first, into host copies within the tier's budget
+ * (sched_opts.host_bytes). When the budget is full, older copies of sessions that can be
+ * recomputed from their tokens are dropped (their full blocks usually stay in the prefix cache,
+ * which a recompute reads first). A swapped-out session comes back on its next request: the
+ * blocks still cached are shared, the rest copied back. */
+#include "sched_internal.h"
+
+#include "kvd_error.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void sched__session_link(struct sched *s, struct sched_session *ss) {
+  if (ss->linked) return;
+  ss->linked = true;
+  ss->prev = NULL;
+  ss->next = s->sessions;
+  if (s->sessions) s->sessions->prev = ss;
+  s->sessions = ss;
+  if (ss->swap) s->host_used += (uint64_t)ss->swap->n_blocks * ss->swap->block_bytes;
+  if (!ss->last_used) ss->last_used = sched__now();
+}
+
+void sched__session_unlink(struct sched *s, struct sched_session *ss) {
+  if (!ss->linked) return;
+  if (ss->prev)
+    ss->prev->next = ss->next;
+  else
+    s->sessions = ss->next;
+  if (ss->next) ss->next->prev = ss->prev;
+  ss->linked = false;
+  sched__copy_free(s, ss->swap);
+  ss->swap = NULL;
+}
+
+void sched__copy_free(struct sched *s, struct sched_kv_copy *c) {
+  if (!c) return;
+  uint64_t bytes = (uint64_t)c->n_blocks * c->block_bytes;
+  s->host_used = s->host_used > bytes ? s->host_used - bytes : 0;
+  free(c->data);
+  free(c);
+}
+
+/* Whether a session without KV can be brought back by recomputing its tokens. */
+static bool tier_recomputable(const struct sched_session *ss, bool shifted) {
+  return ss->mirror && !shifted;
+}
+
+/* Drops the host copies of idle recomputable sessions, oldest first, until `need` more bytes fit
+ * the budget; false if they cannot. */
+static bool tier_make_room(struct sched *s, const struct sched_session *keep, uint64_t need) {
+  while (s->host_used + need > s->o.host_bytes) {
+    struct sched_session *oldest = NULL;
+    for (struct sched_session *o = s->sessions; o; o = o->next)
+      if (o != keep && o->swap && !o->busy && tier_recomputable(o, o->swap->shifted) &&
+          (!oldest || o->last_used < oldest->last_used))
+        oldest = o;
+    if (!oldest) return false;
+    sched__copy_free(s, oldest->swap);
+    oldest->swap = NULL;
+    s->local.swap_recomputed++;
+  }
+  return true;
+}
+
+int sched__swap_out(struct sched *s, struct sched_session *ss) {
+  if (!ss->seq) return 0;
+  bool shifted = engine_seq_shifted(ss->seq);
+  uint32_t first;
+  uint64_t n = engine_seq_export_blocks(ss->seq, &first);
+  uint64_t unit = engine_kv_block_bytes(s->e), bytes = n * unit;
+  struct sched_kv_copy *c = NULL;
+  if (n && s->o.host_bytes && bytes <= s->o.host_bytes && tier_make_room(s, ss, bytes)) {
+    c = calloc(1, sizeof *c);
+    if (c) c->data = malloc((size_t)bytes);
+    if (c && c->data) {
+      double t0 = sched__now();
+      c->len = engine_seq_len(ss->seq);
+      c->first = first;
+      c->n_blocks = (uint32_t)n;
+      c->shifted = shifted;
+      c->block_bytes = unit;
+      if (engine_seq_export(s->e, ss->seq, c->data) < 0) {
+        free(c->data);
+        c->data = NULL;
+      } else {
+        s->local.swap_out_ms += (uint64_t)((sched__now() - t0) * 1e3);
+      }
+    }
+    if (c && !c->data) {
+      free(c);
+      c = NULL;
+    }
+  }
+  if (!c && n && !tier_recomputable(ss, shifted)) return KVD_E_KV_EXHAUSTED;
+  /* Its registered blocks stay in the prefix cache (cached, evictable); the rest go back. */
+  engine_seq_free(s->e, ss->seq);
+  ss->seq = NULL;
+  if (c) {
+    ss->swap = c;
+    s->host_used += bytes;
+    s->local.swap_out++;
+  } else {
+    s->local.swap_recomputed++;
+  }
+  return 0;
+}
+
+int sched__swap_in(struct sched *s, struct sched_session *ss) {
+  struct sched_kv_copy *c = ss->swap;
+  if (!c || ss->seq) return 0;
+  double t0 = sched__now();
+  struct engine_seq *seq = NULL;
+  uint32_t cached = 0;
+  struct kv_pool_stats kv;
+  engine_kv_stats(s->e, &kv);
+  uint32_t bs = kv.block_size;
+  int rc;
+  if (!c->shifted && c->first == 0 && ss->mirror && ss->n_hist == c->len)
+    rc = engine_seq_new_prefix(s->e, ss->hist, ss->n_hist, &seq, &cached);
+  else if ((rc = engine_seq_new(s->e, &seq)) == 0 && c->first)
+    rc = engine_seq_skip_dropped(s->e, seq, c->first);
+  if (rc == 0 && c->shifted) engine_seq_mark_shifted(seq);
+  uint32_t skip = cached / bs; /* blocks the prefix cache supplied */
+  uint32_t at = c->first * bs + cached;
+  if (rc == 0 && skip < c->n_blocks)
+    rc = engine_seq_import(s->e, seq, c->data + (uint64_t)skip * c->block_bytes, c->n_blocks - skip,
+                           c->len - at);
+  if (rc < 0) {
+    engine_seq_free(s->e, seq);
+    return rc;
+  }
+  ss->seq = seq;
+  ss->swap = NULL;
+  sched__copy_free(s, c);
+  s->local.swap_in++;
+  s->local.swap_in_ms += (uint64_t)((sched__now() - t0) * 1e3);
+  return 0;
+}
+
+bool sched__evict_idle(struct sched *s, uint32_t need) {
+  bool any = false;
+  while (engine_kv_available(s->e) < need) {
+    struct sched_session *lru = NULL;
+    for (struct sched_session *o = s->sessions; o; o = o->next)
+      if (o->seq && !o->busy && engine_seq_live_blocks(o->seq) &&
+          (!lru || o->last_used < lru->last_used))
+        lru = o;
+    if (!lru) break;
+    if (sched__swap_out(s, lru) < 0) {
+      /* It cannot leave (shifted, and no room in the tier): the next one may. Its recency is
+       * bumped so the scan moves on; it stays where it is. */
+      lru->last_used = sched__now();
+      bool other = false;
+      for (struct sched_session *o = s->sessions; o; o = o->next)
+        if (o != lru && o->seq && !o->busy && engine_seq_live_blocks(o->seq)) other = true;
+      if (!other) break;
+      continue;
+    }
+    any = true;
+  }
+  return any;
+}
+
+int sched__snapshot(struct sched *s, struct sched_req *r) {
+  struct sched_session *ss = r->session;
+  struct sched_snapshot *sn = r->snapshot;
+  if (ss->busy) return KVD_EBUSY;
+  memset(sn, 0, sizeof *sn);
+  sn->pending = ss->pending;
+  sn->n_hist = ss->n_hist;
+  sn->hist = malloc((ss->n_hist ? ss->n_hist : 1) * sizeof *sn->hist);
+  if (!sn->hist) return KVD_ENOMEM;
+  if (ss->n_hist) memcpy(sn->hist, ss->hist, ss->n_hist * sizeof *sn->hist);
+  struct sched_kv_copy *src = ss->swap;
+  if (ss->seq) {
+    uint32_t first;
+    uint64_t n = engine_seq_export_blocks(ss->seq, &first);
+    sn->kv.block_bytes = engine_kv_block_bytes(s->e);
+    sn->kv.len = engine_seq_len(ss->seq);
+    sn->kv.first = first;
+    sn->kv.n_blocks = (uint32_t)n;
+    sn->kv.shifted = engine_seq_shifted(ss->seq);
+    if (n) {
+      sn->kv.data = malloc((size_t)(n * sn->kv.block_bytes));
+      if (!sn->kv.data) return KVD_ENOMEM;
+      int rc = engine_seq_export(s->e, ss->seq, sn->kv.data);
+      if (rc < 0) return rc;
+    }
+  } else if (src) {
+    sn->kv = *src;
+    sn->kv.data = malloc((size_t)((uint64_t)src->n_blocks * src->block_bytes));
+    if (!sn->kv.data) return KVD_ENOMEM;
+    memcpy(sn->kv.data, src->data, (size_t)((uint64_t)src->n_blocks * src->block_bytes));
+  } else if (!ss->mirror) {
+    return KVD_ENOENT; /* cannot happen: only a recomputable session goes without KV */
+  }
+  if (!ss->mirror) sn->kv.shifted = true; /* its ids do not give its KV back */
+  return 0;
+}
+
+void sched_snapshot_clear(struct sched_snapshot *sn) {
+  if (!sn) return;
+  free(sn->hist);
+  free(sn->kv.data);
+  memset(sn, 0, sizeof *sn);
+  sn->pending = -1;
+}
