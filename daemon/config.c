@@ -63,6 +63,10 @@ static const struct opt opts[] = {
      "how the KV cache stores keys and values: f32, f16, q8_0 (half of f16) or q4_0 (a quarter)"},
     {"overflow", OPT_STR, F(overflow), "shift", "KVD_OVERFLOW",
      "at the context's end: shift (forget old tokens), window (sinks + recent) or error"},
+    {"kv-host", OPT_STR, F(kv_host), "10%", "KVD_KV_HOST",
+     "host RAM per model for KV swapped out of the device: bytes (4G) or a share of RAM (10%); 0 = none"},
+    {"sessions-dir", OPT_STR, F(sessions_dir), NULL, NULL,
+     "saved sessions folder (default: $XDG_STATE_HOME/kvd/sessions, /var/lib/kvd/sessions with --system)"},
     {"log-level", OPT_INT, F(log_level), "6", "KVD_LOG_LEVEL",
      "log verbosity as a syslog level: 3 errors .. 7 debug"},
 };
@@ -114,6 +118,24 @@ static const char *default_cache_dir(char *buf, size_t n) {
     snprintf(buf, n, "%s/kvd", xdg);
   else if (home && *home)
     snprintf(buf, n, "%s/.cache/kvd", home);
+  else
+    return NULL;
+  return buf;
+}
+
+/* systemd's StateDirectory= (STATE_DIRECTORY) for a service, else the system path with --system,
+ * else the XDG state folder. */
+static const char *default_sessions_dir(bool system, char *buf, size_t n) {
+  const char *sd = getenv("STATE_DIRECTORY"), *xdg = getenv("XDG_STATE_HOME");
+  const char *home = getenv("HOME");
+  if (sd && *sd && !strchr(sd, ':'))
+    snprintf(buf, n, "%s/sessions", sd);
+  else if (system)
+    snprintf(buf, n, "/var/lib/kvd/sessions");
+  else if (xdg && *xdg)
+    snprintf(buf, n, "%s/kvd/sessions", xdg);
+  else if (home && *home)
+    snprintf(buf, n, "%s/.local/state/kvd/sessions", home);
   else
     return NULL;
   return buf;
@@ -241,6 +263,16 @@ int config_load(struct kvd_config *cfg, int argc, char **argv) {
       strcmp(cfg->overflow, "error")) {
     fprintf(stderr, "kvd: --overflow must be shift, window or error\n");
     rc = KVD_EINVAL;
+  }
+  if (rc == 0 && config_parse_budget(cfg->kv_host, &b, &frac) < 0) {
+    fprintf(stderr, "kvd: --kv-host \"%s\": expected bytes (4G) or a share of RAM (10%%)\n",
+            cfg->kv_host);
+    rc = KVD_EINVAL;
+  }
+  if (rc == 0 && !cfg->sessions_dir) {
+    char dir[1024];
+    const char *d = default_sessions_dir(cfg->system, dir, sizeof dir);
+    if (d) rc = opt_set(cfg, opt_find("sessions-dir", 12), d, "default");
   }
   if (rc == 0 && !cfg->cache_dir) {
     char dir[1024];

@@ -35,6 +35,8 @@ struct kvd_config {
   int block_size;  /* KV block size in tokens */
   char *kv_type;   /* KV storage type name (kv_format.h), "f16" by default */
   char *overflow;  /* past the context: "shift" (default), "window" or "error" (kv.h) */
+  char *kv_host;   /* host-RAM tier per model: bytes or a share of RAM ("10%"); "0" = none */
+  char *sessions_dir; /* where session.save writes (default under XDG_STATE_HOME) */
   int log_level;   /* syslog levels: 3 err .. 7 debug */
 };
 

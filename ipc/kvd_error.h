@@ -42,7 +42,9 @@
   X(KVD_E_NO_METHOD, -1011, 111, "unknown method")                                                 \
   X(KVD_E_NO_MODEL, -1012, 112, "no such model loaded")                                            \
   X(KVD_E_CONTEXT, -1013, 113, "prompt exceeds the context length")                                \
-  X(KVD_E_VALIDATION, -1014, 114, "Vulkan validation error")
+  X(KVD_E_VALIDATION, -1014, 114, "Vulkan validation error")                                     \
+  X(KVD_E_MISMATCH, -1015, 115, "saved for another model or KV type")                              \
+  X(KVD_E_CORRUPT, -1016, 116, "corrupt or truncated saved state")
 
 enum kvd_error {
 #define KVD__ERR_ENUM(name, value, wire, msg) name = (value),

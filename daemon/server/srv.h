@@ -60,6 +60,8 @@ struct srv_model {
   enum kv_overflow overflow; /* past the context, unless a request says: models.load's, else
                                 --overflow */
   bool overflow_set;         /* models.load gave it */
+  uint64_t hash[2];          /* the file's content hash (store_model_hash): what saved state
+                                of this model is recognised by */
   struct sched *sched;
   uv_async_t async;
   bool async_open;
@@ -201,6 +203,14 @@ struct srv_model *srv_model_param(struct srv_conn *c, const struct ipc_msg *msg)
 
 /* srv_session.c */
 void srv_session_release(struct srv_session *ss);
+/* A new session of c on m around ss (m->n_active++), or NULL (nothing taken) on host OOM. */
+struct srv_session *srv_session_add(struct srv_conn *c, struct srv_model *m,
+                                    struct sched_session *ss);
+
+/* srv_store.c: session files */
+struct store_identity;
+void srv_store_event(struct srv_model *m, const struct sched_event *ev);
+void srv_store_identity(const struct srv_model *m, struct store_identity *ret);
 void srv_sessions_close_all(struct srv_conn *c);
 
 /* Method handlers, srv_h_<method> (dots as underscores), are declared in the generated

@@ -297,7 +297,10 @@ static void gen_on_done(struct srv_gen *g, const struct sched_event *ev) {
 }
 
 void srv_gen_event(struct srv_model *model, const struct sched_event *ev) {
-  (void)model;
+  if (ev->req->snapshot) { /* a session.save's copy */
+    srv_store_event(model, ev);
+    return;
+  }
   struct srv_gen *g = ev->req->ud;
   if (ev->done)
     gen_on_done(g, ev);

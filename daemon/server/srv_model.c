@@ -1,6 +1,7 @@
 /* Loaded models: file, tokenizer, chat template, engine and scheduler, and the uv_async through
  * which their engine thread wakes the loop. */
 #include "srv.h"
+#include "store.h"
 
 #include "kvd_error.h"
 #include "log.h"
@@ -8,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* The engine events of one model: drained in one go however many sends coalesced. */
 static void model_on_async(uv_async_t *a) {
@@ -57,6 +59,8 @@ static int model_open(struct srv *s, struct srv_model *m, const char *path, stru
     snprintf(err, errlen, "%s: %s (offset %llu)", path, gerr.msg, (unsigned long long)gerr.offset);
     return rc;
   }
+  /* Saved sessions name the model by content, not by path or name. */
+  store_model_hash(m->f->base, m->f->size, m->hash);
   char terr[160] = "";
   rc = tok_new(m->f, &m->tok, terr, sizeof terr);
   if (rc < 0) {
@@ -101,6 +105,18 @@ static void model_default_name(const char *path, char *out, size_t n) {
   if (len > 5 && strcmp(out + len - 5, ".gguf") == 0) out[len - 5] = '\0';
 }
 
+/* The host-RAM tier's bytes per model: --kv-host as bytes, or a share of physical memory. */
+static uint64_t srv_host_budget(const struct kvd_config *cfg) {
+  uint64_t bytes = 0;
+  double frac = 0;
+  if (!cfg->kv_host || config_parse_budget(cfg->kv_host, &bytes, &frac) < 0) return 0;
+  if (frac > 0) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    bytes = pages > 0 && page > 0 ? (uint64_t)((double)pages * (double)page * frac) : 0;
+  }
+  return bytes;
+}
+
 /* Loop thread: the async handle and the engine thread, then the model is visible to clients. */
 static int model_start(struct srv *s, struct srv_model *m, struct engine *e, char *err,
                        size_t errlen) {
@@ -115,7 +131,8 @@ static int model_start(struct srv *s, struct srv_model *m, struct engine *e, cha
   struct sched_opts so = {.step_tokens = (uint32_t)s->cfg->step_tokens,
                           .max_running = (uint32_t)s->cfg->max_seqs,
                           .notify = model_notify,
-                          .notify_ud = m};
+                          .notify_ud = m,
+                          .host_bytes = srv_host_budget(s->cfg)};
   rc = sched_new(e, &so, &m->sched);
   if (rc < 0) {
     engine_free(e);

@@ -29,8 +29,8 @@ static void session_reply(struct srv_conn *c, uint32_t msgid, uint32_t session) 
   srv_reply_done(c, msgid);
 }
 
-static struct srv_session *session_add(struct srv_conn *c, struct srv_model *m,
-                                       struct sched_session *ss) {
+struct srv_session *srv_session_add(struct srv_conn *c, struct srv_model *m,
+                                    struct sched_session *ss) {
   struct srv_session *s = calloc(1, sizeof *s);
   if (!s) return NULL;
   s->id = c->next_session_id++;
@@ -53,7 +53,7 @@ void srv_h_session_open(struct srv_conn *c, const struct ipc_msg *msg) {
   }
   struct sched_session *ss;
   struct srv_session *s = NULL;
-  if (sched_session_new(m->sched, &ss) == 0 && !(s = session_add(c, m, ss)))
+  if (sched_session_new(m->sched, &ss) == 0 && !(s = srv_session_add(c, m, ss)))
     sched_session_free(m->sched, ss);
   if (!s) {
     srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
@@ -75,7 +75,7 @@ void srv_h_session_fork(struct srv_conn *c, const struct ipc_msg *msg) {
   }
   struct sched_session *ss;
   struct srv_session *s = NULL;
-  if (sched_session_fork(src->m->sched, src->ss, &ss) == 0 && !(s = session_add(c, src->m, ss)))
+  if (sched_session_fork(src->m->sched, src->ss, &ss) == 0 && !(s = srv_session_add(c, src->m, ss)))
     sched_session_free(src->m->sched, ss);
   if (!s) {
     srv_reply_error(c, msg->id, KVD_ENOMEM, NULL);
