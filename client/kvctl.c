@@ -47,6 +47,8 @@ static const char usage_text[] =
     "      --overflow P         at the context's end: shift (forget old turns, the default),\n"
     "                           window (attention sinks + recent tokens) or error (stop)\n"
     "      --system TEXT        chat, and PROMPT on a chat model: system prompt\n"
+    "      --session NAME       chat: resume the saved session NAME (or start it) and save it\n"
+    "                           after every answer, so the conversation survives restarts\n"
     "      --raw                send PROMPT as raw text, not as a chat message (a model with a\n"
     "                           chat template gets PROMPT through it otherwise)\n"
     "      --chat-template F    load: the chat template family to use (llama3, chatml, gemma,\n"
@@ -117,6 +119,7 @@ enum {
   OPT_CHAT_TEMPLATE,
   OPT_KV_TYPE,
   OPT_OVERFLOW,
+  OPT_SESSION,
 };
 
 static const struct option long_opts[] = {
@@ -137,6 +140,7 @@ static const struct option long_opts[] = {
     {"chat-template", required_argument, NULL, OPT_CHAT_TEMPLATE},
     {"kv-type", required_argument, NULL, OPT_KV_TYPE},
     {"overflow", required_argument, NULL, OPT_OVERFLOW},
+    {"session", required_argument, NULL, OPT_SESSION},
     {"json", no_argument, NULL, 'j'},
     {"verbose", no_argument, NULL, 'v'},
     {"help", no_argument, NULL, 'h'},
@@ -210,6 +214,9 @@ static int parse_options(int argc, char **argv, struct kvctl_opts *o) {
       break;
     case OPT_KV_TYPE:
       o->kv_type = optarg;
+      break;
+    case OPT_SESSION:
+      o->session = optarg;
       break;
     case OPT_OVERFLOW:
       if (strcmp(optarg, "shift") && strcmp(optarg, "window") && strcmp(optarg, "error")) {

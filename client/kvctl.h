@@ -26,6 +26,7 @@ struct kvctl_opts {
   const char *stop[KVCTL_MAX_STOP];
   const char *name;   /* load --name */
   const char *system; /* chat --system */
+  const char *session; /* chat --session: the saved session to resume and keep saving */
   const char *chat_template; /* load --chat-template */
   const char *kv_type;       /* load --kv-type */
   bool raw;           /* send PROMPT as it is, not as a chat message */

@@ -388,9 +388,24 @@ static int open_session(struct kvd_client *c, const struct kvctl_opts *o, uint64
   return rc < 0 ? kvctl_fail(c, rc) : KVCTL_OK;
 }
 
+/* --session NAME: the saved conversation if there is one (*ret_resumed), else a new session. */
+static int resume_session(struct kvd_client *c, const struct kvctl_opts *o, uint64_t *ret,
+                          bool *ret_resumed) {
+  *ret_resumed = false;
+  if (!o->session) return open_session(c, o, ret);
+  uint64_t tokens = 0;
+  int rc = kvd_session_restore(c, o->session, o->gen.model, ret, &tokens);
+  if (rc == KVD_ENOENT) return open_session(c, o, ret);
+  if (rc < 0) return kvctl_fail(c, rc);
+  *ret_resumed = true;
+  fprintf(stderr, "[resumed session %s: %llu tokens]\n", o->session, (unsigned long long)tokens);
+  return KVCTL_OK;
+}
+
 int kvctl_chat(struct kvd_client *c, const struct kvctl_opts *o) {
   uint64_t session;
-  int code = open_session(c, o, &session);
+  bool resumed;
+  int code = resume_session(c, o, &session, &resumed);
   if (code) return code;
   if (signals_init() < 0) {
     perror("kvctl: pipe");
@@ -427,7 +442,7 @@ int kvctl_chat(struct kvd_client *c, const struct kvctl_opts *o) {
   char *buf = NULL;
   size_t cap = 0;
   struct text turn = {0};
-  bool first = true, eof = false;
+  bool first = !resumed, eof = false;
   while (!eof) {
     bool interrupted;
     prompt_text = "> ";
@@ -499,6 +514,9 @@ int kvctl_chat(struct kvd_client *c, const struct kvctl_opts *o) {
     p.session = (int64_t)session;
     code = run_one(c, o, &p, true);
     first = false;
+    /* --session: saved after each answer, so a crash or a restart loses at most this turn. */
+    if (o->session && kvd_client_connected(c) && kvd_session_save(c, session, o->session, NULL) < 0)
+      fprintf(stderr, "kvctl: saving session %s: %s\n", o->session, kvd_client_last_error(c));
     if (code == KVCTL_EINTR && el) {
       fprintf(stderr, "[interrupted]\n");
       code = KVCTL_OK;

@@ -316,6 +316,17 @@ KVD_API int kvd_session_open(struct kvd_client *c, const char *model, uint64_t *
 KVD_API int kvd_session_close(struct kvd_client *c, uint64_t session);
 /* A copy of session sharing its history (KV blocks are shared until the two diverge). */
 KVD_API int kvd_session_fork(struct kvd_client *c, uint64_t session, uint64_t *ret_session);
+/* Saved sessions outlive connections and daemon restarts. kvd_session_save writes session (idle)
+ * under name (1 to 64 of A-Z a-z 0-9 . _ -) in the daemon's sessions folder; *ret_tokens (may be
+ * NULL) = its history's length. kvd_session_restore opens a saved one on this connection (model
+ * NULL: the default model) and continues it exactly; KVD_ENOENT when there is no such name,
+ * KVD_E_MISMATCH for a file of another model or KV type, KVD_E_CORRUPT for a damaged one.
+ * kvd_session_delete removes the file. */
+KVD_API int kvd_session_save(struct kvd_client *c, uint64_t session, const char *name,
+                             uint64_t *ret_tokens);
+KVD_API int kvd_session_restore(struct kvd_client *c, const char *name, const char *model,
+                                uint64_t *ret_session, uint64_t *ret_tokens);
+KVD_API int kvd_session_delete(struct kvd_client *c, const char *name);
 
 /* ---- Status -------------------------------------------------------------------------------- */
 

@@ -272,6 +272,50 @@ int kvd_session_fork(struct kvd_client *c, uint64_t session, uint64_t *ret_sessi
   return session_call(c, "session.fork", IPC_M_SESSION_FORK, NULL, (int64_t)session, ret_session);
 }
 
+/* A saved-session method: {session?, name, model?}, answering {session?, tokens?}. */
+static int store_call(struct kvd_client *c, const char *method, enum ipc_method mid,
+                      int64_t session, const char *name, const char *model, uint64_t *ret_session,
+                      uint64_t *ret_tokens) {
+  if (!c) return KVD_EINVAL;
+  if (!name) return kvd__error(c, KVD_EINVAL, "%s: a name is required", method);
+  int rc;
+  struct kvd__req *req = kvd__begin(c, method, mid, KVD__REQ_CALL, true, &rc);
+  if (!req) return rc;
+  ipc_w_map_open(&c->w);
+  if (session >= 0) ipc_w_kv_u64(&c->w, "session", (uint64_t)session);
+  ipc_w_kv_cstr(&c->w, "name", name);
+  if (model) ipc_w_kv_cstr(&c->w, "model", model);
+  ipc_w_close(&c->w);
+  struct ipc_msg *m;
+  rc = kvd__call(c, req, &m);
+  if (rc < 0) return rc;
+  uint64_t id = 0, tokens = 0;
+  ipc_get_u64(m->result, "session", &id, NULL);
+  ipc_get_u64(m->result, "tokens", &tokens, NULL);
+  ipc_msg_free(m);
+  if (id > INT64_MAX) return kvd__error(c, KVD_EPROTO, "%s: session id out of range", method);
+  if (ret_session) *ret_session = id;
+  if (ret_tokens) *ret_tokens = tokens;
+  return 0;
+}
+
+int kvd_session_save(struct kvd_client *c, uint64_t session, const char *name,
+                     uint64_t *ret_tokens) {
+  if (session > INT64_MAX) return c ? kvd__error(c, KVD_ERANGE, "no such session") : KVD_EINVAL;
+  return store_call(c, "session.save", IPC_M_SESSION_SAVE, (int64_t)session, name, NULL, NULL,
+                    ret_tokens);
+}
+
+int kvd_session_restore(struct kvd_client *c, const char *name, const char *model,
+                        uint64_t *ret_session, uint64_t *ret_tokens) {
+  return store_call(c, "session.restore", IPC_M_SESSION_RESTORE, -1, name, model, ret_session,
+                    ret_tokens);
+}
+
+int kvd_session_delete(struct kvd_client *c, const char *name) {
+  return store_call(c, "session.delete", IPC_M_SESSION_DELETE, -1, name, NULL, NULL, NULL);
+}
+
 /* ---- Status ------------------------------------------------------------------------------ */
 
 void kvd_server_status_free(struct kvd_server_status *s) {
