@@ -194,8 +194,8 @@ void srv_h_session_save(struct srv_conn *c, const struct ipc_msg *msg) {
 
 static void restore_work_cb(uv_work_t *req) {
   struct store_work *w = req->data;
-  w->rc = store_session_read(w->srv->cfg->sessions_dir, w->name, &w->id, w->n_vocab, &w->st,
-                             w->err, sizeof w->err);
+  w->rc = store_session_read(w->srv->cfg->sessions_dir, w->name, &w->id, w->n_vocab, &w->st, w->err,
+                             sizeof w->err);
 }
 
 static void restore_after_cb(uv_work_t *req, int status) {
@@ -211,8 +211,8 @@ static void restore_after_cb(uv_work_t *req, int status) {
   if (rc == KVD_ENOENT) {
     srv_reply_error(c, w->msgid, rc, "no saved session %s", w->name);
   } else if (rc == KVD_E_MISMATCH) {
-    srv_reply_error(c, w->msgid, rc, "session %s cannot be restored on %s: %s", w->name,
-                    w->m->name, w->err);
+    srv_reply_error(c, w->msgid, rc, "session %s cannot be restored on %s: %s", w->name, w->m->name,
+                    w->err);
   } else if (rc < 0) {
     srv_reply_error(c, w->msgid, rc, "session %s: %s", w->name, kvd_strerror(rc));
   } else if (w->m->unloading || c->n_sessions >= IPC_MAX_SESSIONS) {
@@ -299,9 +299,9 @@ static int list_one(void *ud, const char *name) {
   ipc_w_map(w, 7);
   ipc_w_kv_cstr(w, "name", name);
   ipc_w_kv_cstr(w, "model", st.model_name);
-  ipc_w_kv_cstr(w, "kv_type", st.id.kv_type < KV_TYPE_COUNT
-                                  ? kv_type_name((enum kv_type)st.id.kv_type)
-                                  : "unknown");
+  ipc_w_kv_cstr(w, "kv_type",
+                st.id.kv_type < KV_TYPE_COUNT ? kv_type_name((enum kv_type)st.id.kv_type)
+                                              : "unknown");
   ipc_w_kv_u64(w, "tokens", st.snap.n_hist + (st.snap.pending >= 0 ? 1u : 0u));
   ipc_w_kv_u64(w, "bytes", bytes);
   ipc_w_kv_u64(w, "saved", st.saved);
@@ -312,9 +312,9 @@ static int list_one(void *ud, const char *name) {
       m = x;
   struct store_identity id;
   if (m) srv_store_identity(m, &id);
-  ipc_w_kv_bool(w, "loadable", m && id.kv_type == st.id.kv_type &&
-                                   id.block_size == st.id.block_size &&
-                                   id.block_bytes == st.id.block_bytes);
+  ipc_w_kv_bool(w, "loadable",
+                m && id.kv_type == st.id.kv_type && id.block_size == st.id.block_size &&
+                    id.block_bytes == st.id.block_bytes);
   l->n++;
   return l->n >= SRV_MAX_SESSION_FILES;
 }

@@ -154,8 +154,7 @@ static int store_header_parse(const uint8_t h[STORE_HEADER_BYTES], uint64_t file
   }
   if (file_size) {
     /* Sizes in 64 bits; a block count times a block size past 2^64 is corrupt, not a wrap. */
-    if (sn->kv.n_blocks && ret->id.block_bytes > UINT64_MAX / sn->kv.n_blocks)
-      return KVD_E_CORRUPT;
+    if (sn->kv.n_blocks && ret->id.block_bytes > UINT64_MAX / sn->kv.n_blocks) return KVD_E_CORRUPT;
     uint64_t kv = (uint64_t)sn->kv.n_blocks * ret->id.block_bytes;
     uint64_t want = STORE_HEADER_BYTES + (uint64_t)sn->n_hist * 4;
     if (kv > UINT64_MAX - want - 8 || want + kv + 8 != file_size) return KVD_E_CORRUPT;
@@ -303,8 +302,7 @@ int store_session_read(const char *dir, const char *name, const struct store_ide
       what = "it was saved from another model file";
     else if (ret->id.kv_type != expect->kv_type)
       what = "it was saved with another KV type";
-    else if (ret->id.block_size != expect->block_size ||
-             ret->id.block_bytes != expect->block_bytes)
+    else if (ret->id.block_size != expect->block_size || ret->id.block_bytes != expect->block_bytes)
       what = "it was saved with another KV block size";
     if (what) {
       if (err) snprintf(err, errlen, "%s", what);

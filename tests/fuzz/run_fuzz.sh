@@ -24,7 +24,7 @@ cd "$dir"
 # Inputs are cut to 256 KiB: small inputs run many times faster, and the stories260K files' whole
 # metadata and tensor-info region still fits (what is cut is tensor data, which the reader checks
 # by offset alone); the vocabulary files are cut inside their token arrays.
-if "$fuzzer" -max_total_time="$time" -timeout=10 -rss_limit_mb=4096 -max_len=262144 \
+if "$fuzzer" -max_total_time="$time" -timeout=30 -rss_limit_mb=4096 -max_len=262144 \
   -print_final_stats=1 "$dir/corpus"; then
   rm -rf "$dir"
 else

@@ -69,7 +69,7 @@ def main():
     with open(os.path.join(corpus, 'stream'), 'wb') as f:  # all of them, read in small pieces
         f.write(b'\x05' + b''.join(pack(m) for m in SEEDS.values()))
     print(f'fuzz: {len(os.listdir(corpus))} seeds in {corpus}, {secs} s', flush=True)
-    rc = subprocess.call([fuzzer, f'-max_total_time={secs}', '-timeout=10', '-rss_limit_mb=4096',
+    rc = subprocess.call([fuzzer, f'-max_total_time={secs}', '-timeout=30', '-rss_limit_mb=4096',
                           '-max_len=8192', '-print_final_stats=1', corpus], cwd=d)
     if rc == 0:
         shutil.rmtree(d)

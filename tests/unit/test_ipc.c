@@ -1002,7 +1002,8 @@ KT_TEST(method_table_matches_api_json) {
   static const char *const names[] = {
       "hello",        "status",         "models.list",  "models.load", "models.unload",
       "generate",     "generate.chunk", "cancel",       "tokenize",    "detokenize",
-      "session.open", "session.close",  "session.fork",
+      "session.open", "session.close",  "session.fork", "session.save", "session.restore",
+      "session.list", "session.delete",
   };
   KT_ASSERT_EQ(IPC_M_COUNT, sizeof names / sizeof names[0]);
   for (int i = 0; i < IPC_M_COUNT; i++) {
