@@ -125,7 +125,8 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_close(w);
   /* KV: summed over the loaded models' pools. */
   uint64_t bt = 0, total = 0, used = 0, free_ = 0, hw = 0, fails = 0, kv_bytes = 0, cached = 0,
-           lookups = 0, hits = 0, evictions = 0, preemptions = 0, bpt = 0;
+           lookups = 0, hits = 0, evictions = 0, preemptions = 0, bpt = 0, host = 0, host_cap = 0,
+           swap_out = 0, swap_in = 0, recomputed = 0, sessions = 0, swapped = 0;
   const char *kv_type = NULL; /* the models' KV type, "mixed" when they differ */
   for (struct srv_model *m = s->models; m; m = m->next) {
     const struct engine *e = sched_engine(m->sched);
@@ -145,6 +146,13 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
     hits += st.kv.hits;
     evictions += st.kv.evictions;
     preemptions += st.preemptions;
+    host += st.host_bytes;
+    host_cap += st.host_budget;
+    swap_out += st.swap_out;
+    swap_in += st.swap_in;
+    recomputed += st.swap_recomputed;
+    sessions += st.sessions;
+    swapped += st.sessions_swapped;
     kv_bytes += (uint64_t)st.kv.total * st.kv.block_size *
                 engine_kv_bytes_per_token(sched_engine(m->sched));
   }
@@ -169,6 +177,13 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_kv_u64(w, "preemptions", preemptions);
   ipc_w_kv_u64(w, "high_water", hw);
   ipc_w_kv_u64(w, "alloc_failures", fails);
+  ipc_w_kv_u64(w, "host_bytes", host);
+  ipc_w_kv_u64(w, "host_budget", host_cap);
+  ipc_w_kv_u64(w, "swap_out", swap_out);
+  ipc_w_kv_u64(w, "swap_in", swap_in);
+  ipc_w_kv_u64(w, "swap_recomputed", recomputed);
+  ipc_w_kv_u64(w, "sessions_swapped", swapped);
+  ipc_w_kv_u64(w, "sessions_known", sessions);
   if (kv_type) ipc_w_kv_cstr(w, "kv_type", kv_type);
   if (s->models) ipc_w_kv_u64(w, "bytes_per_token", bpt);
   ipc_w_close(w);
