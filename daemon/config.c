@@ -65,6 +65,10 @@ static const struct opt opts[] = {
      "at the context's end: shift (forget old tokens), window (sinks + recent) or error"},
     {"kv-host", OPT_STR, F(kv_host), "10%", "KVD_KV_HOST",
      "host RAM per model for KV swapped out of the device: bytes (4G) or a share of RAM (10%); 0 = none"},
+    {"kv-disk", OPT_STR, F(kv_disk), "2G", "KVD_KV_DISK",
+     "disk per model for KV blocks of prompts seen before, kept across restarts: bytes (2G); 0 = none"},
+    {"kv-disk-dir", OPT_STR, F(kv_disk_dir), NULL, NULL,
+     "its folder (default: CACHE-DIR/kv, i.e. $XDG_CACHE_HOME/kvd/kv or /var/cache/kvd/kv)"},
     {"sessions-dir", OPT_STR, F(sessions_dir), NULL, NULL,
      "saved sessions folder (default: $XDG_STATE_HOME/kvd/sessions, /var/lib/kvd/sessions with --system)"},
     {"log-level", OPT_INT, F(log_level), "6", "KVD_LOG_LEVEL",
@@ -269,6 +273,10 @@ int config_load(struct kvd_config *cfg, int argc, char **argv) {
             cfg->kv_host);
     rc = KVD_EINVAL;
   }
+  if (rc == 0 && (config_parse_budget(cfg->kv_disk, &b, &frac) < 0 || frac > 0)) {
+    fprintf(stderr, "kvd: --kv-disk \"%s\": expected bytes (2G), or 0 for none\n", cfg->kv_disk);
+    rc = KVD_EINVAL;
+  }
   if (rc == 0 && !cfg->sessions_dir) {
     char dir[1024];
     const char *d = default_sessions_dir(cfg->system, dir, sizeof dir);
@@ -278,6 +286,11 @@ int config_load(struct kvd_config *cfg, int argc, char **argv) {
     char dir[1024];
     const char *d = default_cache_dir(dir, sizeof dir);
     if (d) rc = opt_set(cfg, opt_find("cache-dir", 9), d, "default");
+  }
+  if (rc == 0 && !cfg->kv_disk_dir && cfg->cache_dir) {
+    char dir[1100];
+    snprintf(dir, sizeof dir, "%s/kv", cfg->cache_dir);
+    rc = opt_set(cfg, opt_find("kv-disk-dir", 11), dir, "default");
   }
   if (rc < 0) config_destroy(cfg);
   return rc;

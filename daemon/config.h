@@ -37,6 +37,8 @@ struct kvd_config {
   char *overflow;  /* past the context: "shift" (default), "window" or "error" (kv.h) */
   char *kv_host;   /* host-RAM tier per model: bytes or a share of RAM ("10%"); "0" = none */
   char *sessions_dir; /* where session.save writes (default under XDG_STATE_HOME) */
+  char *kv_disk;      /* the prefix cache's disk tier per model, bytes ("2G"); "0" = none */
+  char *kv_disk_dir;  /* its folder (default: <cache-dir>/kv) */
   int log_level;   /* syslog levels: 3 err .. 7 debug */
 };
 

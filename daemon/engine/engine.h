@@ -113,6 +113,17 @@ uint32_t engine_seq_live_blocks(const struct engine_seq *s);
  * Both copies are synchronous on the calling (engine) thread. An imported sequence registers in
  * the prefix cache like any other unless it was shifted (engine_seq_mark_shifted). */
 uint64_t engine_kv_block_bytes(const struct engine *e);
+/* The disk tier's side (engine_swap.c): physical blocks copied out as units like the above, the
+ * registered blocks not written to the tier yet (by id from `from`, with their keys) and the
+ * mark once they are; a sequence's chain key and the next block's, to look past its pool hits. */
+int engine_blocks_export(struct engine *e, const uint32_t *blocks, uint32_t n, void *dst);
+uint32_t engine_next_unpersisted(const struct engine *e, uint32_t from, uint64_t *ret_key);
+void engine_mark_persisted(struct engine *e, uint32_t block);
+uint64_t engine_seq_chain_key(const struct engine *e, const struct engine_seq *s);
+uint64_t engine_prefix_next(const struct engine *e, uint64_t parent, const int32_t *tokens);
+/* Marks s's logical blocks [first, first + n) as already in the disk tier. */
+void engine_seq_mark_persisted(struct engine *e, const struct engine_seq *s, uint32_t first,
+                               uint32_t n);
 uint64_t engine_seq_export_blocks(const struct engine_seq *s, uint32_t *ret_first);
 int engine_seq_export(struct engine *e, const struct engine_seq *s, void *dst);
 int engine_seq_skip_dropped(struct engine *e, struct engine_seq *s, uint32_t n_blocks);

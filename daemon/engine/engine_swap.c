@@ -90,6 +90,10 @@ static int swap_submit(struct engine *e) {
 int engine_seq_export(struct engine *e, const struct engine_seq *s, void *dst) {
   uint32_t first;
   uint32_t n = (uint32_t)engine_seq_export_blocks(s, &first);
+  return engine_blocks_export(e, s->kv->table + first, n, dst);
+}
+
+int engine_blocks_export(struct engine *e, const uint32_t *blocks, uint32_t n, void *dst) {
   if (n == 0) return 0;
   uint64_t unit = engine_kv_block_bytes(e);
   uint32_t chunk;
@@ -99,7 +103,7 @@ int engine_seq_export(struct engine *e, const struct engine_seq *s, void *dst) {
   for (uint32_t at = 0; at < n && rc == 0; at += chunk) {
     uint32_t k = n - at < chunk ? n - at : chunk;
     rc = gpu_cmd_begin(e->cmd);
-    if (rc == 0) swap_record(e, s->kv->table + first + at, k, true);
+    if (rc == 0) swap_record(e, blocks + at, k, true);
     if (rc == 0) rc = swap_submit(e);
     if (rc == 0) swap_shuffle(e, NULL, (uint8_t *)dst + (uint64_t)at * unit, stage, k);
   }
@@ -153,4 +157,29 @@ uint32_t engine_seq_dropped_blocks(const struct engine_seq *s) {
 
 void engine_seq_mark_shifted(struct engine_seq *s) {
   s->kv->shifted = true;
+}
+
+uint32_t engine_next_unpersisted(const struct engine *e, uint32_t from, uint64_t *ret_key) {
+  uint32_t b = kv_pool_next_unpersisted(&e->pool, from);
+  if (b != KV_BLOCK_NONE) *ret_key = e->pool.keys[b];
+  return b;
+}
+
+void engine_mark_persisted(struct engine *e, uint32_t block) {
+  if (block < e->pool.n_blocks && (e->pool.flags[block] & KV_BLOCK_REGISTERED))
+    e->pool.flags[block] |= KV_BLOCK_PERSISTED;
+}
+
+uint64_t engine_seq_chain_key(const struct engine *e, const struct engine_seq *s) {
+  return kv_seq_chain_key(&e->pool, s->kv);
+}
+
+uint64_t engine_prefix_next(const struct engine *e, uint64_t parent, const int32_t *tokens) {
+  return kv_prefix_next(&e->pool, parent, tokens);
+}
+
+void engine_seq_mark_persisted(struct engine *e, const struct engine_seq *s, uint32_t first,
+                               uint32_t n) {
+  for (uint32_t i = first; i < first + n && i < s->kv->n_blocks; i++)
+    if (s->kv->table[i] != KV_BLOCK_NONE) engine_mark_persisted(e, s->kv->table[i]);
 }

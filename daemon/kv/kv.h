@@ -64,6 +64,7 @@
 /* Per-block prefix-cache state (kv_pool.flags). */
 #define KV_BLOCK_KEYED 1u      /* full, keys[b] names its content; cleared before it is rewritten */
 #define KV_BLOCK_REGISTERED 2u /* keyed and the one block the key table maps keys[b] to */
+#define KV_BLOCK_PERSISTED 4u  /* registered and written to the disk tier (cleared with the rest) */
 
 /* Every block is in exactly one of three states: in use (refs > 0, in some table), cached (refs 0,
  * registered, on the LRU list) or free (refs 0, on the free stack, flags 0). */
@@ -327,6 +328,16 @@ int kv_seq_slot(const struct kv_seq *seq, uint32_t pos, struct kv_slot *ret_slot
  * writing resumes at len, in a block of its own. KVD_ENOMEM (nothing changed) on host OOM. */
 int kv_seq_new_with_prefix(struct kv_pool *pool, const int32_t *tokens, uint32_t n_tokens,
                            struct kv_seq **ret_seq, uint32_t *ret_cached);
+/* The chain one block further (the disk tier looks blocks up past the pool's hits): the key of
+ * block_size ids after a block keyed parent; kv_prefix_root() is block 0's parent. And where a
+ * sequence's chain stands: the key of its last hashed block, or the root. */
+uint64_t kv_prefix_next(const struct kv_pool *pool, uint64_t parent, const int32_t *tokens);
+uint64_t kv_prefix_root(const struct kv_pool *pool);
+uint64_t kv_seq_chain_key(const struct kv_pool *pool, const struct kv_seq *seq);
+/* The first registered block at or after `from` not marked KV_BLOCK_PERSISTED, or KV_BLOCK_NONE:
+ * what the disk tier has not seen yet. */
+uint32_t kv_pool_next_unpersisted(const struct kv_pool *pool, uint32_t from);
+
 /* Keys every block of seq that is full within tokens[0, n_tokens) and not keyed yet, extending
  * the chain, and registers each under its key unless another block already holds that key (equal
  * content computed twice: that copy stays unregistered and is freed normally). tokens is the

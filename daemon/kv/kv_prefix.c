@@ -192,6 +192,25 @@ int kv_seq_new_with_prefix(struct kv_pool *pool, const int32_t *tokens, uint32_t
   return 0;
 }
 
+uint64_t kv_prefix_next(const struct kv_pool *pool, uint64_t parent, const int32_t *tokens) {
+  return prefix_key(parent, tokens, pool->block_size);
+}
+
+uint64_t kv_prefix_root(const struct kv_pool *pool) {
+  return KV_PREFIX_ROOT_KEY ^ pool->key_seed;
+}
+
+uint64_t kv_seq_chain_key(const struct kv_pool *pool, const struct kv_seq *seq) {
+  return seq->n_hashed ? seq->chain_key : kv_prefix_root(pool);
+}
+
+uint32_t kv_pool_next_unpersisted(const struct kv_pool *pool, uint32_t from) {
+  for (uint32_t b = from; b < pool->n_blocks; b++)
+    if ((pool->flags[b] & (KV_BLOCK_REGISTERED | KV_BLOCK_PERSISTED)) == KV_BLOCK_REGISTERED)
+      return b;
+  return KV_BLOCK_NONE;
+}
+
 int kv_seq_register_blocks(struct kv_pool *pool, struct kv_seq *seq, const int32_t *tokens,
                            uint32_t n_tokens) {
   assert(pool->block_size == seq->block_size);

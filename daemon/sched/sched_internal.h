@@ -65,6 +65,8 @@ struct sched {
   struct sched_stats local;
   struct sched_session *sessions; /* every session the engine thread has seen */
   uint64_t host_used;             /* bytes of the host copies sessions hold */
+  bool disk_pending;              /* registered blocks may be missing from the disk tier */
+  uint32_t persist_from;          /* where the next scan for them starts */
 };
 
 double sched__now(void);
@@ -86,5 +88,11 @@ bool sched__evict_idle(struct sched *s, uint32_t need);
 /* session.save's request: fills r->snapshot from its idle session. */
 int sched__snapshot(struct sched *s, struct sched_req *r);
 void sched__copy_free(struct sched *s, struct sched_kv_copy *c);
+/* The disk tier: extends seq (its len a multiple of the block size, its chain hashed up to it)
+ * with the blocks of tokens the tier holds, while they follow on; returns the tokens added.
+ * Writes up to max registered blocks it lacks; returns how many were looked at. */
+uint32_t sched__disk_extend(struct sched *s, struct engine_seq *seq, const int32_t *tokens,
+                            uint32_t n_tokens);
+uint32_t sched__disk_flush(struct sched *s, uint32_t max);
 
 #endif

@@ -208,3 +208,75 @@ void sched_snapshot_clear(struct sched_snapshot *sn) {
   memset(sn, 0, sizeof *sn);
   sn->pending = -1;
 }
+
+/* ---- the disk tier ---- */
+
+#define DISK_BATCH 32u /* blocks read or written per submission */
+
+uint32_t sched__disk_extend(struct sched *s, struct engine_seq *seq, const int32_t *tokens,
+                            uint32_t n_tokens) {
+  struct tier_disk *t = s->o.disk;
+  if (!t || engine_seq_shifted(seq) || engine_seq_dropped_blocks(seq) || n_tokens == 0) return 0;
+  struct kv_pool_stats kv;
+  engine_kv_stats(s->e, &kv);
+  uint32_t bs = kv.block_size, len = engine_seq_len(seq);
+  if (len % bs) return 0;
+  /* Never the last prompt token: its logits are what the request samples from. */
+  uint32_t max_blocks = (n_tokens - 1) / bs, added = 0;
+  uint64_t unit = engine_kv_block_bytes(s->e), key = engine_seq_chain_key(s->e, seq);
+  uint8_t *buf = NULL;
+  for (uint32_t i = len / bs; i < max_blocks;) {
+    uint32_t m = 0, want = max_blocks - i < DISK_BATCH ? max_blocks - i : DISK_BATCH;
+    if (!buf && !(buf = malloc((size_t)(DISK_BATCH * unit)))) break;
+    uint64_t k = key;
+    while (m < want) {
+      uint64_t next = engine_prefix_next(s->e, k, tokens + (size_t)(i + m) * bs);
+      if (!tier_disk_has(t, next) || tier_disk_get(t, next, buf + (uint64_t)m * unit) < 0) break;
+      k = next;
+      m++;
+    }
+    /* Into the pool only while free or cached blocks allow: this is a shortcut, not a need. */
+    if (m == 0 || m + 1 > engine_kv_available(s->e)) break;
+    if (engine_seq_import(s->e, seq, buf, m, m * bs) < 0) break;
+    engine_seq_register(s->e, seq, tokens, engine_seq_len(seq));
+    engine_seq_mark_persisted(s->e, seq, i, m);
+    s->local.disk_hits += m;
+    added += m * bs;
+    key = k;
+    i += m;
+    if (m < want) break;
+  }
+  free(buf);
+  return added;
+}
+
+uint32_t sched__disk_flush(struct sched *s, uint32_t max) {
+  struct tier_disk *t = s->o.disk;
+  if (!t) return 0;
+  uint32_t ids[DISK_BATCH];
+  uint64_t keys[DISK_BATCH];
+  uint32_t n = 0, from = s->persist_from;
+  if (max > DISK_BATCH) max = DISK_BATCH;
+  for (int wrapped = 0; n < max && wrapped < 2;) {
+    uint32_t b = engine_next_unpersisted(s->e, from, &keys[n]);
+    if (b == KV_BLOCK_NONE) {
+      from = 0;
+      wrapped++;
+      continue;
+    }
+    ids[n++] = b;
+    from = b + 1;
+  }
+  s->persist_from = from;
+  if (n == 0) return 0;
+  uint64_t unit = engine_kv_block_bytes(s->e);
+  uint8_t *buf = malloc((size_t)(n * unit));
+  if (buf && engine_blocks_export(s->e, ids, n, buf) == 0)
+    for (uint32_t i = 0; i < n; i++)
+      if (tier_disk_put(t, keys[i], buf + (uint64_t)i * unit) == 0) s->local.disk_writes++;
+  free(buf);
+  /* Marked even when a write failed (a full or read-only disk): tried once, not in a loop. */
+  for (uint32_t i = 0; i < n; i++)
+    engine_mark_persisted(s->e, ids[i]);
+  return n;
+}

@@ -378,6 +378,7 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
       uint32_t cached = 0;
       rc = engine_seq_new_prefix(s->e, r->tokens, r->n_tokens, &ss->seq, &cached);
       if (rc < 0) return rc;
+      cached += sched__disk_extend(s, ss->seq, r->tokens, r->n_tokens);
       r->n_prefilled = r->n_prefix = cached;
     } else if (!ss->seq) {
       rc = engine_seq_new(s->e, &ss->seq);
@@ -391,6 +392,7 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
     uint32_t cached = 0;
     rc = engine_seq_new_prefix(s->e, r->tokens, r->n_tokens, &r->seq, &cached);
     if (rc < 0) return rc;
+    cached += sched__disk_extend(s, r->seq, r->tokens, r->n_tokens);
     r->n_prefilled = r->n_prefix = cached;
   }
   r->cached_tokens = engine_seq_len(r->seq);
@@ -943,6 +945,7 @@ static bool sched_step(struct sched *s) {
     return true;
   }
   s->local.steps++;
+  s->disk_pending = s->o.disk != NULL; /* blocks it filled may be registered now */
   s->local.last_step_ms = (sched__now() - t0) * 1e3;
   uint32_t tokens = 0;
   for (uint32_t i = 0; i < n; i++) {
@@ -985,6 +988,12 @@ static void sched_publish(struct sched *s) {
   }
   s->local.sessions = n;
   s->local.sessions_swapped = swapped;
+  if (s->o.disk) {
+    struct tier_disk_stats ts;
+    tier_disk_stats(s->o.disk, &ts);
+    s->local.disk_blocks = ts.blocks;
+    s->local.disk_bytes = ts.bytes;
+  }
   s->local.running = list_len(s->running);
   s->local.waiting = list_len(s->waiting);
   pthread_mutex_lock(&s->lock);
@@ -996,7 +1005,7 @@ static void *sched_main(void *arg) {
   struct sched *s = arg;
   for (;;) {
     pthread_mutex_lock(&s->lock);
-    while (!s->stop && !s->in_head && !s->running && !s->waiting)
+    while (!s->stop && !s->in_head && !s->running && !s->waiting && !s->disk_pending)
       pthread_cond_wait(&s->wake, &s->lock);
     struct inbox_item *in = s->in_head;
     s->in_head = s->in_tail = NULL;
@@ -1008,11 +1017,23 @@ static void *sched_main(void *arg) {
         sched_finish_from(s, &s->running, r, SCHED_FINISH_CANCELLED, 0);
       for (struct sched_req *r = s->waiting; r; r = s->waiting)
         sched_finish_from(s, &s->waiting, r, SCHED_FINISH_CANCELLED, 0);
+      /* What the prefix cache holds goes to the disk tier, so the next start finds it; at most
+       * what the tier holds (more would only push out what was just written). */
+      if (s->o.disk) {
+        struct tier_disk_stats ts;
+        tier_disk_stats(s->o.disk, &ts);
+        uint64_t left = ts.budget / (engine_kv_block_bytes(s->e) + 32);
+        for (uint32_t k; left > 0 && (k = sched__disk_flush(s, 32)) > 0;)
+          left = left > k ? left - k : 0;
+      }
       break;
     }
     sched_cancel_flagged(s, &s->running);
     sched_cancel_flagged(s, &s->waiting);
     bool ran = sched_step(s);
+    /* Idle: a batch of blocks to the disk tier, then look at the inbox again. */
+    if (!ran && s->disk_pending && sched__disk_flush(s, 32) == 0) s->disk_pending = false;
+    if (!ran && s->disk_pending) ran = true;
     sched_publish(s);
     if (s->o.notify) s->o.notify(s->o.notify_ud);
     pthread_mutex_lock(&s->lock);
@@ -1054,6 +1075,7 @@ int sched_new(struct engine *e, const struct sched_opts *opts, struct sched **re
     /* A constructor that fails takes nothing: the engine stays the caller's (sched_free would
      * free it, and the caller frees it too). */
     s->e = NULL;
+    s->o.disk = NULL;
     sched_free(s);
     return KVD_EAGAIN;
   }
@@ -1074,6 +1096,7 @@ void sched_free(struct sched *s) {
     sched_take_inbox(s, s->in_head);
   }
   if (s->e) engine_free(s->e);
+  tier_disk_close(s->o.disk);
   pthread_cond_destroy(&s->wake);
   pthread_mutex_destroy(&s->lock);
   free(s->events);

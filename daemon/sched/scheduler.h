@@ -22,6 +22,7 @@
 
 #include "engine.h"
 #include "sample.h"
+#include "tier.h"
 
 #define SCHED_MAX_TOP 20 /* most alternatives reported per token (IPC_MAX_LOGPROBS) */
 /* Event slots reserved per request at submission: a request with this many events not yet
@@ -122,6 +123,7 @@ struct sched_stats {
   uint64_t swap_out, swap_in, swap_recomputed, swap_out_ms, swap_in_ms;
   uint64_t host_bytes, host_budget;
   uint32_t sessions, sessions_swapped;
+  uint64_t disk_hits, disk_writes, disk_blocks, disk_bytes; /* the disk tier, in blocks */
   double last_step_ms;
 };
 
@@ -135,6 +137,10 @@ struct sched_opts {
   /* The host-RAM tier: bytes of KV copies sessions swapped out of the pool may hold (0: none;
    * a session pushed out of the pool is then recomputed from its tokens when it runs again). */
   uint64_t host_bytes;
+  /* The prefix cache's disk tier (tier.h), taken over (closed by sched_free) or NULL: registered
+   * blocks are written there while the engine thread is idle and when it stops, and prompts look
+   * there past the pool's hits. */
+  struct tier_disk *disk;
 };
 
 struct sched;

@@ -117,6 +117,35 @@ static uint64_t srv_host_budget(const struct kvd_config *cfg) {
   return bytes;
 }
 
+/* The prefix cache's disk tier for this model: a folder named by everything its blocks depend on
+ * (the file's content hash, KV type, block size, bytes per block), so another model's or KV
+ * type's blocks are never looked at. NULL when off or when it cannot be opened (logged). */
+static struct tier_disk *srv_open_disk_tier(const struct kvd_config *cfg, const struct srv_model *m,
+                                            const struct engine *e) {
+  uint64_t bytes = 0;
+  double frac = 0;
+  if (!cfg->kv_disk || !cfg->kv_disk_dir || config_parse_budget(cfg->kv_disk, &bytes, &frac) < 0 ||
+      bytes == 0)
+    return NULL;
+  struct kv_pool_stats kv;
+  engine_kv_stats(e, &kv);
+  char id[128];
+  snprintf(id, sizeof id, "%016llx%016llx-%s-b%u-%llu", (unsigned long long)m->hash[1],
+           (unsigned long long)m->hash[0], kv_type_name(engine_kv_type(e)), kv.block_size,
+           (unsigned long long)engine_kv_block_bytes(e));
+  struct tier_disk *t = NULL;
+  int rc = tier_disk_open(cfg->kv_disk_dir, id, engine_kv_block_bytes(e), bytes, &t);
+  if (rc < 0) {
+    log_warn("model %s: no disk tier in %s: %s", m->name, cfg->kv_disk_dir, kvd_strerror(rc));
+    return NULL;
+  }
+  struct tier_disk_stats st;
+  tier_disk_stats(t, &st);
+  log_info("model %s: disk tier %s/%s, %llu blocks from before", m->name, cfg->kv_disk_dir, id,
+           (unsigned long long)st.blocks);
+  return t;
+}
+
 /* Loop thread: the async handle and the engine thread, then the model is visible to clients. */
 static int model_start(struct srv *s, struct srv_model *m, struct engine *e, char *err,
                        size_t errlen) {
@@ -132,7 +161,8 @@ static int model_start(struct srv *s, struct srv_model *m, struct engine *e, cha
                           .max_running = (uint32_t)s->cfg->max_seqs,
                           .notify = model_notify,
                           .notify_ud = m,
-                          .host_bytes = srv_host_budget(s->cfg)};
+                          .host_bytes = srv_host_budget(s->cfg),
+                          .disk = srv_open_disk_tier(s->cfg, m, e)};
   rc = sched_new(e, &so, &m->sched);
   if (rc < 0) {
     engine_free(e);

@@ -177,6 +177,58 @@ def t_kvctl_chat_resumes():
         d.stop()
 
 
+def t_disk_tier_serves_a_prompt_after_restart():
+    """A 400-token prompt, the daemon stopped (SIGTERM: the prefix cache goes to the disk tier)
+    and started again on the same cache folder: the prompt starts from the disk tier, with the
+    same output and a far shorter time to first token; a torn block file is dropped, not used."""
+    cache = tempfile.mkdtemp(prefix='kvd-disk-')
+    story = ('Once upon a time there was a little girl named Lily. She liked to play in the '
+             'park with her dog. ')
+
+    def one(extra=()):
+        d = Daemon(KVD, MODEL, '--cache-dir', cache, '--sessions-dir', SESS, *extra)
+        try:
+            with d.connect() as p:
+                text = story
+                while len(p.call('tokenize', text=text)['tokens']) < 400:
+                    text += story
+                r = p.call('generate', prompt=text, temperature=0, max_tokens=24, timeout=120)
+                st = p.call('status')['kv']
+        finally:
+            check(d.stop() == 0, 'kvd did not exit cleanly')
+        return r, st
+
+    try:
+        cold, _ = one()
+        check(cold['cached_tokens'] == 0, cold)
+        warm, st = one()
+        print(f"# cold ttft {cold['timings']['ttft_ms']:.0f} ms, from disk "
+              f"{warm['timings']['ttft_ms']:.0f} ms ({warm['cached_tokens']} tokens, "
+              f"{st['disk_hits']} blocks)", flush=True)
+        check(warm['text'] == cold['text'], (warm['text'], cold['text']))
+        check(warm['cached_tokens'] >= 384 and st['disk_hits'] >= 24, (warm, st))
+        check(warm['timings']['ttft_ms'] < cold['timings']['ttft_ms'] / 2, (warm, cold))
+        # torn files: every block file cut short; all are dropped, the output is unchanged
+        n = 0
+        for root, _, files in os.walk(os.path.join(cache, 'kv')):
+            for f in files:
+                if f.endswith('.kvb'):
+                    path = os.path.join(root, f)
+                    data = open(path, 'rb').read()
+                    with open(path, 'r+b') as fh:
+                        fh.seek(len(data) // 2)
+                        fh.write(bytes([data[len(data) // 2] ^ 0xff]))
+                    n += 1
+        check(n >= 24, f'{n} block files')
+        again, st = one()
+        check(again['text'] == cold['text'] and st['disk_hits'] == 0, (again, st))
+        # another KV type never reads them
+        other, st = one(('--kv-type', 'q8_0'))
+        check(other['cached_tokens'] == 0 and st['disk_hits'] == 0, (other, st))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 tap = Tap()
 if not os.path.exists(MODEL):
     tap.skip('sessions', 'stories260K.gguf not found')
@@ -191,5 +243,7 @@ try:
 finally:
     d.stop()
 tap.run('kvctl chat --session resumes a conversation', t_kvctl_chat_resumes)
+tap.run('a restarted daemon serves a prompt seen before from the disk tier',
+        t_disk_tier_serves_a_prompt_after_restart)
 shutil.rmtree(SESS, ignore_errors=True)
 sys.exit(tap.done())
