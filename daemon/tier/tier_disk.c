@@ -143,7 +143,7 @@ int tier_disk_open(const char *root, const char *identity, uint64_t block_bytes,
   t->file_bytes = TIER_HDR + block_bytes + 8;
   t->budget = budget;
   uint64_t files = budget / t->file_bytes;
-  t->max_files = files > (1u << 24) ? 1u << 24 : (uint32_t)files;
+  t->max_files = files > (1u << 20) ? 1u << 20 : (uint32_t)files; /* index memory: 24 MiB at most */
   int rc = t->max_files ? mkdirs(t->dir) : KVD_EINVAL;
   if (rc == 0) {
     t->cap = t->max_files;
