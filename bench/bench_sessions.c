@@ -74,10 +74,11 @@ static struct sched *make(struct gpu_device *dev, struct gguf_file *f, uint32_t 
   struct engine *e = NULL;
   struct model_error merr = {{0}};
   struct sched *s = NULL;
-  if (engine_new(dev, f,
-                 &(struct engine_opts){.n_blocks = n_blocks, .max_step_tokens = 256,
-                                       .max_logits = 8, .kv_type = KV_F16},
-                 &e, &merr) < 0 ||
+  if (engine_new(
+          dev, f,
+          &(struct engine_opts){
+              .n_blocks = n_blocks, .max_step_tokens = 256, .max_logits = 8, .kv_type = KV_F16},
+          &e, &merr) < 0 ||
       sched_new(e,
                 &(struct sched_opts){.step_tokens = 256, .notify = on_notify, .host_bytes = host},
                 &s) < 0) {

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Largest prompt read from stdin; kvd's own limit (IPC_MAX_PROMPT_BYTES) is below it, so kvd
@@ -29,6 +30,7 @@ static const char usage_text[] =
     "       kvctl [OPTION]... unload NAME     unload a model\n"
     "       kvctl [OPTION]... tokenize TEXT   token ids of TEXT\n"
     "       kvctl [OPTION]... detokenize ID...  text of token ids\n"
+    "       kvctl [OPTION]... sessions [rm NAME]  saved sessions; rm deletes one\n"
     "\n"
     "Options:\n"
     "  -s, --socket PATH        kvd's socket (default: $KVD_SOCKET, else\n"
@@ -377,8 +379,8 @@ static int cmd_load(struct kvd_client *c, const struct kvctl_opts *o, const char
     if (n && (abs = malloc(n))) snprintf(abs, n, "%s/%s", cwd, path);
   }
   struct kvd_model_info *m;
-  struct kvd_load_opts lo = {.name = o->name, .chat_template = o->chat_template,
-                             .kv_type = o->kv_type};
+  struct kvd_load_opts lo = {
+      .name = o->name, .chat_template = o->chat_template, .kv_type = o->kv_type};
   int rc = kvd_models_load_opts(c, abs ? abs : path, &lo, &m);
   free(abs);
   if (rc < 0) return kvctl_fail(c, rc);
@@ -390,6 +392,54 @@ static int cmd_load(struct kvd_client *c, const struct kvctl_opts *o, const char
            (unsigned long long)m->n_vocab, m->kv_type ? m->kv_type : "?",
            (unsigned long long)m->kv_bytes_per_token);
   kvd_model_info_free(m);
+  return KVCTL_OK;
+}
+
+/* kvctl sessions: the saved sessions; kvctl sessions rm NAME deletes one. */
+static int cmd_sessions(struct kvd_client *c, const struct kvctl_opts *o, char **args, int n) {
+  if (n == 2 && !strcmp(args[0], "rm")) {
+    int rc = kvd_session_delete(c, args[1]);
+    if (rc < 0) return kvctl_fail(c, rc);
+    printf("deleted session %s\n", args[1]);
+    return KVCTL_OK;
+  }
+  if (n != 0) return usage_error("sessions takes nothing, or rm NAME%s", "");
+  struct kvd_saved_list *l;
+  int rc = kvd_sessions_list(c, &l);
+  if (rc < 0) return kvctl_fail(c, rc);
+  if (o->json) {
+    cJSON *root = cJSON_CreateObject(), *a = cJSON_CreateArray();
+    for (size_t i = 0; i < l->n; i++) {
+      const struct kvd_saved_session *s = &l->sessions[i];
+      cJSON *j = cJSON_CreateObject();
+      cJSON_AddStringToObject(j, "name", s->name ? s->name : "");
+      cJSON_AddStringToObject(j, "model", s->model ? s->model : "");
+      cJSON_AddStringToObject(j, "kv_type", s->kv_type ? s->kv_type : "");
+      cJSON_AddNumberToObject(j, "tokens", (double)s->tokens);
+      cJSON_AddNumberToObject(j, "bytes", (double)s->bytes);
+      cJSON_AddNumberToObject(j, "saved", (double)s->saved);
+      cJSON_AddBoolToObject(j, "loadable", s->loadable);
+      cJSON_AddItemToArray(a, j);
+    }
+    cJSON_AddItemToObject(root, "sessions", a);
+    print_json(root);
+  } else if (!l->n) {
+    printf("no saved sessions (kvctl chat --session NAME saves one)\n");
+  } else {
+    printf("%-24s %-24s %-5s %8s %10s  %s\n", "NAME", "MODEL", "KV", "TOKENS", "SIZE", "SAVED");
+    for (size_t i = 0; i < l->n; i++) {
+      const struct kvd_saved_session *s = &l->sessions[i];
+      char sz[32], when[32] = "?";
+      time_t t = (time_t)s->saved;
+      struct tm tm;
+      if (localtime_r(&t, &tm)) strftime(when, sizeof when, "%Y-%m-%d %H:%M", &tm);
+      printf("%-24s %-24s %-5s %8llu %10s  %s%s\n", s->name ? s->name : "?",
+             s->model ? s->model : "?", s->kv_type ? s->kv_type : "?",
+             (unsigned long long)s->tokens, human_bytes(s->bytes, sz, sizeof sz), when,
+             s->loadable ? "" : "  (no loaded model can restore it)");
+    }
+  }
+  kvd_saved_list_free(l);
   return KVCTL_OK;
 }
 
@@ -500,7 +550,8 @@ enum cmd {
   CMD_LOAD,
   CMD_UNLOAD,
   CMD_TOKENIZE,
-  CMD_DETOKENIZE
+  CMD_DETOKENIZE,
+  CMD_SESSIONS
 };
 
 static const struct {
@@ -512,6 +563,7 @@ static const struct {
     {"status", CMD_STATUS, 0, 0},      {"models", CMD_MODELS, 0, 0},
     {"load", CMD_LOAD, 1, 1},          {"unload", CMD_UNLOAD, 1, 1},
     {"tokenize", CMD_TOKENIZE, 1, -1}, {"detokenize", CMD_DETOKENIZE, 1, -1},
+    {"sessions", CMD_SESSIONS, 0, 2},
 };
 
 int main(int argc, char **argv) {
@@ -586,6 +638,9 @@ int main(int argc, char **argv) {
   }
   case CMD_DETOKENIZE:
     code = cmd_detokenize(c, &o, args, n_args);
+    break;
+  case CMD_SESSIONS:
+    code = cmd_sessions(c, &o, args, n_args);
     break;
   }
   free(prompt);

@@ -327,6 +327,21 @@ KVD_API int kvd_session_save(struct kvd_client *c, uint64_t session, const char 
 KVD_API int kvd_session_restore(struct kvd_client *c, const char *name, const char *model,
                                 uint64_t *ret_session, uint64_t *ret_tokens);
 KVD_API int kvd_session_delete(struct kvd_client *c, const char *name);
+/* The saved sessions, by name (session.list). */
+struct kvd_saved_session {
+  char *name;
+  char *model;   /* the model it was saved from */
+  char *kv_type; /* "f16" ... */
+  uint64_t tokens, bytes;
+  uint64_t saved; /* seconds since the Unix epoch */
+  bool loadable;  /* a loaded model can restore it now */
+};
+struct kvd_saved_list {
+  struct kvd_saved_session *sessions;
+  size_t n;
+};
+KVD_API int kvd_sessions_list(struct kvd_client *c, struct kvd_saved_list **ret);
+KVD_API void kvd_saved_list_free(struct kvd_saved_list *l);
 
 /* ---- Status -------------------------------------------------------------------------------- */
 

@@ -316,6 +316,54 @@ int kvd_session_delete(struct kvd_client *c, const char *name) {
   return store_call(c, "session.delete", IPC_M_SESSION_DELETE, -1, name, NULL, NULL, NULL);
 }
 
+void kvd_saved_list_free(struct kvd_saved_list *l) {
+  if (!l) return;
+  for (size_t i = 0; i < l->n; i++) {
+    free(l->sessions[i].name);
+    free(l->sessions[i].model);
+    free(l->sessions[i].kv_type);
+  }
+  free(l->sessions);
+  free(l);
+}
+
+int kvd_sessions_list(struct kvd_client *c, struct kvd_saved_list **ret) {
+  if (!c) return KVD_EINVAL;
+  if (!ret) return kvd__error(c, KVD_EINVAL, "kvd_sessions_list: ret is NULL");
+  int rc;
+  struct kvd__req *req =
+      kvd__begin(c, "session.list", IPC_M_SESSION_LIST, KVD__REQ_CALL, true, &rc);
+  if (!req) return rc;
+  ipc_w_map(&c->w, 0);
+  struct ipc_msg *m;
+  rc = kvd__call(c, req, &m);
+  if (rc < 0) return rc;
+  const msgpack_object *items = NULL;
+  size_t n = 0;
+  ipc_get_maps(m->result, "sessions", &items, &n, NULL);
+  struct kvd_saved_list *l = calloc(1, sizeof *l);
+  if (l && n) l->sessions = calloc(n, sizeof *l->sessions);
+  rc = l && (!n || l->sessions) ? 0 : KVD_ENOMEM;
+  for (size_t i = 0; rc == 0 && i < n; i++) {
+    struct kvd_saved_session *s = &l->sessions[i];
+    l->n = i + 1;
+    rc = dup_key(&items[i], "name", &s->name);
+    if (rc == 0) rc = dup_key(&items[i], "model", &s->model);
+    if (rc == 0) rc = dup_key(&items[i], "kv_type", &s->kv_type);
+    ipc_get_u64(&items[i], "tokens", &s->tokens, NULL);
+    ipc_get_u64(&items[i], "bytes", &s->bytes, NULL);
+    ipc_get_u64(&items[i], "saved", &s->saved, NULL);
+    ipc_get_bool(&items[i], "loadable", &s->loadable, NULL);
+  }
+  ipc_msg_free(m);
+  if (rc < 0) {
+    kvd_saved_list_free(l);
+    return kvd__error(c, KVD_ENOMEM, "out of memory");
+  }
+  *ret = l;
+  return 0;
+}
+
 /* ---- Status ------------------------------------------------------------------------------ */
 
 void kvd_server_status_free(struct kvd_server_status *s) {

@@ -366,8 +366,7 @@ void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
   enum chat_family fam;
   if (tmpl && (strlen(tmpl) != tlen || chat_family_parse(tmpl, &fam) < 0)) {
     /* The client's string is not echoed: it names one of the families or it is wrong. */
-    srv_reply_error(c, msg->id, KVD_EINVAL, "chat_template must be one of %s",
-                    chat_family_list());
+    srv_reply_error(c, msg->id, KVD_EINVAL, "chat_template must be one of %s", chat_family_list());
     return;
   }
   if (name && nlen > IPC_MAX_NAME_BYTES) {

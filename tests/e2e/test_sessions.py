@@ -173,6 +173,15 @@ def t_kvctl_chat_resumes():
         check(os.path.exists(os.path.join(SESS, 'desk.kvs')), 'kvctl chat did not save')
         again = run('Tell me more\n', '--session', 'desk')
         check(again.returncode == 0 and 'resumed' in again.stderr, again.stderr)
+        ls = subprocess.run([KVCTL, '--socket', d.socket, 'sessions'], capture_output=True,
+                            text=True, timeout=60)
+        check(ls.returncode == 0 and 'desk' in ls.stdout and 'stories260K' in ls.stdout, ls)
+        rm = subprocess.run([KVCTL, '--socket', d.socket, 'sessions', 'rm', 'desk'],
+                            capture_output=True, text=True, timeout=60)
+        check(rm.returncode == 0 and not os.path.exists(os.path.join(SESS, 'desk.kvs')), rm)
+        rm = subprocess.run([KVCTL, '--socket', d.socket, 'sessions', 'rm', 'desk'],
+                            capture_output=True, text=True, timeout=60)
+        check(rm.returncode == 1 and 'no saved session' in rm.stderr, rm)
     finally:
         d.stop()
 
