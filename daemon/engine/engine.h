@@ -119,6 +119,11 @@ uint64_t engine_kv_block_bytes(const struct engine *e);
 int engine_blocks_export(struct engine *e, const uint32_t *blocks, uint32_t n, void *dst);
 uint32_t engine_next_unpersisted(const struct engine *e, uint32_t from, uint64_t *ret_key);
 void engine_mark_persisted(struct engine *e, uint32_t block);
+/* The cached blocks next to be evicted, least recently used first (after KV_BLOCK_NONE: the
+ * first), with their keys and whether a lower tier has them; and the free blocks left. */
+uint32_t engine_lru_next(const struct engine *e, uint32_t after, uint64_t *ret_key,
+                         bool *ret_persisted);
+uint32_t engine_kv_free_blocks(const struct engine *e);
 uint64_t engine_seq_chain_key(const struct engine *e, const struct engine_seq *s);
 uint64_t engine_prefix_next(const struct engine *e, uint64_t parent, const int32_t *tokens);
 /* Marks s's logical blocks [first, first + n) as already in the disk tier. */

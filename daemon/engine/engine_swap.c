@@ -183,3 +183,17 @@ void engine_seq_mark_persisted(struct engine *e, const struct engine_seq *s, uin
   for (uint32_t i = first; i < first + n && i < s->kv->n_blocks; i++)
     if (s->kv->table[i] != KV_BLOCK_NONE) engine_mark_persisted(e, s->kv->table[i]);
 }
+
+uint32_t engine_lru_next(const struct engine *e, uint32_t after, uint64_t *ret_key,
+                         bool *ret_persisted) {
+  uint32_t b = kv_pool_lru_next(&e->pool, after);
+  if (b != KV_BLOCK_NONE) {
+    *ret_key = e->pool.keys[b];
+    *ret_persisted = e->pool.flags[b] & KV_BLOCK_PERSISTED;
+  }
+  return b;
+}
+
+uint32_t engine_kv_free_blocks(const struct engine *e) {
+  return e->pool.n_free;
+}

@@ -337,6 +337,9 @@ uint64_t kv_seq_chain_key(const struct kv_pool *pool, const struct kv_seq *seq);
 /* The first registered block at or after `from` not marked KV_BLOCK_PERSISTED, or KV_BLOCK_NONE:
  * what the disk tier has not seen yet. */
 uint32_t kv_pool_next_unpersisted(const struct kv_pool *pool, uint32_t from);
+/* Cached blocks in eviction order: the least recently used first (after KV_BLOCK_NONE), then
+ * each one's successor; KV_BLOCK_NONE at the end. */
+uint32_t kv_pool_lru_next(const struct kv_pool *pool, uint32_t after);
 
 /* Keys every block of seq that is full within tokens[0, n_tokens) and not keyed yet, extending
  * the chain, and registers each under its key unless another block already holds that key (equal

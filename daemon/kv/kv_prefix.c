@@ -211,6 +211,10 @@ uint32_t kv_pool_next_unpersisted(const struct kv_pool *pool, uint32_t from) {
   return KV_BLOCK_NONE;
 }
 
+uint32_t kv_pool_lru_next(const struct kv_pool *pool, uint32_t after) {
+  return after == KV_BLOCK_NONE ? pool->lru_head : pool->lru_next[after];
+}
+
 int kv_seq_register_blocks(struct kv_pool *pool, struct kv_seq *seq, const int32_t *tokens,
                            uint32_t n_tokens) {
   assert(pool->block_size == seq->block_size);

@@ -66,7 +66,17 @@ struct sched {
   struct sched_session *sessions; /* every session the engine thread has seen */
   uint64_t host_used;             /* bytes of the host copies sessions hold */
   bool disk_pending;              /* registered blocks may be missing from the disk tier */
-  uint32_t persist_from;          /* where the next scan for them starts */
+  /* The host tier's prefix blocks: cached blocks about to be evicted from the pool are copied
+   * here first (sched__spill); oldest first in a ring, found through an open-addressing index
+   * of keys (0 = empty slot). Their bytes count in host_used with the sessions' copies. */
+  struct sched_ram_block {
+    uint64_t key;
+    uint8_t *data;
+  } * ram;
+  uint32_t ram_cap, ram_head, ram_n;
+  uint32_t *ram_index; /* slot -> ring entry + 1 (0 = empty) */
+  size_t ram_mask;
+  uint32_t persist_from; /* where the next scan for them starts */
 };
 
 double sched__now(void);
@@ -94,5 +104,12 @@ void sched__copy_free(struct sched *s, struct sched_kv_copy *c);
 uint32_t sched__disk_extend(struct sched *s, struct engine_seq *seq, const int32_t *tokens,
                             uint32_t n_tokens);
 uint32_t sched__disk_flush(struct sched *s, uint32_t max);
+/* Before a step that may evict: the cached blocks next in line that no lower tier has yet are
+ * copied to the host tier (one submission), so evicting them loses nothing. */
+void sched__spill(struct sched *s, uint32_t ahead);
+/* Drops the oldest prefix blocks of the host tier (to the disk tier when it lacks them) until
+ * `need` more bytes fit its budget; false when it holds none. */
+bool sched__ram_shrink(struct sched *s, uint64_t need);
+void sched__ram_free(struct sched *s);
 
 #endif

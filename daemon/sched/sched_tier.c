@@ -51,6 +51,9 @@ static bool tier_recomputable(const struct sched_session *ss, bool shifted) {
 /* Drops the host copies of idle recomputable sessions, oldest first, until `need` more bytes fit
  * the budget; false if they cannot. */
 static bool tier_make_room(struct sched *s, const struct sched_session *keep, uint64_t need) {
+  /* Prefix blocks give way to sessions first: they can come back from disk or be recomputed. */
+  while (s->host_used + need > s->o.host_bytes && sched__ram_shrink(s, need)) {
+  }
   while (s->host_used + need > s->o.host_bytes) {
     struct sched_session *oldest = NULL;
     for (struct sched_session *o = s->sessions; o; o = o->next)
@@ -209,6 +212,133 @@ void sched_snapshot_clear(struct sched_snapshot *sn) {
   sn->pending = -1;
 }
 
+/* ---- the host tier's prefix blocks ---- */
+
+static size_t ram_slot(const struct sched *s, uint64_t key) {
+  size_t i = (size_t)(key ^ (key >> 31)) & s->ram_mask;
+  while (s->ram_index[i] && s->ram[s->ram_index[i] - 1].key != key)
+    i = (i + 1) & s->ram_mask;
+  return i;
+}
+
+static bool ram_get(struct sched *s, uint64_t key, uint8_t *dst) {
+  if (!s->ram_n || !key) return false;
+  uint32_t e = s->ram_index[ram_slot(s, key)];
+  if (!e) return false;
+  memcpy(dst, s->ram[e - 1].data, (size_t)engine_kv_block_bytes(s->e));
+  return true;
+}
+
+static void ram_index_remove(struct sched *s, uint64_t key) {
+  size_t i = ram_slot(s, key);
+  if (!s->ram_index[i]) return;
+  s->ram_index[i] = 0;
+  for (size_t j = (i + 1) & s->ram_mask; s->ram_index[j]; j = (j + 1) & s->ram_mask) {
+    uint32_t e = s->ram_index[j];
+    s->ram_index[j] = 0;
+    s->ram_index[ram_slot(s, s->ram[e - 1].key)] = e;
+  }
+}
+
+bool sched__ram_shrink(struct sched *s, uint64_t need) {
+  uint64_t unit = engine_kv_block_bytes(s->e);
+  bool any = false;
+  while (s->ram_n && s->host_used + need > s->o.host_bytes) {
+    struct sched_ram_block *b = &s->ram[s->ram_head];
+    /* From there to the disk tier, unless it has the block already. */
+    if (s->o.disk && !tier_disk_has(s->o.disk, b->key) &&
+        tier_disk_put(s->o.disk, b->key, b->data) == 0)
+      s->local.disk_writes++;
+    ram_index_remove(s, b->key);
+    free(b->data);
+    b->data = NULL;
+    b->key = 0;
+    s->ram_head = (s->ram_head + 1) % s->ram_cap;
+    s->ram_n--;
+    s->host_used -= unit;
+    any = true;
+  }
+  return any;
+}
+
+void sched__ram_free(struct sched *s) {
+  for (uint32_t i = 0; i < s->ram_n; i++)
+    free(s->ram[(s->ram_head + i) % s->ram_cap].data);
+  free(s->ram);
+  free(s->ram_index);
+  s->ram = NULL;
+  s->ram_index = NULL;
+  s->ram_n = s->ram_cap = 0;
+}
+
+/* The ring and index, sized for the whole host budget in blocks (at most 1M entries). */
+static bool ram_init(struct sched *s) {
+  if (s->ram) return true;
+  uint64_t unit = engine_kv_block_bytes(s->e), n = unit ? s->o.host_bytes / unit : 0;
+  if (n == 0) return false;
+  if (n > (1u << 20)) n = 1u << 20;
+  size_t slots = 2;
+  while (slots < 2 * n)
+    slots *= 2;
+  s->ram = calloc(n, sizeof *s->ram);
+  s->ram_index = calloc(slots, sizeof *s->ram_index);
+  if (!s->ram || !s->ram_index) {
+    sched__ram_free(s);
+    return false;
+  }
+  s->ram_cap = (uint32_t)n;
+  s->ram_mask = slots - 1;
+  return true;
+}
+
+static void ram_put(struct sched *s, uint64_t key, const uint8_t *src) {
+  uint64_t unit = engine_kv_block_bytes(s->e);
+  if (!key || !ram_init(s) || s->ram_index[ram_slot(s, key)]) return;
+  if (s->ram_n == s->ram_cap || s->host_used + unit > s->o.host_bytes) sched__ram_shrink(s, unit);
+  if (s->ram_n == s->ram_cap || s->host_used + unit > s->o.host_bytes) return;
+  uint8_t *d = malloc((size_t)unit);
+  if (!d) return;
+  memcpy(d, src, (size_t)unit);
+  uint32_t at = (s->ram_head + s->ram_n) % s->ram_cap;
+  s->ram[at] = (struct sched_ram_block){key, d};
+  s->ram_n++;
+  s->ram_index[ram_slot(s, key)] = at + 1;
+  s->host_used += unit;
+}
+
+void sched__spill(struct sched *s, uint32_t ahead) {
+  uint32_t free_blocks = engine_kv_free_blocks(s->e);
+  if (!s->o.host_bytes || free_blocks >= ahead) return;
+  /* Taking `ahead` blocks would evict this many cached ones, least recently used first. */
+  uint32_t in_line = ahead - free_blocks, ids[32], n = 0;
+  uint64_t keys[32];
+  uint32_t b = KV_BLOCK_NONE;
+  for (uint32_t seen = 0; n < 32 && seen < in_line; seen++) {
+    uint64_t key = 0;
+    bool persisted = false;
+    b = engine_lru_next(s->e, b, &key, &persisted);
+    if (b == KV_BLOCK_NONE) break;
+    if (persisted) continue;
+    if (s->ram_n && s->ram_index[ram_slot(s, key)]) {
+      engine_mark_persisted(s->e, b);
+      continue;
+    }
+    ids[n] = b;
+    keys[n++] = key;
+  }
+  if (n == 0) return;
+  uint64_t unit = engine_kv_block_bytes(s->e);
+  uint8_t *buf = malloc((size_t)(n * unit));
+  if (buf && engine_blocks_export(s->e, ids, n, buf) == 0) {
+    for (uint32_t i = 0; i < n; i++) {
+      ram_put(s, keys[i], buf + (uint64_t)i * unit);
+      engine_mark_persisted(s->e, ids[i]);
+    }
+    s->local.ram_spills += n;
+  }
+  free(buf);
+}
+
 /* ---- the disk tier ---- */
 
 #define DISK_BATCH 32u /* blocks read or written per submission */
@@ -216,7 +346,9 @@ void sched_snapshot_clear(struct sched_snapshot *sn) {
 uint32_t sched__disk_extend(struct sched *s, struct engine_seq *seq, const int32_t *tokens,
                             uint32_t n_tokens) {
   struct tier_disk *t = s->o.disk;
-  if (!t || engine_seq_shifted(seq) || engine_seq_dropped_blocks(seq) || n_tokens == 0) return 0;
+  if ((!t && !s->ram_n) || engine_seq_shifted(seq) || engine_seq_dropped_blocks(seq) ||
+      n_tokens == 0)
+    return 0;
   struct kv_pool_stats kv;
   engine_kv_stats(s->e, &kv);
   uint32_t bs = kv.block_size, len = engine_seq_len(seq);
@@ -231,7 +363,14 @@ uint32_t sched__disk_extend(struct sched *s, struct engine_seq *seq, const int32
     uint64_t k = key;
     while (m < want) {
       uint64_t next = engine_prefix_next(s->e, k, tokens + (size_t)(i + m) * bs);
-      if (!tier_disk_has(t, next) || tier_disk_get(t, next, buf + (uint64_t)m * unit) < 0) break;
+      uint8_t *dst = buf + (uint64_t)m * unit;
+      if (ram_get(s, next, dst)) {
+        s->local.ram_hits++;
+      } else if (!t || !tier_disk_has(t, next) || tier_disk_get(t, next, dst) < 0) {
+        break;
+      } else {
+        s->local.disk_hits++;
+      }
       k = next;
       m++;
     }
@@ -240,7 +379,6 @@ uint32_t sched__disk_extend(struct sched *s, struct engine_seq *seq, const int32
     if (engine_seq_import(s->e, seq, buf, m, m * bs) < 0) break;
     engine_seq_register(s->e, seq, tokens, engine_seq_len(seq));
     engine_seq_mark_persisted(s->e, seq, i, m);
-    s->local.disk_hits += m;
     added += m * bs;
     key = k;
     i += m;

@@ -780,6 +780,12 @@ static int sched_make_room(struct sched *s, struct sched_req *r, uint32_t n) {
 static bool sched_step(struct sched *s) {
   uint32_t budget = s->o.step_tokens;
   uint32_t n_run = list_len(s->running), n = 0;
+  /* What this step may take: a block per running request and its prompt budget's worth. The
+   * cached blocks that would be evicted for them go to the host tier first. */
+  struct kv_pool_stats kvs;
+  engine_kv_stats(s->e, &kvs);
+  if (s->waiting || s->running)
+    sched__spill(s, n_run + 1 + budget / (kvs.block_size ? kvs.block_size : 1));
   if (sched_reserve_items(s, n_run + list_len(s->waiting)) < 0) return false;
   /* Blocks this step will take, so prompts are admitted only while they fit: a prompt that would
    * push running requests out is left waiting rather than admitted and preempted in turn. */
@@ -988,6 +994,7 @@ static void sched_publish(struct sched *s) {
   }
   s->local.sessions = n;
   s->local.sessions_swapped = swapped;
+  s->local.ram_blocks = s->ram_n;
   if (s->o.disk) {
     struct tier_disk_stats ts;
     tier_disk_stats(s->o.disk, &ts);
@@ -1020,6 +1027,9 @@ static void *sched_main(void *arg) {
       /* What the prefix cache holds goes to the disk tier, so the next start finds it; at most
        * what the tier holds (more would only push out what was just written). */
       if (s->o.disk) {
+        /* The host tier's prefix blocks first (those the disk lacks), then the pool's. */
+        while (s->ram_n && sched__ram_shrink(s, s->o.host_bytes)) {
+        }
         struct tier_disk_stats ts;
         tier_disk_stats(s->o.disk, &ts);
         uint64_t left = ts.budget / (engine_kv_block_bytes(s->e) + 32);
@@ -1096,6 +1106,7 @@ void sched_free(struct sched *s) {
     sched_take_inbox(s, s->in_head);
   }
   if (s->e) engine_free(s->e);
+  sched__ram_free(s);
   tier_disk_close(s->o.disk);
   pthread_cond_destroy(&s->wake);
   pthread_mutex_destroy(&s->lock);

@@ -124,6 +124,7 @@ struct sched_stats {
   uint64_t host_bytes, host_budget;
   uint32_t sessions, sessions_swapped;
   uint64_t disk_hits, disk_writes, disk_blocks, disk_bytes; /* the disk tier, in blocks */
+  uint64_t ram_spills, ram_hits, ram_blocks;                /* prefix blocks in the host tier */
   double last_step_ms;
 };
 

@@ -127,7 +127,8 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
   uint64_t bt = 0, total = 0, used = 0, free_ = 0, hw = 0, fails = 0, kv_bytes = 0, cached = 0,
            lookups = 0, hits = 0, evictions = 0, preemptions = 0, bpt = 0, host = 0, host_cap = 0,
            swap_out = 0, swap_in = 0, recomputed = 0, sessions = 0, swapped = 0, disk_hits = 0,
-           disk_writes = 0, disk_blocks = 0, disk_bytes = 0;
+           disk_writes = 0, disk_blocks = 0, disk_bytes = 0, ram_blocks = 0, ram_hits = 0,
+           ram_spills = 0;
   const char *kv_type = NULL; /* the models' KV type, "mixed" when they differ */
   for (struct srv_model *m = s->models; m; m = m->next) {
     const struct engine *e = sched_engine(m->sched);
@@ -158,6 +159,9 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
     disk_writes += st.disk_writes;
     disk_blocks += st.disk_blocks;
     disk_bytes += st.disk_bytes;
+    ram_blocks += st.ram_blocks;
+    ram_hits += st.ram_hits;
+    ram_spills += st.ram_spills;
     kv_bytes += (uint64_t)st.kv.total * st.kv.block_size *
                 engine_kv_bytes_per_token(sched_engine(m->sched));
   }
@@ -193,6 +197,9 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_kv_u64(w, "disk_bytes", disk_bytes);
   ipc_w_kv_u64(w, "disk_hits", disk_hits);
   ipc_w_kv_u64(w, "disk_writes", disk_writes);
+  ipc_w_kv_u64(w, "host_prefix_blocks", ram_blocks);
+  ipc_w_kv_u64(w, "host_prefix_hits", ram_hits);
+  ipc_w_kv_u64(w, "host_spills", ram_spills);
   if (kv_type) ipc_w_kv_cstr(w, "kv_type", kv_type);
   if (s->models) ipc_w_kv_u64(w, "bytes_per_token", bpt);
   ipc_w_close(w);

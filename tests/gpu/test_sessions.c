@@ -160,7 +160,8 @@ KT_TEST(idle_session_swaps_to_host_and_back_exactly) {
   KT_CHECK(st.swap_out == 1 && st.sessions_swapped == 1 && st.host_bytes > 0);
   turn(s, a, p2 + 1, 19, 30, &t2);
   st = stats_of(s);
-  KT_CHECK(st.swap_in == 1 && st.sessions_swapped == 0 && st.host_bytes == 0);
+  /* The session's copy is gone; what the tier holds now is prefix blocks evicted meanwhile. */
+  KT_CHECK(st.swap_in == 1 && st.sessions_swapped == 0 && (st.host_bytes == 0) == !st.ram_blocks);
   kt_log("swap out %llu ms, in %llu ms; prefix hits %llu", (unsigned long long)st.swap_out_ms,
          (unsigned long long)st.swap_in_ms, (unsigned long long)st.kv.hits);
   KT_CHECK(same(&r1, &t1));
@@ -353,5 +354,36 @@ KT_TEST(snapshot_restores_into_a_session_that_continues_exactly) {
   sched_session_free(t, c);
   sched_free(s);
   sched_free(t);
+  FIXTURE_CHECK_VALIDATION();
+}
+
+/* Prefix blocks the pool evicts were copied to the host tier first: the prompt that made them
+ * finds them there, with the same output; with no host tier it computes them again. */
+KT_TEST(evicted_prefix_blocks_come_back_from_the_host_tier) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  int32_t a[120], b[150];
+  random_prompt(a, 120);
+  random_prompt(b, 150);
+  static struct out first, other, again;
+  for (int tier = 1; tier >= 0; tier--) {
+    struct sched *s = new_sched(12, tier ? 64u << 20 : 0); /* 192 tokens */
+    if (!s) KT_SKIP("stories260K.gguf not found");
+    turn(s, NULL, a, 120, 8, &first);
+    turn(s, NULL, b, 150, 20, &other); /* needs 11 blocks: a's cached ones are evicted */
+    struct sched_stats st = stats_of(s);
+    KT_CHECK(st.kv.evictions > 0);
+    turn(s, NULL, a, 120, 8, &again);
+    st = stats_of(s);
+    kt_log("host tier %s: spilled %llu, hits %llu, cached %u", tier ? "on" : "off",
+           (unsigned long long)st.ram_spills, (unsigned long long)st.ram_hits, again.cached);
+    KT_CHECK(same(&first, &again));
+    /* All 7 whole blocks before the last token: those the pool kept, the rest from the tier. */
+    if (tier)
+      KT_CHECK(st.ram_spills > 0 && st.ram_hits >= 5 && again.cached == 112);
+    else
+      KT_CHECK(st.ram_spills == 0 && st.ram_hits == 0 && again.cached < 112);
+    sched_free(s);
+  }
   FIXTURE_CHECK_VALIDATION();
 }
