@@ -1,5 +1,5 @@
 #!/bin/sh
-# run_fuzz.sh FUZZER MODELS_DIR GEN_MODEL: runs FUZZER for $FUZZ_TIME seconds (default 60) over a
+# run_fuzz.sh FUZZER MODELS_DIR GEN_MODEL: runs FUZZER for $FUZZ_TIME seconds (default 30) over a
 # seed corpus in a temporary folder: every GGUF under MODELS_DIR up to 2 MB and two small synthetic
 # models from GEN_MODEL. The folder is removed on success and kept on failure, crash inputs in it.
 set -eu
@@ -7,7 +7,7 @@ set -eu
 fuzzer=$(realpath "$1")
 models=$2
 gen=$(realpath "$3")
-time=${FUZZ_TIME:-60}
+time=${FUZZ_TIME:-30}
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/kvd-fuzz-XXXXXX")
 mkdir "$dir/corpus"

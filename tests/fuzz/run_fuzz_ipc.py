@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""run_fuzz_ipc.py FUZZER: runs the ipc decoder fuzzer for $FUZZ_TIME seconds (default 60) over a
+"""run_fuzz_ipc.py FUZZER: runs the ipc decoder fuzzer for $FUZZ_TIME seconds (default 30) over a
 seed corpus of well-formed msgpack-rpc streams written into a temporary folder. Crash inputs stay
 in that folder (the fuzzer's output says where); it is removed on success.
 
@@ -59,7 +59,7 @@ SEEDS = {
 
 def main():
     fuzzer = os.path.abspath(sys.argv[1])
-    secs = os.environ.get('FUZZ_TIME', '60')
+    secs = os.environ.get('FUZZ_TIME', '30')
     d = tempfile.mkdtemp(prefix='kvd-fuzz-ipc-', dir=os.environ.get('TMPDIR'))
     corpus = os.path.join(d, 'corpus')
     os.mkdir(corpus)
