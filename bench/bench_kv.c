@@ -27,14 +27,14 @@ static int speed(struct gpu_device *dev, const struct gguf_file *f, enum kv_type
   double t0 = bench_now();
   for (uint32_t done = 0; rc == 0 && done < pos;) {
     uint32_t k = pos - done < 256 ? pos - done : 256;
-    struct engine_item it = {s, toks + done, k, lg};
+    struct engine_item it = {s, toks + done, k, lg, 1};
     rc = engine_forward(e, &it, 1);
     done += k;
   }
   *prefill = pos / (bench_now() - t0);
   t0 = bench_now();
   for (uint32_t i = 0; rc == 0 && i < 16; i++) {
-    struct engine_item it = {s, toks + pos + i, 1, lg};
+    struct engine_item it = {s, toks + pos + i, 1, lg, 1};
     rc = engine_forward(e, &it, 1);
   }
   *decode = 16 / (bench_now() - t0);
@@ -84,7 +84,8 @@ int main(int argc, char **argv) {
     toks[i] = i < (uint32_t)n ? text[i] : 3 + rand() % (int)(hp.n_vocab - 3);
   printf("model %s, %d-token greedy text (f32 KV), device %s\n", argv[1], n,
          gpu_device_caps(dev)->name);
-  printf("| KV | bytes/token | 512-token seqs in 1 GiB | in the default budget | mean KL | max KL | top-1 | ppl (f32 -> "
+  printf("| KV | bytes/token | 512-token seqs in 1 GiB | in the default budget | mean KL | max KL "
+         "| top-1 | ppl (f32 -> "
          "type) | decode tok/s @32 / @256 / @%u | prefill tok/s (%u) |\n",
          n_speed, n_speed);
   printf("|---|---|---|---|---|---|---|---|---|---|\n");

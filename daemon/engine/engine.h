@@ -155,6 +155,10 @@ struct engine_item {
   const int32_t *tokens; /* the new tokens, at positions seq_len .. seq_len + n_tokens - 1 */
   uint32_t n_tokens;     /* >= 1 */
   float *logits;         /* NULL, or n_vocab floats: the logits after the last new token */
+  /* With logits: 0 or 1 as above; k > 1 (at most n_tokens) the logits after each of the last k
+   * new tokens, k * n_vocab floats in order, each taking a logits row of the step (verifying k
+   * drafted tokens in one step: speculative decoding). */
+  uint32_t n_logits;
 };
 
 /* Runs one step. All or nothing: on KVD_E_KV_EXHAUSTED (not enough free blocks for every item),

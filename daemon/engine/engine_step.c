@@ -72,7 +72,8 @@ static int eng_step_check(struct engine *e, const struct engine_item *items, uin
       if (it->tokens[j] < 0 || (uint32_t)it->tokens[j] >= hp->n_vocab) return KVD_EINVAL;
     if ((uint64_t)it->seq->kv->len + it->n_tokens > hp->n_ctx_train) return KVD_E_CONTEXT;
     n_tok += it->n_tokens;
-    n_logits += it->logits != NULL;
+    if (it->n_logits > it->n_tokens) return KVD_EINVAL;
+    n_logits += it->logits ? (it->n_logits > 1 ? it->n_logits : 1) : 0;
     need_blocks += kv_seq_step_blocks(&e->pool, it->seq->kv, it->n_tokens);
   }
   if (n_tok > e->max_tokens || n_logits > e->max_logits) return KVD_E2BIG;
@@ -159,7 +160,9 @@ static int eng_step_upload(struct engine *e, const struct engine_item *items, ui
       info[2 * t + 1] = e->offsets_host[i];
       if (p + 1 > max_kv) max_kv = p + 1;
     }
-    if (it->logits) e->logit_rows[li++] = t - 1;
+    if (it->logits)
+      for (uint32_t k = it->n_logits > 1 ? it->n_logits : 1; k > 0; k--)
+        e->logit_rows[li++] = t - k;
   }
   s->logit_rows = e->logit_rows;
   s->max_kv = max_kv;
@@ -224,8 +227,10 @@ int engine_forward(struct engine *e, struct engine_item *items, uint32_t n_items
   uint32_t li = 0;
   for (uint32_t i = 0; i < n_items; i++) {
     kv_seq_commit(items[i].seq->kv, items[i].n_tokens);
-    if (items[i].logits)
-      memcpy(items[i].logits, lg + (size_t)li++ * hp->n_vocab, hp->n_vocab * sizeof(float));
+    if (!items[i].logits) continue;
+    uint32_t k = items[i].n_logits > 1 ? items[i].n_logits : 1;
+    memcpy(items[i].logits, lg + (size_t)li * hp->n_vocab, (size_t)k * hp->n_vocab * sizeof(float));
+    li += k;
   }
   return 0;
 }

@@ -800,7 +800,7 @@ static bool sched_step(struct sched *s) {
       continue;
     }
     budget--;
-    s->items[n] = (struct engine_item){r->seq, &r->next, 1, r->logits};
+    s->items[n] = (struct engine_item){r->seq, &r->next, 1, r->logits, 1};
     s->item_req[n++] = r;
     reserved += engine_seq_step_blocks(s->e, r->seq, 1);
   }
@@ -889,7 +889,7 @@ static bool sched_step(struct sched *s) {
     }
     reserved += need;
     s->items[n] = (struct engine_item){r->seq, r->tokens + r->n_prefilled, chunk,
-                                       chunk == left ? r->logits : NULL};
+                                       chunk == left ? r->logits : NULL, 1};
     s->item_req[n++] = r;
     budget -= chunk;
     n_run++;

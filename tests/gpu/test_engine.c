@@ -246,6 +246,70 @@ KT_TEST(logits_match_cpu_reference_across_block_boundaries) {
   FIXTURE_CHECK_VALIDATION();
 }
 
+/* Logits after each of the last k new tokens of an item (what verifying k drafted tokens in one
+ * step needs) match the CPU reference at every position, next to an ordinary item in the same
+ * step; asking for more rows than tokens is refused. */
+KT_TEST(an_item_returns_logits_for_each_of_its_last_k_tokens) {
+  FIXTURE_DEVICE(dev);
+  (void)dev;
+  struct gguf_file *f = open_model("models/stories260K.gguf");
+  if (!f) KT_SKIP("stories260K.gguf not found");
+  struct model_ref *ref = NULL, *ref2 = NULL;
+  struct model_error err;
+  KT_ASSERT_OK(model_ref_new(f, &(struct model_ref_opts){.n_ctx = 128}, &ref, &err));
+  KT_ASSERT_OK(model_ref_new(f, &(struct model_ref_opts){.n_ctx = 128}, &ref2, &err));
+  struct engine *e =
+      new_engine(f, &(struct engine_opts){.block_size = 16, .n_blocks = 40, .max_logits = 8});
+  KT_ASSERT(e);
+  struct engine_seq *a, *b;
+  KT_ASSERT_OK(engine_seq_new(e, &a));
+  KT_ASSERT_OK(engine_seq_new(e, &b));
+  int32_t ta[40], tb[30];
+  for (int i = 0; i < 40; i++)
+    ta[i] = (int32_t)kt_rand_range(3, 511);
+  for (int i = 0; i < 30; i++)
+    tb[i] = (int32_t)kt_rand_range(3, 511);
+  static float got[10 * 512], gb[512], want[7][512], wb[512];
+  KT_ASSERT_OK(feed(e, a, ta, 21, 21, got));
+  KT_ASSERT_OK(feed(e, b, tb, 13, 13, gb));
+  for (uint32_t p = 0; p < 21; p++)
+    KT_ASSERT_OK(model_ref_forward(ref, (uint32_t)ta[p], p, want[0]));
+  for (uint32_t p = 0; p < 14; p++)
+    KT_ASSERT_OK(model_ref_forward(ref2, (uint32_t)tb[p], p, wb));
+  /* One step: 9 tokens of a with the logits of its last 7, one token of b with its own. */
+  for (uint32_t p = 21; p < 30; p++)
+    KT_ASSERT_OK(model_ref_forward(ref, (uint32_t)ta[p], p, want[p >= 23 ? p - 23 : 0]));
+  struct engine_item bad = {
+      .seq = a, .tokens = ta + 21, .n_tokens = 2, .logits = got, .n_logits = 3};
+  KT_CHECK_EQ(engine_forward(e, &bad, 1), KVD_EINVAL);
+  struct engine_item items[2] = {
+      {.seq = a, .tokens = ta + 21, .n_tokens = 9, .logits = got, .n_logits = 7},
+      {.seq = b, .tokens = tb + 13, .n_tokens = 1, .logits = gb},
+  };
+  KT_ASSERT_OK(engine_forward(e, items, 2));
+  KT_CHECK_EQ(engine_seq_len(a), 30);
+  double worst = 0;
+  for (int k = 0; k < 7; k++)
+    worst = fmax(worst, logits_err(got + k * 512, want[k], 512));
+  double wb_err = logits_err(gb, wb, 512);
+  kt_log("7 rows of one item: worst %.3g; the other item %.3g", worst, wb_err);
+  KT_CHECK(worst < 1e-4 && wb_err < 1e-4);
+  /* More rows than a step holds: refused before anything changes. */
+  struct engine_item many = {
+      .seq = a, .tokens = ta + 30, .n_tokens = 10, .logits = got, .n_logits = 10};
+  int32_t ten[10] = {5, 6, 7, 8, 9, 10, 11, 12, 13, 14};
+  many.tokens = ten;
+  KT_CHECK_EQ(engine_forward(e, &many, 1), KVD_E2BIG); /* 10 rows, the engine holds 8 */
+  KT_CHECK_EQ(engine_seq_len(a), 30);
+  engine_seq_free(e, a);
+  engine_seq_free(e, b);
+  engine_free(e);
+  model_ref_free(ref);
+  model_ref_free(ref2);
+  gguf_close(f);
+  FIXTURE_CHECK_VALIDATION();
+}
+
 KT_TEST(chunked_prefill_equals_one_step_prefill) {
   FIXTURE_DEVICE(dev);
   (void)dev;
@@ -313,7 +377,7 @@ KT_TEST(batched_decode_of_8_sequences_equals_solo_runs) {
   struct engine_item items[S];
   for (int i = 0; i < S; i++) {
     KT_ASSERT_OK(engine_seq_new(e, &seqs[i]));
-    items[i] = (struct engine_item){seqs[i], prompts[i], plen[i], lg[i]};
+    items[i] = (struct engine_item){seqs[i], prompts[i], plen[i], lg[i], 1};
   }
   KT_ASSERT_OK(engine_forward(e, items, S));
   int32_t next[S];
@@ -323,7 +387,7 @@ KT_TEST(batched_decode_of_8_sequences_equals_solo_runs) {
       for (int32_t v = 1; v < 512; v++)
         if (lg[i][v] > lg[i][best]) best = v;
       batched[i][step] = next[i] = best;
-      items[i] = (struct engine_item){seqs[i], &next[i], 1, lg[i]};
+      items[i] = (struct engine_item){seqs[i], &next[i], 1, lg[i], 1};
     }
     KT_ASSERT_OK(engine_forward(e, items, S));
   }
@@ -415,7 +479,7 @@ KT_TEST(exhausted_pool_is_a_typed_error_and_changes_nothing) {
   KT_ASSERT_OK(engine_seq_new(e, &b));
   float la[512], again[512];
   KT_ASSERT_OK(feed(e, a, toks, 40, 40, la)); /* 3 of 4 blocks */
-  struct engine_item it = {b, toks, 40, NULL};
+  struct engine_item it = {b, toks, 40, NULL, 0};
   KT_CHECK_EQ(engine_forward(e, &it, 1), KVD_E_KV_EXHAUSTED);
   KT_CHECK_EQ(engine_seq_len(b), 0);
   KT_CHECK_EQ(engine_seq_len(a), 40);
@@ -426,7 +490,7 @@ KT_TEST(exhausted_pool_is_a_typed_error_and_changes_nothing) {
   KT_CHECK(logits_err(la, again, 512) < 1e-5);
   /* Bad input is refused before anything runs. */
   int32_t bad = 512;
-  it = (struct engine_item){b, &bad, 1, NULL};
+  it = (struct engine_item){b, &bad, 1, NULL, 0};
   KT_CHECK_EQ(engine_forward(e, &it, 1), KVD_EINVAL);
   KT_CHECK_EQ(engine_seq_len(b), 41);
   engine_seq_free(e, b);
@@ -788,9 +852,9 @@ static void check_kv_type(const char *rel, enum kv_type kt, uint32_t n, uint32_t
   struct model_error err = {{0}};
   KT_ASSERT_OK(model_ref_new(f, &(struct model_ref_opts){.kv_type = kt}, &ref, &err));
   KT_ASSERT_OK(model_ref_new(f, NULL, &exact, &err));
-  struct engine *e = new_engine(f, &(struct engine_opts){.block_size = block_size,
-                                                        .n_blocks = n / block_size + 4,
-                                                        .kv_type = kt});
+  struct engine *e =
+      new_engine(f, &(struct engine_opts){
+                        .block_size = block_size, .n_blocks = n / block_size + 4, .kv_type = kt});
   KT_ASSERT(e);
   KT_CHECK_EQ(engine_kv_type(e), kt);
   uint32_t nv = model_ref_hparams(ref)->n_vocab;

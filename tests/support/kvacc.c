@@ -11,10 +11,9 @@
 static int new_engine(struct gpu_device *dev, const struct gguf_file *f, enum kv_type t,
                       uint32_t n_tokens, struct engine **ret) {
   struct model_error err;
-  return engine_new(dev, f,
-                    &(struct engine_opts){.n_blocks = n_tokens / 16 + 4, .kv_type = t,
-                                          .block_size = 16},
-                    ret, &err);
+  return engine_new(
+      dev, f, &(struct engine_opts){.n_blocks = n_tokens / 16 + 4, .kv_type = t, .block_size = 16},
+      ret, &err);
 }
 
 static uint32_t argmax(const float *x, uint32_t n) {
@@ -38,14 +37,14 @@ int kvacc_text(struct gpu_device *dev, const struct gguf_file *f, const int32_t 
   memcpy(text, prompt, n_prompt * sizeof *text);
   uint32_t n = n_prompt;
   if (rc == 0) {
-    struct engine_item it = {s, text, n_prompt, lg};
+    struct engine_item it = {s, text, n_prompt, lg, 1};
     rc = engine_forward(e, &it, 1);
   }
   while (rc == 0 && n < n_text) {
     int32_t next = (int32_t)argmax(lg, nv);
     if (next == eos) break;
     text[n++] = next;
-    struct engine_item it = {s, &text[n - 1], 1, lg};
+    struct engine_item it = {s, &text[n - 1], 1, lg, 1};
     rc = engine_forward(e, &it, 1);
   }
   if (s) engine_seq_free(e, s);
@@ -71,7 +70,7 @@ int kvacc_measure(struct gpu_device *dev, const struct gguf_file *f, enum kv_typ
   /* Every position's logits predict the next token: the first position alone, then one token
    * per step (the decode path, reading what earlier steps stored). */
   for (uint32_t i = 0; rc == 0 && i + 1 < n_text; i++) {
-    struct engine_item ia = {sa, &text[i], 1, la}, ib = {sb, &text[i], 1, lb};
+    struct engine_item ia = {sa, &text[i], 1, la, 1}, ib = {sb, &text[i], 1, lb, 1};
     if ((rc = engine_forward(ea, &ia, 1)) < 0 || (rc = engine_forward(eb, &ib, 1)) < 0) break;
     sample_log_softmax(la, pa, nv);
     sample_log_softmax(lb, pb, nv);
