@@ -72,7 +72,5 @@ int store_session_stat(const char *dir, const char *name, struct store_session *
 int store_session_delete(const char *dir, const char *name);
 /* Calls fn for each valid session name in dir (sorted); stops at a nonzero return. */
 int store_session_list(const char *dir, int (*fn)(void *ud, const char *name), void *ud);
-/* Creates dir and its parents (mode 0700) if missing. */
-int store_mkdirs(const char *dir);
 
 #endif

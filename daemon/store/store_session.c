@@ -1,5 +1,6 @@
 /* Session files (store.h): write atomically, read back only what checks out. */
 #include "store.h"
+#include "tier_io.h"
 
 #include "kvd_error.h"
 
@@ -34,74 +35,35 @@ void store_model_hash(const void *data, size_t size, uint64_t ret[2]) {
   ret[1] = h.high64;
 }
 
-static int store_errno(int e) {
-  switch (e) {
-  case ENOENT:
-    return KVD_ENOENT;
-  case ENOSPC:
-  case EDQUOT:
-    return KVD_ENOSPC;
-  case EACCES:
-  case EPERM:
-  case EROFS:
-    return KVD_EACCES;
-  case ENOMEM:
-    return KVD_ENOMEM;
-  default:
-    return KVD_EIO;
-  }
-}
-
 static int store_path(char *buf, size_t cap, const char *dir, const char *name, const char *ext) {
   if (store_name_check(name, strlen(name)) < 0) return KVD_EINVAL;
   int n = snprintf(buf, cap, "%s/%s%s", dir, name, ext);
   return n > 0 && (size_t)n < cap ? 0 : KVD_E2BIG;
 }
 
-/* Little-endian packing: the host is assumed little-endian only through these two. */
-static void put32(uint8_t *p, uint32_t v) {
-  for (int i = 0; i < 4; i++)
-    p[i] = (uint8_t)(v >> (8 * i));
-}
-static void put64(uint8_t *p, uint64_t v) {
-  for (int i = 0; i < 8; i++)
-    p[i] = (uint8_t)(v >> (8 * i));
-}
-static uint32_t get32(const uint8_t *p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; i++)
-    v |= (uint32_t)p[i] << (8 * i);
-  return v;
-}
-static uint64_t get64(const uint8_t *p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; i++)
-    v |= (uint64_t)p[i] << (8 * i);
-  return v;
-}
-
 static void store_header_pack(const struct store_session *ss, uint8_t h[STORE_HEADER_BYTES]) {
   memset(h, 0, STORE_HEADER_BYTES);
   const struct sched_snapshot *sn = &ss->snap;
   memcpy(h, store_magic, 8);
-  put32(h + 8, STORE_VERSION);
-  put32(h + 12, STORE_HEADER_BYTES);
-  put64(h + 16, ss->id.model_hash[0]);
-  put64(h + 24, ss->id.model_hash[1]);
-  put32(h + 32, ss->id.kv_type);
-  put32(h + 36, ss->id.block_size);
-  put64(h + 40, ss->id.block_bytes);
-  put32(h + 48, sn->n_hist);
-  put32(h + 52, (uint32_t)sn->pending);
-  put32(h + 56, ss->keep);
-  put32(h + 60, (ss->keep_set ? STORE_F_KEEP_SET : 0) | (ss->started ? STORE_F_STARTED : 0) |
-                    (sn->kv.shifted ? STORE_F_SHIFTED : 0));
-  put32(h + 64, sn->kv.len);
-  put32(h + 68, sn->kv.first);
-  put32(h + 72, sn->kv.n_blocks);
+  tier_io_put32(h + 8, STORE_VERSION);
+  tier_io_put32(h + 12, STORE_HEADER_BYTES);
+  tier_io_put64(h + 16, ss->id.model_hash[0]);
+  tier_io_put64(h + 24, ss->id.model_hash[1]);
+  tier_io_put32(h + 32, ss->id.kv_type);
+  tier_io_put32(h + 36, ss->id.block_size);
+  tier_io_put64(h + 40, ss->id.block_bytes);
+  tier_io_put32(h + 48, sn->n_hist);
+  tier_io_put32(h + 52, (uint32_t)sn->pending);
+  tier_io_put32(h + 56, ss->keep);
+  tier_io_put32(h + 60, (ss->keep_set ? STORE_F_KEEP_SET : 0) |
+                            (ss->started ? STORE_F_STARTED : 0) |
+                            (sn->kv.shifted ? STORE_F_SHIFTED : 0));
+  tier_io_put32(h + 64, sn->kv.len);
+  tier_io_put32(h + 68, sn->kv.first);
+  tier_io_put32(h + 72, sn->kv.n_blocks);
   size_t nl = strnlen(ss->model_name, STORE_MODEL_NAME_MAX);
-  put32(h + 76, (uint32_t)nl);
-  put64(h + 80, ss->saved);
+  tier_io_put32(h + 76, (uint32_t)nl);
+  tier_io_put64(h + 80, ss->saved);
   memcpy(h + 88, ss->model_name, nl);
 }
 
@@ -109,29 +71,29 @@ static void store_header_pack(const struct store_session *ss, uint8_t h[STORE_HE
  * whole file, or 0 when only the header was read). */
 static int store_header_parse(const uint8_t h[STORE_HEADER_BYTES], uint64_t file_size,
                               struct store_session *ret) {
-  if (memcmp(h, store_magic, 8) != 0 || get32(h + 8) != STORE_VERSION ||
-      get32(h + 12) != STORE_HEADER_BYTES)
+  if (memcmp(h, store_magic, 8) != 0 || tier_io_get32(h + 8) != STORE_VERSION ||
+      tier_io_get32(h + 12) != STORE_HEADER_BYTES)
     return KVD_E_CORRUPT;
   memset(ret, 0, sizeof *ret);
-  ret->id.model_hash[0] = get64(h + 16);
-  ret->id.model_hash[1] = get64(h + 24);
-  ret->id.kv_type = get32(h + 32);
-  ret->id.block_size = get32(h + 36);
-  ret->id.block_bytes = get64(h + 40);
+  ret->id.model_hash[0] = tier_io_get64(h + 16);
+  ret->id.model_hash[1] = tier_io_get64(h + 24);
+  ret->id.kv_type = tier_io_get32(h + 32);
+  ret->id.block_size = tier_io_get32(h + 36);
+  ret->id.block_bytes = tier_io_get64(h + 40);
   struct sched_snapshot *sn = &ret->snap;
-  sn->n_hist = get32(h + 48);
-  sn->pending = (int32_t)get32(h + 52);
-  ret->keep = get32(h + 56);
-  uint32_t flags = get32(h + 60);
+  sn->n_hist = tier_io_get32(h + 48);
+  sn->pending = (int32_t)tier_io_get32(h + 52);
+  ret->keep = tier_io_get32(h + 56);
+  uint32_t flags = tier_io_get32(h + 60);
   ret->keep_set = flags & STORE_F_KEEP_SET;
   ret->started = flags & STORE_F_STARTED;
   sn->kv.shifted = flags & STORE_F_SHIFTED;
-  sn->kv.len = get32(h + 64);
-  sn->kv.first = get32(h + 68);
-  sn->kv.n_blocks = get32(h + 72);
+  sn->kv.len = tier_io_get32(h + 64);
+  sn->kv.first = tier_io_get32(h + 68);
+  sn->kv.n_blocks = tier_io_get32(h + 72);
   sn->kv.block_bytes = ret->id.block_bytes;
-  uint32_t nl = get32(h + 76);
-  ret->saved = get64(h + 80);
+  uint32_t nl = tier_io_get32(h + 76);
+  ret->saved = tier_io_get64(h + 80);
   if (flags & ~(STORE_F_KEEP_SET | STORE_F_STARTED | STORE_F_SHIFTED)) return KVD_E_CORRUPT;
   if (nl > STORE_MODEL_NAME_MAX) return KVD_E_CORRUPT;
   for (uint32_t i = 0; i < nl; i++)
@@ -169,25 +131,10 @@ static int write_all(int fd, const void *p, size_t n, XXH3_state_t *h) {
     ssize_t w = write(fd, b, n);
     if (w < 0) {
       if (errno == EINTR) continue;
-      return store_errno(errno);
+      return tier_io_errno(errno);
     }
     b += w;
     n -= (size_t)w;
-  }
-  return 0;
-}
-
-int store_mkdirs(const char *dir) {
-  char buf[4096];
-  size_t n = strlen(dir);
-  if (n == 0 || n >= sizeof buf) return KVD_EINVAL;
-  memcpy(buf, dir, n + 1);
-  for (size_t i = 1; i <= n; i++) {
-    if (buf[i] != '/' && buf[i] != 0) continue;
-    char c = buf[i];
-    buf[i] = 0;
-    if (mkdir(buf, 0700) < 0 && errno != EEXIST) return store_errno(errno);
-    buf[i] = c;
   }
   return 0;
 }
@@ -197,11 +144,11 @@ int store_session_write(const char *dir, const char *name, const struct store_se
   char path[4096], tmp[4096 + 32];
   int rc = store_path(path, sizeof path, dir, name, ".kvs");
   if (rc < 0) return rc;
-  rc = store_mkdirs(dir);
+  rc = tier_io_mkdirs(dir);
   if (rc < 0) return rc;
   snprintf(tmp, sizeof tmp, "%s/.%s.%ld.tmp", dir, name, (long)getpid());
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return store_errno(errno);
+  if (fd < 0) return tier_io_errno(errno);
   XXH3_state_t *h = XXH3_createState();
   if (!h) {
     close(fd);
@@ -218,12 +165,12 @@ int store_session_write(const char *dir, const char *name, const struct store_se
   uint64_t kv = (uint64_t)sn->kv.n_blocks * sn->kv.block_bytes;
   if (rc == 0 && kv) rc = write_all(fd, sn->kv.data, (size_t)kv, h);
   uint8_t tr[8];
-  put64(tr, XXH3_64bits_digest(h));
+  tier_io_put64(tr, XXH3_64bits_digest(h));
   XXH3_freeState(h);
   if (rc == 0) rc = write_all(fd, tr, 8, NULL);
-  if (rc == 0 && fsync(fd) < 0) rc = store_errno(errno);
-  if (close(fd) < 0 && rc == 0) rc = store_errno(errno);
-  if (rc == 0 && rename(tmp, path) < 0) rc = store_errno(errno);
+  if (rc == 0 && fsync(fd) < 0) rc = tier_io_errno(errno);
+  if (close(fd) < 0 && rc == 0) rc = tier_io_errno(errno);
+  if (rc == 0 && rename(tmp, path) < 0) rc = tier_io_errno(errno);
   if (rc < 0) {
     unlink(tmp);
     return rc;
@@ -244,7 +191,7 @@ static int read_all(int fd, void *p, size_t n) {
     ssize_t r = read(fd, b, n);
     if (r < 0) {
       if (errno == EINTR) continue;
-      return store_errno(errno);
+      return tier_io_errno(errno);
     }
     if (r == 0) return KVD_E_CORRUPT; /* shorter than its header says */
     b += r;
@@ -258,7 +205,7 @@ static int store_open(const char *dir, const char *name, int *ret_fd, uint64_t *
   int rc = store_path(path, sizeof path, dir, name, ".kvs");
   if (rc < 0) return rc;
   int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) return store_errno(errno);
+  if (fd < 0) return tier_io_errno(errno);
   struct stat st;
   if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
     close(fd);
@@ -331,7 +278,7 @@ int store_session_read(const char *dir, const char *name, const struct store_ide
       XXH3_64bits_update(h, hdr, sizeof hdr);
       if (sn->n_hist) XXH3_64bits_update(h, sn->hist, (size_t)sn->n_hist * 4);
       if (kv) XXH3_64bits_update(h, sn->kv.data, (size_t)kv);
-      if (XXH3_64bits_digest(h) != get64(tr)) rc = KVD_E_CORRUPT;
+      if (XXH3_64bits_digest(h) != tier_io_get64(tr)) rc = KVD_E_CORRUPT;
       XXH3_freeState(h);
     }
   }
@@ -346,7 +293,7 @@ int store_session_delete(const char *dir, const char *name) {
   char path[4096];
   int rc = store_path(path, sizeof path, dir, name, ".kvs");
   if (rc < 0) return rc;
-  return unlink(path) < 0 ? store_errno(errno) : 0;
+  return unlink(path) < 0 ? tier_io_errno(errno) : 0;
 }
 
 static int cmp_names(const void *a, const void *b) {
@@ -355,7 +302,7 @@ static int cmp_names(const void *a, const void *b) {
 
 int store_session_list(const char *dir, int (*fn)(void *ud, const char *name), void *ud) {
   DIR *d = opendir(dir);
-  if (!d) return errno == ENOENT ? 0 : store_errno(errno);
+  if (!d) return errno == ENOENT ? 0 : tier_io_errno(errno);
   char **names = NULL;
   size_t n = 0, cap = 0;
   int rc = 0;

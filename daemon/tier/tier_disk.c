@@ -1,5 +1,6 @@
 /* The disk tier (tier.h): an index of keys over one folder of block files. */
 #include "tier.h"
+#include "tier_io.h"
 
 #include "kvd_error.h"
 
@@ -28,39 +29,6 @@ struct tier_disk {
   uint32_t max_files;
   struct tier_disk_stats st;
 };
-
-static int tier_errno(int e) {
-  switch (e) {
-  case ENOENT:
-    return KVD_ENOENT;
-  case ENOSPC:
-  case EDQUOT:
-    return KVD_ENOSPC;
-  case EACCES:
-  case EPERM:
-  case EROFS:
-    return KVD_EACCES;
-  case ENOMEM:
-    return KVD_ENOMEM;
-  default:
-    return KVD_EIO;
-  }
-}
-
-static int mkdirs(const char *dir) {
-  char buf[4096];
-  size_t n = strlen(dir);
-  if (n == 0 || n >= sizeof buf) return KVD_EINVAL;
-  memcpy(buf, dir, n + 1);
-  for (size_t i = 1; i <= n; i++) {
-    if (buf[i] != '/' && buf[i] != 0) continue;
-    char c = buf[i];
-    buf[i] = 0;
-    if (mkdir(buf, 0700) < 0 && errno != EEXIST) return tier_errno(errno);
-    buf[i] = c;
-  }
-  return 0;
-}
 
 /* ---- the key set ---- */
 
@@ -144,7 +112,7 @@ int tier_disk_open(const char *root, const char *identity, uint64_t block_bytes,
   t->budget = budget;
   uint64_t files = budget / t->file_bytes;
   t->max_files = files > (1u << 20) ? 1u << 20 : (uint32_t)files; /* index memory: 24 MiB at most */
-  int rc = t->max_files ? mkdirs(t->dir) : KVD_EINVAL;
+  int rc = t->max_files ? tier_io_mkdirs(t->dir) : KVD_EINVAL;
   if (rc == 0) {
     t->cap = t->max_files;
     size_t slots = 2;
@@ -207,17 +175,6 @@ bool tier_disk_has(const struct tier_disk *t, uint64_t key) {
   return t && key && t->set[set_find(t, key)] == key;
 }
 
-static void put64(uint8_t *p, uint64_t v) {
-  for (int i = 0; i < 8; i++)
-    p[i] = (uint8_t)(v >> (8 * i));
-}
-static uint64_t get64(const uint8_t *p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; i++)
-    v |= (uint64_t)p[i] << (8 * i);
-  return v;
-}
-
 /* A file that does not check out: gone from disk and index. */
 static int tier_drop_corrupt(struct tier_disk *t, uint64_t key) {
   char p[4200];
@@ -244,15 +201,15 @@ int tier_disk_get(struct tier_disk *t, uint64_t key, void *dst) {
             read(fd, tr, 8) == 8;
   close(fd);
   if (ok)
-    ok = memcmp(hdr, tier_magic, 8) == 0 && get64(hdr + 8) == key &&
-         get64(hdr + 16) == t->block_bytes;
+    ok = memcmp(hdr, tier_magic, 8) == 0 && tier_io_get64(hdr + 8) == key &&
+         tier_io_get64(hdr + 16) == t->block_bytes;
   if (ok) {
     XXH3_state_t *h = XXH3_createState();
     if (!h) return KVD_ENOMEM;
     XXH3_64bits_reset(h);
     XXH3_64bits_update(h, hdr, TIER_HDR);
     XXH3_64bits_update(h, dst, (size_t)t->block_bytes);
-    ok = XXH3_64bits_digest(h) == get64(tr);
+    ok = XXH3_64bits_digest(h) == tier_io_get64(tr);
     XXH3_freeState(h);
   }
   if (!ok) return tier_drop_corrupt(t, key);
@@ -267,24 +224,24 @@ int tier_disk_put(struct tier_disk *t, uint64_t key, const void *src) {
   snprintf(tmp, sizeof tmp, "%s/.%016llx.tmp", t->dir, (unsigned long long)key);
   uint8_t hdr[TIER_HDR], tr[8];
   memcpy(hdr, tier_magic, 8);
-  put64(hdr + 8, key);
-  put64(hdr + 16, t->block_bytes);
+  tier_io_put64(hdr + 8, key);
+  tier_io_put64(hdr + 16, t->block_bytes);
   XXH3_state_t *h = XXH3_createState();
   if (!h) return KVD_ENOMEM;
   XXH3_64bits_reset(h);
   XXH3_64bits_update(h, hdr, TIER_HDR);
   XXH3_64bits_update(h, src, (size_t)t->block_bytes);
-  put64(tr, XXH3_64bits_digest(h));
+  tier_io_put64(tr, XXH3_64bits_digest(h));
   XXH3_freeState(h);
   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return tier_errno(errno);
+  if (fd < 0) return tier_io_errno(errno);
   bool ok = write(fd, hdr, TIER_HDR) == TIER_HDR &&
             write(fd, src, (size_t)t->block_bytes) == (ssize_t)t->block_bytes &&
             write(fd, tr, 8) == 8;
   int e = errno;
   if (close(fd) < 0) ok = false;
   if (!ok || rename(tmp, p) < 0) {
-    int rc = ok ? tier_errno(errno) : tier_errno(e);
+    int rc = ok ? tier_io_errno(errno) : tier_io_errno(e);
     unlink(tmp);
     return rc;
   }
