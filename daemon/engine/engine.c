@@ -342,6 +342,10 @@ enum kv_type engine_kv_type(const struct engine *e) {
   return e->attn.kv_type;
 }
 
+uint32_t engine_max_logits(const struct engine *e) {
+  return e->max_logits;
+}
+
 uint32_t engine_max_step_tokens(const struct engine *e) {
   return e->max_tokens;
 }

@@ -58,6 +58,7 @@ void engine_kv_stats(const struct engine *e, struct kv_pool_stats *ret);
 uint64_t engine_kv_bytes_per_token(const struct engine *e);
 enum kv_type engine_kv_type(const struct engine *e);
 uint32_t engine_max_step_tokens(const struct engine *e);
+uint32_t engine_max_logits(const struct engine *e); /* logits rows one step returns */
 
 /* An empty sequence; its KV blocks are taken as tokens arrive. */
 int engine_seq_new(struct engine *e, struct engine_seq **ret);

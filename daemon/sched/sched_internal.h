@@ -77,6 +77,16 @@ struct sched {
   uint32_t *ram_index; /* slot -> ring entry + 1 (0 = empty) */
   size_t ram_mask;
   uint32_t persist_from; /* where the next scan for them starts */
+  /* The draft model's step (sched_spec.c): a request drafting from it, with the most tokens it
+   * may draft, an item and a logits row per request. */
+  struct sched_draft {
+    struct sched_req *r;
+    uint32_t want;
+  } * dcand;
+  uint32_t *dmap; /* item -> dcand entry */
+  struct engine_item *ditems;
+  float *dlogits;
+  uint32_t cap_dcand;
 };
 
 double sched__now(void);
@@ -111,5 +121,19 @@ void sched__spill(struct sched *s, uint32_t ahead);
  * `need` more bytes fit its budget; false when it holds none. */
 bool sched__ram_shrink(struct sched *s, uint64_t need);
 void sched__ram_free(struct sched *s);
+
+/* sched_spec.c, engine thread. Drafts for the step's decode items [0, n_decode) within what is
+ * left of its token budget, logits rows and free blocks (each taken from), extending the items
+ * in place; a draft that cannot be made is simply not made. */
+void sched__spec_plan(struct sched *s, uint32_t n_decode, uint32_t *budget, uint32_t *rows,
+                      uint32_t *reserved);
+/* Takes drafts back out of the step's decode items (a step that did not fit). */
+void sched__spec_strip(struct sched *s, uint32_t n_decode);
+/* After verification kept `keep` tokens of r's sequence: its draft sequence follows, and the
+ * acceptance counts take in `accepted` of r->n_draft. */
+void sched__spec_settle(struct sched *s, struct sched_req *r, uint32_t keep, uint32_t accepted);
+/* Frees r's draft sequence (its request ends or gives its blocks up). */
+void sched__spec_drop(struct sched *s, struct sched_req *r);
+void sched__spec_free(struct sched *s);
 
 #endif

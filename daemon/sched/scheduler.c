@@ -323,6 +323,7 @@ static void sched_finish_session(struct sched *s, struct sched_req *r, enum sche
 
 /* Ends a request: its sequence goes back to the pool unless a session keeps it. */
 static void sched_finish(struct sched *s, struct sched_req *r, enum sched_finish why, int error) {
+  sched__spec_drop(s, r);
   if (r->session) {
     if (r->sess_taken) sched_finish_session(s, r, why); /* one that never began left it as is */
   } else if (r->seq) {
@@ -345,7 +346,9 @@ static int sched_admit(struct sched *s, struct sched_req *r) {
   const struct model_hparams *hp = engine_hparams(s->e);
   int rc = sampler_new(hp->n_vocab, &r->sp, &r->smp);
   if (rc < 0) return rc;
+  if (r->spec == SCHED_SPEC_DRAFT && !s->o.draft) return KVD_E_UNSUPPORTED;
   r->logits = malloc(hp->n_vocab * sizeof(float));
+  r->logits_rows = 1;
   if (r->logprobs) r->scratch = malloc(hp->n_vocab * sizeof(float));
   if (r->logprobs && !r->scratch) return KVD_ENOMEM;
   if (r->n_tokens == 0 && !r->session) return KVD_EINVAL;
@@ -493,26 +496,28 @@ static bool sched_is_eog(const struct sched_req *r, int32_t tok) {
   return false;
 }
 
-/* Samples after a step that produced this request's logits; false when it ended. */
-static bool sched_sample(struct sched *s, struct sched_req *r, struct sched_req **list) {
+/* Samples r's next token from row (n_vocab logits, edited by the penalties), given hist; the
+ * log-probs, when asked for, go into ev from the logits as the model gave them. Returns the token
+ * or a negative code. */
+static int32_t sched_pick(struct sched *s, struct sched_req *r, float *row,
+                          struct sched_event *ev) {
   const struct model_hparams *hp = engine_hparams(s->e);
-  struct sched_event ev = {.req = r};
-  /* Log-probs describe the model's distribution: take them before the penalties edit logits. */
-  if (r->logprobs) memcpy(r->scratch, r->logits, hp->n_vocab * sizeof(float));
-  int32_t tok = sampler_sample(r->smp, r->logits, r->hist, r->n_hist);
-  if (tok < 0) {
-    r->next = -1;
-    sched_finish_from(s, list, r, SCHED_FINISH_ERROR, tok);
-    return false;
-  }
+  if (r->logprobs) memcpy(r->scratch, row, hp->n_vocab * sizeof(float));
+  int32_t tok = sampler_sample(r->smp, row, r->hist, r->n_hist);
+  if (tok >= 0 && r->logprobs && !sched_is_eog(r, tok))
+    sched_logprobs(r->scratch, hp->n_vocab, tok, r->logprobs, ev);
+  return tok;
+}
+
+/* tok is r's next token (its sequence holding len tokens before it): emitted, unless it ends the
+ * generation. Returns why r is finished, or -1 when it goes on. */
+static int sched_take(struct sched *s, struct sched_req *r, int32_t tok, struct sched_event *ev,
+                      uint32_t len) {
+  const struct model_hparams *hp = engine_hparams(s->e);
   if (!r->t_first) r->t_first = sched__now();
   r->next = tok;
-  if (sched_is_eog(r, tok)) {
-    sched_finish_from(s, list, r, SCHED_FINISH_STOP, 0);
-    return false;
-  }
-  ev.token = tok;
-  if (r->logprobs) sched_logprobs(r->scratch, hp->n_vocab, tok, r->logprobs, &ev);
+  if (sched_is_eog(r, tok)) return SCHED_FINISH_STOP;
+  ev->token = tok;
   r->n_generated++;
   if (r->n_hist == r->cap_hist && r->session) {
     /* A session's turn outgrew its history buffer under a context policy: only the penalties
@@ -524,14 +529,52 @@ static bool sched_sample(struct sched *s, struct sched_req *r, struct sched_req 
     r->hist_base = UINT32_MAX; /* no longer a window of the sequence */
   }
   if (r->n_hist < r->cap_hist) r->hist[r->n_hist++] = tok;
-  sched_emit(s, &ev);
-  uint32_t len = engine_seq_len(r->seq);
+  sched_emit(s, ev);
   bool wall = r->overflow == KV_OVERFLOW_ERROR && len + 1 >= hp->n_ctx_train;
-  if ((r->max_tokens && r->n_generated >= r->max_tokens) || wall) {
-    sched_finish_from(s, list, r, SCHED_FINISH_LENGTH, 0);
-    return false;
+  if ((r->max_tokens && r->n_generated >= r->max_tokens) || wall) return SCHED_FINISH_LENGTH;
+  return -1;
+}
+
+/* r's sequence holds `keep` tokens whose ids are in hist: the rest (rejected drafts) goes, its
+ * full blocks become findable, and a windowed model gives back what no later query reads, except
+ * what a failed session turn must be able to rewind to (sched_finish: its start, until the first
+ * token). */
+static void sched_settle(struct sched *s, struct sched_req *r, uint32_t keep, uint32_t accepted) {
+  if (engine_seq_len(r->seq) > keep) engine_seq_truncate(s->e, r->seq, keep);
+  sched__spec_settle(s, r, keep, accepted);
+  if (r->hist_base == 0) engine_seq_register(s->e, r->seq, r->hist, engine_seq_len(r->seq));
+  engine_seq_drop_window(s->e, r->seq,
+                         r->session && r->n_generated == 0 && !r->n_shifts ? r->sess_base
+                                                                           : UINT32_MAX);
+}
+
+/* After a step that gave r's logits: rows 0..k follow its sequence's first `base` tokens and then
+ * each of its k drafts (r->spec_tok[1..k]). The sampler runs over the rows in order exactly as it
+ * would one step at a time, and a draft is kept while it equals what was sampled; the first
+ * token that differs (or the one after the last draft) is the next to decode. So the tokens are
+ * those of decoding without drafts, and drafts only save steps. False when r ended. */
+static bool sched_verify(struct sched *s, struct sched_req *r, struct sched_req **list,
+                         uint32_t base, uint32_t k) {
+  uint32_t v = engine_hparams(s->e)->n_vocab;
+  for (uint32_t j = 0;; j++) {
+    struct sched_event ev = {.req = r};
+    int32_t tok = sched_pick(s, r, r->logits + (size_t)j * v, &ev);
+    if (tok < 0) {
+      sched_settle(s, r, base + j, j);
+      r->next = -1;
+      sched_finish_from(s, list, r, SCHED_FINISH_ERROR, tok);
+      return false;
+    }
+    int why = sched_take(s, r, tok, &ev, base + j);
+    bool hit = j < k && tok == r->spec_tok[j + 1];
+    if (hit && why < 0) continue; /* the draft's K/V, already in the sequence, is kept */
+    sched_settle(s, r, base + j, j + hit);
+    if (why >= 0) {
+      sched_finish_from(s, list, r, (enum sched_finish)why, 0);
+      return false;
+    }
+    return true;
   }
-  return true;
 }
 
 static int sched_reserve_items(struct sched *s, uint32_t n) {
@@ -655,6 +698,7 @@ static void sched_cancel_flagged(struct sched *s, struct sched_req **list) {
  * what it needs next), then go on sampling as if nothing happened. */
 static void sched_preempt(struct sched *s, struct sched_req *r) {
   list_remove(&s->running, r);
+  sched__spec_drop(s, r);
   engine_seq_free(s->e, r->seq);
   r->seq = NULL;
   int32_t *t = malloc(r->n_hist * sizeof *t);
@@ -698,6 +742,7 @@ static int sched_preempt_session(struct sched *s, struct sched_req *r) {
     return rc;
   }
   list_remove(&s->running, r);
+  sched__spec_drop(s, r);
   r->seq = NULL;
   if (ss->swap) {
     free(t);
@@ -805,6 +850,7 @@ static bool sched_step(struct sched *s) {
     reserved += engine_seq_step_blocks(s->e, r->seq, 1);
   }
   uint32_t n_decode = n, reserved_decode = reserved;
+  uint32_t rows = engine_max_logits(s->e) > n ? engine_max_logits(s->e) - n : 0;
   struct sched_req *blocked = NULL;
   bool resumed = false; /* a swapped request went back to running: it decodes next step */
   for (struct sched_req *r = s->waiting, *next; r && budget && n_run < s->o.max_running; r = next) {
@@ -887,13 +933,18 @@ static bool sched_step(struct sched *s) {
       blocked = r;
       break;
     }
+    if (chunk == left && !rows) break; /* no logits row left for its first token */
     reserved += need;
+    rows -= chunk == left;
     s->items[n] = (struct engine_item){r->seq, r->tokens + r->n_prefilled, chunk,
                                        chunk == left ? r->logits : NULL, 1};
     s->item_req[n++] = r;
     budget -= chunk;
     n_run++;
   }
+  /* What the step has left (tokens, logits rows, blocks) goes to drafts of the running requests,
+   * after the prompts: a draft only saves steps, a prompt waiting is a user waiting. */
+  if (n_decode) sched__spec_plan(s, n_decode, &budget, &rows, &reserved);
   if (n == 0) {
     if (resumed) return true;
     if (blocked && blocked == s->waiting && !s->running) {
@@ -910,6 +961,16 @@ static bool sched_step(struct sched *s) {
 
   double t0 = sched__now();
   int rc = engine_forward(s->e, s->items, n);
+  if (rc == KVD_E_KV_EXHAUSTED) {
+    /* Drafts go first. */
+    bool drafts = false;
+    for (uint32_t i = 0; i < n_decode; i++)
+      drafts |= s->item_req[i]->n_draft > 0;
+    if (drafts) {
+      sched__spec_strip(s, n_decode);
+      rc = engine_forward(s->e, s->items, n);
+    }
+  }
   if (rc == KVD_E_KV_EXHAUSTED && n > n_decode) {
     /* Prompts wait for memory; the running requests go on without them. */
     n = n_decode;
@@ -957,27 +1018,26 @@ static bool sched_step(struct sched *s) {
   for (uint32_t i = 0; i < n; i++) {
     struct sched_req *r = s->item_req[i];
     tokens += s->items[i].n_tokens;
-    /* Register the blocks this step filled: hist holds every id in the sequence (a session's
-     * earlier turns included), unless a session's turn outgrew it. */
-    if (r->hist_base == 0) engine_seq_register(s->e, r->seq, r->hist, engine_seq_len(r->seq));
-    /* A windowed model gives back blocks no later query reads, except what a failed session
-     * turn must be able to rewind to (sched_finish: its start, until the first token). */
-    engine_seq_drop_window(s->e, r->seq,
-                           r->session && r->n_generated == 0 && !r->n_shifts ? r->sess_base
-                                                                             : UINT32_MAX);
+    /* The blocks this step filled are registered once the tokens in them are known (sched_settle:
+     * hist holds every id in the sequence, a session's earlier turns included, unless a session's
+     * turn outgrew it); rejected drafts are cut off first. */
+    uint32_t len = engine_seq_len(r->seq);
     if (i < n_decode) {
       s->local.decode_tokens++;
-      sched_sample(s, r, &s->running);
+      sched_verify(s, r, &s->running, len - r->n_draft, r->n_draft);
       continue;
     }
     s->local.prefill_tokens += s->items[i].n_tokens;
     r->n_prefilled += s->items[i].n_tokens;
-    if (r->n_prefilled < r->n_tokens) continue;
+    if (r->n_prefilled < r->n_tokens) {
+      sched_settle(s, r, len, 0);
+      continue;
+    }
     /* The prompt is in: from now on the request decodes. */
     list_remove(&s->waiting, r);
     list_append(&s->running, r);
     atomic_store(&r->pub_state, SCHED_STATE_DECODE);
-    sched_sample(s, r, &s->running);
+    sched_verify(s, r, &s->running, len, 0);
   }
   if (tokens > s->local.batch_tokens_max) s->local.batch_tokens_max = tokens;
   return true;
@@ -995,6 +1055,8 @@ static void sched_publish(struct sched *s) {
   s->local.sessions = n;
   s->local.sessions_swapped = swapped;
   s->local.ram_blocks = s->ram_n;
+  s->local.has_draft = s->o.draft != NULL;
+  if (s->o.draft) engine_kv_stats(s->o.draft, &s->local.draft_kv);
   if (s->o.disk) {
     struct tier_disk_stats ts;
     tier_disk_stats(s->o.disk, &ts);
@@ -1086,6 +1148,7 @@ int sched_new(struct engine *e, const struct sched_opts *opts, struct sched **re
      * free it, and the caller frees it too). */
     s->e = NULL;
     s->o.disk = NULL;
+    s->o.draft = NULL;
     sched_free(s);
     return KVD_EAGAIN;
   }
@@ -1105,6 +1168,7 @@ void sched_free(struct sched *s) {
   } else {
     sched_take_inbox(s, s->in_head);
   }
+  sched__spec_free(s);
   if (s->e) engine_free(s->e);
   sched__ram_free(s);
   tier_disk_close(s->o.disk);

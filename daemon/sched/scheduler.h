@@ -39,6 +39,20 @@ enum sched_finish {
 
 enum sched_state { SCHED_STATE_QUEUED, SCHED_STATE_PREFILL, SCHED_STATE_DECODE };
 
+/* Speculative decoding (sched_spec.c): a decode step of a request may carry up to SCHED_SPEC_MAX
+ * drafted tokens after its next one, verified in the same step by the logits after each of them;
+ * the tokens it emits are exactly those decoding one at a time would (the same sampler draws in
+ * the same order), so greedy and seeded output never change, only the steps they take.
+ *   AUTO    prompt lookup where the history repeats, else the draft model if one is loaded; the
+ *           scheduler pauses it for a request whose drafts are mostly rejected
+ *   OFF     one token per step
+ *   LOOKUP  drafts copied from the request's own history (prompt and output) after the latest
+ *           earlier occurrence of its last few tokens
+ *   DRAFT   drafts from the draft model's greedy continuation (KVD_E_UNSUPPORTED at admission
+ *           without one) */
+enum sched_spec { SCHED_SPEC_AUTO, SCHED_SPEC_OFF, SCHED_SPEC_LOOKUP, SCHED_SPEC_DRAFT };
+#define SCHED_SPEC_MAX 8 /* drafted tokens per request and step */
+
 /* A conversation's KV on the engine thread: its sequence persists between requests. */
 struct sched_session;
 struct inbox_item;
@@ -64,6 +78,7 @@ struct sched_req {
    * window gave the first blocks back already). */
   enum kv_overflow overflow;
   uint32_t keep;
+  enum sched_spec spec;
   void *ud;                        /* the loop's request */
   struct sched_snapshot *snapshot; /* not NULL: a session.save, see sched_session_restore */
   atomic_bool cancel;
@@ -77,7 +92,8 @@ struct sched_req {
   /* Engine-thread state (read by the loop only after DONE). */
   struct engine_seq *seq;
   struct sampler *smp;
-  float *logits;
+  float *logits;        /* logits_rows rows of n_vocab: the last step's, one per verified token */
+  uint32_t logits_rows;
   float *scratch;           /* unpenalised logits for log-probs */
   struct inbox_item *inbox; /* preallocated queue link */
   int32_t *hist;            /* prompt then generated ids, for the penalties */
@@ -95,6 +111,17 @@ struct sched_req {
   bool sess_taken;        /* the turn began on its session (rolled back if it yields nothing) */
   int32_t next;           /* sampled, not yet run through the model; -1 = none */
   bool admitted;
+  /* Speculation: this step's item is spec_tok[0, 1 + n_draft) (next, then the drafts); the
+   * acceptance seen so far (decayed counts of drafts accepted and tried), drafting paused for
+   * spec_pause more tokens (AUTO after poor acceptance), the draft model's sequence, and the
+   * totals the request reports. */
+  int32_t spec_tok[SCHED_SPEC_MAX + 1];
+  uint32_t n_draft;
+  bool spec_model; /* this step's drafts came from the draft model (else the lookup) */
+  float spec_hit, spec_try;
+  uint32_t spec_pause;
+  struct engine_seq *dseq;
+  uint32_t draft_tokens, accepted_tokens;
   double t_submit, t_start, t_first, t_end; /* monotonic seconds */
   struct sched_req *next_req;               /* queue / running list link */
 };
@@ -125,6 +152,12 @@ struct sched_stats {
   uint32_t sessions, sessions_swapped;
   uint64_t disk_hits, disk_writes, disk_blocks, disk_bytes; /* the disk tier, in blocks */
   uint64_t ram_spills, ram_hits, ram_blocks;                /* prefix blocks in the host tier */
+  /* Speculation: decode steps that carried drafts, tokens drafted and accepted (by the lookup
+   * and by the draft model), and the draft model's KV pool. */
+  uint64_t spec_steps, spec_drafted, spec_accepted;
+  uint64_t lookup_drafted, lookup_accepted, draft_drafted, draft_accepted;
+  bool has_draft;
+  struct kv_pool_stats draft_kv;
   double last_step_ms;
 };
 
@@ -142,6 +175,10 @@ struct sched_opts {
    * blocks are written there while the engine thread is idle and when it stops, and prompts look
    * there past the pool's hits. */
   struct tier_disk *disk;
+  /* A draft model for speculative decoding, taken over (freed by sched_free) or NULL: same
+   * vocabulary as e (the caller checks), its own KV pool, driven by the same engine thread. */
+  struct engine *draft;
+  uint32_t spec_max; /* most drafted tokens per request and step; 0 = SCHED_SPEC_MAX */
 };
 
 struct sched;
