@@ -8,33 +8,14 @@
 #include "gpu_fixture.h"
 #include "kvacc.h"
 #include "kvd_error.h"
+#include "ref_json.h"
 #include "ref.h"
 #include "sample.h"
 
-#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static cJSON *load_json(const char *rel) {
-  const char *path = kt_shared_path(rel);
-  if (!path) return NULL;
-  FILE *f = fopen(path, "rb");
-  if (!f) return NULL;
-  fseek(f, 0, SEEK_END);
-  long n = ftell(f);
-  fseek(f, 0, SEEK_SET);
-  char *text = malloc((size_t)n + 1);
-  cJSON *j = NULL;
-  if (text && fread(text, 1, (size_t)n, f) == (size_t)n) {
-    text[n] = 0;
-    j = cJSON_Parse(text);
-  }
-  free(text);
-  fclose(f);
-  return j;
-}
 
 static struct gguf_file *open_model(const char *rel) {
   const char *path = kt_shared_path(rel);
@@ -68,21 +49,12 @@ static int on_token(void *ud, int32_t tok, const float *logits, uint32_t n_vocab
   return 0;
 }
 
-static int32_t *json_ids(const cJSON *obj, const char *key, uint32_t *n) {
-  const cJSON *a = cJSON_GetObjectItemCaseSensitive(obj, key), *x;
-  *n = (uint32_t)cJSON_GetArraySize(a);
-  int32_t *ids = malloc((*n + 1) * sizeof *ids);
-  uint32_t i = 0;
-  cJSON_ArrayForEach(x, a) ids[i++] = (int32_t)x->valuedouble;
-  return ids;
-}
-
 /* Greedy through engine_generate: ids must match exactly, and the reference's top-5 values
  * within tol: log-probs (quant/reference.json, absolute) or raw logits (stories, relative). */
 static void check_case(struct engine *e, const cJSON *c, bool logprobs, double tol) {
   uint32_t n_prompt, n_want;
-  int32_t *prompt = json_ids(c, "prompt_ids", &n_prompt);
-  int32_t *want = json_ids(c, "generated_ids", &n_want);
+  int32_t *prompt = ref_json_ids(c, "prompt_ids", &n_prompt);
+  int32_t *want = ref_json_ids(c, "generated_ids", &n_want);
   int steps = cJSON_GetObjectItemCaseSensitive(c, "steps")->valueint;
   struct capture *cap = calloc(1, sizeof *cap);
   /* llama2.c counts steps as positions run: the last one still yields a token. */
@@ -132,7 +104,7 @@ static void check_case(struct engine *e, const cJSON *c, bool logprobs, double t
 /* tol: the stored logits come from the F32 weights; the F16 file's rounded matrices move them
  * by ~2e-3 (the ids stay identical), so it gets a looser bound. */
 static void check_stories(const char *rel, double tol) {
-  cJSON *ref = load_json("models/stories260K.reference.json");
+  cJSON *ref = ref_json_load("models/stories260K.reference.json");
   struct gguf_file *f = open_model(rel);
   if (!ref || !f) {
     cJSON_Delete(ref);
@@ -169,7 +141,7 @@ KT_TEST(stories260K_f16_tied_greedy_matches_reference) {
 KT_TEST(every_quant_file_matches_reference_ids_and_logprobs) {
   FIXTURE_DEVICE(dev);
   (void)dev;
-  cJSON *ref = load_json("models/quant/reference.json");
+  cJSON *ref = ref_json_load("models/quant/reference.json");
   if (!ref) KT_SKIP("quant/reference.json not found");
   const cJSON *c;
   int n_files = 0;
@@ -513,7 +485,7 @@ KT_TEST(exhausted_pool_is_a_typed_error_and_changes_nothing) {
 static void check_arch_case(const char *name, int ci, double tol) {
   char rel[128];
   snprintf(rel, sizeof rel, "models/arch/%s.json", name);
-  cJSON *ref = load_json(rel);
+  cJSON *ref = ref_json_load(rel);
   snprintf(rel, sizeof rel, "models/arch/%s.gguf", name);
   struct gguf_file *f = ref ? open_model(rel) : NULL;
   if (!ref || !f) {
@@ -532,8 +504,8 @@ static void check_arch_case(const char *name, int ci, double tol) {
   c = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(ref, "cases"), ci);
   if (c) {
     uint32_t n_prompt, n_gen;
-    int32_t *prompt = json_ids(c, "prompt_ids", &n_prompt);
-    int32_t *gen = json_ids(c, "generated_ids", &n_gen);
+    int32_t *prompt = ref_json_ids(c, "prompt_ids", &n_prompt);
+    int32_t *gen = ref_json_ids(c, "generated_ids", &n_gen);
     struct engine_seq *s = NULL;
     KT_ASSERT_OK(engine_seq_new(e, &s));
     KT_ASSERT_OK(feed(e, s, prompt, n_prompt, 64, logits));
