@@ -87,6 +87,9 @@ struct sched {
   struct engine_item *ditems;
   float *dlogits;
   uint32_t cap_dcand;
+  /* Wall seconds of a decode step of the target and of one draft-model step (moving averages;
+   * 0 until measured): what a draft-model token costs against what it may save. */
+  double t_step, t_dstep;
 };
 
 double sched__now(void);

@@ -50,10 +50,16 @@ static uint32_t min_u32(uint32_t a, uint32_t b) {
   return a < b ? a : b;
 }
 
-/* How many drafts r's acceptance so far pays for: with alpha the chance a draft is kept (two
- * pseudo-tries at 0.6 before any are seen), the largest k with alpha^k >= SPEC_MARGIN. */
+/* The chance a draft of r is kept, from its decayed counts (two pseudo-tries at 0.6 before any
+ * are seen). */
+static double spec_alpha(const struct sched_req *r) {
+  return ((double)r->spec_hit + 1.2) / ((double)r->spec_try + 2.0);
+}
+
+/* How many lookup drafts r's acceptance so far pays for (a lookup draft costs only its position
+ * in the step): the largest k with alpha^k >= SPEC_MARGIN. */
 static uint32_t spec_k(const struct sched_req *r, uint32_t most) {
-  double a = ((double)r->spec_hit + 1.2) / ((double)r->spec_try + 2.0);
+  double a = spec_alpha(r);
   if (a >= 0.999) return most;
   double k = a > 0 ? log(SPEC_MARGIN) / log(a) : 1;
   if (k < 1) k = 1;
@@ -83,7 +89,6 @@ static uint32_t spec_most(struct sched *s, struct sched_req *r, uint32_t budget,
   /* hist must end with the token decoded next (it does unless a session outgrew it). */
   if (!r->n_hist || r->hist[r->n_hist - 1] != r->next) return 0;
   if (!most) return 0;
-  most = spec_k(r, most);
   if (r->logits_rows < most + 1) {
     uint32_t v = engine_hparams(s->e)->n_vocab;
     float *l = realloc(r->logits, (size_t)(SCHED_SPEC_MAX + 1) * v * sizeof *l);
@@ -126,12 +131,21 @@ static bool spec_reserve(struct sched *s, uint32_t n) {
   return true;
 }
 
+/* One step of the draft model over its items [0, q), timed. */
+static int spec_forward(struct sched *s, uint32_t q) {
+  double t0 = sched__now();
+  int rc = engine_forward(s->o.draft, s->ditems, q);
+  double t = sched__now() - t0;
+  if (rc == 0) s->t_dstep = s->t_dstep > 0 ? 0.8 * s->t_dstep + 0.2 * t : t;
+  return rc;
+}
+
 /* Runs the draft model's items [0, q) and takes each one's greedy token as the next draft of its
  * request; false when the step failed (nothing changed). */
 static bool spec_model_round(struct sched *s, uint32_t q) {
   struct engine *d = s->o.draft;
   uint32_t v = engine_hparams(d)->n_vocab;
-  if (engine_forward(d, s->ditems, q) < 0) return false;
+  if (spec_forward(s, q) < 0) return false;
   for (uint32_t i = 0; i < q; i++) {
     struct sched_req *r = s->dcand[s->dmap[i]].r;
     r->spec_tok[1 + r->n_draft] = spec_argmax(s->dlogits + (size_t)i * v, v);
@@ -171,7 +185,7 @@ static void spec_model_draft(struct sched *s, uint32_t n) {
     if (s->dcand[i].want > k_most) k_most = s->dcand[i].want;
   }
   if (!q) return;
-  if (engine_forward(d, s->ditems, q) < 0) {
+  if (spec_forward(s, q) < 0) {
     /* The draft model's pool is full (or worse): these sequences start over from its prefix
      * cache later; nothing is drafted now. */
     for (uint32_t i = 0; i < q; i++)
@@ -195,6 +209,29 @@ static void spec_model_draft(struct sched *s, uint32_t n) {
     }
     if (!q || !spec_model_round(s, q)) break; /* what is drafted stays drafted */
   }
+}
+
+/* How many draft-model tokens pay for r: a draft-model token costs a draft step (they run one
+ * after another), so of k in [1, most] the one with the most expected tokens per second,
+ * (1 - alpha^(k+1)) / (1 - alpha) over the target step plus k draft steps; 0 when none beats
+ * decoding one token per target step by SPEC_GAIN, a margin for the noise in both timings (then AUTO leaves the draft model alone; a
+ * request that asked for it drafts at least 1). Before both costs are measured: the lookup's
+ * rule, so they get measured. */
+#define SPEC_GAIN 1.25
+static uint32_t spec_model_k(const struct sched *s, const struct sched_req *r, uint32_t most) {
+  double a = spec_alpha(r), tt = s->t_step, td = s->t_dstep;
+  if (tt <= 0 || td <= 0) return spec_k(r, most);
+  uint32_t best_k = 0;
+  double best = SPEC_GAIN / tt;
+  for (uint32_t k = 1; k <= most; k++) {
+    double e = a < 0.999 ? (1 - pow(a, k + 1)) / (1 - a) : k + 1;
+    double rate = e / (tt + k * td);
+    if (rate > best) {
+      best = rate;
+      best_k = k;
+    }
+  }
+  return best_k || r->spec != SCHED_SPEC_DRAFT ? best_k : 1;
 }
 
 /* Whether r drafts from the draft model this step: asked to, or AUTO where the lookup found
@@ -235,12 +272,15 @@ void sched__spec_plan(struct sched *s, uint32_t n_decode, uint32_t *budget, uint
     uint32_t most = spec_most(s, r, *budget, *rows);
     s->items[i].logits = r->logits; /* spec_most may have moved it */
     if (!most) continue;
-    uint32_t k = r->spec == SCHED_SPEC_DRAFT ? 0 : spec_lookup(r->hist, r->n_hist, r->spec_tok + 1, most);
+    uint32_t k = r->spec == SCHED_SPEC_DRAFT
+                     ? 0
+                     : spec_lookup(r->hist, r->n_hist, r->spec_tok + 1, spec_k(r, most));
+    uint32_t km = k || !model_ok || !spec_use_model(s, r) ? 0 : spec_model_k(s, r, most);
     if (k) {
       spec_commit(s, i, k, budget, rows, reserved);
-    } else if (model_ok && spec_use_model(s, r)) {
+    } else if (km) {
       r->spec_model = true;
-      s->dcand[nd++] = (struct sched_draft){r, most};
+      s->dcand[nd++] = (struct sched_draft){r, km};
     }
   }
   if (!nd) return;

@@ -1014,6 +1014,10 @@ static bool sched_step(struct sched *s) {
   s->local.steps++;
   s->disk_pending = s->o.disk != NULL; /* blocks it filled may be registered now */
   s->local.last_step_ms = (sched__now() - t0) * 1e3;
+  if (n == n_decode) { /* a decode step (with its drafts): what verifying costs */
+    double t = s->local.last_step_ms * 1e-3;
+    s->t_step = s->t_step > 0 ? 0.8 * s->t_step + 0.2 * t : t;
+  }
   uint32_t tokens = 0;
   for (uint32_t i = 0; i < n; i++) {
     struct sched_req *r = s->item_req[i];
