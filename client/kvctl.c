@@ -48,6 +48,8 @@ static const char usage_text[] =
     "                           (stderr, or in --json)\n"
     "      --overflow P         at the context's end: shift (forget old turns, the default),\n"
     "                           window (attention sinks + recent tokens) or error (stop)\n"
+    "      --speculative MODE   speculative decoding: auto, off, lookup (drafts from the text\n"
+    "                           itself) or draft (the model's draft model); same text, faster\n"
     "      --system TEXT        chat, and PROMPT on a chat model: system prompt\n"
     "      --session NAME       chat: resume the saved session NAME (or start it) and save it\n"
     "                           after every answer, so the conversation survives restarts\n"
@@ -122,6 +124,7 @@ enum {
   OPT_KV_TYPE,
   OPT_OVERFLOW,
   OPT_SESSION,
+  OPT_SPECULATIVE,
 };
 
 static const struct option long_opts[] = {
@@ -143,6 +146,7 @@ static const struct option long_opts[] = {
     {"kv-type", required_argument, NULL, OPT_KV_TYPE},
     {"overflow", required_argument, NULL, OPT_OVERFLOW},
     {"session", required_argument, NULL, OPT_SESSION},
+    {"speculative", required_argument, NULL, OPT_SPECULATIVE},
     {"json", no_argument, NULL, 'j'},
     {"verbose", no_argument, NULL, 'v'},
     {"help", no_argument, NULL, 'h'},
@@ -226,6 +230,12 @@ static int parse_options(int argc, char **argv, struct kvctl_opts *o) {
       }
       o->gen.overflow = optarg;
       break;
+    case OPT_SPECULATIVE:
+      if (strcmp(optarg, "auto") && strcmp(optarg, "off") && strcmp(optarg, "lookup") &&
+          strcmp(optarg, "draft"))
+        return usage_error("--speculative wants auto, off, lookup or draft, not '%s'", optarg);
+      o->gen.speculative = optarg;
+      break;
     case 'j':
       o->json = true;
       break;
@@ -260,6 +270,24 @@ static const char *human_bytes(uint64_t n, char *buf, size_t size) {
     snprintf(buf, size, "%llu B", (unsigned long long)n);
   else
     snprintf(buf, size, "%.1f %s", v, unit[u]);
+  return buf;
+}
+
+/* ", draft NAME, 120 of 300 drafted tokens accepted (40%)" for model i of a status answer, from
+ * its JSON (struct kvd_model_info does not carry speculation); "" when there is nothing to say. */
+static const char *spec_line(const cJSON *models, size_t i, char *buf, size_t size) {
+  const cJSON *spec =
+      cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(models, (int)i), "speculative");
+  const cJSON *name = cJSON_GetObjectItemCaseSensitive(spec, "draft_model");
+  const cJSON *drafted = cJSON_GetObjectItemCaseSensitive(spec, "drafted");
+  const cJSON *accepted = cJSON_GetObjectItemCaseSensitive(spec, "accepted");
+  size_t n = 0;
+  buf[0] = '\0';
+  if (cJSON_IsString(name)) n = (size_t)snprintf(buf, size, ", draft %s", name->valuestring);
+  if (n < size && cJSON_IsNumber(drafted) && cJSON_IsNumber(accepted) && drafted->valuedouble > 0)
+    snprintf(buf + n, size - n, ", %.0f of %.0f drafted tokens accepted (%.0f%%)",
+             accepted->valuedouble, drafted->valuedouble,
+             100.0 * accepted->valuedouble / drafted->valuedouble);
   return buf;
 }
 
@@ -301,9 +329,13 @@ static int cmd_status(struct kvd_client *c, const struct kvctl_opts *o) {
            (unsigned long long)q->completion_tokens, q->tokens_per_s);
   }
   printf("models: %zu loaded\n", s->n_models);
+  cJSON *all = s->json ? cJSON_Parse(s->json) : NULL;
+  const cJSON *models = cJSON_GetObjectItemCaseSensitive(all, "models");
+  char spec[160];
   for (size_t i = 0; i < s->n_models; i++)
-    printf("  %s%s\n", s->models[i].name ? s->models[i].name : "?",
-           s->models[i].is_default ? " (default)" : "");
+    printf("  %s%s%s\n", s->models[i].name ? s->models[i].name : "?",
+           s->models[i].is_default ? " (default)" : "", spec_line(models, i, spec, sizeof spec));
+  cJSON_Delete(all);
   kvd_server_status_free(s);
   return KVCTL_OK;
 }

@@ -112,6 +112,8 @@ static void print_json(const struct kvd_gen_result *res) {
   cJSON_AddNumberToObject(t, "decode_ms", res->timings.decode_ms);
   cJSON_AddNumberToObject(t, "ttft_ms", res->timings.ttft_ms);
   cJSON_AddNumberToObject(t, "tokens_per_s", res->timings.tokens_per_s);
+  cJSON_AddNumberToObject(t, "draft_tokens", (double)res->draft_tokens);
+  cJSON_AddNumberToObject(t, "accepted_tokens", (double)res->accepted_tokens);
   cJSON_AddItemToObject(o, "timings", t);
   if (res->n_logprobs) cJSON_AddItemToObject(o, "logprobs", json_logprobs(res));
   if (res->error) {
@@ -164,13 +166,18 @@ static void on_done(void *ud, int rc, const struct kvd_gen_result *res) {
                     "forgotten]\n");
     told_forgetting = true;
   }
+  /* Drafts are said only when there were some: they change the speed, never the text. */
+  char spec[80] = "";
+  if (res->draft_tokens)
+    snprintf(spec, sizeof spec, "; drafted %llu, accepted %llu",
+             (unsigned long long)res->draft_tokens, (unsigned long long)res->accepted_tokens);
   if (r->o->verbose && rc == 0)
     fprintf(stderr,
             "[%s: %llu prompt tokens (%llu cached), %llu generated; first token %.1f ms, "
-            "%.1f tokens/s]\n",
+            "%.1f tokens/s%s]\n",
             res->finish_reason, (unsigned long long)res->prompt_tokens,
             (unsigned long long)res->cached_tokens, (unsigned long long)res->completion_tokens,
-            res->timings.ttft_ms, res->timings.tokens_per_s);
+            res->timings.ttft_ms, res->timings.tokens_per_s, spec);
 }
 
 /* ---- One generation ------------------------------------------------------------------------ */

@@ -142,6 +142,10 @@ struct kvd_gen_params {
    * the model's. keep: tokens a shift never drops; sinks: tokens a window keeps (unset: < 0). */
   const char *overflow;
   int64_t keep, sinks;
+  /* Speculative decoding (PROTOCOL.md): "auto", "off", "lookup" or "draft" (the model's draft
+   * model; KVD_E_UNSUPPORTED on a model without one); NULL: the daemon's --speculative. The
+   * text is the same under every mode. */
+  const char *speculative;
 };
 
 KVD_API void kvd_gen_params_init(struct kvd_gen_params *p);
@@ -203,6 +207,10 @@ struct kvd_gen_result {
   size_t n_logprobs;
   int error;           /* KVD_FINISH_ERROR: the kvd code of what went wrong; else 0 */
   char *error_message; /* and its message; else NULL */
+  /* The result's timings.draft_tokens and accepted_tokens: tokens drafted for it (speculative
+   * decoding) and how many of them were kept. Here rather than in struct kvd_timings, which sits
+   * in the middle of this struct: a result grows only at its end (ABI, above). */
+  uint64_t draft_tokens, accepted_tokens;
 };
 
 KVD_API void kvd_gen_result_free(struct kvd_gen_result *r);

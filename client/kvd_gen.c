@@ -118,6 +118,7 @@ static void put_params(struct ipc_w *w, const struct kvd_gen_params *p, bool str
   if (p->overflow) ipc_w_kv_cstr(w, "overflow", p->overflow);
   if (p->keep >= 0) ipc_w_kv_u64(w, "keep", (uint64_t)p->keep);
   if (p->sinks >= 0) ipc_w_kv_u64(w, "sinks", (uint64_t)p->sinks);
+  if (p->speculative) ipc_w_kv_cstr(w, "speculative", p->speculative);
   ipc_w_close(w);
 }
 
@@ -292,6 +293,8 @@ static int parse_result(struct kvd_client *c, struct kvd__req *req, const msgpac
     ipc_get_f64(map, "decode_ms", &r->timings.decode_ms, &err);
     ipc_get_f64(map, "ttft_ms", &r->timings.ttft_ms, &err);
     ipc_get_f64(map, "tokens_per_s", &r->timings.tokens_per_s, &err);
+    ipc_get_u64(map, "draft_tokens", &r->draft_tokens, &err);
+    ipc_get_u64(map, "accepted_tokens", &r->accepted_tokens, &err);
   }
   if (ipc_get_maps(res, "logprobs", &items, &n, NULL) == 1) {
     int rc = add_logprobs(req, items, n);

@@ -42,6 +42,10 @@ static const struct opt opts[] = {
      "name clients use for it (default: the file name without .gguf)"},
     {"chat-template", OPT_STR, F(chat_template), NULL, NULL,
      "its chat template family, over what the file's template says (kvd --help lists them)"},
+    {"draft-model", OPT_STR, F(draft_model), NULL, "KVD_DRAFT_MODEL",
+     "a small GGUF with the same vocabulary that drafts tokens for --model (speculative decoding)"},
+    {"speculative", OPT_STR, F(speculative), "auto", "KVD_SPECULATIVE",
+     "requests' default speculation: auto (lookup, else the draft model), off, lookup or draft"},
     {"max-clients", OPT_INT, F(max_clients), "64", NULL,
      "most connections at once (the longest idle makes room for a new one)"},
     {"client-backlog", OPT_INT, F(client_backlog), "4194304", NULL,
@@ -266,6 +270,16 @@ int config_load(struct kvd_config *cfg, int argc, char **argv) {
   if (rc == 0 && strcmp(cfg->overflow, "shift") && strcmp(cfg->overflow, "window") &&
       strcmp(cfg->overflow, "error")) {
     fprintf(stderr, "kvd: --overflow must be shift, window or error\n");
+    rc = KVD_EINVAL;
+  }
+  if (rc == 0 && strcmp(cfg->speculative, "auto") && strcmp(cfg->speculative, "off") &&
+      strcmp(cfg->speculative, "lookup") && strcmp(cfg->speculative, "draft")) {
+    fprintf(stderr, "kvd: --speculative must be auto, off, lookup or draft\n");
+    rc = KVD_EINVAL;
+  }
+  /* The draft pairs with the startup model: alone it would have nothing to draft for. */
+  if (rc == 0 && cfg->draft_model && *cfg->draft_model && !cfg->model) {
+    fprintf(stderr, "kvd: --draft-model drafts for --model, and no --model was given\n");
     rc = KVD_EINVAL;
   }
   if (rc == 0 && config_parse_budget(cfg->kv_host, &b, &frac) < 0) {

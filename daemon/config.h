@@ -22,6 +22,8 @@ struct kvd_config {
   char *model;        /* model to load at start */
   char *model_name;   /* its name for clients (default: file name without .gguf) */
   char *chat_template; /* its chat template family (chat_family_parse), over the file's */
+  char *draft_model;   /* a GGUF drafting for that model (speculative decoding), or NULL */
+  char *speculative;   /* requests' default: "auto" (the default), "off", "lookup" or "draft" */
   int max_clients;
   int client_backlog; /* bytes of unread output before a client is dropped */
   int step_tokens; /* tokens per engine step (chunked prefill budget) */

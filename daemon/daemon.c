@@ -32,8 +32,8 @@ static int daemon_load_startup_model(struct srv *s, const struct kvd_config *cfg
   char err[256] = "";
   struct srv_model *m;
   sdn_status("loading model");
-  int rc = srv_model_load(s, cfg->model, cfg->model_name, cfg->chat_template, &m, err,
-                          sizeof err);
+  int rc = srv_model_load(s, cfg->model, cfg->model_name, cfg->chat_template, cfg->draft_model, &m,
+                          err, sizeof err);
   if (rc < 0) log_err("cannot load %s: %s", cfg->model, err[0] ? err : kvd_strerror(rc));
   return rc;
 }

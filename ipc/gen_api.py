@@ -49,6 +49,16 @@ def c_str(s):
     return '"' + s.replace('\\', '\\\\').replace('"', '\\"') + '"'
 
 
+def check_nested(where, f):
+    """A field's nested fields, at any depth: named, typed, documented, only under maps."""
+    if 'fields' in f and f['type'] not in ('map', 'maps'):
+        raise ApiError(f'{where}: only map and maps fields have nested fields')
+    for sub in f.get('fields', []):
+        if sub.get('type') not in TYPES or not KEY_RE.match(sub.get('name', '')):
+            raise ApiError(f'{where}: bad nested field {sub!r}')
+        check_nested(f'{where}.{sub["name"]}', sub)
+
+
 def check_fields(where, fields, protocol, is_params):
     seen = set()
     groups = {}
@@ -70,11 +80,7 @@ def check_fields(where, fields, protocol, is_params):
             groups.setdefault(f['one_of'], []).append(name)
         if not f.get('doc'):
             raise ApiError(f'{where}.{name}: needs a doc')
-        for sub in f.get('fields', []):
-            if sub.get('type') not in TYPES or not KEY_RE.match(sub.get('name', '')):
-                raise ApiError(f'{where}.{name}: bad nested field {sub!r}')
-        if 'fields' in f and f['type'] not in ('map', 'maps'):
-            raise ApiError(f'{where}.{name}: only map and maps fields have nested fields')
+        check_nested(f'{where}.{name}', f)
     for g, names in groups.items():
         if len(names) < 2:
             raise ApiError(f'{where}: one_of group {g!r} has a single member')
@@ -328,12 +334,20 @@ def md_fields_table(fields, is_params, groups_members):
         else:
             req = 'yes' if f.get('required') else 'no'
             rows.append(f'| `{f["name"]}` | {ty} | {req} | {md_cell(doc)} |')
-        if f.get('fields'):
-            items = '; '.join(f'`{s["name"]}` ({TYPES[s["type"]][1]}): {s["doc"]}'
-                              for s in f['fields'])
-            what = 'each map in' if f['type'] == 'maps' else 'the map'
-            nested.append(f'Keys of {what} `{f["name"]}`: {items}.')
+        nested += md_nested(f['name'], f)
     return rows, nested
+
+
+def md_nested(path, f):
+    """'Keys of the map `path`: ...' for f's nested fields, then for theirs (path.key)."""
+    if not f.get('fields'):
+        return []
+    items = '; '.join(f'`{s["name"]}` ({TYPES[s["type"]][1]}): {s["doc"]}' for s in f['fields'])
+    what = 'each map in' if f['type'] == 'maps' else 'the map'
+    out = [f'Keys of {what} `{path}`: {items}.']
+    for s in f['fields']:
+        out += md_nested(f'{path}.{s["name"]}', s)
+    return out
 
 
 def gen_methods_md(api, errors):

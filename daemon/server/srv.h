@@ -62,6 +62,13 @@ struct srv_model {
   bool overflow_set;         /* models.load gave it */
   uint64_t hash[2];          /* the file's content hash (store_model_hash): what saved state
                                 of this model is recognised by */
+  /* Its draft model (speculative decoding), when loaded with one: the path asked for, the file
+   * (kept open as long as the draft engine, which the scheduler owns and frees before it), the
+   * name clients see (the file name without .gguf) and its KV bytes per token (for status). */
+  char *draft_path;
+  struct gguf_file *draft_f;
+  char draft_name[IPC_MAX_NAME_BYTES + 1];
+  uint64_t draft_kv_bytes_per_token;
   struct sched *sched;
   uv_async_t async;
   bool async_open;
@@ -171,18 +178,35 @@ void srv_reply_error(struct srv_conn *c, uint32_t id, int code, const char *fmt,
 void srv_reply_done(struct srv_conn *c, uint32_t id);
 
 /* srv_model.c */
-/* chat_template: a family name (chat_family_parse) used over the file's template, or NULL. */
+/* chat_template: a family name (chat_family_parse) used over the file's template, or NULL;
+ * draft: a draft model's GGUF for it, or NULL (srv_draft.c). */
 int srv_model_load(struct srv *s, const char *path, const char *name, const char *chat_template,
-                   struct srv_model **ret, char *err, size_t errlen);
-/* kv_type: a KV type name for this model over --kv-type, or NULL (checked by the handler). */
+                   const char *draft, struct srv_model **ret, char *err, size_t errlen);
 void srv_model_unload(struct srv_model *m);
+/* The name a file is known by when none is given: its base name without .gguf. */
+void srv_model_default_name(const char *path, char *out, size_t n);
 struct srv_model *srv_model_find(struct srv *s, const char *name, size_t len);
 void srv_model_release(struct srv_model *m); /* n_active-- and free if unloading */
 void srv_models_free(struct srv *s);
-/* models.load on the threadpool */
-void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name,
-                          const char *chat_template, const char *kv_type,
-                          const char *overflow);
+/* models.load on the threadpool. kv_type: a KV type name for this model over --kv-type, or
+ * NULL; draft: a draft model's path, or NULL (all checked by the handler). */
+struct srv_load_args {
+  const char *path, *name, *chat_template, *kv_type, *overflow, *draft;
+};
+void srv_model_load_async(struct srv_conn *c, uint32_t id, const struct srv_load_args *a);
+
+/* srv_draft.c: speculative decoding's server side. */
+/* "auto", "off", "lookup", "draft" (len bytes, no NUL inside) to a mode; KVD_EINVAL otherwise. */
+int srv_spec_parse(const char *s, size_t len, enum sched_spec *ret);
+const char *srv_spec_name(enum sched_spec mode);
+#define SRV_SPEC_NAMES "auto, off, lookup or draft"
+/* Any thread (models.load runs it on the threadpool): opens m->draft_path into m->draft_f,
+ * checks its vocabulary is the target's token for token (KVD_E_MISMATCH, err naming the check)
+ * and builds its engine on the target's device, KV type and block size with as many KV blocks
+ * as the target's pool, so both hold the same tokens. On failure *ret is untouched and err says
+ * why; m->draft_f is closed with the model. */
+int srv_draft_open(struct srv *s, struct srv_model *m, const struct engine *target,
+                   struct engine **ret, char *err, size_t errlen);
 
 /* srv_gen.c */
 void srv_gen_event(struct srv_model *model, const struct sched_event *ev);

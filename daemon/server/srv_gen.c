@@ -174,6 +174,10 @@ static void gen_send_result(struct srv_gen *g, enum sched_finish f, int error) {
   ipc_w_kv_f64(&c->w, "ttft_ms", ms(g->t_recv, r->t_first));
   ipc_w_kv_f64(&c->w, "tokens_per_s",
                decode_ms > 0 && r->n_generated > 1 ? (r->n_generated - 1) / (decode_ms / 1e3) : 0);
+  /* Read after DONE, or while the engine may still write them (a stop string answered early):
+   * then they are the counts so far, which is what was used of them. */
+  ipc_w_kv_u64(&c->w, "draft_tokens", r->draft_tokens);
+  ipc_w_kv_u64(&c->w, "accepted_tokens", r->accepted_tokens);
   ipc_w_close(&c->w);
   if (g->logprobs && !g->stream) { /* a stream had them in its chunks (api.json) */
     ipc_w_key(&c->w, "logprobs");
@@ -356,6 +360,8 @@ struct gen_params {
   enum kv_overflow overflow;
   uint32_t keep, sinks;
   bool has_keep;
+  bool has_spec; /* speculative given; else the daemon's --speculative */
+  enum sched_spec spec;
 };
 
 #define GEN_DEFAULT_SINKS 4 /* StreamingLLM's: four leading tokens carry the attention sink */
@@ -420,6 +426,12 @@ static int gen_read_params(const msgpack_object *p, struct gen_params *gp, struc
   gp->has_keep = rc == 1;
   gp->sinks = GEN_DEFAULT_SINKS;
   if ((rc = ipc_get_u32(p, "sinks", &gp->sinks, e)) < 0) return rc;
+  const char *sm;
+  size_t sm_len;
+  if ((rc = ipc_get_str(p, "speculative", &sm, &sm_len, e)) < 0) return rc;
+  gp->has_spec = rc == 1;
+  if (gp->has_spec && srv_spec_parse(sm, sm_len, &gp->spec) < 0)
+    return ipc_err_set(e, KVD_EINVAL, "'speculative' must be " SRV_SPEC_NAMES);
   if (sample_params_check(&gp->sp) < 0)
     return ipc_err_set(e, KVD_ERANGE,
                        "sampling parameters out of range (temperature >= 0, "
@@ -495,6 +507,7 @@ struct gen_prep {
   enum kv_overflow overflow;
   uint32_t keep, sinks;
   bool has_keep;
+  enum sched_spec spec;
 };
 
 /* Tokenizes p->text into p->ids. Any thread: the tokenizer is read-only. One pass: a text
@@ -579,6 +592,7 @@ static void gen_start(struct srv_conn *c, struct gen_prep *p) {
     sess->keep_set = true;
   }
   g->req->keep = pol == KV_OVERFLOW_WINDOW ? p->sinks : keep;
+  g->req->spec = p->spec;
   g->req->ud = g;
   if (sched_submit(m->sched, g->req) < 0) { /* the session is as it was */
     gen_prep_free(p);
@@ -664,6 +678,20 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
                     queued, m->name);
     return;
   }
+  /* Asked for by name, a draft model that is not there is an error (the scheduler would refuse
+   * it too, but only after tokenizing, and without the model's name); the daemon's default of
+   * draft means "where there is one" and leaves the other models on auto. */
+  enum sched_spec spec = gp.spec;
+  const char *dflt = c->srv->cfg->speculative; /* checked by config_load */
+  if (!gp.has_spec && (!dflt || srv_spec_parse(dflt, strlen(dflt), &spec) < 0))
+    spec = SCHED_SPEC_AUTO;
+  if (spec == SCHED_SPEC_DRAFT && !m->draft_f) {
+    if (gp.has_spec) {
+      srv_reply_error(c, msg->id, KVD_E_UNSUPPORTED, "model %s has no draft model", m->name);
+      return;
+    }
+    spec = SCHED_SPEC_AUTO;
+  }
   char *text = NULL, *sys = NULL;
   size_t text_len = 0, sys_len = 0;
   rc = gen_prompt_text(m, &gp, &text, &text_len, &sys, &sys_len, &e);
@@ -719,6 +747,7 @@ void srv_h_generate(struct srv_conn *c, const struct ipc_msg *msg) {
   p->keep = gp.keep;
   p->has_keep = gp.has_keep;
   p->sinks = gp.sinks;
+  p->spec = spec;
   /* BOS only at the start of a conversation; chat text may hold the template's special tokens. */
   p->flags = (sess && sess->started) ? 0 : TOK_ADD_SPECIAL;
   if (gp.messages) p->flags |= TOK_PARSE_SPECIAL;

@@ -36,10 +36,11 @@ void srv_h_hello(struct srv_conn *c, const struct ipc_msg *msg) {
   ipc_w_map_open(&c->w);
   ipc_w_kv_u64(&c->w, "protocol", c->protocol);
   ipc_w_kv_cstr(&c->w, "version", KVD_VERSION);
-  static const char *caps[] = {"stream", "logprobs", "sessions", "chat", "cancel"};
+  static const char *caps[] = {"stream", "logprobs", "sessions", "chat", "cancel", "speculative"};
+  uint32_t n_caps = sizeof caps / sizeof caps[0];
   ipc_w_key(&c->w, "capabilities");
-  ipc_w_array(&c->w, 5);
-  for (int i = 0; i < 5; i++)
+  ipc_w_array(&c->w, n_caps);
+  for (uint32_t i = 0; i < n_caps; i++)
     ipc_w_cstr(&c->w, caps[i]);
   if (m) ipc_w_kv_cstr(&c->w, "model", m->name);
   ipc_w_close(&c->w);
@@ -56,6 +57,32 @@ static uint64_t host_resident_bytes(void) {
   if (f) fclose(f);
   long page = sysconf(_SC_PAGESIZE);
   return n == 2 && page > 0 ? (uint64_t)resident * (uint64_t)page : 0;
+}
+
+/* A model's speculation counters, and its draft model's KV pool when it has one. */
+static void write_spec(struct ipc_w *w, const struct srv_model *m, const struct sched_stats *st) {
+  ipc_w_key(w, "speculative");
+  ipc_w_map_open(w);
+  ipc_w_kv_u64(w, "drafted", st->spec_drafted);
+  ipc_w_kv_u64(w, "accepted", st->spec_accepted);
+  ipc_w_kv_f64(w, "acceptance",
+               st->spec_drafted ? (double)st->spec_accepted / (double)st->spec_drafted : 0);
+  ipc_w_kv_u64(w, "steps", st->spec_steps);
+  ipc_w_kv_u64(w, "lookup_drafted", st->lookup_drafted);
+  ipc_w_kv_u64(w, "lookup_accepted", st->lookup_accepted);
+  ipc_w_kv_u64(w, "draft_drafted", st->draft_drafted);
+  ipc_w_kv_u64(w, "draft_accepted", st->draft_accepted);
+  if (m->draft_f) ipc_w_kv_cstr(w, "draft_model", m->draft_name);
+  ipc_w_close(w);
+  if (!st->has_draft) return;
+  ipc_w_key(w, "draft_kv");
+  ipc_w_map_open(w);
+  ipc_w_kv_u64(w, "block_tokens", st->draft_kv.block_size);
+  ipc_w_kv_u64(w, "blocks_total", st->draft_kv.total);
+  ipc_w_kv_u64(w, "blocks_used", st->draft_kv.used);
+  ipc_w_kv_u64(w, "blocks_free", st->draft_kv.free);
+  ipc_w_kv_u64(w, "blocks_cached", st->draft_kv.cached);
+  ipc_w_close(w);
 }
 
 static void write_model(struct ipc_w *w, const struct srv_model *m, bool is_default) {
@@ -94,6 +121,7 @@ static void write_model(struct ipc_w *w, const struct srv_model *m, bool is_defa
   ipc_w_kv_u64(w, "context_shifts", st.shifts);
   ipc_w_kv_f64(w, "last_step_ms", st.last_step_ms);
   ipc_w_kv_bool(w, "default", is_default);
+  write_spec(w, m, &st);
   ipc_w_close(w);
 }
 
@@ -164,6 +192,9 @@ void srv_h_status(struct srv_conn *c, const struct ipc_msg *msg) {
     ram_spills += st.ram_spills;
     kv_bytes += (uint64_t)st.kv.total * st.kv.block_size *
                 engine_kv_bytes_per_token(sched_engine(m->sched));
+    if (st.has_draft) /* the draft's pool is KV memory too, not weights */
+      kv_bytes +=
+          (uint64_t)st.draft_kv.total * st.draft_kv.block_size * m->draft_kv_bytes_per_token;
   }
   ipc_w_key(w, "memory");
   ipc_w_map_open(w);

@@ -42,16 +42,20 @@ static void model_free_now(struct srv_model *m) {
   m->sched = NULL;
   tok_free(m->tok);
   gguf_close(m->f);
+  gguf_close(m->draft_f); /* after sched_free, which freed the draft engine reading it */
   free(m->path);
+  free(m->draft_path);
   if (m->async_open)
     uv_close((uv_handle_t *)&m->async, model_on_close);
   else
     free(m);
 }
 
-/* The slow part, safe off the loop thread: file, tokenizer, weights upload, KV pool. */
+/* The slow part, safe off the loop thread: file, tokenizer, weights upload, KV pool, and the
+ * draft model's when m has one (*ret_draft, else NULL). On failure neither engine is left. */
 static int model_open(struct srv *s, struct srv_model *m, const char *path, struct engine **ret,
-                      char *err, size_t errlen) {
+                      struct engine **ret_draft, char *err, size_t errlen) {
+  *ret_draft = NULL;
   const struct kvd_config *cfg = s->cfg;
   struct gguf_error gerr = {0};
   int rc = gguf_open(path, &m->f, &gerr);
@@ -89,15 +93,27 @@ static int model_open(struct srv *s, struct srv_model *m, const char *path, stru
       .kv_bytes = kv_bytes,
       .kv_fraction = kv_frac,
       .max_step_tokens = (uint32_t)cfg->step_tokens,
-      .max_logits = (uint32_t)cfg->max_seqs,
+      /* A row per running request, and rows for the drafts a step verifies (each drafted token
+       * takes one); the scheduler fits its drafts into what is left. */
+      .max_logits = (uint32_t)cfg->max_seqs + 4 * SCHED_SPEC_MAX,
   };
   struct model_error merr = {{0}};
-  rc = engine_new(s->device.dev, m->f, &eo, ret, &merr);
-  if (rc < 0) snprintf(err, errlen, "%s: %s", path, merr.msg[0] ? merr.msg : kvd_strerror(rc));
-  return rc;
+  struct engine *e = NULL;
+  rc = engine_new(s->device.dev, m->f, &eo, &e, &merr);
+  if (rc < 0) {
+    snprintf(err, errlen, "%s: %s", path, merr.msg[0] ? merr.msg : kvd_strerror(rc));
+    return rc;
+  }
+  /* A model asked for with a draft loads with it or not at all. */
+  if (m->draft_path && (rc = srv_draft_open(s, m, e, ret_draft, err, errlen)) < 0) {
+    engine_free(e);
+    return rc;
+  }
+  *ret = e;
+  return 0;
 }
 
-static void model_default_name(const char *path, char *out, size_t n) {
+void srv_model_default_name(const char *path, char *out, size_t n) {
   const char *base = strrchr(path, '/');
   base = base ? base + 1 : path;
   snprintf(out, n, "%s", base);
@@ -146,11 +162,13 @@ static struct tier_disk *srv_open_disk_tier(const struct kvd_config *cfg, const 
   return t;
 }
 
-/* Loop thread: the async handle and the engine thread, then the model is visible to clients. */
-static int model_start(struct srv *s, struct srv_model *m, struct engine *e, char *err,
-                       size_t errlen) {
+/* Loop thread: the async handle and the engine thread (which takes e and draft over), then the
+ * model is visible to clients. On failure both engines are freed. */
+static int model_start(struct srv *s, struct srv_model *m, struct engine *e, struct engine *draft,
+                       char *err, size_t errlen) {
   int rc = uv_async_init(s->loop, &m->async, model_on_async);
   if (rc < 0) {
+    engine_free(draft);
     engine_free(e);
     snprintf(err, errlen, "uv_async_init: %s", uv_strerror(rc));
     return KVD_EIO;
@@ -162,9 +180,11 @@ static int model_start(struct srv *s, struct srv_model *m, struct engine *e, cha
                           .notify = model_notify,
                           .notify_ud = m,
                           .host_bytes = srv_host_budget(s->cfg),
-                          .disk = srv_open_disk_tier(s->cfg, m, e)};
+                          .disk = srv_open_disk_tier(s->cfg, m, e),
+                          .draft = draft};
   rc = sched_new(e, &so, &m->sched);
-  if (rc < 0) {
+  if (rc < 0) { /* a failed sched_new took neither engine */
+    engine_free(draft);
     engine_free(e);
     snprintf(err, errlen, "starting the engine thread: %s", kvd_strerror(rc));
     return rc;
@@ -179,6 +199,7 @@ static int model_start(struct srv *s, struct srv_model *m, struct engine *e, cha
   log_info("model %s loaded: %s, %u layers, dim %u, vocab %u, chat template %s (%s)", m->name,
            model_arch_name(hp->arch), hp->n_layer, hp->n_embd, hp->n_vocab,
            chat_family_name(m->chat), chat_source_name(m->chat_source));
+  if (draft) log_info("model %s drafts with %s (%s)", m->name, m->draft_name, m->draft_path);
   return 0;
 }
 
@@ -191,7 +212,7 @@ static int model_force_chat(struct srv_model *m, const char *chat_template) {
 }
 
 int srv_model_load(struct srv *s, const char *path, const char *name, const char *chat_template,
-                   struct srv_model **ret, char *err, size_t errlen) {
+                   const char *draft, struct srv_model **ret, char *err, size_t errlen) {
   struct srv_model *m = calloc(1, sizeof *m);
   if (!m) return KVD_ENOMEM;
   if (model_force_chat(m, chat_template) < 0) {
@@ -202,19 +223,22 @@ int srv_model_load(struct srv *s, const char *path, const char *name, const char
   }
   m->srv = s;
   m->path = strdup(path);
+  m->draft_path = draft && *draft ? strdup(draft) : NULL;
   if (name && *name)
     snprintf(m->name, sizeof m->name, "%s", name);
   else
-    model_default_name(path, m->name, sizeof m->name);
+    srv_model_default_name(path, m->name, sizeof m->name);
   if (srv_model_find(s, m->name, strlen(m->name))) {
     snprintf(err, errlen, "a model named %s is already loaded", m->name);
     free(m->path);
+    free(m->draft_path);
     free(m);
     return KVD_EEXIST;
   }
-  struct engine *e = NULL;
-  int rc = m->path ? model_open(s, m, path, &e, err, errlen) : KVD_ENOMEM;
-  if (rc == 0) rc = model_start(s, m, e, err, errlen);
+  struct engine *e = NULL, *de = NULL;
+  bool copied = m->path && (!draft || !*draft || m->draft_path);
+  int rc = copied ? model_open(s, m, path, &e, &de, err, errlen) : KVD_ENOMEM;
+  if (rc == 0) rc = model_start(s, m, e, de, err, errlen);
   if (rc < 0) {
     model_free_now(m);
     return rc;
@@ -265,14 +289,14 @@ struct load_work {
   uint64_t conn_serial; /* the connection may be gone when the load finishes */
   uint32_t id;
   struct srv_model *m;
-  struct engine *e;
+  struct engine *e, *draft;
   int rc;
   char err[256];
 };
 
 static void load_work_cb(uv_work_t *req) {
   struct load_work *w = req->data;
-  w->rc = model_open(w->srv, w->m, w->m->path, &w->e, w->err, sizeof w->err);
+  w->rc = model_open(w->srv, w->m, w->m->path, &w->e, &w->draft, w->err, sizeof w->err);
 }
 
 static void load_after_cb(uv_work_t *req, int status) {
@@ -283,10 +307,12 @@ static void load_after_cb(uv_work_t *req, int status) {
     w->rc = KVD_EEXIST;
     snprintf(w->err, sizeof w->err, "a model named %s is already loaded", w->m->name);
   }
-  if (w->rc == 0)
-    w->rc = model_start(s, w->m, w->e, w->err, sizeof w->err);
-  else
+  if (w->rc == 0) {
+    w->rc = model_start(s, w->m, w->e, w->draft, w->err, sizeof w->err);
+  } else {
+    engine_free(w->draft);
     engine_free(w->e);
+  }
   struct srv_conn *c = srv_conn_find(s, w->conn_serial);
   if (w->rc < 0) {
     log_warn("models.load: %s", w->err);
@@ -304,6 +330,7 @@ static void load_after_cb(uv_work_t *req, int status) {
     ipc_w_kv_cstr(&c->w, "kv_type", kv_type_name(engine_kv_type(sched_engine(w->m->sched))));
     ipc_w_kv_cstr(&c->w, "overflow", kv_overflow_name(w->m->overflow));
     ipc_w_kv_u64(&c->w, "kv_bytes_per_token", engine_kv_bytes_per_token(sched_engine(w->m->sched)));
+    if (w->m->draft_f) ipc_w_kv_cstr(&c->w, "draft_model", w->m->draft_name);
     ipc_w_close(&c->w);
     ipc_w_end(&c->w);
     srv_reply_done(c, w->id);
@@ -312,8 +339,7 @@ static void load_after_cb(uv_work_t *req, int status) {
   srv_maybe_finish(s);
 }
 
-void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, const char *name,
-                          const char *chat_template, const char *kv_type, const char *overflow) {
+void srv_model_load_async(struct srv_conn *c, uint32_t id, const struct srv_load_args *a) {
   struct load_work *w = calloc(1, sizeof *w);
   struct srv_model *m = w ? calloc(1, sizeof *m) : NULL;
   if (!m) {
@@ -321,28 +347,30 @@ void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, con
     srv_reply_error(c, id, KVD_ENOMEM, NULL);
     return;
   }
-  if (model_force_chat(m, chat_template) < 0) { /* checked by the handler already */
+  if (model_force_chat(m, a->chat_template) < 0) { /* checked by the handler already */
     free(m);
     free(w);
     srv_reply_error(c, id, KVD_EINVAL, NULL);
     return;
   }
   m->srv = c->srv;
-  m->path = strdup(path);
+  m->path = strdup(a->path);
+  m->draft_path = a->draft ? strdup(a->draft) : NULL;
   /* A static name: the handler checked it is one of them. */
   enum kv_type kvt;
-  if (kv_type && kv_type_parse(kv_type, &kvt) == 0) m->kv_type = kv_type_name(kvt);
-  m->overflow_set = overflow && kv_overflow_parse(overflow, &m->overflow) == 0;
-  if (name && *name)
-    snprintf(m->name, sizeof m->name, "%s", name);
+  if (a->kv_type && kv_type_parse(a->kv_type, &kvt) == 0) m->kv_type = kv_type_name(kvt);
+  m->overflow_set = a->overflow && kv_overflow_parse(a->overflow, &m->overflow) == 0;
+  if (a->name && *a->name)
+    snprintf(m->name, sizeof m->name, "%s", a->name);
   else
-    model_default_name(path, m->name, sizeof m->name);
+    srv_model_default_name(a->path, m->name, sizeof m->name);
   w->req.data = w;
   w->srv = c->srv;
   w->conn_serial = c->serial;
   w->id = id;
   w->m = m;
-  if (!m->path || uv_queue_work(c->srv->loop, &w->req, load_work_cb, load_after_cb) < 0) {
+  if (!m->path || (a->draft && !m->draft_path) ||
+      uv_queue_work(c->srv->loop, &w->req, load_work_cb, load_after_cb) < 0) {
     model_free_now(m);
     free(w);
     srv_reply_error(c, id, KVD_ENOMEM, NULL);
@@ -353,13 +381,14 @@ void srv_model_load_async(struct srv_conn *c, uint32_t id, const char *path, con
 
 void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
   struct ipc_err e = {0};
-  const char *path = NULL, *name = NULL, *tmpl = NULL, *kvt = NULL, *ov = NULL;
-  size_t plen, nlen, tlen, klen, olen;
+  const char *path = NULL, *name = NULL, *tmpl = NULL, *kvt = NULL, *ov = NULL, *draft = NULL;
+  size_t plen, nlen, tlen, klen, olen, dlen;
   if (ipc_get_str(msg->params, "path", &path, &plen, &e) < 0 ||
       ipc_get_str(msg->params, "name", &name, &nlen, &e) < 0 ||
       ipc_get_str(msg->params, "chat_template", &tmpl, &tlen, &e) < 0 ||
       ipc_get_str(msg->params, "kv_type", &kvt, &klen, &e) < 0 ||
-      ipc_get_str(msg->params, "overflow", &ov, &olen, &e) < 0) {
+      ipc_get_str(msg->params, "overflow", &ov, &olen, &e) < 0 ||
+      ipc_get_str(msg->params, "draft", &draft, &dlen, &e) < 0) {
     srv_reply_error(c, msg->id, e.code, "%s", e.message);
     return;
   }
@@ -381,6 +410,10 @@ void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, KVD_EINVAL, "path must be an absolute path to a GGUF file");
     return;
   }
+  if (draft && (draft[0] != '/' || strlen(draft) != dlen)) { /* the same rule, the same reasons */
+    srv_reply_error(c, msg->id, KVD_EINVAL, "draft must be an absolute path to a GGUF file");
+    return;
+  }
   enum kv_type kt;
   if (kvt && (strlen(kvt) != klen || kv_type_parse(kvt, &kt) < 0)) {
     srv_reply_error(c, msg->id, KVD_EINVAL, "kv_type must be one of f32, f16, q8_0, q4_0");
@@ -391,7 +424,13 @@ void srv_h_models_load(struct srv_conn *c, const struct ipc_msg *msg) {
     srv_reply_error(c, msg->id, KVD_EINVAL, "overflow must be shift, window or error");
     return;
   }
-  srv_model_load_async(c, msg->id, path, name, tmpl, kvt, ov);
+  srv_model_load_async(c, msg->id,
+                       &(struct srv_load_args){.path = path,
+                                               .name = name,
+                                               .chat_template = tmpl,
+                                               .kv_type = kvt,
+                                               .overflow = ov,
+                                               .draft = draft});
 }
 
 void srv_h_models_unload(struct srv_conn *c, const struct ipc_msg *msg) {

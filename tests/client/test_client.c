@@ -235,6 +235,67 @@ KT_TEST(generate_streams_chunks_in_order) {
   FAKE_OK(f);
 }
 
+/* speculative goes out only when set, and the result's draft counts come back: the first
+ * generate asks for "draft", the second leaves it to the daemon (and gets no counts). */
+static void script_speculative(struct fake *f) {
+  fake_hello(f);
+  for (int i = 0; i < 2; i++) {
+    struct ipc_msg *m = fake_expect(f, "generate");
+    if (!m) return;
+    const char *mode = NULL;
+    size_t len = 0;
+    ipc_get_str(m->params, "speculative", &mode, &len, NULL);
+    if (i == 0 && (!mode || len != 5 || memcmp(mode, "draft", 5)))
+      fake_fail(f, "speculative \"draft\" not sent");
+    if (i == 1 && ipc_map_find(m->params, "speculative"))
+      fake_fail(f, "speculative sent while unset");
+    ipc_w_result(&f->w, m->id);
+    ipc_w_map(&f->w, 6);
+    ipc_w_kv_cstr(&f->w, "text", "Hello");
+    ipc_w_kv_cstr(&f->w, "finish_reason", "length");
+    ipc_w_kv_u64(&f->w, "prompt_tokens", 3);
+    ipc_w_kv_u64(&f->w, "completion_tokens", 20);
+    ipc_w_kv_u64(&f->w, "cached_tokens", 0);
+    ipc_w_key(&f->w, "timings");
+    ipc_w_map(&f->w, i == 0 ? 3 : 1);
+    ipc_w_kv_f64(&f->w, "tokens_per_s", 80);
+    if (i == 0) {
+      ipc_w_kv_u64(&f->w, "draft_tokens", 24);
+      ipc_w_kv_u64(&f->w, "accepted_tokens", 17);
+    }
+    fake_send(f);
+    ipc_msg_free(m);
+  }
+}
+
+KT_TEST(generate_speculative) {
+  struct fake f;
+  struct kvd_client *c;
+  CONNECT(f, script_speculative, NULL, c);
+  struct kvd_gen_params p;
+  kvd_gen_params_init(&p);
+  KT_CHECK(p.speculative == NULL);
+  p.prompt = "Once";
+  p.speculative = "draft";
+  struct kvd_gen_result *r = NULL;
+  int rc = kvd_generate(c, &p, NULL, NULL, &r);
+  KT_CHECK_MSG(rc == 0, "generate: %s", kvd_client_last_error(c));
+  if (r) {
+    KT_CHECK_EQ(r->draft_tokens, 24);
+    KT_CHECK_EQ(r->accepted_tokens, 17);
+    KT_CHECK(r->timings.tokens_per_s == 80);
+  }
+  kvd_gen_result_free(r);
+  r = NULL;
+  p.speculative = NULL;
+  rc = kvd_generate(c, &p, NULL, NULL, &r);
+  KT_CHECK_MSG(rc == 0, "generate: %s", kvd_client_last_error(c));
+  if (r) KT_CHECK(r->draft_tokens == 0 && r->accepted_tokens == 0);
+  kvd_gen_result_free(r);
+  kvd_client_close(c);
+  FAKE_OK(f);
+}
+
 /* Not streamed: the text and logprobs come in the result. Messages instead of a prompt. */
 static void script_chat_logprobs(struct fake *f) {
   fake_hello(f);

@@ -230,6 +230,45 @@ KT_TEST(kvctl_prompt_from_stdin) {
   KT_CHECK_MSG(strstr(p.stderr_buf, "150.0 tokens/s"), "stderr: %s", p.stderr_buf); /* -v */
 }
 
+/* --speculative goes out as given; -v says what was drafted and kept. */
+static void script_speculative(struct fake *f) {
+  fake_hello(f);
+  fake_models_list(f, "tiny", "plain");
+  struct ipc_msg *m = fake_expect(f, "generate");
+  if (!m) return;
+  if (!str_is(m->params, "speculative", "draft")) fake_fail(f, "speculative draft not sent");
+  fake_chunk(f, m->id, "ok", 1);
+  ipc_w_result(&f->w, m->id);
+  ipc_w_map(&f->w, 6);
+  ipc_w_kv_cstr(&f->w, "text", "");
+  ipc_w_kv_cstr(&f->w, "finish_reason", "length");
+  ipc_w_kv_u64(&f->w, "prompt_tokens", 3);
+  ipc_w_kv_u64(&f->w, "completion_tokens", 1);
+  ipc_w_kv_u64(&f->w, "cached_tokens", 0);
+  ipc_w_key(&f->w, "timings");
+  ipc_w_map(&f->w, 2);
+  ipc_w_kv_u64(&f->w, "draft_tokens", 12);
+  ipc_w_kv_u64(&f->w, "accepted_tokens", 7);
+  fake_send(f);
+  ipc_msg_free(m);
+}
+
+KT_TEST(kvctl_speculative) {
+  struct fake f;
+  struct proc p;
+  KT_ASSERT(fake_start(&f, script_speculative, NULL) == 0);
+  const char *args[] = {"-s", f.path, "-v", "--speculative", "draft", "Once", NULL};
+  run(&p, NULL, args);
+  FAKE_OK(f);
+  CHECK_CODE(p, 0);
+  KT_CHECK(!strcmp(p.stdout_buf, "ok"));
+  KT_CHECK_MSG(strstr(p.stderr_buf, "drafted 12, accepted 7"), "stderr: %s", p.stderr_buf);
+  const char *bad[] = {"--speculative", "always", "Once", NULL};
+  run(&p, NULL, bad);
+  CHECK_CODE(p, 2);
+  KT_CHECK_MSG(strstr(p.stderr_buf, "auto, off, lookup or draft"), "stderr: %s", p.stderr_buf);
+}
+
 static void script_json(struct fake *f) {
   fake_hello(f);
   fake_models_list(f, "tiny", "plain");
